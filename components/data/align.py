@@ -1,0 +1,403 @@
+"""The align stage: fetched raw files -> standard records (JSONL per data group) + a report.
+
+Each dataset is read streaming (JSONL line by line, parquet/arrow in batches, CSV row by row),
+converted by its format's converter (components/data/formats.py) and appended to its group's
+JSONL, so memory stays bounded by one batch (or by the sample, when a dataset is sampled).
+Rows that cannot be aligned are dropped and counted by reason, with up to three examples each,
+in report.json. Dropping is normal; a dataset that aligns to nothing is an error, and so is a
+row that cannot even be parsed, unless `bad_row_budget` allows it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import logging
+import os
+import random
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+from tqdm import tqdm
+
+from components.artifacts import StageResult, atomic_write_json
+from components.data.dataset_info import DataError, DatasetSpec, load_dataset_info
+from components.data.formats import RowError, get_converter, supported_kinds
+from components.data.records import GROUP_KINDS
+
+log = logging.getLogger(__name__)
+
+DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".arrow", ".txt")
+# Metadata that `datasets.save_to_disk` writes next to its .arrow files: never rows.
+_METADATA_NAMES = {"dataset_info.json", "state.json"}
+MAX_EXAMPLES = 3
+_EXAMPLE_CHARS = 300
+_BATCH_ROWS = 1024
+
+
+# ----------------------------------------------------------------------------- reading rows
+
+
+class _ParseFailure:
+    """A row that could not be parsed: where, why, and a snippet of the raw text."""
+
+    def __init__(self, reason: str, message: str, snippet: str):
+        self.reason, self.message, self.snippet = reason, message, snippet
+
+
+def _data_files(root: Path, name: str) -> list[Path]:
+    if root.is_file():
+        return [root]
+    if not root.is_dir():
+        raise DataError(f"dataset '{name}': {root} does not exist; run the fetch stage first")
+    files = sorted(
+        p for p in root.rglob("*")
+        if p.is_file() and p.suffix.lower() in DATA_SUFFIXES and p.name not in _METADATA_NAMES
+        and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    )
+    if not files:
+        raise DataError(f"dataset '{name}': no data files ({', '.join(DATA_SUFFIXES)}) in {root}")
+    return files
+
+
+def _snippet(text: str) -> str:
+    return text if len(text) <= _EXAMPLE_CHARS else text[:_EXAMPLE_CHARS] + "..."
+
+
+def _jsonl_rows(path: Path, where: str) -> Iterator[tuple[str, dict | _ParseFailure]]:
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                yield f"{where}:{lineno}", _ParseFailure(
+                    "malformed_json", f"malformed JSON: {e.msg} (column {e.colno})", _snippet(line.rstrip("\n")))
+                continue
+            if not isinstance(row, dict):
+                yield f"{where}:{lineno}", _ParseFailure(
+                    "malformed_json", f"expected a JSON object, got {type(row).__name__}", _snippet(line.rstrip("\n")))
+                continue
+            yield f"{where}:{lineno}", row
+
+
+def _json_rows(path: Path, where: str, spec: DatasetSpec) -> Iterator[tuple[str, dict | _ParseFailure]]:
+    # A .json file is one document (LLaMA-Factory's list of rows, or LMFlow's object), read whole.
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+    except json.JSONDecodeError as e:
+        if e.msg == "Extra data":  # JSON lines under a .json name, as `datasets` also accepts
+            yield from _jsonl_rows(path, where)
+            return
+        raise DataError(f"{path}:{e.lineno}:{e.colno}: not valid JSON ({e.msg})") from None
+    if spec.formatting == "lmflow":
+        if not (isinstance(doc, dict) and isinstance(doc.get("instances"), list) and "type" in doc):
+            raise DataError(f"{path}: an LMFlow file is an object {{\"type\": ..., \"instances\": [...]}}")
+        for i, inst in enumerate(doc["instances"]):
+            yield f"{where}[{i}]", {"type": doc["type"], "instance": inst}
+        return
+    if isinstance(doc, dict) and "instances" in doc:
+        raise DataError(f"{path} looks like an LMFlow file; set \"formatting\": \"lmflow\" for '{spec.name}'")
+    if not isinstance(doc, list):
+        raise DataError(f"{path}: expected a JSON list of rows, got {type(doc).__name__}")
+    for i, row in enumerate(doc):
+        if isinstance(row, dict):
+            yield f"{where}[{i}]", row
+        else:
+            yield f"{where}[{i}]", _ParseFailure(
+                "malformed_json", f"expected a JSON object, got {type(row).__name__}", _snippet(json.dumps(row)))
+
+
+def _csv_rows(path: Path, where: str) -> Iterator[tuple[str, dict | _ParseFailure]]:
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        for row in reader:
+            if None in row:  # more fields than the header names
+                yield f"{where}:{reader.line_num}", _ParseFailure(
+                    "malformed_csv", f"{len(reader.fieldnames or []) + len(row[None])} fields, header has "
+                    f"{len(reader.fieldnames or [])}", _snippet(json.dumps(row[None], ensure_ascii=False)))
+                continue
+            yield f"{where}:{reader.line_num}", row
+
+
+def _arrow_batches(path: Path) -> Iterator[Any]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if path.suffix == ".parquet":
+        yield from pq.ParquetFile(path).iter_batches(batch_size=_BATCH_ROWS)
+        return
+    with pa.memory_map(str(path)) as source:
+        try:
+            reader = pa.ipc.open_file(source)
+            batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
+        except pa.ArrowInvalid:  # `datasets` writes the streaming IPC format
+            source.seek(0)
+            batches = pa.ipc.open_stream(source)
+        yield from batches
+
+
+def _columnar_rows(path: Path, where: str) -> Iterator[tuple[str, dict | _ParseFailure]]:
+    n = 0
+    for batch in _arrow_batches(path):
+        for row in batch.to_pylist():
+            yield f"{where}#row{n}", row
+            n += 1
+
+
+def _txt_rows(path: Path, where: str, sample_by: str) -> Iterator[tuple[str, dict | _ParseFailure]]:
+    with open(path, encoding="utf-8") as f:
+        if sample_by == "file":
+            text = f.read()
+            if text.strip():
+                yield where, {"text": text}
+            return
+        chunk: list[str] = []
+        start = 0
+        for lineno, line in enumerate(f, 1):
+            line = line.rstrip("\n")
+            if sample_by == "line":
+                if line.strip():
+                    yield f"{where}:{lineno}", {"text": line}
+            elif line.strip():
+                start = start or lineno
+                chunk.append(line)
+            elif chunk:
+                yield f"{where}:{start}", {"text": "\n".join(chunk)}
+                chunk, start = [], 0
+        if chunk:
+            yield f"{where}:{start}", {"text": "\n".join(chunk)}
+
+
+def _rows(path: Path, where: str, spec: DatasetSpec) -> Iterator[tuple[str, dict | _ParseFailure]]:
+    """(location, row or parse failure) for every row of one file; location is `file:line` or `file#rowN`."""
+    suffix = path.suffix.lower()
+    if spec.formatting == "lmflow" and suffix != ".json":
+        raise DataError(f"{path}: LMFlow data is a .json file, not {suffix}")
+    if suffix == ".jsonl":
+        return _jsonl_rows(path, where)
+    if suffix == ".json":
+        return _json_rows(path, where, spec)
+    if suffix == ".csv":
+        return _csv_rows(path, where)
+    if suffix in (".parquet", ".arrow"):
+        return _columnar_rows(path, where)
+    if suffix == ".txt":
+        return _txt_rows(path, where, spec.sample_by)
+    raise DataError(f"{path}: unsupported file type {suffix or '(none)'}; supported: {', '.join(DATA_SUFFIXES)}")
+
+
+# ----------------------------------------------------------------------------- aligning
+
+
+class _ParseBudget:
+    """Rows that failed to parse, across the whole stage, against `bad_row_budget`."""
+
+    def __init__(self, limit: int):
+        self.limit, self.used = limit, 0
+
+    def spend(self, location: str, message: str) -> None:
+        self.used += 1
+        if self.used > self.limit:
+            hint = (f"more than bad_row_budget={self.limit} rows failed to parse" if self.limit
+                    else "fix the file, or set data.bad_row_budget to skip rows that fail to parse")
+            raise DataError(f"{location}: {message} ({hint})")
+
+
+class _DatasetReport:
+    def __init__(self) -> None:
+        self.rows_in = 0
+        self.rows_kept = 0
+        self.rows_sampled_out = 0
+        self.dropped: dict[str, dict] = {}
+
+    def drop(self, reason: str, example: dict) -> None:
+        entry = self.dropped.setdefault(reason, {"count": 0, "examples": []})
+        entry["count"] += 1
+        if len(entry["examples"]) < MAX_EXAMPLES:
+            entry["examples"].append(example)
+
+    def top_reasons(self, n: int = 3) -> str:
+        ranked = sorted(self.dropped.items(), key=lambda kv: -kv[1]["count"])[:n]
+        return ", ".join(f"{reason} ({e['count']}, e.g. {e['examples'][0]['at']}: {e['examples'][0]['message']})"
+                         for reason, e in ranked) or "none"
+
+    def as_dict(self) -> dict:
+        return {"rows_in": self.rows_in, "rows_kept": self.rows_kept, "rows_sampled_out": self.rows_sampled_out,
+                "dropped": self.dropped}
+
+
+def _align_dataset(spec: DatasetSpec, kind: str, fetch_dir: Path, out: IO[str], budget: _ParseBudget,
+                   sample_size: int | None, seed: int) -> dict:
+    convert = get_converter(spec.formatting)
+    root = fetch_dir / spec.file_name
+    report = _DatasetReport()
+    seen_columns: set[str] = set()
+    first_row = True
+    rng = random.Random(f"{seed}/{spec.name}")
+    sample: list[tuple[int, dict]] = []  # reservoir of (kept index, record), only when sampling
+    kept_total = 0
+    for path in _data_files(root, spec.name):
+        where_file = path.relative_to(fetch_dir).as_posix()
+        rows = _rows(path, where_file, spec)
+        for location, row in tqdm(rows, desc=spec.name, unit=" rows", disable=None, leave=False):
+            report.rows_in += 1
+            if isinstance(row, _ParseFailure):
+                budget.spend(f"{fetch_dir / location}", row.message)
+                report.drop(row.reason, {"at": location, "field": None, "message": row.message, "row": row.snippet})
+                continue
+            seen_columns.update(row)
+            try:
+                record = convert(row, spec, kind)
+            except RowError as e:
+                if first_row and e.reason == "missing_column":
+                    raise DataError(
+                        f"dataset '{spec.name}': the column mapping does not match {fetch_dir / location}: "
+                        f"{e.message}; columns found in the file: {', '.join(map(str, row)) or '(none)'}. "
+                        f"Fix `columns`/`tags` of '{spec.name}' in dataset_info.json") from None
+                first_row = False
+                report.drop(e.reason, {"at": location, "field": e.field, "message": e.message,
+                                       "row": _snippet(json.dumps(row, ensure_ascii=False, default=str))})
+                continue
+            first_row = False
+            if sample_size is None:
+                out.write(json.dumps(record, ensure_ascii=False) + "\n")
+            elif len(sample) < sample_size:
+                sample.append((kept_total, record))
+            else:
+                j = rng.randint(0, kept_total)
+                if j < sample_size:
+                    sample[j] = (kept_total, record)
+            kept_total += 1
+    if spec.formatting != "lmflow":
+        unseen = {k: v for k, v in spec.columns.items() if v not in seen_columns}
+        if unseen and seen_columns:  # an optional column mapped to a name no row has: a typo
+            raise DataError(
+                f"dataset '{spec.name}': mapped column(s) {', '.join(f'{k} -> {v!r}' for k, v in unseen.items())} "
+                f"appear in no row of {root}; columns found: {', '.join(sorted(seen_columns)) or '(none)'}")
+    if sample_size is not None:
+        for _, record in sorted(sample, key=lambda item: item[0]):  # keep the file's order
+            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+        report.rows_sampled_out = kept_total - len(sample)
+    report.rows_kept = kept_total - report.rows_sampled_out
+    if report.rows_kept == 0:
+        raise DataError(
+            f"dataset '{spec.name}' aligned to zero rows ({report.rows_in} read from {root}); "
+            f"top drop reasons: {report.top_reasons()}")
+    return report.as_dict()
+
+
+@contextlib.contextmanager
+def _atomic_text(path: Path) -> Iterator[IO[str]]:
+    """Write a text file incrementally; it appears under its name only when complete."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def run_align(
+    fetch_dir: Path,
+    groups: dict[str, list[str]],
+    out_dir: Path,
+    *,
+    max_samples: int | None = None,
+    seed: int = 42,
+    bad_row_budget: int = 0,
+) -> StageResult:
+    """Align the datasets of each group to the group's record kind: out_dir/<group>.jsonl + report.json.
+
+    `groups` maps a data group (cpt, cpt_eval, sft, sft_eval, preference) to dataset names in
+    fetch_dir/dataset_info.json; datasets of a group are concatenated in the order given, each
+    sampled (seeded, file order kept) down to `max_samples` / its `num_samples` when set.
+    A group with no datasets writes no file.
+    """
+    fetch_dir, out_dir = Path(fetch_dir), Path(out_dir)
+    unknown = [g for g in groups if g not in GROUP_KINDS]
+    if unknown:
+        raise DataError(f"unknown data group {', '.join(map(repr, unknown))}; known: {', '.join(GROUP_KINDS)}")
+    names = list(dict.fromkeys(n for group_names in groups.values() for n in group_names))
+    specs = load_dataset_info(fetch_dir / "dataset_info.json", names)
+    for group, group_names in groups.items():  # check every dataset before writing anything
+        if len(set(group_names)) != len(group_names):
+            raise DataError(f"group '{group}' lists a dataset twice: {group_names}")
+        kind = GROUP_KINDS[group]
+        for name in group_names:
+            spec = specs[name]
+            if not spec.file_name:
+                raise DataError(f"dataset '{name}' has no local file_name in {fetch_dir}; run the fetch stage first")
+            kinds = supported_kinds(spec)
+            if kind not in kinds:
+                what = f"{spec.formatting}{', ranking' if spec.ranking else ''}"
+                can = f"aligns to {' or '.join(kinds)} records" if kinds else "aligns to no record kind"
+                hint = (" (an alpaca dataset is plain text only when `columns` maps just `prompt`)"
+                        if spec.formatting == "alpaca" and kind == "text" else "")
+                raise DataError(f"dataset '{name}' ({what}) {can}, but group '{group}' needs {kind} records{hint}")
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    budget = _ParseBudget(bad_row_budget)
+    report: dict[str, dict] = {}
+    files: list[str] = []
+    metrics: dict[str, float] = {}
+    for group, group_names in groups.items():
+        if not group_names:
+            continue
+        report[group] = {}
+        with _atomic_text(out_dir / f"{group}.jsonl") as out:
+            for name in group_names:
+                spec = specs[name]
+                sizes = [n for n in (max_samples, spec.num_samples) if n]
+                report[group][name] = _align_dataset(spec, GROUP_KINDS[group], fetch_dir, out, budget,
+                                                     min(sizes) if sizes else None, seed)
+        files.append(f"{group}.jsonl")
+        entries = report[group].values()
+        metrics[f"rows_kept_{group}"] = sum(e["rows_kept"] for e in entries)
+        metrics[f"rows_dropped_{group}"] = sum(d["count"] for e in entries for d in e["dropped"].values())
+    atomic_write_json(out_dir / "report.json", report)
+    files.append("report.json")
+    log.info("aligned data\n%s", format_report(report))
+    return StageResult(files=files, metrics=metrics, info={"kinds": {g: GROUP_KINDS[g] for g in report}})
+
+
+def iter_records(path: Path) -> Iterator[dict]:
+    """The records of an aligned JSONL file, one dict per line."""
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: malformed JSON: {e.msg} (column {e.colno})") from None
+
+
+def format_report(report: dict) -> str:
+    """The alignment report as a plain-text table: one line per dataset, top drop reasons last."""
+    header = ("group", "dataset", "rows_in", "kept", "dropped", "drop reasons")
+    lines = []
+    for group, datasets in report.items():
+        for name, r in datasets.items():
+            dropped = sorted(r["dropped"].items(), key=lambda kv: -kv[1]["count"])
+            reasons = ", ".join(f"{reason}={d['count']}" for reason, d in dropped) or "-"
+            if r.get("rows_sampled_out"):
+                reasons += f" (+{r['rows_sampled_out']} sampled out)"
+            lines.append((group, name, str(r["rows_in"]), str(r["rows_kept"]),
+                          str(sum(d["count"] for _, d in dropped)), reasons))
+    widths = [max(len(row[i]) for row in [header, *lines]) for i in range(len(header) - 1)]
+
+    def fmt(row: tuple[str, ...]) -> str:
+        cells = [row[i].ljust(widths[i]) if i < 2 else row[i].rjust(widths[i]) for i in range(len(widths))]
+        return "  ".join([*cells, row[-1]])
+
+    return "\n".join(fmt(row) for row in [header, *lines])

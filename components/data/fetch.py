@@ -1,0 +1,271 @@
+"""The fetch stage: dataset sources -> local raw files + provenance.
+
+Sources, one per dataset_info.json entry: a local `file_name` (file or directory, next to the
+dataset_info.json), a `url` (http(s), verified against its `sha256` pin when given, retried with
+backoff), any other fsspec URI in `url` (s3://, gs://, memory://, ...), or a hub dataset id in
+`hf_hub_url` (loaded with `datasets.load_dataset` and saved as parquet).
+
+Everything lands in out_dir/raw/<name>/; out_dir/dataset_info.json describes the fetched copies
+(file_name relative to out_dir, so the align stage and LLaMA-Factory can read it as is) and
+out_dir/provenance.json records where each dataset came from, its size, sha256 and license note.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path, PurePosixPath
+from typing import IO, TypeVar
+from urllib.parse import urlparse
+
+from tqdm import tqdm
+
+from components.artifacts import StageResult, atomic_write_json, sha256_file
+from components.data.dataset_info import DataError, DatasetSpec, load_dataset_info
+
+log = logging.getLogger(__name__)
+
+RAW = "raw"
+_CHUNK = 1 << 20
+_BACKOFF_S = 0.5  # first retry waits this long, then twice as long each time
+_RETRY_STATUS = {408, 425, 429, 500, 502, 503, 504}
+# Entry fields that name a remote source: the fetched copy is described by file_name alone.
+_SOURCE_FIELDS = {"url", "sha256", "hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name",
+                  "file_sha1", "subset", "split", "folder"}
+T = TypeVar("T")
+
+
+class _Transient(Exception):
+    """A failure worth retrying: connection trouble, a timeout, 5xx/429, a short read."""
+
+
+def _with_retries(what: str, attempt: Callable[[], T], retries: int) -> T:
+    for n in range(retries + 1):
+        try:
+            return attempt()
+        except _Transient as e:
+            if n == retries:
+                raise DataError(f"{what} failed after {retries + 1} attempts: {e}") from e
+            wait = _BACKOFF_S * 2**n
+            log.warning("%s failed (%s); retry %d/%d in %.1fs", what, e, n + 1, retries, wait)
+            time.sleep(wait)
+    raise AssertionError("unreachable")
+
+
+def _stream_to_file(chunks: Callable[[IO[bytes]], None], dest: Path) -> tuple[int, str]:
+    """Write what `chunks` writes to a temp file next to `dest`, hashing it; rename when complete."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as raw:
+            hashing = _HashingWriter(raw)
+            chunks(hashing)
+            raw.flush()
+            os.fsync(raw.fileno())
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return hashing.size, hashing.sha256.hexdigest()
+
+
+class _HashingWriter:
+    def __init__(self, f: IO[bytes]):
+        self.f, self.size, self.sha256 = f, 0, hashlib.sha256()
+
+    def write(self, block: bytes) -> int:
+        self.sha256.update(block)
+        self.size += len(block)
+        return self.f.write(block)
+
+
+def _check_pin(source: str, expected: str | None, actual: str, dest: Path) -> None:
+    if expected and expected != actual:
+        dest.unlink(missing_ok=True)
+        raise DataError(f"sha256 mismatch for {source}: expected {expected}, got {actual}. The file changed "
+                        "at the source or the pin is wrong; check it, then update `sha256` in dataset_info.json")
+
+
+def _url_file_name(url: str) -> str:
+    name = PurePosixPath(urlparse(url).path).name
+    return name or "data"
+
+
+def _download_http(url: str, dest: Path, expected: str | None, retries: int) -> None:
+    import requests
+
+    def attempt() -> None:
+        try:
+            with requests.get(url, stream=True, timeout=(10, 60)) as r:
+                if r.status_code in _RETRY_STATUS:
+                    raise _Transient(f"HTTP {r.status_code} {r.reason}")
+                if r.status_code >= 400:
+                    raise DataError(f"download of {url} failed: HTTP {r.status_code} {r.reason}")
+                # With a Content-Encoding, requests decodes and Content-Length counts the encoded bytes.
+                encoded = r.headers.get("Content-Encoding", "identity") != "identity"
+                total = None if encoded else int(r.headers.get("Content-Length") or 0) or None
+
+                def chunks(out: IO[bytes]) -> None:
+                    with tqdm(total=total, unit="B", unit_scale=True, desc=dest.name, disable=None, leave=False) as bar:
+                        for block in r.iter_content(_CHUNK):
+                            out.write(block)
+                            bar.update(len(block))
+
+                size, digest = _stream_to_file(chunks, dest)
+        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as e:
+            raise _Transient(f"{type(e).__name__}: {e}") from e
+        if total is not None and size != total:
+            dest.unlink(missing_ok=True)
+            raise _Transient(f"short read: {size} of {total} bytes")
+        _check_pin(url, expected, digest, dest)
+
+    _with_retries(f"download of {url}", attempt, retries)
+
+
+def _copy_fsspec(uri: str, dest_dir: Path, expected: str | None, retries: int) -> None:
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(uri)
+    try:
+        is_dir = fs.isdir(root)
+    except OSError as e:
+        raise DataError(f"cannot reach {uri}: {e}") from e
+    if is_dir and expected:
+        raise DataError(f"{uri} is a directory; a sha256 pin applies to a single file")
+    if is_dir:
+        top = PurePosixPath(root.rstrip("/"))
+        sources = [(p, PurePosixPath(p).relative_to(top).as_posix()) for p in fs.find(root)]
+        dest_root = dest_dir / (top.name or "data")
+        if not sources:
+            raise DataError(f"{uri} is an empty directory")
+    elif fs.exists(root):
+        sources = [(root, _url_file_name(uri))]
+        dest_root = dest_dir
+    else:
+        raise DataError(f"{uri} does not exist")
+    for remote, rel in sources:
+        def attempt(remote: str = remote, rel: str = rel) -> None:
+            try:
+                with fs.open(remote, "rb") as src:
+                    _, digest = _stream_to_file(lambda out: shutil.copyfileobj(src, out, _CHUNK), dest_root / rel)
+            except FileNotFoundError as e:
+                raise DataError(f"{uri}: {remote} does not exist") from e
+            except (OSError, TimeoutError) as e:
+                raise _Transient(f"{type(e).__name__}: {e}") from e
+            _check_pin(uri, expected, digest, dest_root / rel)
+
+        _with_retries(f"copy of {remote}", attempt, retries)
+
+
+def _copy_local(spec: DatasetSpec, base: Path, dest_dir: Path) -> Path:
+    src = Path(spec.file_name)
+    src = src if src.is_absolute() else base / src
+    if not src.exists():
+        raise DataError(f"dataset '{spec.name}': file_name '{spec.file_name}' not found (looked at {src})")
+    if src.is_file():
+        pairs = [(src, dest_dir / src.name)]
+    else:
+        pairs = [(p, dest_dir / src.name / p.relative_to(src)) for p in sorted(src.rglob("*"))
+                 if p.is_file() and not any(part.startswith(".") for part in p.relative_to(src).parts)]
+        if not pairs:
+            raise DataError(f"dataset '{spec.name}': directory {src} holds no files")
+    for a, b in pairs:
+        with open(a, "rb") as f:
+            _stream_to_file(lambda out, f=f: shutil.copyfileobj(f, out, _CHUNK), b)
+    return src.resolve()
+
+
+def _fetch_hub(spec: DatasetSpec, dest_dir: Path) -> str | None:
+    """Load a hub dataset split and save it as parquet; returns the license the hub states, if any."""
+    import datasets  # heavy import, only for hub sources
+
+    try:
+        ds = datasets.load_dataset(spec.hf_hub_url, name=spec.subset, data_dir=spec.folder, split=spec.split)
+    except Exception as e:  # the hub client raises many types; say which dataset, keep the cause
+        raise DataError(f"dataset '{spec.name}': cannot load {spec.hf_hub_url!r} (subset={spec.subset}, "
+                        f"split={spec.split}) from the Hugging Face hub: {e}") from e
+    dest = dest_dir / f"{spec.split}.parquet"
+    fd, tmp = tempfile.mkstemp(dir=dest_dir, prefix=f".{dest.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        ds.to_parquet(tmp)
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return ds.info.license or None
+
+
+def _dir_digest(files: dict[str, dict]) -> str:
+    """One digest for several files: sha256 of `sha256sum`-style lines, sorted by path."""
+    lines = "".join(f"{meta['sha256']}  {rel}\n" for rel, meta in sorted(files.items()))
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def run_fetch(dataset_info_path: Path, names: list[str], out_dir: Path, *, retries: int = 3) -> StageResult:
+    """Fetch the datasets `names` of a dataset_info.json into out_dir/raw/<name>/.
+
+    Writes out_dir/dataset_info.json (those entries, file_name pointing at the fetched copies) and
+    out_dir/provenance.json (per dataset: source, bytes, sha256, files, license note).
+    """
+    dataset_info_path, out_dir = Path(dataset_info_path), Path(out_dir)
+    specs = load_dataset_info(dataset_info_path, names)
+    base = dataset_info_path.parent
+    entries: dict[str, dict] = {}
+    provenance: dict[str, dict] = {}
+    raw_files: list[str] = []
+    for name, spec in specs.items():
+        dest_dir = out_dir / RAW / name
+        if dest_dir.exists():  # debris of an earlier attempt
+            shutil.rmtree(dest_dir)
+        dest_dir.mkdir(parents=True)
+        hub_license = None
+        if spec.load_from == "file":
+            source = str(_copy_local(spec, base, dest_dir))
+        elif spec.load_from == "url" and urlparse(spec.url).scheme in ("http", "https"):
+            source = spec.url
+            _download_http(spec.url, dest_dir / _url_file_name(spec.url), spec.sha256, retries)
+        elif spec.load_from == "url":
+            source = spec.url
+            _copy_fsspec(spec.url, dest_dir, spec.sha256, retries)
+        else:
+            source = f"hf_hub:{spec.hf_hub_url}"
+            hub_license = _fetch_hub(spec, dest_dir)
+
+        written = sorted(p for p in dest_dir.rglob("*") if p.is_file())
+        files = {p.relative_to(out_dir).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+                 for p in written}
+        raw_files += files
+        children = list(dest_dir.iterdir())
+        local = children[0] if len(children) == 1 else dest_dir  # the file or directory that was fetched
+        entry = {k: v for k, v in spec.to_entry().items() if k not in _SOURCE_FIELDS}
+        entry["file_name"] = local.relative_to(out_dir).as_posix()
+        entries[name] = entry
+        license_note = spec.tags.get("license") or hub_license
+        provenance[name] = {
+            "source": source,
+            "load_from": spec.load_from,
+            "sha256_pinned": bool(spec.sha256),
+            "bytes": sum(f["bytes"] for f in files.values()),
+            "sha256": next(iter(files.values()))["sha256"] if len(files) == 1 else _dir_digest(files),
+            "files": files,
+            "license": license_note or "not stated: add tags.license to this entry of dataset_info.json",
+        }
+        if spec.load_from == "url" and not spec.sha256:
+            log.warning("dataset '%s': %s has no sha256 pin; fetched sha256 %s", name, spec.url,
+                        provenance[name]["sha256"])
+        log.info("fetched '%s' from %s: %d files, %d bytes", name, source, len(files), provenance[name]["bytes"])
+
+    atomic_write_json(out_dir / "dataset_info.json", entries)
+    atomic_write_json(out_dir / "provenance.json", provenance)
+    total = sum(p["bytes"] for p in provenance.values())
+    return StageResult(
+        files=[*raw_files, "dataset_info.json", "provenance.json"],
+        metrics={"bytes": total, "files": len(raw_files)},
+        info={"datasets": list(specs)},
+    )

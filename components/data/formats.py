@@ -1,0 +1,472 @@
+"""One converter per input format: a raw row + its DatasetSpec -> one standard record.
+
+The standard records are described in components/data/records.py. A converter raises `RowError`
+for a row that cannot be aligned (the align stage drops it and counts the reason) and `DataError`
+for a problem with the whole dataset (the stage fails). Message and role checks are shared, so
+every format obeys the same rules:
+
+- roles alternate user/assistant after an optional leading system message;
+- tool messages follow an assistant message that made tool calls;
+- a conversation ends with an assistant message, a preference prompt with a user or tool message.
+
+Drop reasons: missing_column, wrong_type, invalid_role_order, empty_prompt, empty_response,
+empty_text, chosen_equals_rejected (plus malformed_json / malformed_csv from reading files).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+from components.data.dataset_info import DataError, DatasetSpec
+from components.data.records import Kind
+
+# LLaMA-Factory's defaults for the sharegpt `tags`.
+SHAREGPT_TAGS = {
+    "role_tag": "from",
+    "content_tag": "value",
+    "user_tag": "human",
+    "assistant_tag": "gpt",
+    "observation_tag": "observation",
+    "function_tag": "function_call",
+    "system_tag": "system",
+}
+_OPENAI_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant",
+                 "tool": "tool", "function": "tool"}
+
+
+class RowError(Exception):
+    """A row that cannot be aligned: `reason` is the drop reason, `field` the column or key at fault."""
+
+    def __init__(self, reason: str, field: str | None, message: str):
+        super().__init__(message)
+        self.reason = reason
+        self.field = field
+        self.message = message
+
+
+Converter = Callable[[dict, DatasetSpec, Kind], dict]
+
+
+def supported_kinds(spec: DatasetSpec) -> tuple[Kind, ...]:
+    """The record kinds a dataset can align to, from its formatting, ranking flag and columns."""
+    if spec.ranking:
+        return ("preference",) if spec.formatting in ("alpaca", "sharegpt", "openai", "prompt_completion") else ()
+    if spec.formatting == "alpaca":
+        # LLaMA-Factory's pretraining text: an alpaca entry whose only column is `prompt`.
+        return ("text", "conversation") if set(spec.columns) == {"prompt"} else ("conversation",)
+    if spec.formatting == "text":
+        return ("text",)
+    if spec.formatting == "lmflow":
+        return ("text", "conversation")  # the file's own `type` decides; checked on its first row
+    return ("conversation",)
+
+
+# ----------------------------------------------------------------------------- shared pieces
+
+
+def _column(row: dict, spec: DatasetSpec, key: str, default: str | None, *, required: bool) -> Any:
+    """The value of our column `key` (mapped through spec.columns); None when an optional one is absent."""
+    name = spec.columns.get(key, default)
+    if name is None:
+        return None
+    if name not in row:
+        if required:
+            raise RowError("missing_column", name, f"no column '{name}' (columns.{key})")
+        return None
+    return row[name]
+
+
+def _text_column(row: dict, spec: DatasetSpec, key: str, default: str, *, required: bool) -> str:
+    return _text(_column(row, spec, key, default, required=required), spec.columns.get(key, default))
+
+
+def _tools_column(row: dict, spec: DatasetSpec) -> str | None:
+    return _tools(_column(row, spec, "tools", "tools", required=False), spec.columns.get("tools", "tools"))
+
+
+def _text(value: Any, field: str) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise RowError("wrong_type", field, f"'{field}' should be a string, got {type(value).__name__}")
+    return value
+
+
+def _json_value(value: Any, field: str) -> Any:
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError as e:
+            raise RowError("wrong_type", field, f"'{field}' is not valid JSON ({e.msg})") from None
+    return value
+
+
+def _tool_call(obj: Any, field: str) -> dict:
+    """{"name", "arguments"} or OpenAI's {"type": "function", "function": {"name", "arguments"}} -> ours."""
+    obj = _json_value(obj, field)
+    if isinstance(obj, dict) and isinstance(obj.get("function"), dict):
+        obj = obj["function"]
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not obj["name"]:
+        raise RowError("wrong_type", field, f"'{field}' should be a tool call {{name, arguments}}")
+    args = _json_value(obj.get("arguments") or {}, f"{field}.arguments")
+    if not isinstance(args, dict):
+        raise RowError("wrong_type", field, f"'{field}.arguments' should be an object, got {type(args).__name__}")
+    return {"name": obj["name"], "arguments": args}
+
+
+def _tool_calls(value: Any, field: str) -> list[dict]:
+    value = _json_value(value, field)
+    calls = value if isinstance(value, list) else [value]
+    return [_tool_call(c, f"{field}[{i}]") for i, c in enumerate(calls)]
+
+
+def _tools(value: Any, field: str) -> str | None:
+    """Tool schemas as the JSON string the records carry; None when there are none."""
+    if value is None or value == "" or value == []:
+        return None
+    if isinstance(value, str):
+        _json_value(value, field)
+        return value
+    if isinstance(value, (list, dict)):
+        return json.dumps(value, ensure_ascii=False)
+    raise RowError("wrong_type", field, f"'{field}' should be a JSON string or list of tool schemas")
+
+
+def _message(role: str, content: str, tool_calls: list[dict] | None = None) -> dict:
+    msg = {"role": role, "content": content}
+    if tool_calls:
+        msg["tool_calls"] = tool_calls
+    return msg
+
+
+def _check_roles(messages: list[dict], field: str, *, complete: bool) -> None:
+    """Role order and non-empty turns. complete=True: ends with the assistant; False: a prompt."""
+    if not messages:
+        raise RowError("empty_prompt", field, f"'{field}' has no messages")
+    prev: dict | None = None
+    for i, msg in enumerate(messages):
+        role = msg["role"]
+        if role == "system":
+            ok = i == 0
+        elif prev is None or prev["role"] == "system":
+            ok = role == "user"
+        elif prev["role"] == "user":
+            ok = role == "assistant"
+        elif prev["role"] == "assistant":
+            ok = role == ("tool" if prev.get("tool_calls") else "user")
+        else:  # after a tool result: another result, or the assistant
+            ok = role in ("tool", "assistant")
+        if not ok:
+            after = f"after {prev['role']}" if prev else "first"
+            raise RowError("invalid_role_order", field, f"'{field}' message {i} is {role} {after}")
+        prev = msg
+    last = messages[-1]["role"]
+    wanted = ("assistant",) if complete else ("user", "tool")
+    if last not in wanted:
+        what = "a conversation" if complete else "a prompt"
+        raise RowError("invalid_role_order", field, f"{what} must end with {' or '.join(wanted)}, not {last}")
+    for i, msg in enumerate(messages):
+        empty = not msg["content"].strip()
+        if msg["role"] == "user" and empty:
+            raise RowError("empty_prompt", field, f"'{field}' message {i} (user) is empty")
+        if msg["role"] == "assistant" and empty and not msg.get("tool_calls"):
+            raise RowError("empty_response", field, f"'{field}' message {i} (assistant) is empty")
+
+
+def _with_system(messages: list[dict], system: str) -> list[dict]:
+    if system.strip() and not (messages and messages[0]["role"] == "system"):
+        return [_message("system", system), *messages]
+    return messages
+
+
+def _conversation(messages: list[dict], field: str, *, system: str = "", tools: str | None = None) -> dict:
+    _check_roles(messages, field, complete=True)  # before adding the system turn: indices match the file
+    record: dict = {"messages": _with_system(messages, system)}
+    if tools:
+        record["tools"] = tools
+    return record
+
+
+def _preference(prompt: list[dict], chosen: dict, rejected: dict, field: str, *, system: str = "") -> dict:
+    _check_roles(prompt, field, complete=False)
+    prompt = _with_system(prompt, system)
+    for name, msg in (("chosen", chosen), ("rejected", rejected)):
+        if msg["role"] != "assistant":
+            raise RowError("invalid_role_order", name, f"'{name}' should be an assistant message, not {msg['role']}")
+        if not msg["content"].strip() and not msg.get("tool_calls"):
+            raise RowError("empty_response", name, f"'{name}' is empty")
+    if chosen == rejected:
+        raise RowError("chosen_equals_rejected", "chosen", "chosen and rejected answers are identical")
+    return {"prompt": prompt, "chosen": [chosen], "rejected": [rejected]}
+
+
+def _openai_message(msg: Any, field: str) -> dict:
+    """An OpenAI-style {"role", "content", "tool_calls"?} message -> ours."""
+    if not isinstance(msg, dict):
+        raise RowError("wrong_type", field, f"'{field}' should be an object, got {type(msg).__name__}")
+    if "role" not in msg:
+        raise RowError("missing_column", "role", f"'{field}' has no 'role'; keys found: {', '.join(map(str, msg))}")
+    role = _OPENAI_ROLES.get(msg["role"])
+    if role is None:
+        raise RowError("invalid_role_order", field, f"'{field}': unknown role {msg['role']!r}")
+    content = msg.get("content")
+    if isinstance(content, list):  # content parts: keep the text ones, refuse images and audio
+        if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
+            raise RowError("wrong_type", field, f"'{field}.content' has non-text parts")
+        content = "".join(_text(p.get("text"), f"{field}.content") for p in content)
+    content = _text(content, f"{field}.content")
+    calls = msg.get("tool_calls")
+    if calls and role != "assistant":
+        raise RowError("invalid_role_order", field, f"'{field}': only assistant messages make tool calls")
+    return _message(role, content, _tool_calls(calls, f"{field}.tool_calls") if calls else None)
+
+
+def _openai_messages(value: Any, field: str) -> list[dict]:
+    if not isinstance(value, list):
+        raise RowError("wrong_type", field, f"'{field}' should be a list of messages, got {type(value).__name__}")
+    return [_openai_message(m, f"{field}[{i}]") for i, m in enumerate(value)]
+
+
+def _answer(value: Any, field: str, parse: Callable[[Any, str], dict]) -> dict:
+    """One answer of a preference pair: a string, a message, or a list holding one message."""
+    if isinstance(value, str):
+        return _message("assistant", value)
+    if isinstance(value, list):
+        if len(value) != 1:
+            raise RowError("wrong_type", field, f"'{field}' should hold one message, got {len(value)}")
+        value = value[0]
+    return parse(value, field)
+
+
+def _answer_column(row: dict, spec: DatasetSpec, key: str, parse: Callable[[Any, str], dict]) -> dict:
+    return _answer(_column(row, spec, key, key, required=True), spec.columns.get(key, key), parse)
+
+
+# ----------------------------------------------------------------------------- converters
+
+
+def convert_alpaca(row: dict, spec: DatasetSpec, kind: Kind) -> dict:
+    """Alpaca: instruction/input/output (+ system, history); chosen/rejected when ranking.
+
+    The user turn is the instruction, then a newline and the input when there is one.
+
+    >>> spec = DatasetSpec(name="d", file_name="d.json")
+    >>> convert_alpaca({"instruction": "Code for hypertension?", "input": "", "output": "I10"},
+    ...                spec, "conversation")
+    {'messages': [{'role': 'user', 'content': 'Code for hypertension?'}, {'role': 'assistant', 'content': 'I10'}]}
+    >>> convert_alpaca({"text": "I10 Essential (primary) hypertension"},
+    ...                DatasetSpec(name="d", file_name="d.json", columns={"prompt": "text"}), "text")
+    {'text': 'I10 Essential (primary) hypertension'}
+    """
+    prompt_column = spec.columns.get("prompt", "instruction")
+    prompt = _text_column(row, spec, "prompt", "instruction", required=True)
+    if kind == "text":
+        if not prompt.strip():
+            raise RowError("empty_text", prompt_column, "empty text")
+        return {"text": prompt}
+    query = _text_column(row, spec, "query", "input", required=False)
+    user = "\n".join(part for part in (prompt, query) if part)
+    if not user.strip():
+        raise RowError("empty_prompt", prompt_column, "empty instruction and input")
+    system = _text_column(row, spec, "system", "system", required=False)
+    history_column = spec.columns.get("history", "history")
+    history = _column(row, spec, "history", "history", required=False) or []
+    if not isinstance(history, list):
+        raise RowError("wrong_type", history_column,
+                       f"'{history_column}' should be a list of [instruction, response] pairs")
+    turns = []
+    for i, pair in enumerate(history):
+        where = f"{history_column}[{i}]"
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
+            raise RowError("wrong_type", history_column, f"'{where}' should be an [instruction, response] pair")
+        turns += [_message("user", _text(pair[0], f"{where}[0]")),
+                  _message("assistant", _text(pair[1], f"{where}[1]"))]
+    if kind == "preference":
+        chosen = _text_column(row, spec, "chosen", "chosen", required=True)
+        rejected = _text_column(row, spec, "rejected", "rejected", required=True)
+        return _preference([*turns, _message("user", user)], _message("assistant", chosen),
+                           _message("assistant", rejected), prompt_column, system=system)
+    response_column = spec.columns.get("response", "output")
+    response = _text_column(row, spec, "response", "output", required=True)
+    if not response.strip():
+        raise RowError("empty_response", response_column, "empty response")
+    tools = _tools_column(row, spec)
+    return _conversation([*turns, _message("user", user), _message("assistant", response)], prompt_column,
+                         system=system, tools=tools)
+
+
+def _sharegpt_message(msg: Any, field: str, tags: dict[str, str]) -> dict:
+    if not isinstance(msg, dict):
+        raise RowError("wrong_type", field, f"'{field}' should be an object, got {type(msg).__name__}")
+    for tag in ("role_tag", "content_tag"):
+        if tags[tag] not in msg:
+            raise RowError("missing_column", tags[tag],
+                           f"'{field}' has no '{tags[tag]}' (tags.{tag}); keys found: {', '.join(map(str, msg))}")
+    role, content = msg[tags["role_tag"]], msg[tags["content_tag"]]
+    if role == tags["function_tag"]:
+        return _message("assistant", "", _tool_calls(content, field))
+    roles = {tags["user_tag"]: "user", tags["assistant_tag"]: "assistant", tags["observation_tag"]: "tool",
+             tags["system_tag"]: "system"}
+    if role not in roles:
+        raise RowError("invalid_role_order", field,
+                       f"'{field}': unknown role {role!r}; expected one of {', '.join(map(repr, roles))} "
+                       f"or {tags['function_tag']!r} (see `tags`)")
+    if roles[role] == "tool" and isinstance(content, (dict, list)):
+        content = json.dumps(content, ensure_ascii=False)  # a structured tool result, kept as JSON text
+    return _message(roles[role], _text(content, f"{field}.{tags['content_tag']}"))
+
+
+def convert_sharegpt(row: dict, spec: DatasetSpec, kind: Kind) -> dict:
+    """ShareGPT: a list of {from, value} messages; function_call -> tool_calls, observation -> tool.
+
+    Keys and role values follow `tags` (LLaMA-Factory's defaults). When ranking, `chosen` and
+    `rejected` hold one message each and the conversation is the prompt.
+
+    >>> spec = DatasetSpec(name="d", file_name="d.json", formatting="sharegpt")
+    >>> messages = convert_sharegpt({"conversations": [
+    ...     {"from": "human", "value": "Look up E11.9"},
+    ...     {"from": "function_call", "value": '{"name": "lookup_icd10", "arguments": {"code": "E11.9"}}'},
+    ...     {"from": "observation", "value": "Type 2 diabetes mellitus without complications"},
+    ...     {"from": "gpt", "value": "E11.9 is type 2 diabetes mellitus without complications."}]},
+    ...     spec, "conversation")["messages"]
+    >>> [m["role"] for m in messages]
+    ['user', 'assistant', 'tool', 'assistant']
+    >>> messages[1]["tool_calls"]
+    [{'name': 'lookup_icd10', 'arguments': {'code': 'E11.9'}}]
+    """
+    tags = {**SHAREGPT_TAGS, **{k: v for k, v in spec.tags.items() if k in SHAREGPT_TAGS}}
+    column = spec.columns.get("messages", "conversations")
+    raw = _column(row, spec, "messages", "conversations", required=True)
+    if not isinstance(raw, list):
+        raise RowError("wrong_type", column, f"'{column}' should be a list of messages, got {type(raw).__name__}")
+    messages = [_sharegpt_message(m, f"{column}[{i}]", tags) for i, m in enumerate(raw)]
+    system = _text_column(row, spec, "system", "system", required=False)
+    if kind == "preference":
+        def parse(value: Any, field: str) -> dict:
+            return _sharegpt_message(value, field, tags)
+
+        chosen = _answer_column(row, spec, "chosen", parse)
+        rejected = _answer_column(row, spec, "rejected", parse)
+        return _preference(messages, chosen, rejected, column, system=system)
+    tools = _tools_column(row, spec)
+    return _conversation(messages, column, system=system, tools=tools)
+
+
+def convert_openai(row: dict, spec: DatasetSpec, kind: Kind) -> dict:
+    """OpenAI chat: {"messages": [{"role", "content", "tool_calls"?}]}, tool results as role "tool".
+
+    Tool calls in OpenAI's shape ({"type": "function", "function": {"name", "arguments": "<json>"}})
+    become {"name", "arguments": {...}}. When ranking, `chosen` and `rejected` hold one message each.
+
+    >>> convert_openai({"messages": [{"role": "user", "content": "Code for asthma?"},
+    ...                              {"role": "assistant", "content": "J45.909"}]},
+    ...                DatasetSpec(name="d", file_name="d.jsonl", formatting="openai"), "conversation")
+    {'messages': [{'role': 'user', 'content': 'Code for asthma?'}, {'role': 'assistant', 'content': 'J45.909'}]}
+    """
+    column = spec.columns.get("messages", "messages")
+    messages = _openai_messages(_column(row, spec, "messages", "messages", required=True), column)
+    system = _text_column(row, spec, "system", "system", required=False)
+    if kind == "preference":
+        chosen = _answer_column(row, spec, "chosen", _openai_message)
+        rejected = _answer_column(row, spec, "rejected", _openai_message)
+        return _preference(messages, chosen, rejected, column, system=system)
+    tools = _tools_column(row, spec)
+    return _conversation(messages, column, system=system, tools=tools)
+
+
+def convert_text(row: dict, spec: DatasetSpec, kind: Kind) -> dict:
+    """Plain text: a .txt file split by `sample_by` (line, paragraph, file), or a `text` column.
+
+    >>> convert_text({"text": "E78.5 Hyperlipidemia, unspecified"},
+    ...              DatasetSpec(name="d", file_name="d.txt", formatting="text"), "text")
+    {'text': 'E78.5 Hyperlipidemia, unspecified'}
+    """
+    column = spec.columns.get("text", "text")
+    text = _text_column(row, spec, "text", "text", required=True)
+    if not text.strip():
+        raise RowError("empty_text", column, "empty text")
+    return {"text": text}
+
+
+def convert_lmflow(row: dict, spec: DatasetSpec, kind: Kind) -> dict:
+    """LMFlow: one JSON object {"type", "instances": [...]} per file; a row is {"type", "instance"}.
+
+    text_only -> text; text2text ({"input", "output"}) and conversation ({"system"?, "tools"?,
+    "messages"}) -> conversation.
+
+    >>> convert_lmflow({"type": "text2text", "instance": {"input": "Code for hypothyroidism?",
+    ...                                                   "output": "E03.9"}},
+    ...                DatasetSpec(name="d", file_name="d.json", formatting="lmflow"), "conversation")
+    {'messages': [{'role': 'user', 'content': 'Code for hypothyroidism?'}, {'role': 'assistant', 'content': 'E03.9'}]}
+    """
+    file_type, inst = row.get("type"), row.get("instance")
+    wanted = {"text_only": "text", "text2text": "conversation", "conversation": "conversation"}
+    if file_type not in wanted:
+        raise DataError(f"dataset '{spec.name}': unknown LMFlow type {file_type!r}; known: {', '.join(wanted)}")
+    if wanted[file_type] != kind:
+        raise DataError(f"dataset '{spec.name}': an LMFlow {file_type} file aligns to {wanted[file_type]} records, "
+                        f"but its group needs {kind}")
+    if not isinstance(inst, dict):
+        raise RowError("wrong_type", "instances", f"an instance should be an object, got {type(inst).__name__}")
+    if file_type == "text_only":
+        return convert_text(inst, spec, kind)
+    if file_type == "text2text":
+        for key in ("input", "output"):
+            if key not in inst:
+                raise RowError("missing_column", key, f"a text2text instance has no '{key}'")
+        return _conversation([_message("user", _text(inst["input"], "input")),
+                              _message("assistant", _text(inst["output"], "output"))], "instance")
+    if "messages" not in inst:
+        raise RowError("missing_column", "messages", "a conversation instance has no 'messages'")
+    return _conversation(_openai_messages(inst["messages"], "messages"), "messages",
+                         system=_text(inst.get("system"), "system"), tools=_tools(inst.get("tools"), "tools"))
+
+
+def convert_prompt_completion(row: dict, spec: DatasetSpec, kind: Kind) -> dict:
+    """TRL prompt/completion, standard (strings) or conversational (message lists).
+
+    When ranking, TRL's preference type: prompt + chosen + rejected.
+
+    >>> spec = DatasetSpec(name="d", file_name="d.jsonl", formatting="prompt_completion")
+    >>> convert_prompt_completion({"prompt": "Code for GERD?", "completion": "K21.9"},
+    ...                           spec, "conversation")
+    {'messages': [{'role': 'user', 'content': 'Code for GERD?'}, {'role': 'assistant', 'content': 'K21.9'}]}
+    """
+    column = spec.columns.get("prompt", "prompt")
+    raw_prompt = _column(row, spec, "prompt", "prompt", required=True)
+    if isinstance(raw_prompt, list):
+        prompt = _openai_messages(raw_prompt, column)
+    else:
+        prompt = [_message("user", _text(raw_prompt, column))]
+    if kind == "preference":
+        chosen = _answer_column(row, spec, "chosen", _openai_message)
+        rejected = _answer_column(row, spec, "rejected", _openai_message)
+        return _preference(prompt, chosen, rejected, column)
+    completion_column = spec.columns.get("completion", "completion")
+    raw_completion = _column(row, spec, "completion", "completion", required=True)
+    if isinstance(raw_completion, list):
+        completion = _openai_messages(raw_completion, completion_column)
+    else:
+        completion = [_message("assistant", _text(raw_completion, completion_column))]
+    tools = _tools_column(row, spec)
+    return _conversation([*prompt, *completion], column, tools=tools)
+
+
+CONVERTERS: dict[str, Converter] = {
+    "alpaca": convert_alpaca,
+    "sharegpt": convert_sharegpt,
+    "openai": convert_openai,
+    "text": convert_text,
+    "lmflow": convert_lmflow,
+    "prompt_completion": convert_prompt_completion,
+}
+
+
+def get_converter(formatting: str) -> Converter:
+    """The converter for a `formatting` name; a DataError listing the known ones otherwise."""
+    try:
+        return CONVERTERS[formatting]
+    except KeyError:
+        raise DataError(f"unknown format {formatting!r}; known: {', '.join(CONVERTERS)}") from None

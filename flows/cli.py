@@ -1,0 +1,157 @@
+"""The `lmforge` command line: run the flow, show the plan and the cache, chat with any model."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="lmforge: domain adaptation as a cached, tracked pipeline.")
+data_app = typer.Typer(no_args_is_help=True, help="Inspect datasets without training.")
+app.add_typer(data_app, name="data")
+console = Console()
+
+ConfigArg = Annotated[Optional[Path], typer.Argument(help="Pipeline YAML (configs/...). Omitted: built-in CPU demo defaults.")]
+SetOpt = Annotated[list[str], typer.Option("--set", help="Override a field: --set sft.learning_rate=1e-4 (repeatable).")]
+
+
+def _load(config: Path | None, overrides: list[str]):
+    from components.config import ConfigError, load_config
+
+    try:
+        return load_config(config, overrides)
+    except ConfigError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+
+
+def _fmt(x) -> str:
+    return "" if x is None else f"{x:.4f}" if isinstance(x, float) else str(x)
+
+
+@app.command()
+def run(
+    config: ConfigArg = None,
+    from_stage: Annotated[Optional[str], typer.Option("--from", help="Recompute from this stage on, even if cached.")] = None,
+    only: Annotated[Optional[str], typer.Option("--only", help="Run only this stage on cached upstream outputs.")] = None,
+    set_: SetOpt = [],  # noqa: B006 (typer reads the default)
+) -> None:
+    """Run the domain-adaptation flow end to end (cached stages are reused)."""
+    from components.config import STAGES
+
+    for name in (from_stage, only):
+        if name is not None and name not in STAGES:
+            console.print(f"[red]unknown stage {name!r}; stages: {', '.join(STAGES)}[/red]")
+            raise typer.Exit(2)
+    cfg = _load(config, set_)
+    from flows.domain_adaptation import domain_adaptation
+
+    summary = domain_adaptation(config=cfg, from_stage=from_stage, only=only)
+    _print_summary(summary)
+
+
+def _print_summary(summary: dict) -> None:
+    table = Table(title="stages")
+    for col in ("stage", "status", "stage s", "task s"):
+        table.add_column(col)
+    for row in summary["timeline"]:
+        table.add_row(row["stage"], "cached" if row["cached"] else "ran", _fmt(row["stage_s"]), _fmt(row["task_s"]))
+    console.print(table)
+    if summary["comparison"]:
+        comp = Table(title="held-out evaluation: base vs adapted")
+        for col in ("metric", "base", "adapted"):
+            comp.add_column(col)
+        for k, v in summary["comparison"].items():
+            comp.add_row(k, _fmt(v["base"]), _fmt(v["adapted"]))
+        console.print(comp)
+    reg = summary.get("registered") or {}
+    if reg:
+        console.print(f"registered [bold]{reg['name']}[/bold] version {reg['version']} as @{reg['alias']}")
+    m = summary["metrics"]
+    console.print(f"flow {m['flow_wall_s']:.1f} s, stage compute {m['stage_compute_s']:.1f} s, "
+                  f"orchestration + tracking {m['orchestration_overhead_s']:.1f} s")
+
+
+@app.command()
+def stages(config: ConfigArg = None, set_: SetOpt = []) -> None:  # noqa: B006
+    """List each stage with its cache key and whether its output is cached."""
+    from components.models.loading import select_hardware
+    from flows.plan import describe_plan
+
+    cfg = _load(config, set_)
+    hw = select_hardware(cfg.compute.device, cfg.compute.precision)
+    table = Table(title=f"stages ({cfg.workspace})")
+    for col in ("stage", "cache key", "cached", "note"):
+        table.add_column(col)
+    for row in describe_plan(cfg, hw.precision):
+        table.add_row(row["stage"], row["key"] or "-", "yes" if row["cached"] else "no", row["note"])
+    console.print(table)
+
+
+@app.command("config-schema")
+def config_schema() -> None:
+    """Print the JSON schema of the pipeline config (every field, type and description)."""
+    from components.config import PipelineConfig
+
+    console.print_json(json.dumps(PipelineConfig.model_json_schema()))
+
+
+@app.command()
+def chat(
+    model: Annotated[str, typer.Argument(help="A stage dir (.lmforge/artifacts/sft/<key>), a model dir, "
+                                              "embedded:smollm2-135m-instruct, or models:/NAME@alias.")],
+    config: Annotated[Optional[Path], typer.Option(help="Config for tracking URI, template and system prompt.")] = None,
+    max_new_tokens: int = 256,
+    set_: SetOpt = [],  # noqa: B006
+) -> None:
+    """Chat with a model, streaming the answer. Empty line or Ctrl-D ends."""
+    from components.chat import load_chat_model, stream_reply
+
+    cfg = _load(config, set_)
+    model_obj, tokenizer = load_chat_model(model, cfg)
+    history: list[dict] = []
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            console.print("[bold]you>[/bold] ", end="")
+        line = sys.stdin.readline()
+        if not line or not line.strip():
+            break
+        history.append({"role": "user", "content": line.strip()})
+        console.print("[bold]model>[/bold] ", end="")
+        reply = ""
+        for piece in stream_reply(model_obj, tokenizer, history, cfg, max_new_tokens=max_new_tokens):
+            reply += piece
+            console.print(piece, end="", markup=False, highlight=False)
+        console.print()
+        history.append({"role": "assistant", "content": reply})
+
+
+@data_app.command("check")
+def data_check(config: ConfigArg = None, set_: SetOpt = []) -> None:  # noqa: B006
+    """Fetch, align and tokenize; print the alignment report and decoded samples (trained tokens marked)."""
+    from flows.data_check import check_data
+
+    cfg = _load(config, set_)
+    report, samples = check_data(cfg)
+    console.print(report, markup=False, highlight=False)
+    console.print(samples, markup=False, highlight=False)
+
+
+def main() -> None:  # pragma: no cover
+    logging.basicConfig(level=logging.INFO)
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,234 @@
+"""The align stage: golden outputs per format, the report, sampling and every bad-input error."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from components.data.align import format_report, iter_records, run_align
+from components.data.dataset_info import DataError
+from components.data.fetch import run_fetch
+from tests.components.data.conftest import FIXTURE_GROUPS, FIXTURES
+
+
+def _golden(name: str) -> list[dict]:
+    return list(iter_records(FIXTURES / "golden" / f"{name}.jsonl"))
+
+
+@pytest.fixture
+def fetched(formats_dir: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "fetch"
+    run_fetch(formats_dir / "dataset_info.json", list(FIXTURE_GROUPS), out)
+    return out
+
+
+def _write(tmp_path: Path, info: dict, files: dict[str, str]) -> Path:
+    """A fetch-stage directory by hand: dataset_info.json + files under raw/."""
+    root = tmp_path / "fetch"
+    root.mkdir()
+    for name, text in files.items():
+        (root / "raw" / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / "raw" / name).write_text(text)
+    (root / "dataset_info.json").write_text(json.dumps(info))
+    return root
+
+
+def _jsonl(rows: list) -> str:
+    return "".join(json.dumps(r) + "\n" for r in rows)
+
+
+@pytest.mark.parametrize("name", list(FIXTURE_GROUPS))
+def test_every_fixture_aligns_to_its_golden_file(fetched: Path, tmp_path: Path, name: str) -> None:
+    group = FIXTURE_GROUPS[name]
+    result = run_align(fetched, {group: [name]}, tmp_path / "align")
+    assert list(iter_records(tmp_path / "align" / f"{group}.jsonl")) == _golden(name)
+    assert result.files == [f"{group}.jsonl", "report.json"]
+    assert result.metrics[f"rows_kept_{group}"] == len(_golden(name))
+
+
+def test_groups_concatenate_datasets_in_order(fetched: Path, tmp_path: Path) -> None:
+    groups: dict[str, list[str]] = {}
+    for name, group in FIXTURE_GROUPS.items():
+        groups.setdefault(group, []).append(name)
+    result = run_align(fetched, groups, tmp_path / "align")
+    for group, names in groups.items():
+        expected = [record for name in names for record in _golden(name)]
+        assert list(iter_records(tmp_path / "align" / f"{group}.jsonl")) == expected
+    report = json.loads((tmp_path / "align" / "report.json").read_text())
+    assert set(report) == set(groups)
+    for group, datasets in report.items():
+        for r in datasets.values():  # every row read is kept, dropped or sampled out
+            dropped = sum(d["count"] for d in r["dropped"].values())
+            assert r["rows_in"] == r["rows_kept"] + dropped + r["rows_sampled_out"]
+        assert result.metrics[f"rows_kept_{group}"] == sum(r["rows_kept"] for r in datasets.values())
+    assert sorted(result.files) == sorted([f"{g}.jsonl" for g in groups] + ["report.json"])
+
+
+def test_report_counts_drop_reasons_with_examples(fetched: Path, tmp_path: Path) -> None:
+    result = run_align(fetched, {"sft": ["icd10_alpaca", "icd10_sharegpt_tools"],
+                                 "preference": ["icd10_alpaca_preference"], "cpt": ["icd10_pretrain"]},
+                       tmp_path / "align")
+    report = json.loads((tmp_path / "align" / "report.json").read_text())
+    alpaca = report["sft"]["icd10_alpaca"]
+    assert (alpaca["rows_in"], alpaca["rows_kept"]) == (4, 3)
+    assert alpaca["dropped"]["empty_response"]["count"] == 1
+    example = alpaca["dropped"]["empty_response"]["examples"][0]
+    assert example["at"] == "raw/icd10_alpaca/alpaca_sft.json[3]"
+    assert example["field"] == "output"
+    assert "hyperlipidemia" in example["row"]
+    order = report["sft"]["icd10_sharegpt_tools"]["dropped"]["invalid_role_order"]
+    assert order["count"] == 1 and "message 1 is user after user" in order["examples"][0]["message"]
+    assert report["preference"]["icd10_alpaca_preference"]["dropped"]["chosen_equals_rejected"]["count"] == 1
+    assert report["cpt"]["icd10_pretrain"]["dropped"]["empty_text"]["count"] == 1
+    assert result.metrics["rows_dropped_sft"] == 2
+    assert result.metrics["rows_kept_sft"] == 5
+    table = format_report(report)
+    assert "icd10_alpaca" in table and "empty_response=1" in table and "invalid_role_order=1" in table
+
+
+def test_report_keeps_at_most_three_examples(tmp_path: Path) -> None:
+    rows = [{"instruction": f"Code for case {i}?", "input": "", "output": ""} for i in range(5)]
+    rows.append({"instruction": "Code for essential hypertension?", "input": "", "output": "I10"})
+    root = _write(tmp_path, {"d": {"file_name": "raw/d.jsonl"}}, {"d.jsonl": _jsonl(rows)})
+    run_align(root, {"sft": ["d"]}, tmp_path / "align")
+    dropped = json.loads((tmp_path / "align" / "report.json").read_text())["sft"]["d"]["dropped"]
+    assert dropped["empty_response"]["count"] == 5
+    assert [e["at"] for e in dropped["empty_response"]["examples"]] == ["raw/d.jsonl:1", "raw/d.jsonl:2",
+                                                                         "raw/d.jsonl:3"]
+
+
+def test_sampling_is_seeded_and_keeps_file_order(tmp_path: Path) -> None:
+    rows = [{"text": f"code {i}"} for i in range(50)]
+    info = {"d": {"file_name": "raw/d.jsonl", "formatting": "text", "num_samples": 20}}
+    root = _write(tmp_path, info, {"d.jsonl": _jsonl(rows)})
+
+    def sample(out: str, **kwargs) -> list[str]:
+        run_align(root, {"cpt": ["d"]}, tmp_path / out, **kwargs)
+        return [r["text"] for r in iter_records(tmp_path / out / "cpt.jsonl")]
+
+    first, again, other_seed, capped = sample("a"), sample("b"), sample("c", seed=7), sample("d", max_samples=5)
+    assert len(first) == 20 and first == again and first != other_seed
+    assert first == sorted(first, key=lambda t: int(t.split()[1]))
+    assert len(capped) == 5
+    report = json.loads((tmp_path / "d" / "report.json").read_text())["cpt"]["d"]
+    assert (report["rows_in"], report["rows_kept"], report["rows_sampled_out"]) == (50, 5, 45)
+    assert "(+45 sampled out)" in format_report({"cpt": {"d": report}})
+
+
+def test_malformed_jsonl_names_file_and_line(tmp_path: Path) -> None:
+    text = '{"text": "E11.9"}\n{"text": "I10",}\n{"text": "J18.9"}\n'
+    root = _write(tmp_path, {"d": {"file_name": "raw/d.jsonl", "formatting": "text"}}, {"d.jsonl": text})
+    with pytest.raises(DataError, match=r"raw/d\.jsonl:2: malformed JSON: Expecting property name") as e:
+        run_align(root, {"cpt": ["d"]}, tmp_path / "align")
+    assert "bad_row_budget" in str(e.value)
+    assert not (tmp_path / "align" / "cpt.jsonl").exists()  # nothing half-written
+
+
+def test_bad_row_budget_skips_and_counts_malformed_lines(tmp_path: Path) -> None:
+    text = '{"text": "E11.9"}\n{"text": "I10",}\nnot json\n{"text": "J18.9"}\n'
+    root = _write(tmp_path, {"d": {"file_name": "raw/d.jsonl", "formatting": "text"}}, {"d.jsonl": text})
+    with pytest.raises(DataError, match=r"d\.jsonl:3: .*more than bad_row_budget=1"):
+        run_align(root, {"cpt": ["d"]}, tmp_path / "a", bad_row_budget=1)
+    run_align(root, {"cpt": ["d"]}, tmp_path / "b", bad_row_budget=2)
+    assert [r["text"] for r in iter_records(tmp_path / "b" / "cpt.jsonl")] == ["E11.9", "J18.9"]
+    report = json.loads((tmp_path / "b" / "report.json").read_text())["cpt"]["d"]
+    assert report["dropped"]["malformed_json"]["count"] == 2
+    assert report["dropped"]["malformed_json"]["examples"][1] == {
+        "at": "raw/d.jsonl:3", "field": None, "message": "malformed JSON: Expecting value (column 1)",
+        "row": "not json"}
+
+
+def test_malformed_json_document_names_file_line_and_column(tmp_path: Path) -> None:
+    root = _write(tmp_path, {"d": {"file_name": "raw/d.json"}}, {"d.json": '[\n  {"instruction": "x",\n]\n'})
+    with pytest.raises(DataError, match=r"raw/d\.json:3:1: not valid JSON"):
+        run_align(root, {"sft": ["d"]}, tmp_path / "align")
+
+
+def test_column_mapping_mismatch_lists_columns_found(tmp_path: Path) -> None:
+    rows = [{"question": "Code for essential hypertension?", "answer": "I10"}]
+    root = _write(tmp_path, {"d": {"file_name": "raw/d.jsonl"}}, {"d.jsonl": _jsonl(rows)})
+    with pytest.raises(DataError) as e:
+        run_align(root, {"sft": ["d"]}, tmp_path / "align")
+    message = str(e.value)
+    assert "no column 'instruction' (columns.prompt)" in message
+    assert "columns found in the file: question, answer" in message
+    assert "d.jsonl:1" in message
+
+
+def test_sharegpt_tag_mismatch_lists_keys_found(tmp_path: Path) -> None:
+    rows = [{"conversations": [{"role": "user", "content": "Code for asthma?"},
+                               {"role": "assistant", "content": "J45.909"}]}]
+    root = _write(tmp_path, {"d": {"file_name": "raw/d.jsonl", "formatting": "sharegpt"}}, {"d.jsonl": _jsonl(rows)})
+    with pytest.raises(DataError, match=r"has no 'from' \(tags\.role_tag\); keys found: role, content"):
+        run_align(root, {"sft": ["d"]}, tmp_path / "align")
+
+
+def test_optional_column_mapped_to_a_missing_name_fails(tmp_path: Path) -> None:
+    rows = [{"instruction": "Code for essential hypertension?", "output": "I10"}]
+    info = {"d": {"file_name": "raw/d.jsonl", "columns": {"prompt": "instruction", "system": "sys_prompt"}}}
+    root = _write(tmp_path, info, {"d.jsonl": _jsonl(rows)})
+    with pytest.raises(DataError, match=r"system -> 'sys_prompt' appear in no row .*found: instruction, output"):
+        run_align(root, {"sft": ["d"]}, tmp_path / "align")
+
+
+def test_dataset_aligning_to_zero_rows_fails_with_top_reasons(tmp_path: Path) -> None:
+    rows = [{"instruction": "Code for essential hypertension?", "input": "", "output": ""},
+            {"instruction": "", "input": "", "output": "I10"},
+            {"instruction": "Code for asthma?", "input": "", "output": ""}]
+    root = _write(tmp_path, {"d": {"file_name": "raw/d.jsonl"}}, {"d.jsonl": _jsonl(rows)})
+    with pytest.raises(DataError) as e:
+        run_align(root, {"sft": ["d"]}, tmp_path / "align")
+    message = str(e.value)
+    assert "dataset 'd' aligned to zero rows (3 read" in message
+    assert "empty_response (2, e.g. raw/d.jsonl:1: empty response)" in message
+    assert "empty_prompt (1" in message
+
+
+def test_unknown_format_lists_known_ones(tmp_path: Path) -> None:
+    root = _write(tmp_path, {"d": {"file_name": "raw/d.jsonl", "formatting": "xml"}}, {"d.jsonl": ""})
+    with pytest.raises(DataError, match=r"dataset 'd': field 'formatting'.*'alpaca', 'sharegpt', 'openai'"):
+        run_align(root, {"sft": ["d"]}, tmp_path / "align")
+
+
+def test_dataset_in_a_group_of_the_wrong_kind_fails_before_reading(tmp_path: Path) -> None:
+    info = {"d": {"file_name": "raw/d.jsonl", "formatting": "sharegpt"},
+            "p": {"file_name": "raw/p.jsonl"}}
+    root = _write(tmp_path, info, {"d.jsonl": "", "p.jsonl": ""})
+    with pytest.raises(DataError, match=r"'d' \(sharegpt\) aligns to conversation records, but group 'cpt' needs text"):
+        run_align(root, {"cpt": ["d"]}, tmp_path / "align")
+    with pytest.raises(DataError, match=r"plain text only when `columns` maps just `prompt`"):
+        run_align(root, {"cpt": ["p"]}, tmp_path / "align")
+    with pytest.raises(DataError, match=r"unknown data group 'dpo'; known: cpt, cpt_eval"):
+        run_align(root, {"dpo": ["d"]}, tmp_path / "align")
+
+
+def test_lmflow_type_must_fit_the_group(tmp_path: Path) -> None:
+    doc = {"type": "text_only", "instances": [{"text": "E11.9 Type 2 diabetes mellitus without complications"}]}
+    root = _write(tmp_path, {"d": {"file_name": "raw/d.json", "formatting": "lmflow"}}, {"d.json": json.dumps(doc)})
+    run_align(root, {"cpt": ["d"]}, tmp_path / "a")
+    assert list(iter_records(tmp_path / "a" / "cpt.jsonl")) == [
+        {"text": "E11.9 Type 2 diabetes mellitus without complications"}]
+    with pytest.raises(DataError, match="an LMFlow text_only file aligns to text records, but its group needs conv"):
+        run_align(root, {"sft": ["d"]}, tmp_path / "b")
+
+
+def test_csv_row_with_extra_fields_is_a_parse_error(tmp_path: Path) -> None:
+    text = "instruction,input,output\nCode for essential hypertension?,,I10\nCode for asthma?,,J45.909,extra\n"
+    root = _write(tmp_path, {"d": {"file_name": "raw/d.csv"}}, {"d.csv": text})
+    with pytest.raises(DataError, match=r"raw/d\.csv:3: 4 fields, header has 3"):
+        run_align(root, {"sft": ["d"]}, tmp_path / "align")
+
+
+def test_iter_records_names_a_malformed_line(tmp_path: Path) -> None:
+    path = tmp_path / "sft.jsonl"
+    path.write_text('{"messages": []}\n{oops\n')
+    with pytest.raises(DataError, match=r"sft\.jsonl:2: malformed JSON"):
+        list(iter_records(path))
+
+
+def test_unfetched_dataset_fails(tmp_path: Path) -> None:
+    root = _write(tmp_path, {"d": {"hf_hub_url": "org/icd10"}}, {})
+    with pytest.raises(DataError, match="no local file_name .* run the fetch stage first"):
+        run_align(root, {"sft": ["d"]}, tmp_path / "align")

@@ -1,0 +1,143 @@
+"""The fetch stage: local files and directories, http(s) with sha256 pins and retries, fsspec URIs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import fsspec
+import pytest
+
+from components.artifacts import sha256_file
+from components.data.align import iter_records, run_align
+from components.data.dataset_info import DataError
+from components.data.fetch import run_fetch
+
+ROWS = (b'{"text": "E11.9 Type 2 diabetes mellitus without complications"}\n'
+        b'{"text": "I10 Essential (primary) hypertension"}\n')
+DIGEST = hashlib.sha256(ROWS).hexdigest()
+
+
+def _info(tmp_path: Path, entries: dict) -> Path:
+    path = tmp_path / "src" / "dataset_info.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(entries))
+    return path
+
+
+def test_local_file_is_copied_with_provenance(formats_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "fetch"
+    result = run_fetch(formats_dir / "dataset_info.json", ["icd10_alpaca"], out)
+    copied = out / "raw" / "icd10_alpaca" / "alpaca_sft.json"
+    assert copied.read_bytes() == (formats_dir / "alpaca_sft.json").read_bytes()
+    assert result.files == ["raw/icd10_alpaca/alpaca_sft.json", "dataset_info.json", "provenance.json"]
+    assert result.metrics == {"bytes": copied.stat().st_size, "files": 1}
+    info = json.loads((out / "dataset_info.json").read_text())
+    assert list(info) == ["icd10_alpaca"]
+    assert info["icd10_alpaca"]["file_name"] == "raw/icd10_alpaca/alpaca_sft.json"
+    assert info["icd10_alpaca"]["columns"]["response"] == "output"
+    prov = json.loads((out / "provenance.json").read_text())["icd10_alpaca"]
+    assert prov["source"] == str((formats_dir / "alpaca_sft.json").resolve())
+    assert prov["sha256"] == sha256_file(copied)
+    assert prov["bytes"] == copied.stat().st_size
+    assert prov["license"] == "CC0-1.0 (written for the lmforge tests)"
+
+
+def test_local_directory_is_copied_whole(formats_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "fetch"
+    result = run_fetch(formats_dir / "dataset_info.json", ["icd10_text_dir"], out)
+    assert result.files[:2] == ["raw/icd10_text_dir/notes/chapter04.txt", "raw/icd10_text_dir/notes/chapter09.txt"]
+    assert result.metrics["files"] == 2
+    assert json.loads((out / "dataset_info.json").read_text())["icd10_text_dir"] == {
+        "file_name": "raw/icd10_text_dir/notes", "formatting": "text", "sample_by": "paragraph"}
+    prov = json.loads((out / "provenance.json").read_text())["icd10_text_dir"]
+    assert set(prov["files"]) == {"raw/icd10_text_dir/notes/chapter04.txt", "raw/icd10_text_dir/notes/chapter09.txt"}
+    assert prov["license"].startswith("not stated")
+
+
+def test_missing_local_file_names_where_it_looked(tmp_path: Path) -> None:
+    info = _info(tmp_path, {"d": {"file_name": "nowhere.jsonl"}})
+    with pytest.raises(DataError, match=r"dataset 'd': file_name 'nowhere.jsonl' not found \(looked at .*src/nowhere"):
+        run_fetch(info, ["d"], tmp_path / "fetch")
+
+
+def test_http_download_with_a_correct_pin(http_server, tmp_path: Path) -> None:
+    base, handler = http_server
+    handler.files = {"/icd10/corpus.jsonl": ROWS}
+    info = _info(tmp_path, {"d": {"url": f"{base}/icd10/corpus.jsonl", "sha256": DIGEST, "formatting": "text",
+                                  "tags": {"license": "public domain (ICD-10-CM)"}}})
+    out = tmp_path / "fetch"
+    result = run_fetch(info, ["d"], out)
+    assert (out / "raw" / "d" / "corpus.jsonl").read_bytes() == ROWS
+    assert result.metrics == {"bytes": len(ROWS), "files": 1}
+    entry = json.loads((out / "dataset_info.json").read_text())["d"]
+    assert entry == {"file_name": "raw/d/corpus.jsonl", "formatting": "text",
+                     "tags": {"license": "public domain (ICD-10-CM)"}}
+    prov = json.loads((out / "provenance.json").read_text())["d"]
+    assert (prov["source"], prov["sha256"], prov["sha256_pinned"]) == (f"{base}/icd10/corpus.jsonl", DIGEST, True)
+    run_align(out, {"cpt": ["d"]}, tmp_path / "align")  # the fetched copy is what align reads
+    assert [r["text"][:5] for r in iter_records(tmp_path / "align" / "cpt.jsonl")] == ["E11.9", "I10 E"]
+
+
+def test_http_download_with_a_wrong_pin_names_both_digests(http_server, tmp_path: Path) -> None:
+    base, handler = http_server
+    handler.files = {"/corpus.jsonl": ROWS}
+    info = _info(tmp_path, {"d": {"url": f"{base}/corpus.jsonl", "sha256": "0" * 64, "formatting": "text"}})
+    with pytest.raises(DataError) as e:
+        run_fetch(info, ["d"], tmp_path / "fetch")
+    assert f"sha256 mismatch for {base}/corpus.jsonl: expected {'0' * 64}, got {DIGEST}" in str(e.value)
+    assert not list((tmp_path / "fetch" / "raw" / "d").iterdir())  # nothing unverified left behind
+
+
+def test_http_download_retries_a_failing_server(http_server, tmp_path: Path) -> None:
+    base, handler = http_server
+    handler.files, handler.fail_first = {"/corpus.jsonl": ROWS}, 2
+    info = _info(tmp_path, {"d": {"url": f"{base}/corpus.jsonl", "sha256": DIGEST, "formatting": "text"}})
+    run_fetch(info, ["d"], tmp_path / "fetch", retries=3)
+    assert handler.requests == ["/corpus.jsonl"] * 3
+    assert (tmp_path / "fetch" / "raw" / "d" / "corpus.jsonl").read_bytes() == ROWS
+
+
+def test_http_download_gives_up_after_its_retries(http_server, tmp_path: Path) -> None:
+    base, handler = http_server
+    handler.files, handler.fail_first = {"/corpus.jsonl": ROWS}, 10
+    info = _info(tmp_path, {"d": {"url": f"{base}/corpus.jsonl", "formatting": "text"}})
+    with pytest.raises(DataError, match=r"download of .*/corpus.jsonl failed after 3 attempts: HTTP 503"):
+        run_fetch(info, ["d"], tmp_path / "fetch", retries=2)
+    assert len(handler.requests) == 3
+
+
+def test_http_not_found_is_not_retried(http_server, tmp_path: Path) -> None:
+    base, handler = http_server
+    info = _info(tmp_path, {"d": {"url": f"{base}/missing.jsonl", "formatting": "text"}})
+    with pytest.raises(DataError, match=r"missing.jsonl failed: HTTP 404"):
+        run_fetch(info, ["d"], tmp_path / "fetch")
+    assert len(handler.requests) == 1
+
+
+def test_fsspec_uri_file_and_directory(tmp_path: Path) -> None:
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/lmforge-test/corpus.jsonl", ROWS)
+    fs.pipe("/lmforge-test/notes/a.txt", b"E11.9 Type 2 diabetes mellitus without complications\n")
+    fs.pipe("/lmforge-test/notes/b.txt", b"I10 Essential (primary) hypertension\n")
+    try:
+        info = _info(tmp_path, {
+            "file": {"url": "memory://lmforge-test/corpus.jsonl", "sha256": DIGEST, "formatting": "text"},
+            "dir": {"url": "memory://lmforge-test/notes", "formatting": "text"},
+            "bad_pin": {"url": "memory://lmforge-test/corpus.jsonl", "sha256": "f" * 64, "formatting": "text"},
+        })
+        out = tmp_path / "fetch"
+        result = run_fetch(info, ["file", "dir"], out)
+        assert (out / "raw" / "file" / "corpus.jsonl").read_bytes() == ROWS
+        assert result.files[:3] == ["raw/file/corpus.jsonl", "raw/dir/notes/a.txt", "raw/dir/notes/b.txt"]
+        assert json.loads((out / "dataset_info.json").read_text())["dir"]["file_name"] == "raw/dir/notes"
+        with pytest.raises(DataError, match=f"expected {'f' * 64}, got {DIGEST}"):
+            run_fetch(info, ["bad_pin"], tmp_path / "fetch2")
+    finally:
+        fs.rm("/lmforge-test", recursive=True)
+
+
+def test_unknown_dataset_name_lists_known_ones(formats_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"dataset 'icd10_nope' not in .*dataset_info.json; known: icd10_alpaca, "):
+        run_fetch(formats_dir / "dataset_info.json", ["icd10_alpaca", "icd10_nope"], tmp_path / "fetch")

@@ -1,0 +1,228 @@
+"""Converters: one raw row -> one standard record, or a RowError with the drop reason."""
+
+from __future__ import annotations
+
+import doctest
+
+import pytest
+
+from components.data import formats
+from components.data.dataset_info import DataError, DatasetSpec
+from components.data.formats import RowError, get_converter, supported_kinds
+
+
+def spec(formatting: str = "alpaca", **kwargs) -> DatasetSpec:
+    return DatasetSpec(name="d", file_name="d.jsonl", formatting=formatting, **kwargs)
+
+
+def reason(convert, row: dict, s: DatasetSpec, kind: str) -> str:
+    with pytest.raises(RowError) as e:
+        convert(row, s, kind)
+    return e.value.reason
+
+
+def test_docstring_examples_run() -> None:
+    result = doctest.testmod(formats)
+    assert result.attempted >= 6 and result.failed == 0
+
+
+def test_unknown_format_lists_known_ones() -> None:
+    with pytest.raises(DataError, match="unknown format 'xml'; known: alpaca, sharegpt, openai, text, lmflow"):
+        get_converter("xml")
+
+
+def test_supported_kinds() -> None:
+    assert supported_kinds(spec()) == ("conversation",)
+    assert supported_kinds(spec(columns={"prompt": "text"})) == ("text", "conversation")
+    assert supported_kinds(spec(ranking=True)) == ("preference",)
+    assert supported_kinds(spec("text")) == ("text",)
+    assert supported_kinds(spec("text", ranking=True)) == ()
+    assert supported_kinds(spec("sharegpt")) == ("conversation",)
+
+
+# ----------------------------------------------------------------------------- alpaca
+
+def test_alpaca_history_system_and_input() -> None:
+    row = {"instruction": "Code this diagnosis.", "input": "Unspecified asthma, uncomplicated", "output": "J45.909",
+           "system": "You are a coder.", "history": [["Which chapter is asthma in?", "Chapter 10."]]}
+    assert formats.convert_alpaca(row, spec(), "conversation") == {"messages": [
+        {"role": "system", "content": "You are a coder."},
+        {"role": "user", "content": "Which chapter is asthma in?"},
+        {"role": "assistant", "content": "Chapter 10."},
+        {"role": "user", "content": "Code this diagnosis.\nUnspecified asthma, uncomplicated"},
+        {"role": "assistant", "content": "J45.909"},
+    ]}
+
+
+def test_alpaca_custom_columns_and_preference() -> None:
+    s = spec(ranking=True, columns={"prompt": "q", "chosen": "good", "rejected": "bad"})
+    assert formats.convert_alpaca({"q": "Code for GERD?", "good": "K21.9", "bad": "K21.0"}, s, "preference") == {
+        "prompt": [{"role": "user", "content": "Code for GERD?"}],
+        "chosen": [{"role": "assistant", "content": "K21.9"}],
+        "rejected": [{"role": "assistant", "content": "K21.0"}],
+    }
+    assert reason(formats.convert_alpaca, {"q": "Code?", "good": "I10", "bad": "I10"}, s, "preference") == \
+        "chosen_equals_rejected"
+    assert reason(formats.convert_alpaca, {"q": "Code?", "good": " ", "bad": "I10"}, s, "preference") == \
+        "empty_response"
+
+
+@pytest.mark.parametrize("row, expected", [
+    ({"instruction": "Code for asthma?", "output": ""}, "empty_response"),
+    ({"instruction": " ", "input": "", "output": "I10"}, "empty_prompt"),
+    ({"instruction": "Code for asthma?"}, "missing_column"),
+    ({"instruction": "Code for asthma?", "output": 45.909}, "wrong_type"),
+    ({"instruction": "Code?", "output": "I10", "history": "none"}, "wrong_type"),
+    ({"instruction": "Code?", "output": "I10", "history": [["only one"]]}, "wrong_type"),
+    ({"instruction": "Code?", "output": "I10", "history": [["Earlier?", ""]]}, "empty_response"),
+])
+def test_alpaca_drop_reasons(row: dict, expected: str) -> None:
+    assert reason(formats.convert_alpaca, row, spec(), "conversation") == expected
+
+
+def test_alpaca_null_values_count_as_empty() -> None:
+    row = {"instruction": "Code for asthma?", "input": None, "output": "J45.909", "system": None, "history": None}
+    assert formats.convert_alpaca(row, spec(), "conversation")["messages"][0] == {
+        "role": "user", "content": "Code for asthma?"}
+
+
+# ----------------------------------------------------------------------------- sharegpt
+
+def test_sharegpt_custom_tags_and_system_message() -> None:
+    s = spec("sharegpt", columns={"messages": "msgs"},
+             tags={"role_tag": "role", "content_tag": "text", "user_tag": "patient", "assistant_tag": "coder"})
+    row = {"msgs": [{"role": "system", "text": "Answer with codes."}, {"role": "patient", "text": "Asthma?"},
+                    {"role": "coder", "text": "J45.909"}], "system": "ignored: the system message wins"}
+    assert formats.convert_sharegpt(row, s, "conversation") == {"messages": [
+        {"role": "system", "content": "Answer with codes."}, {"role": "user", "content": "Asthma?"},
+        {"role": "assistant", "content": "J45.909"}]}
+
+
+def test_sharegpt_parallel_function_calls() -> None:
+    calls = ('[{"name": "lookup_icd10", "arguments": {"code": "I10"}}, '
+             '{"name": "lookup_icd10", "arguments": "{\\"code\\": \\"E11.9\\"}"}]')
+    row = {"conversations": [
+        {"from": "human", "value": "Describe I10 and E11.9."},
+        {"from": "function_call", "value": calls},
+        {"from": "observation", "value": "Essential (primary) hypertension"},
+        {"from": "observation", "value": {"description": "Type 2 diabetes mellitus without complications"}},
+        {"from": "gpt", "value": "I10 is essential hypertension; E11.9 is type 2 diabetes without complications."},
+    ]}
+    messages = formats.convert_sharegpt(row, spec("sharegpt"), "conversation")["messages"]
+    assert messages[1]["tool_calls"] == [{"name": "lookup_icd10", "arguments": {"code": "I10"}},
+                                         {"name": "lookup_icd10", "arguments": {"code": "E11.9"}}]
+    assert messages[3] == {"role": "tool",
+                           "content": '{"description": "Type 2 diabetes mellitus without complications"}'}
+
+
+@pytest.mark.parametrize("conversation, expected", [
+    ([{"from": "gpt", "value": "I10"}], "invalid_role_order"),
+    ([{"from": "human", "value": "Code?"}], "invalid_role_order"),
+    ([{"from": "human", "value": "Code?"}, {"from": "observation", "value": "x"}, {"from": "gpt", "value": "I10"}],
+     "invalid_role_order"),
+    ([{"from": "human", "value": "Code?"}, {"from": "gpt", "value": "I10"}, {"from": "system", "value": "late"},
+      {"from": "gpt", "value": "I10"}], "invalid_role_order"),
+    ([{"from": "doctor", "value": "Code?"}, {"from": "gpt", "value": "I10"}], "invalid_role_order"),
+    ([{"from": "human", "value": ""}, {"from": "gpt", "value": "I10"}], "empty_prompt"),
+    ([{"from": "human", "value": "Code?"}, {"from": "gpt", "value": "  "}], "empty_response"),
+    ([{"from": "human", "value": "Code?"}, {"from": "function_call", "value": "not json"}], "wrong_type"),
+    ([{"from": "human"}, {"from": "gpt", "value": "I10"}], "missing_column"),
+    ([], "empty_prompt"),
+    ("human: Code?", "wrong_type"),
+])
+def test_sharegpt_drop_reasons(conversation, expected: str) -> None:
+    assert reason(formats.convert_sharegpt, {"conversations": conversation}, spec("sharegpt"), "conversation") == \
+        expected
+
+
+def test_sharegpt_preference_answer_must_be_the_assistant() -> None:
+    row = {"conversations": [{"from": "human", "value": "Code for asthma?"}],
+           "chosen": {"from": "human", "value": "J45.909"}, "rejected": {"from": "gpt", "value": "J45.901"}}
+    assert reason(formats.convert_sharegpt, row, spec("sharegpt", ranking=True), "preference") == \
+        "invalid_role_order"
+
+
+# ----------------------------------------------------------------------------- openai
+
+def test_openai_content_parts_and_preference() -> None:
+    row = {"messages": [{"role": "developer", "content": "Codes only."},
+                        {"role": "user", "content": [{"type": "text", "text": "Code for "},
+                                                     {"type": "text", "text": "obesity?"}]}],
+           "chosen": {"role": "assistant", "content": "E66.9"}, "rejected": [{"role": "assistant", "content": "E66.1"}]}
+    assert formats.convert_openai(row, spec("openai", ranking=True), "preference") == {
+        "prompt": [{"role": "system", "content": "Codes only."}, {"role": "user", "content": "Code for obesity?"}],
+        "chosen": [{"role": "assistant", "content": "E66.9"}],
+        "rejected": [{"role": "assistant", "content": "E66.1"}],
+    }
+
+
+@pytest.mark.parametrize("messages, expected", [
+    ([{"role": "user", "content": "Code?"}, {"role": "assistant", "content": None}], "empty_response"),
+    ([{"role": "user", "content": "Code?", "tool_calls": [{"name": "x", "arguments": {}}]},
+      {"role": "assistant", "content": "I10"}], "invalid_role_order"),
+    ([{"role": "user", "content": "Code?"},
+      {"role": "assistant", "tool_calls": [{"function": {"name": "lookup", "arguments": "[1]"}}]}], "wrong_type"),
+    ([{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]},
+      {"role": "assistant", "content": "I10"}], "wrong_type"),
+    ([{"content": "Code?"}, {"role": "assistant", "content": "I10"}], "missing_column"),
+    ([{"role": "user", "content": "Code?"}, {"role": "assistant", "tool_calls": [{"name": "lookup", "arguments": {}}]},
+      {"role": "user", "content": "Well?"}, {"role": "assistant", "content": "I10"}], "invalid_role_order"),
+])
+def test_openai_drop_reasons(messages: list, expected: str) -> None:
+    assert reason(formats.convert_openai, {"messages": messages}, spec("openai"), "conversation") == expected
+
+
+def test_assistant_tool_call_may_end_a_conversation() -> None:
+    row = {"messages": [{"role": "user", "content": "Look up I10."},
+                        {"role": "assistant", "content": "", "tool_calls": [{"name": "lookup", "arguments": {}}]}]}
+    assert formats.convert_openai(row, spec("openai"), "conversation")["messages"][-1]["tool_calls"] == [
+        {"name": "lookup", "arguments": {}}]
+
+
+# ----------------------------------------------------------------------------- text, lmflow, prompt_completion
+
+def test_text_column_mapping_and_empty_text() -> None:
+    s = spec("text", columns={"text": "body"})
+    assert formats.convert_text({"body": "I10 Essential (primary) hypertension"}, s, "text") == {
+        "text": "I10 Essential (primary) hypertension"}
+    assert reason(formats.convert_text, {"body": "\n"}, s, "text") == "empty_text"
+    assert reason(formats.convert_text, {"text": "I10"}, s, "text") == "missing_column"
+
+
+def test_lmflow_conversation_and_unknown_type() -> None:
+    row = {"type": "conversation", "instance": {
+        "system": "Codes only.", "tools": ['{"name": "lookup_icd10"}'],
+        "messages": [{"role": "user", "content": "Code for hypothyroidism?"},
+                     {"role": "assistant", "content": "E03.9"}]}}
+    assert formats.convert_lmflow(row, spec("lmflow"), "conversation") == {
+        "messages": [{"role": "system", "content": "Codes only."},
+                     {"role": "user", "content": "Code for hypothyroidism?"},
+                     {"role": "assistant", "content": "E03.9"}],
+        "tools": '["{\\"name\\": \\"lookup_icd10\\"}"]',
+    }
+    with pytest.raises(DataError, match="unknown LMFlow type 'image_text'; known: text_only, text2text"):
+        formats.convert_lmflow({"type": "image_text", "instance": {}}, spec("lmflow"), "conversation")
+    assert reason(formats.convert_lmflow, {"type": "text2text", "instance": {"input": "Code?"}}, spec("lmflow"),
+                  "conversation") == "missing_column"
+
+
+def test_prompt_completion_conversational_and_preference() -> None:
+    row = {"prompt": [{"role": "user", "content": "Code for sepsis?"}],
+           "completion": [{"role": "assistant", "content": "A41.9"}]}
+    assert formats.convert_prompt_completion(row, spec("prompt_completion"), "conversation") == {
+        "messages": [{"role": "user", "content": "Code for sepsis?"}, {"role": "assistant", "content": "A41.9"}]}
+    s = spec("prompt_completion", ranking=True)
+    assert reason(formats.convert_prompt_completion, {"prompt": "Code?", "chosen": "A41.9", "rejected": "A41.9"}, s,
+                  "preference") == "chosen_equals_rejected"
+    assert reason(formats.convert_prompt_completion,
+                  {"prompt": "Code?", "chosen": [{"role": "assistant", "content": "A41.9"}] * 2, "rejected": "A41.0"},
+                  s, "preference") == "wrong_type"
+    assert reason(formats.convert_prompt_completion, {"prompt": "Code?", "completion": ""},
+                  spec("prompt_completion"), "conversation") == "empty_response"
+
+
+def test_row_error_carries_reason_field_and_message() -> None:
+    with pytest.raises(RowError) as e:
+        formats.convert_alpaca({"instruction": "Code?", "answer": "I10"}, spec(), "conversation")
+    assert (e.value.reason, e.value.field, e.value.message) == (
+        "missing_column", "output", "no column 'output' (columns.response)")

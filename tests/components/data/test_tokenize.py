@@ -1,0 +1,230 @@
+"""Conversation masks, the packed text corpus and the tokenize stage on the tiny model's tokenizer."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from components.config import TokenizeConfig
+from components.data.tokenize import (
+    IGNORE,
+    format_sample,
+    load_tokenized,
+    render_conversation,
+    run_tokenize,
+    tokenize_text_corpus,
+)
+
+TWO_TURNS = [
+    {"role": "user", "content": "What does ICD-10-CM code I10 describe?"},
+    {"role": "assistant", "content": "Essential (primary) hypertension"},
+    {"role": "user", "content": "Is J45 billable?"},
+    {"role": "assistant", "content": "No"},
+]
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_model_dir):
+    """Shared, never modified (hypothesis needs a fixture that outlives one example)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def render(tok, messages, **kwargs):
+    options = {"system_prompt": None, "train_on_prompt": False, "mask_history": False, **kwargs}
+    return render_conversation(tok, "auto", messages, **options)
+
+
+def trained_text(tok, ids, labels) -> list[str]:
+    """Decoded runs of trained tokens."""
+    runs, run = [], []
+    for token, label in zip(ids, labels):
+        if label != IGNORE:
+            run.append(token)
+        elif run:
+            runs.append(tok.decode(run))
+            run = []
+    return runs + ([tok.decode(run)] if run else [])
+
+
+def test_masks_are_exactly_the_assistant_answers(tok):
+    ids, labels = render(tok, TWO_TURNS)
+    assert trained_text(tok, ids, labels) == ["Essential (primary) hypertension<|im_end|>", "No<|im_end|>"]
+    assert ids == tok.apply_chat_template(TWO_TURNS, tokenize=True)["input_ids"]
+    assert all(label in (IGNORE, token) for token, label in zip(ids, labels))
+
+
+def test_train_on_prompt_trains_every_token(tok):
+    ids, labels = render(tok, TWO_TURNS, train_on_prompt=True)
+    assert labels == ids
+
+
+def test_mask_history_trains_only_the_last_turn(tok):
+    ids, labels = render(tok, TWO_TURNS, mask_history=True)
+    assert trained_text(tok, ids, labels) == ["No<|im_end|>"]
+
+
+def test_system_prompt_is_inserted_only_when_missing(tok):
+    ids, _ = render(tok, TWO_TURNS, system_prompt="Be brief.")
+    assert tok.decode(ids).startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n")
+    own = [{"role": "system", "content": "Own prompt."}, *TWO_TURNS]
+    ids, labels = render(tok, own, system_prompt="Be brief.")
+    text = tok.decode(ids)
+    assert "Own prompt." in text and "Be brief." not in text
+    assert trained_text(tok, ids, labels)[-1] == "No<|im_end|>"
+    ids, _ = render(tok, TWO_TURNS, system_prompt=None)
+    assert "system" not in tok.decode(ids)
+
+
+def test_template_that_breaks_the_prefix_property_fails_naming_it(tok):
+    # A generation prompt ending in a space: "Assistant: " + "No" tokenizes differently from "Assistant: No".
+    spacey = "{% for m in messages %}{{ m.role + ': ' + m.content + '\n' }}{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
+    with pytest.raises(ValueError, match="conversation 0: chat template 'custom'.*not a token prefix.*merges tokens"):
+        render_conversation(tok, spacey, TWO_TURNS, system_prompt=None, train_on_prompt=False, mask_history=False)
+    # A template that renders history differently from the last turn.
+    shifty = "{% for m in messages %}{{ m.role + (': ' if loop.last else '= ') + m.content + '\n' }}{% endfor %}"
+    with pytest.raises(ValueError, match="chat template 'custom'.*not a text prefix"):
+        render_conversation(tok, shifty, TWO_TURNS, system_prompt=None, train_on_prompt=False, mask_history=False)
+    # Training on every token needs no masks, so such a template still works then.
+    ids, labels = render_conversation(tok, shifty, TWO_TURNS, system_prompt=None, train_on_prompt=True, mask_history=False)
+    assert ids == labels
+
+
+def test_bad_messages_say_what_is_wrong(tok):
+    with pytest.raises(ValueError, match="message 1: role must be one of system, user, assistant, tool \\(got 'bot'\\)"):
+        render(tok, [TWO_TURNS[0], {"role": "bot", "content": "x"}])
+    with pytest.raises(ValueError, match="non-empty list"):
+        render(tok, [])
+
+
+def test_format_sample_marks_trained_tokens(tok):
+    ids, labels = render(tok, TWO_TURNS[:2])
+    assert format_sample(tok, ids, labels) == (
+        "<|im_start|>user\nWhat does ICD-10-CM code I10 describe?<|im_end|>\n<|im_start|>assistant\n"
+        "⟦Essential (primary) hypertension<|im_end|>⟧\n"
+    )
+
+
+# --- plain text corpus ---------------------------------------------------------------------
+
+documents = st.lists(st.text(alphabet="abcdefgh ICD-10.:\n", max_size=60), max_size=12)
+
+
+@settings(max_examples=60, deadline=None)
+@given(texts=documents, block_size=st.integers(min_value=1, max_value=40))
+def test_text_corpus_packing_loses_and_duplicates_nothing(tok, texts, block_size):
+    blocks = list(tokenize_text_corpus(tok, texts, block_size))
+    eos = tok.eos_token_id
+    expected = [t for text in texts if text for t in tok.encode(text, add_special_tokens=False) + [eos]]
+    assert [t for b in blocks for t in b["input_ids"]] == expected
+    assert all(len(b["input_ids"]) == block_size for b in blocks[:-1])
+    for block in blocks:
+        ids, labels, positions = block["input_ids"], block["labels"], block["position_ids"]
+        assert len(ids) == len(labels) == len(positions) and 0 < len(ids) <= block_size
+        assert positions[0] == 0
+        for i in range(1, len(ids)):
+            # Positions count up within a document and restart right after each eos.
+            assert positions[i] == (0 if ids[i - 1] == eos else positions[i - 1] + 1)
+        # Labels are the inputs, except that no document's first token is predicted from another one.
+        assert labels == [IGNORE if p == 0 else t for t, p in zip(ids, positions)]
+
+
+def test_text_corpus_needs_an_eos(tok):
+    class NoEos:
+        eos_token_id = None
+
+    with pytest.raises(ValueError, match="no eos token"):
+        list(tokenize_text_corpus(NoEos(), ["x"], 8))
+
+
+# --- the stage -----------------------------------------------------------------------------
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def chat(question: str, answer: str) -> dict:
+    return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
+
+
+@pytest.fixture
+def align_dir(tmp_path):
+    d = tmp_path / "align"
+    d.mkdir()
+    write_jsonl(d / "cpt.jsonl", [{"text": "ICD-10-CM category A00: Cholera."}, {"text": "A00.0 Cholera due to Vibrio cholerae"}] * 3)
+    write_jsonl(
+        d / "sft.jsonl",
+        [
+            chat("What does ICD-10-CM code I10 describe?", "Essential (primary) hypertension"),
+            chat("Is J45 billable?", "No"),
+            {"messages": [{"role": "user", "content": "Only a question, no answer."}]},  # nothing to train on
+            chat("Which chapter contains code E11.9? " * 6, "Endocrine"),  # the answer falls past the cutoff
+            chat("Is A00.0 billable?", "Yes, A00.0 is billable " * 8),  # truncated but keeps trained tokens
+        ],
+    )
+    write_jsonl(d / "preference.jsonl", [{"prompt": [{"role": "user", "content": "q"}],
+                                         "chosen": [{"role": "assistant", "content": "a"}],
+                                         "rejected": [{"role": "assistant", "content": "b"}]}])
+    return d
+
+
+GROUPS = {"cpt": "text", "cpt_eval": "text", "sft": "conversation", "sft_eval": "conversation", "preference": "preference"}
+
+
+def test_run_tokenize_writes_parquet_stats_and_samples(tok, align_dir, tmp_path):
+    cfg = TokenizeConfig(system_prompt=None, cutoff_len=64, cpt_block_size=16)
+    out = tmp_path / "out"
+    result = run_tokenize(align_dir, tok, cfg, out, groups=GROUPS)
+
+    assert sorted(result.files) == ["cpt.parquet", "preference.jsonl", "samples.txt", "sft.parquet", "stats.json"]
+    assert result.info["skipped_groups"] == ["cpt_eval", "sft_eval"]
+    assert all((out / f).is_file() for f in result.files)
+    assert not list(out.glob(".*.tmp"))
+
+    cpt = pq.read_table(out / "cpt.parquet")
+    assert cpt.column_names == ["input_ids", "labels", "position_ids"]
+    assert all(pa.types.is_list(t) and t.value_type == pa.int32() for t in cpt.schema.types)
+    sft = pq.read_table(out / "sft.parquet")
+    assert sft.column_names == ["input_ids", "labels"]
+    assert all(pa.types.is_list(t) and t.value_type == pa.int32() for t in sft.schema.types)
+    rows = sft.to_pylist()
+    assert len(rows) == 3 and all(len(r["input_ids"]) <= 64 for r in rows)
+    assert trained_text(tok, rows[0]["input_ids"], rows[0]["labels"]) == ["Essential (primary) hypertension<|im_end|>"]
+
+    stats = json.loads((out / "stats.json").read_text())
+    s = stats["sft"]
+    assert (s["rows"], s["truncated"], s["dropped_all_masked"]) == (3, 2, 2)
+    lengths = [len(r["input_ids"]) for r in rows]
+    assert s["tokens"] == sum(lengths) and s["max_len"] == max(lengths)
+    assert s["trained_tokens"] == sum(label != IGNORE for r in rows for label in r["labels"])
+    assert s["padding_waste_if_padded"] == round(1 - sum(lengths) / (len(lengths) * max(lengths)), 4)
+    assert stats["cpt"]["rows"] == cpt.num_rows and stats["cpt"]["tokens"] == sum(map(len, cpt.column("input_ids").to_pylist()))
+    assert stats["preference"]["rows"] == 1
+    assert (out / "preference.jsonl").read_text() == (align_dir / "preference.jsonl").read_text()
+    assert result.metrics["rows_sft"] == 3 and result.metrics["truncated_sft"] == 2
+    assert result.metrics["tokens_cpt"] == stats["cpt"]["tokens"]
+
+    samples = (out / "samples.txt").read_text()
+    assert "===== sft" in samples and samples.count("--- sample") == 3
+    assert "⟦Essential (primary) hypertension<|im_end|>⟧" in samples
+
+    dataset = load_tokenized(out / "sft.parquet")
+    assert dataset.num_rows == 3 and dataset[1]["input_ids"] == rows[1]["input_ids"]
+
+
+def test_run_tokenize_names_the_bad_line(tok, align_dir, tmp_path):
+    with open(align_dir / "sft.jsonl", "a") as f:
+        f.write(json.dumps({"messages": [{"role": "robot", "content": "x"}]}) + "\n")
+    with pytest.raises(ValueError, match="sft.jsonl:6: message 0: role must be one of"):
+        run_tokenize(align_dir, tok, TokenizeConfig(), tmp_path / "out", groups={"sft": "conversation"})
+    assert not list((tmp_path / "out").glob("*.parquet")) and not list((tmp_path / "out").glob(".*.tmp"))
+    (align_dir / "cpt.jsonl").write_text('{"text": "ok"}\n{broken\n')
+    with pytest.raises(ValueError, match="cpt.jsonl:2: not valid JSON"):
+        run_tokenize(align_dir, tok, TokenizeConfig(), tmp_path / "out", groups={"cpt": "text"})

@@ -1,0 +1,101 @@
+"""End to end on a tiny model: the whole flow, then a fully cached rerun, then a changed SFT learning
+rate that recomputes exactly sft and what follows, then lost artifacts that are recomputed."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import tiny_pipeline_config
+
+pytestmark = pytest.mark.e2e
+
+
+def _status(summary):
+    return {row["stage"]: row["cached"] for row in summary["timeline"]}
+
+
+@pytest.fixture(scope="module")
+def first_run(tiny_model_dir, tmp_path_factory, prefect_harness):
+    from flows.domain_adaptation import domain_adaptation
+
+    workspace = tmp_path_factory.mktemp("ws")
+    cfg = tiny_pipeline_config(tiny_model_dir, workspace)
+    return cfg, domain_adaptation(config=cfg)
+
+
+def test_first_run_runs_every_stage_and_registers(first_run):
+    cfg, summary = first_run
+    assert not any(_status(summary).values())
+    assert list(_status(summary)) == ["fetch", "align", "tokenize", "cpt", "sft", "evaluate-base",
+                                      "evaluate-adapted", "quantize", "register"]
+    for stage, path in summary["stages"].items():
+        manifest = json.loads((__import__("pathlib").Path(path) / "manifest.json").read_text())
+        assert manifest["stage"] == stage and manifest["files"]
+    assert summary["comparison"]["perplexity_sft_eval"]["adapted"] is not None
+    reg = summary["registered"]
+    client = MlflowClient(cfg.tracking_uri(), cfg.tracking_uri())
+    mv = client.get_model_version_by_alias(cfg.registry.model_name, "challenger")
+    assert mv.version == reg["version"]
+    for tag in ("lmforge.config_digest", "lmforge.git_commit", "prefect.flow_run_id", "lmforge.data_digest.align"):
+        assert mv.tags.get(tag), tag
+    # Parent run with nested stage runs; datasets logged with our full sha256.
+    runs = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1
+    stages = {r.data.tags.get("lmforge.stage") for r in runs}
+    assert {"fetch", "align", "tokenize", "cpt", "sft", "quantize", "register"} <= stages
+    sft_run = next(r for r in runs if r.data.tags.get("lmforge.stage") == "sft" and r.info.run_name == "sft")
+    history = client.get_metric_history(sft_run.info.run_id, "loss")
+    assert len(history) >= 2
+    inputs = parents[0].inputs.dataset_inputs
+    assert inputs and all(len(json.loads(d.dataset.source)["sha256"]) == 64 for d in inputs)
+
+
+def test_unchanged_rerun_is_fully_cached(first_run):
+    from flows.domain_adaptation import domain_adaptation
+
+    cfg, first = first_run
+    summary = domain_adaptation(config=cfg)
+    assert all(_status(summary).values()), _status(summary)
+    assert summary["registered"]["version"] == first["registered"]["version"]
+
+
+def test_changed_sft_learning_rate_reruns_exactly_sft_and_after(first_run):
+    from components.config import load_config
+    from flows.domain_adaptation import domain_adaptation
+
+    cfg, _ = first_run
+    changed = cfg.model_copy(update={"sft": cfg.sft.model_copy(update={"learning_rate": 2e-3})})
+    status = _status(domain_adaptation(config=changed))
+    assert status == {"fetch": True, "align": True, "tokenize": True, "cpt": True, "sft": False,
+                      "evaluate-base": True, "evaluate-adapted": False, "quantize": False, "register": False}
+
+
+def test_lost_artifacts_are_recomputed_and_downstream_stays_cached(first_run):
+    from pathlib import Path
+
+    from flows.domain_adaptation import domain_adaptation
+
+    cfg, summary = first_run
+    tok_dir = Path(summary["stages"]["tokenize"])
+    (tok_dir / "sft.parquet").unlink()
+    status = _status(domain_adaptation(config=cfg))
+    assert status["tokenize"] is False  # recomputed: its files were gone
+    # Tokenization is deterministic, so its digest is unchanged and nothing downstream reruns.
+    assert all(v for k, v in status.items() if k != "tokenize"), status
+    assert (tok_dir / "sft.parquet").is_file()
+
+
+def test_from_stage_forces_recompute_and_only_runs_one(first_run):
+    from flows.domain_adaptation import domain_adaptation
+
+    cfg, _ = first_run
+    status = _status(domain_adaptation(config=cfg, from_stage="quantize"))
+    assert status["quantize"] is False and status["register"] is False
+    assert status["sft"] is True
+    only = _status(domain_adaptation(config=cfg, only="evaluate"))
+    assert set(only) == {"evaluate-base", "evaluate-adapted"}

@@ -42,7 +42,9 @@ def _labels(example: dict) -> list[int]:
     return list(example["input_ids"] if labels is None else labels)
 
 
-def flatten_batch(examples: list[dict], pad_token_id: int, pad_to_multiple_of: int | None = None) -> dict[str, torch.Tensor]:
+def flatten_batch(
+    examples: list[dict], pad_token_id: int, pad_to_multiple_of: int | None = None
+) -> dict[str, torch.Tensor]:
     """Concatenate examples into one row of shape (1, total): input_ids, labels, position_ids.
 
     Position ids restart at 0 per example, and each example's first label is -100 so no token is
@@ -90,3 +92,32 @@ def pad_batch(examples: list[dict], pad_token_id: int, pad_to_multiple_of: int |
         attention_mask[row, :n] = 1
         labels[row, :n] = torch.as_tensor(_labels(example), dtype=torch.long)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def pad_causal(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example and send no attention mask: the fastest batch on CPUs.
+
+    Under causal attention a real token never attends to the pads after it, so the mask is not needed
+    and the kernel takes its plain causal path; pad positions carry label -100 and are never projected
+    by the LM head. Pair it with length-grouped sampling so little is padded. Rows that carry
+    `position_ids` (documents packed into a block) keep them, so attention stays within documents.
+    """
+    if not examples:
+        raise ValueError("pad_causal needs at least one example")
+    width = max(len(e["input_ids"]) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    with_positions = all(e.get("position_ids") is not None for e in examples)
+    positions = torch.zeros((len(examples), width), dtype=torch.long) if with_positions else None
+    for row, example in enumerate(examples):
+        n = len(example["input_ids"])
+        input_ids[row, :n] = torch.as_tensor(list(example["input_ids"]), dtype=torch.long)
+        labels[row, :n] = torch.as_tensor(_labels(example), dtype=torch.long)
+        if positions is not None:
+            positions[row, :n] = torch.as_tensor(list(example["position_ids"]), dtype=torch.long)
+            positions[row, n:] = torch.arange(width - n)  # the pad tail is a segment of its own
+    batch = {"input_ids": input_ids, "labels": labels,
+             "num_real_tokens": torch.tensor(sum(len(e["input_ids"]) for e in examples))}
+    if positions is not None:
+        batch["position_ids"] = positions
+    return batch

@@ -149,7 +149,8 @@ def chat_format(name: str) -> ChatFormat:
     """The format called `name` (aliases allowed); unknown names fail listing the known ones."""
     key = ALIASES.get(name, name)
     if key not in FORMATS:
-        raise ValueError(f"unknown chat template {name!r}; set tokenize.template to 'auto' or one of: {', '.join(known_templates())}")
+        names = ", ".join(known_templates())
+        raise ValueError(f"unknown chat template {name!r}; set tokenize.template to 'auto' or one of: {names}")
     return FORMATS[key]
 
 
@@ -236,7 +237,8 @@ def resolve_template(tokenizer, name: str) -> str:
         if isinstance(own, dict):  # several named templates: the default one is for chat
             own = own.get("default")
         if not own:
-            raise ValueError(f"tokenizer has no chat template; set tokenize.template to one of: {', '.join(known_templates())}")
+            names = ", ".join(known_templates())
+            raise ValueError(f"tokenizer has no chat template; set tokenize.template to one of: {names}")
         return own
     chat_format(name)  # validates the name
     return TEMPLATES[ALIASES.get(name, name)]

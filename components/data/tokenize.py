@@ -146,14 +146,16 @@ def encode_conversations(
             strings.append(full)
             for i in turns:
                 prompt = _render(tmpl, msgs[:i], tool_list, add_generation_prompt=True)
-                end = full if i == len(msgs) - 1 else _render(tmpl, msgs[: i + 1], tool_list, add_generation_prompt=False)
-                for part, what in ((prompt, "with the generation prompt"), (end, "")):
-                    if not full.startswith(part):
-                        raise ValueError(_prefix_error(tmpl, i, what, "text"))
+                if not full.startswith(prompt):
+                    raise ValueError(_prefix_error(tmpl, f"the first {i} messages plus the generation prompt", "text"))
                 prompt_index = len(strings)
                 strings.append(prompt)
-                end_index = full_index if i == len(msgs) - 1 else len(strings)
-                if end_index != full_index:
+                end_index = full_index
+                if i < len(msgs) - 1:  # the turn ends where the rendering of messages 0..i ends
+                    end = _render(tmpl, msgs[: i + 1], tool_list, add_generation_prompt=False)
+                    if not full.startswith(end):
+                        raise ValueError(_prefix_error(tmpl, f"the first {i + 1} messages", "text"))
+                    end_index = len(strings)
                     strings.append(end)
                 spans.append((prompt_index, end_index, i))
         except ValueError as exc:
@@ -175,17 +177,18 @@ def encode_conversations(
             if ids[:start] != encoded[prompt_index] or ids[:end] != encoded[end_index]:
                 place = where[k] if where else f"conversation {k}"
                 boundary = strings[full_index][max(0, len(strings[prompt_index]) - 12) : len(strings[prompt_index]) + 12]
-                raise ValueError(f"{place}: {_prefix_error(tmpl, turn, '', 'token')} (text around the boundary: {boundary!r})")
+                what = f"the first {turn} messages plus the generation prompt, or through message {turn},"
+                raise ValueError(f"{place}: {_prefix_error(tmpl, what, 'token')} (text around the boundary: {boundary!r})")
             end = _end_of_turn(ids, start, end, tmpl.stop_id)
             labels[start:end] = ids[start:end]
         out.append((ids, labels))
     return out
 
 
-def _prefix_error(tmpl: ChatTemplate, turn: int, what: str, level: str) -> str:
+def _prefix_error(tmpl: ChatTemplate, what: str, level: str) -> str:
     return (
-        f"chat template {tmpl.name!r}: the conversation rendered up to message {turn} {what} is not a {level} prefix "
-        f"of the whole conversation, so the prompt cannot be masked by prefix rendering"
+        f"chat template {tmpl.name!r}: the rendering of {what} is not a {level} prefix of the whole "
+        f"conversation's, so the prompt cannot be masked by prefix rendering"
         + (" (the tokenizer merges tokens across the prompt/answer boundary)" if level == "token" else "")
         + f". Choose another tokenize.template (one of: auto, {', '.join(known_templates())}) "
         "or set tokenize.train_on_prompt: true."
@@ -225,7 +228,8 @@ def _normalize_messages(messages, system_prompt: str | None) -> list[dict]:
         message = {key: value for key, value in message.items() if value is not None}
         if "tool_calls" in message:
             # Our records hold {"name", "arguments"}; chat templates expect the OpenAI/HF function form.
-            message["tool_calls"] = [c if "function" in c else {"type": "function", "function": c} for c in message["tool_calls"]]
+            calls = message["tool_calls"]
+            message["tool_calls"] = [c if "function" in c else {"type": "function", "function": c} for c in calls]
         out.append(message)
     if system_prompt is not None and out[0]["role"] != "system":
         out.insert(0, {"role": "system", "content": system_prompt})
@@ -445,7 +449,7 @@ def run_tokenize(align_dir: Path, tokenizer, cfg: TokenizeConfig, out_dir: Path,
         if kind in ("preference", "kto"):
             shutil.copyfile(path, out_dir / f"{group}.jsonl")
             files.append(f"{group}.jsonl")
-            stats[group] = {"rows": sum(1 for _ in _read_jsonl(path)), "copied": True}
+            stats[group] = {"kind": kind, "rows": sum(1 for _ in _read_jsonl(path)), "copied": True}
             metrics[f"rows_{group}"] = stats[group]["rows"]
             continue
         if kind not in ("text", "conversation"):
@@ -460,14 +464,19 @@ def run_tokenize(align_dir: Path, tokenizer, cfg: TokenizeConfig, out_dir: Path,
                 tmpl = tmpl or prepare_template(tokenizer, cfg.template)
                 samples: list = []
                 _tokenize_conversation_group(path, tokenizer, tmpl, cfg, out, group_stats, samples)
-                sample_text.append(f"===== {group} ({len(samples)} of {group_stats.rows} rows; trained tokens in {MARK_OPEN} {MARK_CLOSE})")
-                sample_text += [f"--- sample {i + 1}\n{format_sample(tokenizer, ids, labels)}" for i, (ids, labels) in enumerate(samples)]
+                sample_text.append(
+                    f"===== {group} ({len(samples)} of {group_stats.rows} rows; trained tokens in {MARK_OPEN} {MARK_CLOSE})"
+                )
+                for i, (ids, labels) in enumerate(samples):
+                    sample_text.append(f"--- sample {i + 1}\n{format_sample(tokenizer, ids, labels)}")
             ok = True
         finally:
             out.close(ok)
         files.append(f"{group}.parquet")
         stats[group] = {"kind": kind, **group_stats.summary()}
-        metrics.update({f"tokens_{group}": group_stats.tokens, f"rows_{group}": group_stats.rows, f"truncated_{group}": group_stats.truncated})
+        metrics[f"tokens_{group}"] = group_stats.tokens
+        metrics[f"rows_{group}"] = group_stats.rows
+        metrics[f"truncated_{group}"] = group_stats.truncated
         log.info("tokenize %s: %s", group, stats[group])
     atomic_write_json(out_dir / "stats.json", stats)
     atomic_write_text(out_dir / "samples.txt", "\n".join(sample_text) + "\n")

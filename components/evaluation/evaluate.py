@@ -1,6 +1,6 @@
 """Evaluate a model on the held-out sets: perplexity by likelihood, answers by greedy generation.
 
-Perplexity runs on padding-free packed batches (the same loss as training, on labeled tokens only).
+Perplexity uses the training loss on length-sorted, causally padded batches (labeled tokens only).
 Generation batches prompts with left padding: on a CPU one prompt at a time costs nearly as much per
 token as sixteen.
 """
@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from components.artifacts import StageResult, atomic_write_json
 from components.config import EvaluateConfig
 from components.data.align import iter_records
-from components.data.packing import flatten_batch
+from components.data.packing import pad_causal
 from components.data.templates import resolve_template
 from components.data.tokenize import load_tokenized
 from components.evaluation.metrics import text_metrics
@@ -28,29 +28,19 @@ log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def perplexity(model, rows: list[dict], pad_token_id: int, tokens_per_batch: int = 2048) -> float:
+def perplexity(model, rows: list[dict], pad_token_id: int, batch_size: int = 16) -> float:
     """exp(mean NLL) over the labeled tokens of `rows` (dicts with input_ids, labels[, position_ids])."""
     model.eval()
     device = next(model.parameters()).device
     total, count = 0.0, 0
-    batch: list[dict] = []
-    size = 0
-
-    def flush():
-        nonlocal total, count
-        tensors = {k: v.to(device) for k, v in flatten_batch(batch, pad_token_id).items()}
+    ordered = sorted(rows, key=lambda r: len(r["input_ids"]))
+    for i in range(0, len(ordered), batch_size):
+        batch = pad_causal(ordered[i : i + batch_size], pad_token_id)
+        batch.pop("num_real_tokens")
+        tensors = {k: v.to(device) for k, v in batch.items()}
         loss, n = labeled_positions_loss(model, tensors, reduction="sum")
         total += float(loss)
         count += n
-
-    for row in rows:
-        batch.append(row)
-        size += len(row["input_ids"])
-        if size >= tokens_per_batch:
-            flush()
-            batch, size = [], 0
-    if batch:
-        flush()
     return math.exp(total / count) if count else float("nan")
 
 

@@ -100,7 +100,7 @@ def http_server() -> Iterator[tuple[str, type[_Handler]]]:
         server.server_close()
 
 
-@pytest.fixture(autouse=True)
-def _no_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def no_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
     """Retries wait 0 s in tests."""
     monkeypatch.setattr("components.data.fetch._BACKOFF_S", 0.0)

@@ -17,6 +17,7 @@ from components.data.fetch import run_fetch
 ROWS = (b'{"text": "E11.9 Type 2 diabetes mellitus without complications"}\n'
         b'{"text": "I10 Essential (primary) hypertension"}\n')
 DIGEST = hashlib.sha256(ROWS).hexdigest()
+pytestmark = pytest.mark.usefixtures("no_backoff")
 
 
 def _info(tmp_path: Path, entries: dict) -> Path:
@@ -141,3 +142,31 @@ def test_fsspec_uri_file_and_directory(tmp_path: Path) -> None:
 def test_unknown_dataset_name_lists_known_ones(formats_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"dataset 'icd10_nope' not in .*dataset_info.json; known: icd10_alpaca, "):
         run_fetch(formats_dir / "dataset_info.json", ["icd10_alpaca", "icd10_nope"], tmp_path / "fetch")
+
+
+def test_hub_dataset_is_saved_as_parquet(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The hub is offline in tests: `datasets.load_dataset` is replaced, the rest of the path is real."""
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(path: str, **kwargs) -> datasets.Dataset:
+        calls.append((path, kwargs))
+        ds = datasets.Dataset.from_list([{"text": "E11.9 Type 2 diabetes mellitus without complications"}])
+        ds.info.license = "mit"
+        return ds
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    info = _info(tmp_path, {"d": {"hf_hub_url": "org/icd10", "subset": "en", "split": "validation",
+                                  "formatting": "text"}})
+    out = tmp_path / "fetch"
+    result = run_fetch(info, ["d"], out)
+    assert calls == [("org/icd10", {"name": "en", "data_dir": None, "split": "validation"})]
+    assert result.files[0] == "raw/d/validation.parquet"
+    assert json.loads((out / "dataset_info.json").read_text())["d"] == {
+        "file_name": "raw/d/validation.parquet", "formatting": "text"}
+    prov = json.loads((out / "provenance.json").read_text())["d"]
+    assert (prov["source"], prov["license"]) == ("hf_hub:org/icd10", "mit")
+    run_align(out, {"cpt": ["d"]}, tmp_path / "align")
+    assert list(iter_records(tmp_path / "align" / "cpt.jsonl")) == [
+        {"text": "E11.9 Type 2 diabetes mellitus without complications"}]

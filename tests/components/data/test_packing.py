@@ -12,7 +12,10 @@ from components.data.packing import IGNORE, flatten_batch, pack_sequences, pad_b
 PAD = 0
 
 
-@given(lengths=st.lists(st.integers(min_value=0, max_value=50), max_size=40), capacity=st.integers(min_value=1, max_value=64))
+@given(
+    lengths=st.lists(st.integers(min_value=0, max_value=50), max_size=40),
+    capacity=st.integers(min_value=1, max_value=64),
+)
 def test_pack_sequences_places_every_example_once_within_capacity(lengths, capacity):
     bins = pack_sequences(lengths, capacity)
     assert sorted(i for b in bins for i in b) == list(range(len(lengths)))

@@ -140,4 +140,6 @@ def test_tool_calls_and_results_render_as_json(tiny_tokenizer):
 def test_system_message_after_the_first_is_refused(tiny_tokenizer):
     messages = [*CONVERSATION[:2], {"role": "system", "content": "late"}, *CONVERSATION[2:]]
     with pytest.raises(ValueError, match="conversation 0: .*'alpaca'.*system message must be the first"):
-        render_conversation(tiny_tokenizer, "alpaca", messages, system_prompt=None, train_on_prompt=False, mask_history=False)
+        render_conversation(
+            tiny_tokenizer, "alpaca", messages, system_prompt=None, train_on_prompt=False, mask_history=False
+        )

@@ -84,7 +84,10 @@ def test_system_prompt_is_inserted_only_when_missing(tok):
 
 def test_template_that_breaks_the_prefix_property_fails_naming_it(tok):
     # A generation prompt ending in a space: "Assistant: " + "No" tokenizes differently from "Assistant: No".
-    spacey = "{% for m in messages %}{{ m.role + ': ' + m.content + '\n' }}{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
+    spacey = (
+        "{% for m in messages %}{{ m.role + ': ' + m.content + '\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% endif %}"
+    )
     with pytest.raises(ValueError, match="conversation 0: chat template 'custom'.*not a token prefix.*merges tokens"):
         render_conversation(tok, spacey, TWO_TURNS, system_prompt=None, train_on_prompt=False, mask_history=False)
     # A template that renders history differently from the last turn.
@@ -158,7 +161,8 @@ def chat(question: str, answer: str) -> dict:
 def align_dir(tmp_path):
     d = tmp_path / "align"
     d.mkdir()
-    write_jsonl(d / "cpt.jsonl", [{"text": "ICD-10-CM category A00: Cholera."}, {"text": "A00.0 Cholera due to Vibrio cholerae"}] * 3)
+    corpus = [{"text": "ICD-10-CM category A00: Cholera."}, {"text": "A00.0 Cholera due to Vibrio cholerae"}]
+    write_jsonl(d / "cpt.jsonl", corpus * 3)
     write_jsonl(
         d / "sft.jsonl",
         [
@@ -205,7 +209,8 @@ def test_run_tokenize_writes_parquet_stats_and_samples(tok, align_dir, tmp_path)
     assert s["tokens"] == sum(lengths) and s["max_len"] == max(lengths)
     assert s["trained_tokens"] == sum(label != IGNORE for r in rows for label in r["labels"])
     assert s["padding_waste_if_padded"] == round(1 - sum(lengths) / (len(lengths) * max(lengths)), 4)
-    assert stats["cpt"]["rows"] == cpt.num_rows and stats["cpt"]["tokens"] == sum(map(len, cpt.column("input_ids").to_pylist()))
+    assert stats["cpt"]["rows"] == cpt.num_rows
+    assert stats["cpt"]["tokens"] == sum(map(len, cpt.column("input_ids").to_pylist()))
     assert stats["preference"]["rows"] == 1
     assert (out / "preference.jsonl").read_text() == (align_dir / "preference.jsonl").read_text()
     assert result.metrics["rows_sft"] == 3 and result.metrics["truncated_sft"] == 2
@@ -228,3 +233,13 @@ def test_run_tokenize_names_the_bad_line(tok, align_dir, tmp_path):
     (align_dir / "cpt.jsonl").write_text('{"text": "ok"}\n{broken\n')
     with pytest.raises(ValueError, match="cpt.jsonl:2: not valid JSON"):
         run_tokenize(align_dir, tok, TokenizeConfig(), tmp_path / "out", groups={"cpt": "text"})
+
+
+def test_run_tokenize_output_does_not_depend_on_the_batch_size(tok, align_dir, tmp_path, monkeypatch):
+    cfg = TokenizeConfig(system_prompt=None, cutoff_len=64, cpt_block_size=16)
+    run_tokenize(align_dir, tok, cfg, tmp_path / "big", groups=GROUPS)
+    monkeypatch.setattr("components.data.tokenize.ROWS_PER_BATCH", 2)
+    run_tokenize(align_dir, tok, cfg, tmp_path / "small", groups=GROUPS)
+    for name in ("cpt.parquet", "sft.parquet"):
+        assert pq.read_table(tmp_path / "small" / name).equals(pq.read_table(tmp_path / "big" / name))
+    assert (tmp_path / "small" / "stats.json").read_text() == (tmp_path / "big" / "stats.json").read_text()

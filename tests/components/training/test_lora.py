@@ -3,6 +3,7 @@ adapter reloads, the fast loss equals the reference loss, and a crashed run resu
 
 from __future__ import annotations
 
+import pytest
 import torch
 from datasets import Dataset
 
@@ -24,14 +25,16 @@ def _rows(n=16, seed=0):
     return rows
 
 
-def test_fast_loss_equals_reference_loss_on_padded_batches(tiny_model_dir):
+@pytest.mark.parametrize("collate", ["pad_causal", "flatten_batch"])
+def test_fast_loss_equals_reference_loss(tiny_model_dir, collate):
+    """Our loss on a padded-without-mask or a packed batch equals HF's loss example by example."""
+    from components.data import packing
+
     model = load_model(str(tiny_model_dir), CPU).eval()
     rows = _rows(4)
-    from components.data.packing import flatten_batch
-
-    packed = flatten_batch(rows, pad_token_id=0)
+    batch = getattr(packing, collate)(rows, pad_token_id=0)
     with torch.no_grad():
-        fast_sum, n = labeled_positions_loss(model, packed)
+        fast_sum, n = labeled_positions_loss(model, batch)
         ref_sum, ref_n = 0.0, 0
         for r in rows:
             ids = torch.tensor([r["input_ids"]])

@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+
+from components.data.records import MIXED_GROUPS
 
 STAGES = ("fetch", "align", "tokenize", "cpt", "sft", "evaluate", "quantize", "register")
 Stage = Literal["fetch", "align", "tokenize", "cpt", "sft", "evaluate", "quantize", "register"]
@@ -49,6 +51,42 @@ class DataConfig(Strict):
     max_samples: int | None = Field(None, ge=1, description="Keep at most this many rows per dataset (seeded sample).")
     bad_row_budget: int = Field(0, ge=0, description="Rows that may fail to parse or align before the stage fails.")
     seed: int = 42
+    mix_strategy: Literal["concat", "interleave_under", "interleave_over"] = Field(
+        "concat",
+        description="How the datasets of a training group (cpt, sft, preference) are merged: 'concat' appends them "
+        "in order; 'interleave_under' draws rows (by interleave_probs, else round-robin) until the first dataset "
+        "runs out; 'interleave_over' until every dataset has run out once, restarting the shorter ones. "
+        "Evaluation groups are always concatenated.",
+    )
+    interleave_probs: list[float] | None = Field(
+        None,
+        description="Sampling probability of each dataset of a mixed group, in the group's order (sums to 1). "
+        "Needs an interleave mix_strategy; null draws round-robin.",
+    )
+    identity_name: str = Field(
+        "lmforge", description="Fills {{name}} in datasets marked fill_placeholders (identity data)."
+    )
+    identity_author: str = Field("lmforge", description="Fills {{author}} in datasets marked fill_placeholders.")
+
+    @field_validator("interleave_probs")
+    @classmethod
+    def _probs_fit_the_groups(cls, probs: list[float] | None, info: ValidationInfo) -> list[float] | None:
+        if probs is None:
+            return None
+        if info.data.get("mix_strategy", "concat") == "concat":
+            raise ValueError("needs mix_strategy interleave_under or interleave_over (concat takes every row)")
+        if any(p <= 0 for p in probs):
+            raise ValueError("every probability must be > 0 (remove a dataset from its group to leave it out)")
+        if abs(sum(probs) - 1) > 1e-6:
+            raise ValueError(f"must sum to 1 (sums to {sum(probs):g})")
+        mixed = {g: info.data[g] for g in MIXED_GROUPS if len(info.data.get(g) or []) > 1}
+        if not mixed:
+            raise ValueError("no training group (cpt, sft, preference) lists more than one dataset to mix")
+        for group, names in mixed.items():
+            if len(names) != len(probs):
+                raise ValueError(f"has {len(probs)} entries but data.{group} lists {len(names)} datasets "
+                                 f"({', '.join(names)}); give one probability per dataset")
+        return probs
 
 
 class TokenizeConfig(Strict):

@@ -14,7 +14,7 @@ Files written (see data/icd10/SOURCE.md):
   cpt_*.jsonl      {"text"}: one document per category, for continued pretraining
   sft_*.jsonl      {"instruction", "input", "output"}: four question types
   pref_*.jsonl     {"instruction", "input", "chosen", "rejected"}
-  dataset_info.json  LLaMA-Factory dataset registry for the six files
+  dataset_info.json  LLaMA-Factory dataset registry for the six files (+ data/identity.json)
 """
 
 from __future__ import annotations
@@ -303,7 +303,7 @@ def pref_rows(rng: random.Random, task_codes: dict[str, list[str]], split_cats, 
 
 
 def dataset_info() -> dict:
-    """LLaMA-Factory dataset_info.json entries for the six files."""
+    """LLaMA-Factory dataset_info.json entries for the six files and the identity data."""
     corpus = {"formatting": "alpaca", "columns": {"prompt": "text"}}
     sft = {"formatting": "alpaca", "columns": {"prompt": "instruction", "query": "input", "response": "output"}}
     pref = {
@@ -318,6 +318,10 @@ def dataset_info() -> dict:
         "icd10_instructions_heldout": {"file_name": "sft_heldout.jsonl", **sft},
         "icd10_preferences": {"file_name": "pref_train.jsonl", **pref},
         "icd10_preferences_heldout": {"file_name": "pref_heldout.jsonl", **pref},
+        # Self-cognition rows, hand-written in data/identity.json (not built here): {{name}} and
+        # {{author}} are filled from data.identity_name / data.identity_author at the align stage.
+        "identity": {"file_name": "../identity.json", "formatting": "alpaca", "fill_placeholders": True,
+                     "tags": {"license": "CC0-1.0 (written for lmforge)"}},
     }
 
 

@@ -65,7 +65,7 @@ def _print_summary(summary: dict) -> None:
     for col in ("stage", "status", "stage s", "task s"):
         table.add_column(col)
     for row in summary["timeline"]:
-        table.add_row(row["stage"], "cached" if row["cached"] else "ran", _fmt(row["stage_s"]), _fmt(row["task_s"]))
+        table.add_row(row["stage"], "cached" if row["cached"] else "ran", f"{row['stage_s']:.1f}", f"{row['task_s']:.2f}")
     console.print(table)
     if summary["comparison"]:
         comp = Table(title="held-out evaluation: base vs adapted")
@@ -144,8 +144,10 @@ def data_check(config: ConfigArg = None, set_: SetOpt = []) -> None:  # noqa: B0
 
     cfg = _load(config, set_)
     report, samples = check_data(cfg)
-    console.print(report, markup=False, highlight=False)
-    console.print(samples, markup=False, highlight=False)
+    # Verbatim: no wrapping at the terminal width (a wrapped sample shows line breaks the model never
+    # sees), no markup, highlighting or :emoji: codes taken from the data.
+    for text in (report, samples):
+        console.print(text, markup=False, highlight=False, emoji=False, soft_wrap=True)
 
 
 def main() -> None:  # pragma: no cover

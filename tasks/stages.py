@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prefect import task
-from prefect.cache_policies import NONE as NO_POLICY
 
 from components import tracking
 from components.artifacts import StageResult, atomic_write_json, read_manifest, reset_dir, stage_dir, verify_manifest, write_manifest
@@ -104,7 +103,6 @@ def _persisted(name: str, **options):
     return task(
         name=name,
         cache_key_fn=lambda _ctx, params: params["key"],
-        cache_policy=NO_POLICY,
         persist_result=True,
         result_serializer="json",
         **options,
@@ -132,7 +130,9 @@ def align(key: str, ctx: RunContext, cfg: PipelineConfig, stage_config: dict, fe
     def body(out, _sink):
         result = run_align(
             _dir(fetched), groups, out, max_samples=cfg.data.max_samples, seed=cfg.data.seed,
-            bad_row_budget=cfg.data.bad_row_budget,
+            bad_row_budget=cfg.data.bad_row_budget, mix_strategy=cfg.data.mix_strategy,
+            interleave_probs=cfg.data.interleave_probs, identity_name=cfg.data.identity_name,
+            identity_author=cfg.data.identity_author,
         )
         _log_datasets(ctx, out, result, context_of=lambda f: Path(f).stem)
         return result
@@ -150,7 +150,7 @@ def _log_datasets(ctx: RunContext, out: Path, result: StageResult, context_of: C
             p = out / rel
             tracking.log_dataset(
                 client, ctx.parent_run_id, name=Path(rel).stem, path=p, sha256=sha256_file(p),
-                rows=int(result.metrics.get(f"rows_kept_{Path(rel).stem}", 0)) or None, context=context_of(rel),
+                rows=int(result.metrics.get(f"rows_written_{Path(rel).stem}", 0)) or None, context=context_of(rel),
             )
 
 

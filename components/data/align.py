@@ -6,27 +6,33 @@ JSONL, so memory stays bounded by one batch (or by the sample, when a dataset is
 Rows that cannot be aligned are dropped and counted by reason, with up to three examples each,
 in report.json. Dropping is normal; a dataset that aligns to nothing is an error, and so is a
 row that cannot even be parsed, unless `bad_row_budget` allows it.
+
+The datasets of a training group are concatenated, or interleaved (`mix_strategy`): each dataset
+is first aligned to a part file, then `interleave` draws lines from the open part files, so
+mixing streams too (memory bounded by the open files, whatever their size).
 """
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import csv
+import itertools
 import json
 import logging
 import os
 import random
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Literal, TypeVar
 
 from tqdm import tqdm
 
 from components.artifacts import StageResult, atomic_write_json
 from components.data.dataset_info import DataError, DatasetSpec, load_dataset_info
 from components.data.formats import RowError, get_converter, supported_kinds
-from components.data.records import GROUP_KINDS
+from components.data.records import GROUP_KINDS, MIXED_GROUPS
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +42,9 @@ _METADATA_NAMES = {"dataset_info.json", "state.json"}
 MAX_EXAMPLES = 3
 _EXAMPLE_CHARS = 300
 _BATCH_ROWS = 1024
+MIX_STRATEGIES = ("concat", "interleave_under", "interleave_over")
+PLACEHOLDERS = ("{{name}}", "{{author}}")
+T = TypeVar("T")
 
 
 # ----------------------------------------------------------------------------- reading rows
@@ -232,9 +241,28 @@ class _DatasetReport:
                 "dropped": self.dropped}
 
 
+def fill_placeholders(value: Any, values: dict[str, str]) -> Any:
+    """`value` with every placeholder (a key of `values`) replaced in every string it holds.
+
+    >>> fill_placeholders({"messages": [{"role": "user", "content": "Who made {{name}}?"}]}, {"{{name}}": "Coder"})
+    {'messages': [{'role': 'user', 'content': 'Who made Coder?'}]}
+    """
+    if isinstance(value, str):
+        for placeholder, text in values.items():
+            value = value.replace(placeholder, text)
+        return value
+    if isinstance(value, list):
+        return [fill_placeholders(v, values) for v in value]
+    if isinstance(value, dict):
+        return {k: fill_placeholders(v, values) for k, v in value.items()}
+    return value
+
+
 def _align_dataset(spec: DatasetSpec, kind: str, fetch_dir: Path, out: IO[str], budget: _ParseBudget,
-                   sample_size: int | None, seed: int) -> dict:
+                   sample_size: int | None, seed: int, placeholders: dict[str, str] | None = None) -> dict:
     convert = get_converter(spec.formatting)
+    if not spec.fill_placeholders:
+        placeholders = None
     root = fetch_dir / spec.file_name
     report = _DatasetReport()
     seen_columns: set[str] = set()
@@ -265,6 +293,8 @@ def _align_dataset(spec: DatasetSpec, kind: str, fetch_dir: Path, out: IO[str], 
                                        "row": _snippet(json.dumps(row, ensure_ascii=False, default=str))})
                 continue
             first_row = False
+            if placeholders:
+                record = fill_placeholders(record, placeholders)
             if sample_size is None:
                 out.write(json.dumps(record, ensure_ascii=False) + "\n")
             elif len(sample) < sample_size:
@@ -307,6 +337,104 @@ def _atomic_text(path: Path) -> Iterator[IO[str]]:
         raise
 
 
+def interleave(
+    sources: list[Callable[[], Iterator[T]]],
+    *,
+    probs: list[float] | None,
+    stop: Literal["first_exhausted", "all_exhausted"],
+    rng: random.Random,
+) -> Iterator[tuple[int, T]]:
+    """Mix several sources into one stream of (source index, item), like `datasets.interleave_datasets`.
+
+    Each step takes the next item of a source drawn with `probs` (from `rng`), or of the next
+    source in turn when `probs` is None. `sources` are functions that open a fresh iterator, so
+    an exhausted source can be restarted. `first_exhausted` ends the stream once a source has run
+    out; `all_exhausted` restarts a source that runs out and ends once every source has run out
+    at least once (the shorter ones are oversampled). Round-robin mixing ends only after a full
+    round, so every source gives the same number of items.
+
+    >>> list(interleave([lambda: iter("ab"), lambda: iter("xyz")], probs=None, stop="first_exhausted",
+    ...                 rng=random.Random(0)))
+    [(0, 'a'), (1, 'x'), (0, 'b'), (1, 'y')]
+    >>> "".join(item for _, item in interleave([lambda: iter("ab"), lambda: iter("xyz")], probs=None,
+    ...                                        stop="all_exhausted", rng=random.Random(0)))
+    'axbyaz'
+    """
+    if probs is not None and len(probs) != len(sources):
+        raise ValueError(f"{len(probs)} probabilities for {len(sources)} sources")
+    end = object()
+    iterators = [open_source() for open_source in sources]
+    try:
+        upcoming = [next(it, end) for it in iterators]  # one item ahead: a source's end is seen when it is reached
+        empty = [i for i, item in enumerate(upcoming) if item is end]
+        if empty:
+            raise ValueError(f"source {empty[0]} is empty")
+        exhausted = [False] * len(sources)
+        done = any if stop == "first_exhausted" else all
+        cumulative = list(itertools.accumulate(probs)) if probs else None
+        for step in itertools.count():
+            if (cumulative or step % len(sources) == 0) and done(exhausted):
+                return
+            if cumulative:
+                i = min(bisect.bisect_right(cumulative, rng.random() * cumulative[-1]), len(sources) - 1)
+            else:
+                i = step % len(sources)
+            item, upcoming[i] = upcoming[i], next(iterators[i], end)
+            if upcoming[i] is end:
+                exhausted[i] = True
+                if stop == "all_exhausted" and not all(exhausted):
+                    _close(iterators[i])
+                    iterators[i] = sources[i]()
+                    upcoming[i] = next(iterators[i], end)
+            yield i, item
+    finally:
+        for it in iterators:
+            _close(it)
+
+
+def _close(iterator: Iterator) -> None:
+    close = getattr(iterator, "close", None)  # a generator holding an open file
+    if close:
+        close()
+
+
+def _lines(path: Path) -> Iterator[str]:
+    with open(path, encoding="utf-8") as f:
+        yield from f
+
+
+def _write_interleaved(parts: list[Path], out: IO[str], **mixing: Any) -> list[int]:
+    """Interleave the lines of aligned part files into `out`; returns the lines written from each."""
+    written = [0] * len(parts)
+    for i, line in interleave([lambda p=p: _lines(p) for p in parts], **mixing):
+        out.write(line)
+        written[i] += 1
+    return written
+
+
+def _check_mixing(groups: dict[str, list[str]], mix_strategy: str, interleave_probs: list[float] | None) -> None:
+    if mix_strategy not in MIX_STRATEGIES:
+        raise DataError(f"unknown mix_strategy {mix_strategy!r}; known: {', '.join(MIX_STRATEGIES)}")
+    if interleave_probs is None:
+        return
+    if mix_strategy == "concat":
+        raise DataError("interleave_probs needs mix_strategy interleave_under or interleave_over "
+                        "(concat takes every row)")
+    if any(p <= 0 for p in interleave_probs):
+        raise DataError(f"interleave_probs {interleave_probs}: every probability must be > 0 "
+                        "(remove a dataset from its group to leave it out)")
+    if abs(sum(interleave_probs) - 1) > 1e-6:
+        raise DataError(f"interleave_probs {interleave_probs} must sum to 1 (sums to {sum(interleave_probs):g})")
+    mixed = {g: names for g, names in groups.items() if g in MIXED_GROUPS and len(names) > 1}
+    if not mixed:
+        raise DataError("interleave_probs is set, but no training group (cpt, sft, preference) lists more than "
+                        "one dataset to mix")
+    for group, names in mixed.items():
+        if len(names) != len(interleave_probs):
+            raise DataError(f"interleave_probs has {len(interleave_probs)} entries but group '{group}' lists "
+                            f"{len(names)} datasets ({', '.join(names)}); give one probability per dataset")
+
+
 def run_align(
     fetch_dir: Path,
     groups: dict[str, list[str]],
@@ -315,18 +443,28 @@ def run_align(
     max_samples: int | None = None,
     seed: int = 42,
     bad_row_budget: int = 0,
+    mix_strategy: str = "concat",
+    interleave_probs: list[float] | None = None,
+    identity_name: str = "lmforge",
+    identity_author: str = "lmforge",
 ) -> StageResult:
     """Align the datasets of each group to the group's record kind: out_dir/<group>.jsonl + report.json.
 
     `groups` maps a data group (cpt, cpt_eval, sft, sft_eval, preference) to dataset names in
-    fetch_dir/dataset_info.json; datasets of a group are concatenated in the order given, each
-    sampled (seeded, file order kept) down to `max_samples` / its `num_samples` when set.
-    A group with no datasets writes no file.
+    fetch_dir/dataset_info.json. Each dataset is sampled (seeded, file order kept) down to
+    `max_samples` / its `num_samples` when set. The datasets of a group are concatenated in the
+    order given, or, for a training group (cpt, sft, preference) under `mix_strategy`
+    'interleave_under' / 'interleave_over', interleaved (see `interleave`) with
+    `interleave_probs` (one per dataset, in the group's order) or round-robin; the draws are
+    seeded by `seed` and the group. Datasets marked `fill_placeholders` get `{{name}}` and
+    `{{author}}` replaced by `identity_name` and `identity_author`. A group with no datasets
+    writes no file.
     """
     fetch_dir, out_dir = Path(fetch_dir), Path(out_dir)
     unknown = [g for g in groups if g not in GROUP_KINDS]
     if unknown:
         raise DataError(f"unknown data group {', '.join(map(repr, unknown))}; known: {', '.join(GROUP_KINDS)}")
+    _check_mixing(groups, mix_strategy, interleave_probs)
     names = list(dict.fromkeys(n for group_names in groups.values() for n in group_names))
     specs = load_dataset_info(fetch_dir / "dataset_info.json", names)
     for group, group_names in groups.items():  # check every dataset before writing anything
@@ -347,27 +485,51 @@ def run_align(
 
     out_dir.mkdir(parents=True, exist_ok=True)
     budget = _ParseBudget(bad_row_budget)
+    placeholders = dict(zip(PLACEHOLDERS, (identity_name, identity_author)))
     report: dict[str, dict] = {}
     files: list[str] = []
     metrics: dict[str, float] = {}
+    mixes: dict[str, dict] = {}
+
+    def align_one(group: str, name: str, out: IO[str]) -> None:
+        spec = specs[name]
+        sizes = [n for n in (max_samples, spec.num_samples) if n]
+        report[group][name] = _align_dataset(spec, GROUP_KINDS[group], fetch_dir, out, budget,
+                                             min(sizes) if sizes else None, seed, placeholders)
+
     for group, group_names in groups.items():
         if not group_names:
             continue
         report[group] = {}
+        mixed = mix_strategy != "concat" and group in MIXED_GROUPS and len(group_names) > 1
         with _atomic_text(out_dir / f"{group}.jsonl") as out:
-            for name in group_names:
-                spec = specs[name]
-                sizes = [n for n in (max_samples, spec.num_samples) if n]
-                report[group][name] = _align_dataset(spec, GROUP_KINDS[group], fetch_dir, out, budget,
-                                                     min(sizes) if sizes else None, seed)
+            if not mixed:
+                for name in group_names:
+                    align_one(group, name, out)
+                    report[group][name]["rows_written"] = report[group][name]["rows_kept"]
+            else:
+                with tempfile.TemporaryDirectory(dir=out_dir, prefix=f".{group}-parts-") as tmp:
+                    parts = [Path(tmp) / f"{i}.jsonl" for i in range(len(group_names))]
+                    for name, part in zip(group_names, parts):
+                        with open(part, "w", encoding="utf-8") as f:
+                            align_one(group, name, f)
+                    stop = "first_exhausted" if mix_strategy == "interleave_under" else "all_exhausted"
+                    written = _write_interleaved(parts, out, probs=interleave_probs, stop=stop,
+                                                 rng=random.Random(f"{seed}/mix/{group}"))
+                for name, n in zip(group_names, written):
+                    report[group][name]["rows_written"] = n
+                mixes[group] = {"strategy": mix_strategy, "stop": stop, "probs": interleave_probs,
+                                "rows": sum(written)}
         files.append(f"{group}.jsonl")
         entries = report[group].values()
         metrics[f"rows_kept_{group}"] = sum(e["rows_kept"] for e in entries)
+        metrics[f"rows_written_{group}"] = sum(e["rows_written"] for e in entries)
         metrics[f"rows_dropped_{group}"] = sum(d["count"] for e in entries for d in e["dropped"].values())
     atomic_write_json(out_dir / "report.json", report)
     files.append("report.json")
     log.info("aligned data\n%s", format_report(report))
-    return StageResult(files=files, metrics=metrics, info={"kinds": {g: GROUP_KINDS[g] for g in report}})
+    return StageResult(files=files, metrics=metrics,
+                       info={"kinds": {g: GROUP_KINDS[g] for g in report}, "mix": mixes})
 
 
 def iter_records(path: Path) -> Iterator[dict]:
@@ -383,8 +545,12 @@ def iter_records(path: Path) -> Iterator[dict]:
 
 
 def format_report(report: dict) -> str:
-    """The alignment report as a plain-text table: one line per dataset, top drop reasons last."""
-    header = ("group", "dataset", "rows_in", "kept", "dropped", "drop reasons")
+    """The alignment report as a plain-text table: one line per dataset, top drop reasons last.
+
+    `written` is how many of a dataset's kept rows went into the group file: all of them when
+    concatenated, fewer or more (repeated) when interleaved.
+    """
+    header = ("group", "dataset", "rows_in", "kept", "dropped", "written", "drop reasons")
     lines = []
     for group, datasets in report.items():
         for name, r in datasets.items():
@@ -393,7 +559,8 @@ def format_report(report: dict) -> str:
             if r.get("rows_sampled_out"):
                 reasons += f" (+{r['rows_sampled_out']} sampled out)"
             lines.append((group, name, str(r["rows_in"]), str(r["rows_kept"]),
-                          str(sum(d["count"] for _, d in dropped)), reasons))
+                          str(sum(d["count"] for _, d in dropped)), str(r.get("rows_written", r["rows_kept"])),
+                          reasons))
     widths = [max(len(row[i]) for row in [header, *lines]) for i in range(len(header) - 1)]
 
     def fmt(row: tuple[str, ...]) -> str:

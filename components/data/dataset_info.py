@@ -6,6 +6,8 @@ An existing LLaMA-Factory `dataset_info.json` is read as is. Our extensions:
 - `formatting` also takes `openai`, `lmflow`, `text` and `prompt_completion` (see docs/data_formats.md).
 - `sample_by` (`line` | `paragraph` | `file`): how a `.txt` file is split into text records.
 - `tags.license`: a license note carried into the fetch provenance.
+- `fill_placeholders`: the align stage replaces `{{name}}` and `{{author}}` in the aligned records
+  with `data.identity_name` / `data.identity_author` (self-cognition data such as data/identity.json).
 
 `file_name` is resolved next to the `dataset_info.json` that names it (LLaMA-Factory's convention).
 """
@@ -59,6 +61,9 @@ class DatasetSpec(BaseModel):
     tags: dict[str, str] = Field(default_factory=dict, description="Message keys and role values (sharegpt).")
     sample_by: Literal["line", "paragraph", "file"] = Field(
         "line", description="How a .txt file becomes text records (our extension)."
+    )
+    fill_placeholders: bool = Field(
+        False, description="Replace {{name}} and {{author}} with data.identity_name/identity_author (our extension)."
     )
     # LLaMA-Factory fields that we read without using: a file written for it loads unchanged.
     file_sha1: str | None = None

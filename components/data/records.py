@@ -27,3 +27,7 @@ GROUP_KINDS: dict[str, Kind] = {
     "sft_eval": "conversation",
     "preference": "preference",
 }
+
+# Groups whose datasets are merged by `data.mix_strategy`; evaluation groups are always concatenated,
+# so held-out sets are scored whole.
+MIXED_GROUPS = ("cpt", "sft", "preference")

@@ -54,3 +54,23 @@ def test_digest_changes_with_any_field():
 def test_tracking_uri_defaults_to_sqlite_in_workspace(tmp_path):
     cfg = load_config(None, [f"workspace={tmp_path}"])
     assert cfg.tracking_uri() == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+
+
+@pytest.mark.parametrize(("sets", "message"), [
+    (["data.interleave_probs=[0.5,0.5]", "data.sft=[a,b]"], "needs mix_strategy interleave_under or interleave_over"),
+    (["data.mix_strategy=interleave_under", "data.sft=[a,b]", "data.interleave_probs=[0.6,0.6]"], "must sum to 1"),
+    (["data.mix_strategy=interleave_over", "data.sft=[a,b]", "data.interleave_probs=[1.0,0.0]"], "must be > 0"),
+    (["data.mix_strategy=interleave_under", "data.sft=[a,b,c]", "data.interleave_probs=[0.5,0.5]"],
+     r"has 2 entries but data.sft lists 3 datasets \(a, b, c\)"),
+    (["data.mix_strategy=interleave_under", "data.interleave_probs=[1.0]"], "no training group .* more than one"),
+    (["data.mix_strategy=shuffle"], "'concat', 'interleave_under' or 'interleave_over'"),
+])
+def test_bad_mixing_options_fail_naming_the_field(sets, message):
+    with pytest.raises(ConfigError, match=rf"data\.(interleave_probs|mix_strategy): .*{message}"):
+        load_config(None, sets)
+
+
+def test_mixing_options_validate():
+    cfg = load_config(None, ["data.mix_strategy=interleave_over", "data.sft=[icd10_instructions,identity]",
+                             "data.interleave_probs=[0.9,0.1]", "data.identity_name=Coder"])
+    assert cfg.data.interleave_probs == [0.9, 0.1] and cfg.data.identity_name == "Coder"

@@ -150,8 +150,13 @@ def test_dataset_info_names_point_at_existing_files():
     info = json.loads((DATA / "dataset_info.json").read_text(encoding="utf-8"))
     assert set(info) == {
         "icd10_corpus", "icd10_corpus_heldout", "icd10_instructions",
-        "icd10_instructions_heldout", "icd10_preferences", "icd10_preferences_heldout",
+        "icd10_instructions_heldout", "icd10_preferences", "icd10_preferences_heldout", "identity",
     }
+    identity = info.pop("identity")
+    rows = json.loads((DATA / identity["file_name"]).read_text(encoding="utf-8"))
+    assert identity["fill_placeholders"] and len(rows) >= 10
+    assert all(set(row) == {"instruction", "input", "output"} for row in rows)
+    assert all("{{name}}" in row["output"] or "{{author}}" in row["output"] for row in rows)
     for name, entry in info.items():
         path = DATA / entry["file_name"]
         assert path.is_file(), f"{name} -> {entry['file_name']} does not exist"

@@ -99,3 +99,70 @@ def test_from_stage_forces_recompute_and_only_runs_one(first_run):
     assert status["sft"] is True
     only = _status(domain_adaptation(config=cfg, only="evaluate"))
     assert set(only) == {"evaluate-base", "evaluate-adapted"}
+
+
+def test_crashed_training_resumes_from_last_complete_checkpoint(first_run):
+    """kill -9 during sft leaves checkpoints and no manifest: the rerun resumes instead of restarting."""
+    from pathlib import Path
+
+    from flows.domain_adaptation import domain_adaptation
+
+    cfg, summary = first_run
+    sft_dir = Path(summary["stages"]["sft"])
+    (sft_dir / "manifest.json").unlink()
+    shutil.rmtree(sft_dir / "adapter")
+    shutil.rmtree(sft_dir / "checkpoints" / "checkpoint-4")  # the crash hit before step 4 was saved
+    rerun = domain_adaptation(config=cfg)
+    assert _status(rerun)["sft"] is False
+    manifest = json.loads((sft_dir / "manifest.json").read_text())
+    assert manifest["metrics"]["resumed_from_step"] == 2
+    assert (sft_dir / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def _config_file(cfg, tmp_path):
+    from components.config import save_config
+
+    path = tmp_path / "config.yaml"
+    save_config(cfg, path)
+    return path
+
+
+def test_cli_stages_lists_keys_and_cache_state(first_run, tmp_path):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    cfg, _ = first_run
+    result = CliRunner().invoke(app, ["stages", str(_config_file(cfg, tmp_path))], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    for stage in ("fetch", "tokenize", "sft", "register"):
+        assert stage in result.output
+    changed = CliRunner().invoke(app, ["stages", str(_config_file(cfg, tmp_path)), "--set", "sft.max_steps=5"],
+                                 terminal_width=200)
+    assert "will run" in changed.output
+
+
+def test_cli_rejects_bad_config_naming_the_field(tmp_path):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("sft:\n  lr: 0.1\n")
+    result = CliRunner().invoke(app, ["run", str(bad)], terminal_width=200)
+    assert result.exit_code == 2
+    assert "sft.lr" in result.output and "unknown key" in result.output
+
+
+def test_cli_chat_streams_from_a_stage_dir_and_a_registry_alias(first_run, tmp_path):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    cfg, summary = first_run
+    config = str(_config_file(cfg, tmp_path))
+    for model in (summary["stages"]["sft"], f"models:/{cfg.registry.model_name}@challenger"):
+        result = CliRunner().invoke(app, ["chat", model, "--config", config, "--max-new-tokens", "4"],
+                                    input="Is ICD-10-CM code A00.1 billable?\n\n", terminal_width=200)
+        assert result.exit_code == 0, result.output
+        assert "model>" in result.output

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import pytest
 
-from components.data.align import format_report, iter_records, run_align
+from components.artifacts import StageResult
+from components.data.align import format_report, interleave, iter_records, run_align
 from components.data.dataset_info import DataError
 from components.data.fetch import run_fetch
 from tests.components.data.conftest import FIXTURE_GROUPS, FIXTURES
+
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def _golden(name: str) -> list[dict]:
@@ -232,3 +236,146 @@ def test_unfetched_dataset_fails(tmp_path: Path) -> None:
     root = _write(tmp_path, {"d": {"hf_hub_url": "org/icd10"}}, {})
     with pytest.raises(DataError, match="no local file_name .* run the fetch stage first"):
         run_align(root, {"sft": ["d"]}, tmp_path / "align")
+
+
+# --- mixing the datasets of a group ----------------------------------------------------------
+
+
+def _sources(*lengths: int):
+    return [lambda n=n, name=name: iter(f"{name}{i}" for i in range(n)) for name, n in zip("abc", lengths)]
+
+
+def test_interleave_round_robin_stops_after_a_full_round():
+    mixed = [item for _, item in interleave(_sources(2, 3), probs=None, stop="first_exhausted", rng=random.Random(0))]
+    assert mixed == ["a0", "b0", "a1", "b1"]
+    mixed = [item for _, item in interleave(_sources(2, 3), probs=None, stop="all_exhausted", rng=random.Random(0))]
+    assert mixed == ["a0", "b0", "a1", "b1", "a0", "b2"]  # the shorter one restarts until the longer one is done
+
+
+def test_interleave_with_probabilities_is_seeded_and_follows_them():
+    def draw(seed: int, stop: str) -> list[int]:
+        return [i for i, _ in interleave(_sources(4000, 4000), probs=[0.8, 0.2], stop=stop, rng=random.Random(seed))]
+
+    first = draw(1, "first_exhausted")
+    assert first == draw(1, "first_exhausted") and first != draw(2, "first_exhausted")
+    assert first.count(0) == 4000  # the likelier source runs out first, and that ends the stream
+    assert 0.77 < first.count(0) / len(first) < 0.83
+    over = draw(1, "all_exhausted")
+    assert over.count(1) >= 4000 and over[-1] == 1  # ends when the rarer source has run out once
+    assert 0.77 < over.count(0) / len(over) < 0.83
+
+
+def test_interleave_reads_one_item_ahead_at_most():
+    produced = [0, 0]
+
+    def counting(k: int):
+        def source():
+            for i in range(1_000_000):
+                produced[k] += 1
+                yield i
+        return source
+
+    stream = interleave([counting(0), counting(1)], probs=[0.5, 0.5], stop="first_exhausted", rng=random.Random(0))
+    taken = [next(stream) for _ in range(100)]
+    stream.close()
+    assert len(taken) == 100 and sum(produced) <= 100 + 2
+
+
+def _mix_root(tmp_path: Path, sizes: dict[str, int]) -> Path:
+    info = {name: {"file_name": f"raw/{name}.jsonl", "formatting": "alpaca"} for name in sizes}
+    files = {f"{name}.jsonl": _jsonl([{"instruction": f"{name} question {i}?", "input": "", "output": f"{name} {i}"}
+                                      for i in range(n)]) for name, n in sizes.items()}
+    return _write(tmp_path, info, files)
+
+
+def _sources_of(path: Path) -> list[str]:
+    return [r["messages"][1]["content"].split()[0] for r in iter_records(path)]
+
+
+def test_interleave_under_mixes_a_group_by_probability(tmp_path: Path) -> None:
+    root = _mix_root(tmp_path, {"big": 3000, "small": 600})
+    groups = {"sft": ["big", "small"], "sft_eval": ["big", "small"]}
+
+    def run(out: str, **kwargs) -> tuple[StageResult, list[str]]:
+        result = run_align(root, groups, tmp_path / out, mix_strategy="interleave_under",
+                           interleave_probs=[0.75, 0.25], **kwargs)
+        return result, _sources_of(tmp_path / out / "sft.jsonl")
+
+    result, mixed = run("a")
+    assert mixed == run("b")[1] and mixed != run("c", seed=7)[1]  # seeded
+    assert 0.70 < mixed.count("big") / len(mixed) < 0.80
+    assert mixed.count("small") <= 600 and (mixed.count("big") == 3000 or mixed.count("small") == 600)
+    # Held-out groups are scored whole: always concatenated.
+    assert _sources_of(tmp_path / "a" / "sft_eval.jsonl") == ["big"] * 3000 + ["small"] * 600
+    report = json.loads((tmp_path / "a" / "report.json").read_text())
+    assert report["sft"]["big"]["rows_written"] == mixed.count("big")
+    assert report["sft"]["small"]["rows_kept"] == 600
+    assert result.metrics["rows_written_sft"] == len(mixed) and result.metrics["rows_kept_sft"] == 3600
+    assert result.info["mix"] == {"sft": {"strategy": "interleave_under", "stop": "first_exhausted",
+                                          "probs": [0.75, 0.25], "rows": len(mixed)}}
+    assert "written" in format_report(report)
+    assert not list((tmp_path / "a").glob(".*"))  # the part files are gone
+
+
+def test_interleave_over_repeats_the_smaller_datasets(tmp_path: Path) -> None:
+    root = _mix_root(tmp_path, {"big": 500, "small": 50, "tiny": 5})
+    run_align(root, {"sft": ["big", "small", "tiny"]}, tmp_path / "out", mix_strategy="interleave_over")
+    records = list(iter_records(tmp_path / "out" / "sft.jsonl"))
+    answers = [r["messages"][1]["content"] for r in records]
+    assert len(records) == 1500  # round-robin until the biggest has run out: 500 rounds of three
+    assert set(answers) == {f"{name} {i}" for name, n in (("big", 500), ("small", 50), ("tiny", 5)) for i in range(n)}
+    assert answers.count("tiny 0") == 100
+
+
+def test_sampled_datasets_are_sampled_before_mixing(tmp_path: Path) -> None:
+    root = _mix_root(tmp_path, {"big": 400, "small": 100})
+    run_align(root, {"sft": ["big", "small"]}, tmp_path / "out", max_samples=50, mix_strategy="interleave_under")
+    report = json.loads((tmp_path / "out" / "report.json").read_text())["sft"]
+    assert report["big"]["rows_sampled_out"] == 350 and report["big"]["rows_written"] == 50
+    assert _sources_of(tmp_path / "out" / "sft.jsonl") == ["big", "small"] * 50
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"mix_strategy": "interleave_under", "interleave_probs": [0.5, 0.4]}, r"interleave_probs .* must sum to 1"),
+    ({"mix_strategy": "interleave_under", "interleave_probs": [1.0]},
+     r"interleave_probs has 1 entries but group 'sft' lists 2 datasets \(big, small\)"),
+    ({"mix_strategy": "interleave_over", "interleave_probs": [1.0, 0.0]}, r"interleave_probs .* must be > 0"),
+    ({"interleave_probs": [0.5, 0.5]}, r"interleave_probs needs mix_strategy interleave_under or interleave_over"),
+    ({"mix_strategy": "shuffle"}, r"unknown mix_strategy 'shuffle'; known: concat, interleave_under"),
+])
+def test_bad_mixing_options_name_the_field(tmp_path: Path, kwargs: dict, message: str) -> None:
+    root = _mix_root(tmp_path, {"big": 4, "small": 2})
+    with pytest.raises(DataError, match=message):
+        run_align(root, {"sft": ["big", "small"]}, tmp_path / "out", **kwargs)
+    assert not (tmp_path / "out").exists()
+
+
+def test_identity_placeholders_are_filled_from_the_config(tmp_path: Path) -> None:
+    info = ROOT / "data" / "icd10" / "dataset_info.json"
+    run_fetch(info, ["identity"], tmp_path / "fetch")
+    fetched = json.loads((tmp_path / "fetch" / "dataset_info.json").read_text())["identity"]
+    assert fetched["fill_placeholders"] is True  # kept on the fetched copy's entry
+    run_align(tmp_path / "fetch", {"sft": ["identity"]}, tmp_path / "out", identity_name="CodeHelper",
+              identity_author="Acme Health")
+    text = (tmp_path / "out" / "sft.jsonl").read_text()
+    assert "{{" not in text and "CodeHelper" in text and "Acme Health" in text
+    raw = json.loads((ROOT / "data" / "identity.json").read_text())
+    assert len(list(iter_records(tmp_path / "out" / "sft.jsonl"))) == len(raw)
+
+
+def test_placeholders_stay_in_datasets_not_marked(tmp_path: Path) -> None:
+    rows = [{"instruction": "Who are you?", "input": "", "output": "I am {{name}}."}]
+    info = {"marked": {"file_name": "raw/d.jsonl", "fill_placeholders": True}, "plain": {"file_name": "raw/d.jsonl"}}
+    root = _write(tmp_path, info, {"d.jsonl": _jsonl(rows)})
+    run_align(root, {"sft": ["marked"], "sft_eval": ["plain"]}, tmp_path / "out", identity_name="Coder")
+    assert next(iter_records(tmp_path / "out" / "sft.jsonl"))["messages"][1]["content"] == "I am Coder."
+    assert next(iter_records(tmp_path / "out" / "sft_eval.jsonl"))["messages"][1]["content"] == "I am {{name}}."
+
+
+def test_docstring_examples_run() -> None:
+    import doctest
+
+    from components.data import align
+
+    result = doctest.testmod(align)
+    assert result.attempted >= 3 and result.failed == 0

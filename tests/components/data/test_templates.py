@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 
 from components.data.templates import FORMATS, TEMPLATES, chat_format, known_templates, resolve_template
-from components.data.tokenize import IGNORE, prepare_template, render_conversation
+from components.data.tokenize import (
+    IGNORE,
+    ConversationEncoder,
+    encode_conversations,
+    prepare_template,
+    render_conversation,
+)
 
 # Special tokens the named formats use; the tiny tokenizer only knows ChatML's.
 FORMAT_TOKENS = [
@@ -143,3 +149,20 @@ def test_system_message_after_the_first_is_refused(tiny_tokenizer):
         render_conversation(
             tiny_tokenizer, "alpaca", messages, system_prompt=None, train_on_prompt=False, mask_history=False
         )
+
+
+@pytest.mark.parametrize("name", sorted(FORMATS))
+def test_fast_path_equals_exact_path_for_every_named_template(format_tokenizer, name):
+    conversations = [
+        (CONVERSATION, None),
+        (CONVERSATION[:2], None),
+        ([{"role": "system", "content": "Own prompt."}, *CONVERSATION], None),
+        ([{"role": "user", "content": " spaced \n"}, {"role": "assistant", "content": "\nE11.9 "}], None),
+    ]
+    tmpl = prepare_template(format_tokenizer, name)
+    for system_prompt, mask_history in ((SYSTEM, False), (None, True)):
+        options = {"system_prompt": system_prompt, "train_on_prompt": False, "mask_history": mask_history}
+        exact = encode_conversations(format_tokenizer, tmpl, conversations, fast=False, **options)
+        encoder = ConversationEncoder(format_tokenizer, tmpl, verify_rows=0, **options)
+        assert encoder.encode(conversations) == exact
+        assert encoder.counts["fast"] >= 3, encoder.counts  # the table's templates substitute contents verbatim

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -11,10 +12,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from components.config import TokenizeConfig
+from components.data.dataset_info import DatasetSpec
+from components.data.formats import convert_alpaca
 from components.data.tokenize import (
     IGNORE,
+    ConversationEncoder,
+    encode_conversations,
     format_sample,
     load_tokenized,
+    prepare_template,
     render_conversation,
     run_tokenize,
     tokenize_text_corpus,
@@ -243,3 +249,126 @@ def test_run_tokenize_output_does_not_depend_on_the_batch_size(tok, align_dir, t
     for name in ("cpt.parquet", "sft.parquet"):
         assert pq.read_table(tmp_path / "small" / name).equals(pq.read_table(tmp_path / "big" / name))
     assert (tmp_path / "small" / "stats.json").read_text() == (tmp_path / "big" / "stats.json").read_text()
+
+
+# --- the fast path -------------------------------------------------------------------------
+
+SMOLLM2 = Path.home() / ".cache" / "lmforge" / "models" / "smollm2-135m-instruct"
+ICD_ROWS = Path(__file__).resolve().parents[3] / "data" / "icd10" / "sft_train.jsonl"
+SETTINGS = [  # (system_prompt, train_on_prompt, mask_history)
+    (TokenizeConfig().system_prompt, False, False),
+    (None, False, False),
+    (TokenizeConfig().system_prompt, False, True),
+    (TokenizeConfig().system_prompt, True, False),
+]
+
+
+def icd_conversations(n: int) -> list[tuple[list[dict], None]]:
+    """The first n rows of the shipped SFT data, aligned as the align stage does, plus multi-turn ones."""
+    spec = DatasetSpec(name="icd10_instructions", file_name="sft_train.jsonl")
+    rows = [json.loads(line) for line in ICD_ROWS.read_text(encoding="utf-8").splitlines()[:n]]
+    convs = [(convert_alpaca(row, spec, "conversation")["messages"], None) for row in rows]
+    # Two- and three-turn conversations, one with its own system prompt, from the same rows.
+    for i in range(0, min(n, 60), 3):
+        turns = [m for messages, _ in convs[i : i + 3] for m in messages]
+        convs.append((turns, None))
+        convs.append(([{"role": "system", "content": "Be terse."}, *turns[:4]], None))
+    return convs
+
+
+def assert_fast_equals_exact(tokenizer, template: str, convs, settings=SETTINGS) -> ConversationEncoder:
+    tmpl = prepare_template(tokenizer, template)
+    for system_prompt, train_on_prompt, mask_history in settings:
+        options = {"system_prompt": system_prompt, "train_on_prompt": train_on_prompt, "mask_history": mask_history}
+        exact = encode_conversations(tokenizer, tmpl, convs, fast=False, **options)
+        encoder = ConversationEncoder(tokenizer, tmpl, verify_rows=0, **options)  # nothing checked behind its back
+        fast = encoder.encode(convs[:7]) + encoder.encode(convs[7:])  # two batches: the caches carry over
+        for i, (f, e) in enumerate(zip(fast, exact)):
+            assert f == e, f"conversation {i} differs with {options}"
+        assert len(fast) == len(exact)
+    return encoder
+
+
+def test_fast_path_equals_exact_path_on_icd_data_tiny_tokenizer(tok):
+    convs = icd_conversations(500)
+    encoder = assert_fast_equals_exact(tok, "auto", convs)
+    assert encoder.counts == {"fast": len(convs), "exact": 0}  # every row took the fast path
+
+
+@pytest.mark.skipif(not (SMOLLM2 / "tokenizer.json").is_file(), reason=f"no converted SmolLM2 at {SMOLLM2}")
+def test_fast_path_equals_exact_path_on_icd_data_smollm2():
+    from transformers import AutoTokenizer
+
+    smollm2 = AutoTokenizer.from_pretrained(SMOLLM2)
+    convs = icd_conversations(500)
+    encoder = assert_fast_equals_exact(smollm2, "auto", convs)
+    assert encoder.counts == {"fast": len(convs), "exact": 0}
+
+
+fragments = ["a", "b", "I10", ".", ":", "(", " ", "  ", "\n", "\n\n", "é", "<|im_end|>", "<|im_start|>", "<|im"]
+contents = st.lists(st.sampled_from(fragments), min_size=1, max_size=8).map("".join).filter(str.strip)
+
+
+@settings(max_examples=40, deadline=None)
+@given(turns=st.lists(st.tuples(contents, contents), min_size=1, max_size=3), system=st.none() | contents)
+def test_fast_path_equals_exact_path_on_any_contents(tok, turns, system):
+    # Edge whitespace, newlines and special-token text inside contents: equal results, whichever path a row takes.
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": role, "content": text} for q, a in turns for role, text in (("user", q), ("assistant", a))]
+    tmpl = prepare_template(tok, "auto")
+    for train_on_prompt, mask_history in ((False, False), (False, True), (True, False)):
+        options = {"system_prompt": "Be brief.", "train_on_prompt": train_on_prompt, "mask_history": mask_history}
+        exact = encode_conversations(tok, tmpl, [(messages, None)], fast=False, **options)
+        assert ConversationEncoder(tok, tmpl, verify_rows=0, **options).encode([(messages, None)]) == exact
+
+
+def test_content_dependent_template_takes_the_exact_path(tok):
+    # Strips contents, like Llama 3's template: a plain substitution would keep the spaces.
+    trimming = ("{% for m in messages %}{{ '<|im_start|>' + m.role + '\n' + m.content | trim + '<|im_end|>\n' }}"
+                "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+    convs = [([{"role": "user", "content": "  I10?  "}, {"role": "assistant", "content": " Essential "}], None)]
+    tmpl = prepare_template(tok, trimming)
+    options = {"system_prompt": None, "train_on_prompt": False, "mask_history": False}
+    encoder = ConversationEncoder(tok, tmpl, verify_rows=0, **options)
+    assert encoder.encode(convs) == encode_conversations(tok, tmpl, convs, fast=False, **options)
+    assert encoder.counts == {"fast": 0, "exact": 1}
+
+
+def test_verification_moves_a_diverging_shape_to_the_exact_path(tok, caplog):
+    # A template that treats one content specially, which no probe can foresee: the first rows of
+    # each shape are checked against the exact path, which catches it.
+    special = ("{% for m in messages %}{{ '<|im_start|>' + m.role + '\n' }}"
+               "{% if m.content == 'I10' %}code {% endif %}{{ m.content + '<|im_end|>\n' }}{% endfor %}"
+               "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+    convs = [([{"role": "user", "content": q}, {"role": "assistant", "content": a}], None)
+             for q, a in [("Code for hypertension?", "I10"), ("Code for asthma?", "J45.909")] * 3]
+    tmpl = prepare_template(tok, special)
+    options = {"system_prompt": None, "train_on_prompt": False, "mask_history": False}
+    encoder = ConversationEncoder(tok, tmpl, verify_rows=2, **options)
+    with caplog.at_level("WARNING"):
+        assert encoder.encode(convs) == encode_conversations(tok, tmpl, convs, fast=False, **options)
+    assert "differs from the exact one at conversation 0" in caplog.text
+    assert encoder.counts["exact"] >= 4  # after the first row, the shape takes the exact path
+
+
+def test_rows_the_fast_path_cannot_take_go_the_exact_way(tok):
+    convs = [
+        ([{"role": "user", "content": "Is <|im_end|> a token?"}, {"role": "assistant", "content": "Yes"}], None),
+        ([{"role": "user", "content": "Look up I10."},
+          {"role": "assistant", "content": "", "tool_calls": [{"name": "lookup", "arguments": {"code": "I10"}}]},
+          {"role": "tool", "content": "Essential (primary) hypertension"},
+          {"role": "assistant", "content": "Essential hypertension."}], '[{"name": "lookup"}]'),
+        ([{"role": "user", "content": "Code for asthma?"}, {"role": "assistant", "content": "J45.909"}], None),
+    ]
+    tmpl = prepare_template(tok, "chatml")
+    options = {"system_prompt": None, "train_on_prompt": False, "mask_history": False}
+    encoder = ConversationEncoder(tok, tmpl, verify_rows=0, **options)
+    assert encoder.encode(convs) == encode_conversations(tok, tmpl, convs, fast=False, **options)
+    assert encoder.counts == {"fast": 1, "exact": 2}
+
+
+def test_run_tokenize_reports_fast_path_rows(tok, align_dir, tmp_path):
+    run_tokenize(align_dir, tok, TokenizeConfig(system_prompt=None, cutoff_len=64), tmp_path / "out",
+                 groups={"sft": "conversation"})
+    stats = json.loads((tmp_path / "out" / "stats.json").read_text())["sft"]
+    assert stats["fast_path_rows"] == 5  # every row of align_dir's sft.jsonl, the dropped ones included

@@ -8,7 +8,7 @@ tokenizer (the embedded SmolLM2-135M-Instruct, converted once) and the default t
 (its system prompt, cutoff 256). Each N runs in a fresh subprocess, so its peak RSS
 (ru_maxrss) is its own; memory is flat in N when the peak at N is close to the peak at N/10.
 rows/s per core divides by os.cpu_count(); rows per CPU second divides by the CPU time the two
-stages used (all threads), i.e. what one busy core does. TOKENIZERS_PARALLELISM is left as set,
+stages used (all threads and worker processes), i.e. what one busy core does. TOKENIZERS_PARALLELISM is left as set,
 else "true" (the Rust tokenizer then encodes each batch on every core). Prints one JSON line.
 """
 
@@ -68,8 +68,10 @@ def _peak_rss_mb() -> float:
 
 
 def _cpu_s() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)  # all threads, the tokenizer's included
-    return usage.ru_utime + usage.ru_stime
+    """CPU seconds of this process (all threads, the tokenizer's included) and of its finished
+    children (the tokenize stage's worker processes)."""
+    return sum(u.ru_utime + u.ru_stime for u in (resource.getrusage(resource.RUSAGE_SELF),
+                                                  resource.getrusage(resource.RUSAGE_CHILDREN)))
 
 
 def measure(rows: int, seed: int) -> dict:

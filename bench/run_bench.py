@@ -1,6 +1,9 @@
 """Run the demo pipeline and the side-by-side benchmarks; write bench/RESULTS.md.
 
-    python bench/run_bench.py [--config configs/demo-cpu.yaml] [--skip-sft-compare] [--data-rows 1000000]
+    python bench/run_bench.py [--config configs/demo-cpu.yaml] [--only demo,sft,data] [--data-rows 1000000]
+
+Raw results of each part are kept in bench/results.json; `--only` reruns some parts and keeps the
+others' last figures, so RESULTS.md always shows every part.
 
 Measures, in one run on this machine:
 - per-stage wall time of a fresh demo run (own workspace), training tokens/s, peak RSS;
@@ -49,6 +52,14 @@ def run_demo(config: str, workspace: Path) -> dict:
     return summary
 
 
+def _run(cmd: list[str], env: dict) -> str:
+    """stdout of a child process; its stderr tail in the error when it fails."""
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed with exit code {done.returncode}:\n{done.stderr[-6000:]}")
+    return done.stdout
+
+
 def timed_cli(args: list[str], env: dict) -> float:
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=ROOT, env=env, check=True,
@@ -59,33 +70,41 @@ def timed_cli(args: list[str], env: dict) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/demo-cpu.yaml")
-    parser.add_argument("--skip-sft-compare", action="store_true")
+    parser.add_argument("--only", default="demo,sft,data", help="comma-separated parts to (re)run")
     parser.add_argument("--data-rows", type=int, default=1_000_000)
     parser.add_argument("--out", default=str(ROOT / "bench" / "RESULTS.md"))
     args = parser.parse_args()
 
+    parts = set(args.only.split(","))
+    unknown = parts - {"demo", "sft", "data"}
+    if unknown:
+        parser.error(f"unknown part(s) {', '.join(sorted(unknown))}; known: demo, sft, data")
+    raw_path = ROOT / "bench" / "results.json"
+    raw = json.loads(raw_path.read_text()) if raw_path.is_file() else {}
     workspace = ROOT / "bench" / "out" / "workspace"
-    shutil.rmtree(workspace, ignore_errors=True)
     env = {**os.environ, "PREFECT_HOME": str(ROOT / "bench" / "out" / "prefect"), "LMFORGE_NO_PROGRESS": "1"}
     os.environ.update(env)
+    Path(env["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)  # Prefect does not create a missing parent
 
-    # The demo runs in a child process so its peak RSS is its own, then an unchanged rerun is timed.
-    demo_json = subprocess.run(
-        [sys.executable, __file__, "--_demo", args.config, str(workspace)], cwd=ROOT, env=env, check=True,
-        capture_output=True, text=True,
-    ).stdout
-    demo = _json_line(demo_json)
-    rerun_s = timed_cli(["run", args.config, "--set", f"workspace={workspace}"], env)
+    def save() -> None:
+        raw_path.write_text(json.dumps(raw, indent=1, default=str) + "\n")
 
-    sft = None
-    if not args.skip_sft_compare:
-        sft = _json_line(subprocess.run([sys.executable, "bench/sft_throughput.py"], cwd=ROOT, env=env, check=True,
-                                        capture_output=True, text=True).stdout)
-    data = None
-    if (ROOT / "bench" / "data_throughput.py").is_file() and args.data_rows:
-        data = _json_line(subprocess.run([sys.executable, "bench/data_throughput.py", "--rows", str(args.data_rows)],
-                                         cwd=ROOT, env=env, check=True, capture_output=True, text=True).stdout)
-    Path(args.out).write_text(render(demo, rerun_s, sft, data, args.config))
+    if "demo" in parts:
+        shutil.rmtree(workspace, ignore_errors=True)
+        # The demo runs in a child process so its peak RSS is its own, then an unchanged rerun is timed.
+        raw["demo"] = _json_line(_run([sys.executable, __file__, "--_demo", args.config, str(workspace)], env))
+        raw["rerun_s"] = timed_cli(["run", args.config, "--set", f"workspace={workspace}"], env)
+        raw["config"] = args.config
+        save()
+    if "sft" in parts:
+        raw["sft"] = _json_line(_run([sys.executable, "bench/sft_throughput.py"], env))
+        save()
+    if "data" in parts:
+        raw["data"] = _json_line(_run([sys.executable, "bench/data_throughput.py", "--rows", str(args.data_rows)], env))
+        save()
+    if "demo" not in raw:
+        parser.error("no demo figures yet: run with --only demo first")
+    Path(args.out).write_text(render(raw["demo"], raw["rerun_s"], raw.get("sft"), raw.get("data"), raw["config"]))
     print(Path(args.out).read_text())
 
 

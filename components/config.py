@@ -101,6 +101,11 @@ class TokenizeConfig(Strict):
     train_on_prompt: bool = Field(False, description="Also compute the loss on prompt tokens.")
     mask_history: bool = Field(False, description="Train on the last assistant turn only (else on all assistant turns).")
     cpt_block_size: int = Field(256, ge=8, description="Plain-text corpus is packed into blocks of this many tokens.")
+    num_proc: int | None = Field(
+        None, ge=1,
+        description="Worker processes that encode conversations. Null: one per core (at most 8) for files over "
+        "32 MB, else 1. The output is the same for any value, so it is not part of the cache key.",
+    )
 
 
 class LoraSettings(Strict):

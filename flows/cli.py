@@ -54,9 +54,13 @@ def run(
             console.print(f"[red]unknown stage {name!r}; stages: {', '.join(STAGES)}[/red]")
             raise typer.Exit(2)
     cfg = _load(config, set_)
-    from flows.domain_adaptation import domain_adaptation
+    from flows.local_api import early_local_api
 
-    summary = domain_adaptation(config=cfg, from_stage=from_stage, only=only)
+    with early_local_api() as wait_ready:
+        from flows.domain_adaptation import domain_adaptation  # torch, mlflow...: while the API boots
+
+        wait_ready()
+        summary = domain_adaptation(config=cfg, from_stage=from_stage, only=only)
     _print_summary(summary)
 
 

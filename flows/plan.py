@@ -69,7 +69,8 @@ def stage_config(cfg: PipelineConfig, node: PlannedStage, hardware_precision: st
     if node.stage == "align":
         return {"data": cfg.data.model_dump(mode="json", exclude={"dataset_info"})}
     if node.stage == "tokenize":
-        return {"tokenize": cfg.tokenize.model_dump(mode="json"), "model": model}
+        # num_proc changes how fast, not what: left out so it does not invalidate the data and training.
+        return {"tokenize": cfg.tokenize.model_dump(mode="json", exclude={"num_proc"}), "model": model}
     if node.stage in ("cpt", "sft"):
         return {"train": getattr(cfg, node.stage).model_dump(mode="json"), "model": model,
                 "precision": hardware_precision}

@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any, Literal, TypeVar
 
+import orjson
 from tqdm import tqdm
 
 from components.artifacts import StageResult, atomic_write_json
@@ -76,13 +77,30 @@ def _snippet(text: str) -> str:
     return text if len(text) <= _EXAMPLE_CHARS else text[:_EXAMPLE_CHARS] + "..."
 
 
+def _loads(line: str) -> Any:
+    """json.loads, via orjson (several times faster) for the lines it takes; the stdlib reads the rest
+    (NaN, integers past 64 bits) and words the errors."""
+    try:
+        return orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return json.loads(line)
+
+
+def _dumps_line(record: dict) -> str:
+    """One JSONL line, UTF-8 kept as is; orjson where it can (str keys, no NaN), else the stdlib."""
+    try:
+        return orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE).decode()
+    except TypeError:
+        return json.dumps(record, ensure_ascii=False) + "\n"
+
+
 def _jsonl_rows(path: Path, where: str) -> Iterator[tuple[str, dict | _ParseFailure]]:
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = _loads(line)
             except json.JSONDecodeError as e:
                 yield f"{where}:{lineno}", _ParseFailure(
                     "malformed_json", f"malformed JSON: {e.msg} (column {e.colno})", _snippet(line.rstrip("\n")))
@@ -296,7 +314,7 @@ def _align_dataset(spec: DatasetSpec, kind: str, fetch_dir: Path, out: IO[str], 
             if placeholders:
                 record = fill_placeholders(record, placeholders)
             if sample_size is None:
-                out.write(json.dumps(record, ensure_ascii=False) + "\n")
+                out.write(_dumps_line(record))
             elif len(sample) < sample_size:
                 sample.append((kept_total, record))
             else:
@@ -312,7 +330,7 @@ def _align_dataset(spec: DatasetSpec, kind: str, fetch_dir: Path, out: IO[str], 
                 f"appear in no row of {root}; columns found: {', '.join(sorted(seen_columns)) or '(none)'}")
     if sample_size is not None:
         for _, record in sorted(sample, key=lambda item: item[0]):  # keep the file's order
-            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+            out.write(_dumps_line(record))
         report.rows_sampled_out = kept_total - len(sample)
     report.rows_kept = kept_total - report.rows_sampled_out
     if report.rows_kept == 0:

@@ -32,6 +32,7 @@ from itertools import accumulate, chain, islice
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
@@ -50,8 +51,10 @@ log = logging.getLogger(__name__)
 IGNORE = -100
 MARK_OPEN, MARK_CLOSE = "⟦", "⟧"
 ROWS_PER_BATCH = 2048  # rows rendered, encoded and written to parquet at a time (bounds memory)
+CHUNK_BYTES = 256 << 10  # conversation JSONL is encoded in chunks of about this size (~2-3k short rows)
 SAMPLES_PER_GROUP = 3
 PAD_WASTE_BATCH = 8  # batch size assumed by stats' padding_waste_if_padded
+AUTO_PARALLEL_BYTES = 32 << 20  # conversation files larger than this get worker processes by default
 
 _INT_LIST = pa.list_(pa.int32())
 TEXT_SCHEMA = pa.schema([("input_ids", _INT_LIST), ("labels", _INT_LIST), ("position_ids", _INT_LIST)])
@@ -719,15 +722,31 @@ class _GroupStats:
     _batch: tuple[int, int] = (0, 0)  # (rows, longest) of the batch being filled
 
     def add(self, length: int, trained: int) -> None:
-        self.rows += 1
-        self.tokens += length
-        self.trained_tokens += trained
-        self.max_len = max(self.max_len, length)
+        self.add_many([(length, trained)])
+
+    def add_many(self, lengths: list[tuple[int, int]]) -> None:
+        """`add` for each (length, trained) in order, in one pass."""
+        if not lengths:
+            return
+        self.rows += len(lengths)
         n, longest = self._batch
-        n, longest = n + 1, max(longest, length)
-        if n == PAD_WASTE_BATCH:
-            self._padded += n * longest
-            n, longest = 0, 0
+        padded = 0
+        tokens = trained_tokens = max_len = 0
+        for length, trained in lengths:
+            tokens += length
+            trained_tokens += trained
+            if length > max_len:
+                max_len = length
+            n += 1
+            if length > longest:
+                longest = length
+            if n == PAD_WASTE_BATCH:
+                padded += n * longest
+                n = longest = 0
+        self.tokens += tokens
+        self.trained_tokens += trained_tokens
+        self.max_len = max(self.max_len, max_len)
+        self._padded += padded
         self._batch = (n, longest)
 
     def summary(self) -> dict:
@@ -758,6 +777,10 @@ class _ParquetOut:
         self.rows.append(row)
         if len(self.rows) >= ROWS_PER_BATCH:
             self.flush()
+
+    def write_table(self, table: pa.Table) -> None:
+        self.flush()
+        self.writer.write_table(table)
 
     def flush(self) -> None:
         if self.rows:
@@ -802,44 +825,148 @@ def _tokenize_text_group(path: Path, tokenizer, cfg: TokenizeConfig, out: _Parqu
 
 
 def _tokenize_conversation_group(
-    path: Path, tokenizer, tmpl: ChatTemplate, cfg: TokenizeConfig, out: _ParquetOut, stats: _GroupStats, samples: list
+    path: Path, tokenizer, cfg: TokenizeConfig, out: _ParquetOut, stats: _GroupStats, samples: list,
+    num_proc: int,
 ) -> None:
-    encoder = ConversationEncoder(tokenizer, tmpl, system_prompt=cfg.system_prompt,
-                                  train_on_prompt=cfg.train_on_prompt, mask_history=cfg.mask_history)
-    records = iter(tqdm(_read_jsonl(path), desc=f"tokenize {path.stem}", unit=" rows", disable=None, leave=False))
-    while True:
-        with _gc_paused():  # reading included: the parsed records live until the chunk is written
-            chunk = list(islice(records, ROWS_PER_BATCH))
-            if not chunk:
-                break
-            _tokenize_conversation_chunk(path, chunk, encoder, cfg, out, stats, samples)
-    stats.fast_path_rows = encoder.counts["fast"]
+    """Encode a conversation group chunk by chunk; with num_proc > 1, chunks go to worker processes.
+
+    The main process only reads lines and writes the workers' Arrow tables, in file order, so the
+    output is the same whatever num_proc is; at most 2 * num_proc chunks are in flight (bounded memory).
+    """
+    chunks = _line_chunks(path)
+    if num_proc <= 1:
+        worker = _ChunkEncoder(tokenizer, cfg)
+        results = (worker(path, first, lines) for first, lines in chunks)
+        _collect(results, out, stats, samples, bar_desc=f"tokenize {path.stem}")
+        stats.fast_path_rows = worker.encoder.counts["fast"]
+        return
+    # spawn, not fork: the flow runs this inside a Prefect worker thread, and forking a threaded
+    # process can deadlock on a lock another thread held.
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(num_proc, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_init_worker, initargs=(tokenizer, cfg)) as pool:
+        results = _bounded_ordered(pool, _encode_in_worker, ((path, *chunk) for chunk in chunks), 2 * num_proc)
+        stats.fast_path_rows = _collect(results, out, stats, samples, bar_desc=f"tokenize {path.stem}")
 
 
-def _tokenize_conversation_chunk(
-    path: Path, chunk: list, encoder: ConversationEncoder, cfg: TokenizeConfig, out: _ParquetOut,
-    stats: _GroupStats, samples: list,
-) -> None:
-    """Encode, truncate and write one chunk of (line number, record)."""
-    for line_no, record in chunk:
-        if not isinstance(record, dict) or "messages" not in record:
-            raise ValueError(f"{path}:{line_no}: a conversation record needs a 'messages' list; rerun the align stage")
-    encoded = encoder.encode(
-        [(record["messages"], record.get("tools")) for _, record in chunk],
-        where=[f"{path}:{line_no}" for line_no, _ in chunk],
-    )
-    for ids, labels in encoded:
-        if len(ids) > cfg.cutoff_len:  # keep the start: the prompt and the beginning of the answer
-            ids, labels = ids[: cfg.cutoff_len], labels[: cfg.cutoff_len]
-            stats.truncated += 1
-        trained = len(labels) - labels.count(IGNORE)
-        if trained == 0:
-            stats.dropped_all_masked += 1
-            continue
-        stats.add(len(ids), trained)
-        out.add({"input_ids": ids, "labels": labels})
-        if len(samples) < SAMPLES_PER_GROUP:
-            samples.append((ids, labels))
+def _line_chunks(path: Path) -> Iterator[tuple[int, list[bytes]]]:
+    """(number of the first line, raw lines) in chunks of about CHUNK_BYTES: read in C, parsed by the encoder."""
+    with open(path, "rb") as f:
+        first = 1
+        while lines := f.readlines(CHUNK_BYTES):
+            yield first, lines
+            first += len(lines)
+
+
+def _bounded_ordered(pool, fn, items: Iterator[tuple], in_flight: int) -> Iterator:
+    """pool.map(fn, items) in order, with at most `in_flight` items submitted and not yet consumed."""
+    from collections import deque
+
+    pending: deque = deque()
+    for args in items:
+        pending.append(pool.submit(fn, *args))
+        if len(pending) >= in_flight:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+@dataclass
+class _ChunkResult:
+    table: pa.Table
+    lengths: list[tuple[int, int]]  # (tokens, trained tokens) per kept row, in order
+    truncated: int
+    dropped_all_masked: int
+    samples: list[tuple[list[int], list[int]]]
+    fast_rows: int  # rows of this chunk encoded by the fast path
+
+
+class _ChunkEncoder:
+    """Parse, encode and truncate one chunk of JSONL lines into an Arrow table (runs in any process)."""
+
+    def __init__(self, tokenizer, cfg: TokenizeConfig):
+        self.cfg = cfg
+        self.encoder = ConversationEncoder(tokenizer, prepare_template(tokenizer, cfg.template),
+                                           system_prompt=cfg.system_prompt, train_on_prompt=cfg.train_on_prompt,
+                                           mask_history=cfg.mask_history)
+
+    def __call__(self, path: Path, first_line: int, lines: list[bytes]) -> _ChunkResult:
+        with _gc_paused():  # the parsed records live until the chunk is done
+            records, where = [], []
+            for line_no, line in enumerate(lines, first_line):
+                if not line.strip():
+                    continue
+                try:
+                    record = orjson.loads(line)
+                except orjson.JSONDecodeError as exc:
+                    raise ValueError(f"{path}:{line_no}: not valid JSON ({exc}); rerun the align stage") from None
+                if type(record) is not dict or "messages" not in record:
+                    raise ValueError(f"{path}:{line_no}: a conversation record needs a 'messages' list; "
+                                     "rerun the align stage")
+                records.append(record)
+                where.append(f"{path}:{line_no}")
+            fast_before = self.encoder.counts["fast"]
+            encoded = self.encoder.encode([(r["messages"], r.get("tools")) for r in records], where=where)
+            cutoff = self.cfg.cutoff_len
+            all_ids, all_labels, lengths = [], [], []
+            truncated = dropped = 0
+            for ids, labels in encoded:
+                if len(ids) > cutoff:  # keep the start: the prompt and the beginning of the answer
+                    ids, labels = ids[:cutoff], labels[:cutoff]
+                    truncated += 1
+                trained = len(labels) - labels.count(IGNORE)
+                if trained == 0:
+                    dropped += 1
+                    continue
+                all_ids.append(ids)
+                all_labels.append(labels)
+                lengths.append((len(ids), trained))
+            table = pa.Table.from_arrays([pa.array(all_ids, type=_INT_LIST), pa.array(all_labels, type=_INT_LIST)],
+                                         schema=CONVERSATION_SCHEMA)
+            return _ChunkResult(table, lengths, truncated, dropped,
+                                list(zip(all_ids[:SAMPLES_PER_GROUP], all_labels[:SAMPLES_PER_GROUP])),
+                                self.encoder.counts["fast"] - fast_before)
+
+
+_WORKER: _ChunkEncoder | None = None
+
+
+def _init_worker(tokenizer, cfg: TokenizeConfig) -> None:
+    global _WORKER
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the processes are the parallelism
+    _WORKER = _ChunkEncoder(tokenizer, cfg)
+
+
+def _encode_in_worker(path: Path, first_line: int, lines: list[bytes]) -> _ChunkResult:
+    return _WORKER(path, first_line, lines)
+
+
+def _collect(results: Iterable[_ChunkResult], out: _ParquetOut, stats: _GroupStats, samples: list,
+             bar_desc: str) -> int:
+    """Write chunk results in order, fold their stats; returns the rows that took the fast path."""
+    fast = 0
+    with tqdm(desc=bar_desc, unit=" rows", disable=None, leave=False) as bar:
+        for result in results:
+            out.write_table(result.table)
+            stats.add_many(result.lengths)
+            stats.truncated += result.truncated
+            stats.dropped_all_masked += result.dropped_all_masked
+            samples.extend(result.samples[: SAMPLES_PER_GROUP - len(samples)])
+            fast += result.fast_rows
+            bar.update(len(result.lengths) + result.dropped_all_masked)
+    return fast
+
+
+def resolve_num_proc(num_proc: int | None, path: Path) -> int:
+    """Worker processes for a conversation file: as set, else one per core (at most 8) for files over
+    AUTO_PARALLEL_BYTES and 1 below (starting workers costs a few seconds)."""
+    if num_proc is not None:
+        return num_proc
+    if path.stat().st_size < AUTO_PARALLEL_BYTES:
+        return 1
+    return max(1, min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 8))
 
 
 def run_tokenize(align_dir: Path, tokenizer, cfg: TokenizeConfig, out_dir: Path, *, groups: dict[str, str]) -> StageResult:
@@ -878,9 +1005,10 @@ def run_tokenize(align_dir: Path, tokenizer, cfg: TokenizeConfig, out_dir: Path,
             if kind == "text":
                 _tokenize_text_group(path, tokenizer, cfg, out, group_stats)
             else:
-                tmpl = tmpl or prepare_template(tokenizer, cfg.template)
+                tmpl = tmpl or prepare_template(tokenizer, cfg.template)  # fails early on an unknown name
                 samples: list = []
-                _tokenize_conversation_group(path, tokenizer, tmpl, cfg, out, group_stats, samples)
+                num_proc = resolve_num_proc(cfg.num_proc, path)
+                _tokenize_conversation_group(path, tokenizer, cfg, out, group_stats, samples, num_proc)
                 sample_text.append(
                     f"===== {group} ({len(samples)} of {group_stats.rows} rows; trained tokens in {MARK_OPEN} {MARK_CLOSE})"
                 )

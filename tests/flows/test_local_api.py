@@ -1,0 +1,58 @@
+"""The temporary local Prefect API that `lmforge run` starts before its heavy imports."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+PROBE = """
+import json, os, httpx
+from flows.local_api import early_local_api
+with early_local_api() as wait_ready:
+    wait_ready()
+    url = os.environ["PREFECT_API_URL"]
+    from prefect.settings import get_current_settings
+    from prefect.client.orchestration import get_client
+    with get_client(sync_client=True) as client:
+        healthy = client.api_healthcheck() is None
+    seen = {"url": url, "settings_url": get_current_settings().api.url, "healthy": healthy}
+try:
+    httpx.get(seen["url"] + "/health", timeout=2)
+    seen["after_exit"] = "still answering"
+except httpx.HTTPError:
+    seen["after_exit"] = "stopped"
+seen["env_after"] = os.environ.get("PREFECT_API_URL")
+print(json.dumps(seen))
+"""
+
+
+def _probe(env: dict) -> dict:
+    done = subprocess.run([sys.executable, "-c", PROBE], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_starts_a_local_api_that_this_process_uses_and_stops_it(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect")
+    (tmp_path / "prefect").mkdir()
+    seen = _probe(env)
+    assert seen["url"].startswith("http://127.0.0.1:") and seen["url"].endswith("/api")
+    assert seen["settings_url"] == seen["url"] and seen["healthy"]
+    assert seen["after_exit"] == "stopped" and seen["env_after"] is None
+    assert (tmp_path / "prefect" / "prefect.db").is_file()  # the server kept its state in PREFECT_HOME
+
+
+def test_a_configured_api_is_used_as_is(tmp_path):
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path), "PREFECT_API_URL": "http://127.0.0.1:9/api"}
+    probe = ("import os\nfrom flows.local_api import early_local_api\n"
+             "with early_local_api() as wait_ready:\n    wait_ready()\n    print(os.environ['PREFECT_API_URL'])\n")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "http://127.0.0.1:9/api"

@@ -15,12 +15,10 @@ mixing streams too (memory bounded by the open files, whatever their size).
 from __future__ import annotations
 
 import bisect
-import contextlib
 import csv
 import itertools
 import json
 import logging
-import os
 import random
 import tempfile
 from collections.abc import Callable, Iterator
@@ -30,7 +28,7 @@ from typing import IO, Any, Literal, TypeVar
 import orjson
 from tqdm import tqdm
 
-from components.artifacts import StageResult, atomic_write_json
+from components.artifacts import StageResult, atomic_file, atomic_write_json
 from components.data.dataset_info import DataError, DatasetSpec, load_dataset_info
 from components.data.formats import RowError, get_converter, supported_kinds
 from components.data.records import GROUP_KINDS, MIXED_GROUPS
@@ -340,19 +338,9 @@ def _align_dataset(spec: DatasetSpec, kind: str, fetch_dir: Path, out: IO[str], 
     return report.as_dict()
 
 
-@contextlib.contextmanager
-def _atomic_text(path: Path) -> Iterator[IO[str]]:
+def _atomic_text(path: Path):
     """Write a text file incrementally; it appears under its name only when complete."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    return atomic_file(path, "w")
 
 
 def interleave(

@@ -25,7 +25,7 @@ from urllib.parse import urlparse
 
 from tqdm import tqdm
 
-from components.artifacts import StageResult, atomic_write_json, sha256_file
+from components.artifacts import StageResult, atomic_file, atomic_write_json, sha256_file
 from components.data.dataset_info import DataError, DatasetSpec, load_dataset_info
 
 log = logging.getLogger(__name__)
@@ -59,18 +59,9 @@ def _with_retries(what: str, attempt: Callable[[], T], retries: int) -> T:
 
 def _stream_to_file(chunks: Callable[[IO[bytes]], None], dest: Path) -> tuple[int, str]:
     """Write what `chunks` writes to a temp file next to `dest`, hashing it; rename when complete."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as raw:
-            hashing = _HashingWriter(raw)
-            chunks(hashing)
-            raw.flush()
-            os.fsync(raw.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(dest, "wb") as raw:
+        hashing = _HashingWriter(raw)
+        chunks(hashing)
     return hashing.size, hashing.sha256.hexdigest()
 
 

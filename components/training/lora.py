@@ -24,7 +24,7 @@ import torch
 
 from components.artifacts import StageResult
 from components.config import TrainConfig
-from components.data.packing import pad_causal
+from components.data.packing import flatten_batch, pad_causal
 from components.models.loading import Hardware, count_parameters
 
 log = logging.getLogger(__name__)
@@ -34,13 +34,18 @@ MetricsSink = Callable[[int, dict[str, float]], None]
 
 
 class CausalCollator:
-    """Right-pad a micro-batch without an attention mask (see components.data.packing.pad_causal)."""
+    """Right-pad a micro-batch without an attention mask (see components.data.packing.pad_causal),
+    or, with `packing`, concatenate it into one row with restarting position ids (flatten_batch)."""
 
-    def __init__(self, pad_token_id: int):
-        self.pad_token_id = pad_token_id
+    def __init__(self, pad_token_id: int, packing: bool = False):
+        self.pad_token_id, self.packing = pad_token_id, packing
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        return pad_causal(examples, self.pad_token_id)
+        if not self.packing:
+            return pad_causal(examples, self.pad_token_id)
+        batch = flatten_batch(examples, self.pad_token_id)
+        batch["num_real_tokens"] = torch.tensor(batch["input_ids"].shape[1])
+        return batch
 
 
 def labeled_positions_loss(model, batch: dict[str, torch.Tensor], reduction: str = "sum") -> tuple[torch.Tensor, int]:
@@ -205,7 +210,7 @@ def run_lora_training(
         model=model,
         args=args,
         train_dataset=train_dataset,
-        data_collator=CausalCollator(tokenizer.pad_token_id),
+        data_collator=CausalCollator(tokenizer.pad_token_id, packing=cfg.packing),
         callbacks=[_callback(metrics_sink, ref, out_dir)],
     )
     ref["trainer"] = trainer

@@ -74,6 +74,23 @@ def test_lora_training_changes_only_adapters_and_reloads(tiny_model_dir, tmp_pat
         assert not torch.allclose(peft_model(ids).logits, load_model(str(tiny_model_dir), CPU)(ids).logits)
 
 
+def test_padding_free_packing_trains_on_the_same_loss(tiny_model_dir, tmp_path):
+    """sft.packing=True: one row per micro-batch, examples kept apart. The first step (LoRA B is zero,
+    so the model is the base) sees the same batches and must log the same loss and token count."""
+    tok = load_tokenizer(str(tiny_model_dir))
+    data = Dataset.from_list(_rows())
+    first = {}
+    for packing in (False, True):
+        logged = []
+        cfg = TrainConfig(max_steps=1, batch_size=8, logging_steps=1, save_steps=5, packing=packing)
+        result = run_lora_training(load_model(str(tiny_model_dir), CPU), tok, data, cfg, CPU, tmp_path / str(packing),
+                                   metrics_sink=lambda step, m: logged.append(m))
+        first[packing] = (next(m["loss"] for m in logged if "loss" in m), result.metrics["train_tokens"])
+    (loss_padded, tokens_padded), (loss_packed, tokens_packed) = first[False], first[True]
+    assert abs(loss_packed - loss_padded) / loss_padded < 1e-4
+    assert tokens_packed == tokens_padded
+
+
 def test_resume_from_last_complete_checkpoint(tiny_model_dir, tmp_path):
     tok = load_tokenizer(str(tiny_model_dir))
     data = Dataset.from_list(_rows())

@@ -109,6 +109,8 @@ def measure(rows: int, seed: int) -> dict:
         "tokenize_cpu_s": round(c3 - c2, 3),
         "rss_before_stages_mb": round(rss_before, 1),
         "peak_rss_mb": round(_peak_rss_mb(), 1),
+        # The largest tokenize worker process (0 when the file was tokenized in-process).
+        "worker_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1),
     }
 
 

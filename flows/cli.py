@@ -144,10 +144,14 @@ def chat(
 @data_app.command("check")
 def data_check(config: ConfigArg = None, set_: SetOpt = []) -> None:  # noqa: B006
     """Fetch, align and tokenize; print the alignment report and decoded samples (trained tokens marked)."""
-    from flows.data_check import check_data
-
     cfg = _load(config, set_)
-    report, samples = check_data(cfg)
+    from flows.local_api import early_local_api
+
+    with early_local_api() as wait_ready:
+        from flows.data_check import check_data
+
+        wait_ready()
+        report, samples = check_data(cfg)
     # Verbatim: no wrapping at the terminal width (a wrapped sample shows line breaks the model never
     # sees), no markup, highlighting or :emoji: codes taken from the data.
     for text in (report, samples):

@@ -67,6 +67,11 @@ class DataConfig(Strict):
         "lmforge", description="Fills {{name}} in datasets marked fill_placeholders (identity data)."
     )
     identity_author: str = Field("lmforge", description="Fills {{author}} in datasets marked fill_placeholders.")
+    num_proc: int | None = Field(
+        None, ge=1,
+        description="Worker processes that convert JSONL files. Null: one per core (at most 8) for files over "
+        "32 MB, else 1. The output is the same for any value, so it is not part of the cache key.",
+    )
 
     @field_validator("interleave_probs")
     @classmethod

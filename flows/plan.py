@@ -67,7 +67,7 @@ def stage_config(cfg: PipelineConfig, node: PlannedStage, hardware_precision: st
     if node.stage == "fetch":
         return {"sources": _source_fingerprints(cfg)}
     if node.stage == "align":
-        return {"data": cfg.data.model_dump(mode="json", exclude={"dataset_info"})}
+        return {"data": cfg.data.model_dump(mode="json", exclude={"dataset_info", "num_proc"})}
     if node.stage == "tokenize":
         # num_proc changes how fast, not what: left out so it does not invalidate the data and training.
         return {"tokenize": cfg.tokenize.model_dump(mode="json", exclude={"num_proc"}), "model": model}

@@ -132,7 +132,7 @@ def align(key: str, ctx: RunContext, cfg: PipelineConfig, stage_config: dict, fe
             _dir(fetched), groups, out, max_samples=cfg.data.max_samples, seed=cfg.data.seed,
             bad_row_budget=cfg.data.bad_row_budget, mix_strategy=cfg.data.mix_strategy,
             interleave_probs=cfg.data.interleave_probs, identity_name=cfg.data.identity_name,
-            identity_author=cfg.data.identity_author,
+            identity_author=cfg.data.identity_author, num_proc=cfg.data.num_proc,
         )
         _log_datasets(ctx, out, result, context_of=lambda f: Path(f).stem)
         return result

@@ -42,6 +42,7 @@ MAX_EXAMPLES = 3
 _EXAMPLE_CHARS = 300
 _BATCH_ROWS = 1024
 MIX_STRATEGIES = ("concat", "interleave_under", "interleave_over")
+AUTO_PARALLEL_BYTES = 32 << 20  # JSONL files larger than this are converted by worker processes
 PLACEHOLDERS = ("{{name}}", "{{author}}")
 T = TypeVar("T")
 
@@ -92,22 +93,25 @@ def _dumps_line(record: dict) -> str:
         return json.dumps(record, ensure_ascii=False) + "\n"
 
 
+def _parse_jsonl_line(line: str | bytes) -> dict | _ParseFailure:
+    try:
+        row = _loads(line)
+    except json.JSONDecodeError as e:
+        text = line.decode(errors="replace") if isinstance(line, bytes) else line
+        return _ParseFailure("malformed_json", f"malformed JSON: {e.msg} (column {e.colno})",
+                             _snippet(text.rstrip("\n")))
+    if not isinstance(row, dict):
+        text = line.decode(errors="replace") if isinstance(line, bytes) else line
+        return _ParseFailure("malformed_json", f"expected a JSON object, got {type(row).__name__}",
+                             _snippet(text.rstrip("\n")))
+    return row
+
+
 def _jsonl_rows(path: Path, where: str) -> Iterator[tuple[str, dict | _ParseFailure]]:
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = _loads(line)
-            except json.JSONDecodeError as e:
-                yield f"{where}:{lineno}", _ParseFailure(
-                    "malformed_json", f"malformed JSON: {e.msg} (column {e.colno})", _snippet(line.rstrip("\n")))
-                continue
-            if not isinstance(row, dict):
-                yield f"{where}:{lineno}", _ParseFailure(
-                    "malformed_json", f"expected a JSON object, got {type(row).__name__}", _snippet(line.rstrip("\n")))
-                continue
-            yield f"{where}:{lineno}", row
+            if line.strip():
+                yield f"{where}:{lineno}", _parse_jsonl_line(line)
 
 
 def _json_rows(path: Path, where: str, spec: DatasetSpec) -> Iterator[tuple[str, dict | _ParseFailure]]:
@@ -274,9 +278,102 @@ def fill_placeholders(value: Any, values: dict[str, str]) -> Any:
     return value
 
 
-def _align_dataset(spec: DatasetSpec, kind: str, fetch_dir: Path, out: IO[str], budget: _ParseBudget,
-                   sample_size: int | None, seed: int, placeholders: dict[str, str] | None = None) -> dict:
+# A row's outcome, computed where the row is converted (this process or a worker) and folded into
+# the report here, in file order: the JSONL line of a kept record, or a tuple for a row that was not.
+_Outcome = str | tuple
+
+
+def _outcome(location: str, row: dict | _ParseFailure, convert, spec: DatasetSpec, kind: str,
+             placeholders: dict[str, str] | None) -> _Outcome:
+    if isinstance(row, _ParseFailure):
+        return ("parse", location, row.reason, row.message, row.snippet)
+    try:
+        record = convert(row, spec, kind)
+    except RowError as e:
+        return ("drop", location, e.reason, e.field, e.message,
+                _snippet(json.dumps(row, ensure_ascii=False, default=str)), list(map(str, row)))
+    if placeholders:
+        record = fill_placeholders(record, placeholders)
+    return _dumps_line(record)
+
+
+def _convert_lines(spec: DatasetSpec, kind: str, placeholders: dict[str, str] | None, where: str,
+                   first_line: int, lines: list[bytes]) -> tuple[list[_Outcome], set[str]]:
+    """Outcomes of a chunk of JSONL lines and the columns its rows had (runs in a worker process)."""
     convert = get_converter(spec.formatting)
+    outcomes, columns = [], set()
+    for lineno, line in enumerate(lines, first_line):
+        if line.strip():
+            row = _parse_jsonl_line(line)
+            if type(row) is dict:
+                columns.update(row)
+            outcomes.append(_outcome(f"{where}:{lineno}", row, convert, spec, kind, placeholders))
+    return outcomes, columns
+
+
+class _Workers:
+    """Worker processes for converting JSONL, started on first use (spawn: see tokenize) and shared
+    by the datasets of a run. `num_proc` None: one per core (at most 8), for files over
+    AUTO_PARALLEL_BYTES only; a number > 1: that many, for every JSONL file."""
+
+    def __init__(self, num_proc: int | None):
+        from components.data.tokenize import resolve_num_proc
+
+        self.auto = num_proc is None
+        self.size = resolve_num_proc(num_proc, None)
+        self._pool = None
+        self.files = 0  # files converted by the workers
+
+    def wanted(self, path: Path) -> bool:
+        return (self.size > 1 and path.suffix.lower() == ".jsonl"
+                and (not self.auto or path.stat().st_size >= AUTO_PARALLEL_BYTES))
+
+    def map_ordered(self, fn: Callable, items: Iterator[tuple]) -> Iterator:
+        from components.data.tokenize import _bounded_ordered
+
+        self.files += 1
+        if self._pool is None:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            self._pool = ProcessPoolExecutor(self.size, mp_context=multiprocessing.get_context("spawn"))
+        return _bounded_ordered(self._pool, fn, items, 2 * self.size)
+
+    def __enter__(self) -> _Workers:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+
+
+def _file_outcomes(path: Path, where: str, spec: DatasetSpec, kind: str, placeholders: dict[str, str] | None,
+                   workers: _Workers | None) -> Iterator[tuple[list[_Outcome], set[str]]]:
+    """Outcomes of one file's rows in order, in chunks: by worker processes for JSONL when `workers`
+    wants the file, else in this process."""
+    if workers is not None and workers.wanted(path):
+        from components.data.tokenize import _line_chunks
+
+        chunks = ((spec, kind, placeholders, where, first, lines) for first, lines in _line_chunks(path))
+        yield from workers.map_ordered(_convert_lines, chunks)
+        return
+    convert = get_converter(spec.formatting)
+    outcomes, columns = [], set()
+    for location, row in _rows(path, where, spec):
+        if type(row) is dict:
+            columns.update(row)
+        outcomes.append(_outcome(location, row, convert, spec, kind, placeholders))
+        if len(outcomes) == _BATCH_ROWS:
+            yield outcomes, columns
+            outcomes, columns = [], set()
+    if outcomes:
+        yield outcomes, columns
+
+
+def _align_dataset(spec: DatasetSpec, kind: str, fetch_dir: Path, out: IO[str], budget: _ParseBudget,
+                   sample_size: int | None, seed: int, placeholders: dict[str, str] | None = None,
+                   workers: _Workers | None = None) -> dict:
+    get_converter(spec.formatting)  # an unknown format fails here, before any file is read
     if not spec.fill_placeholders:
         placeholders = None
     root = fetch_dir / spec.file_name
@@ -284,42 +381,40 @@ def _align_dataset(spec: DatasetSpec, kind: str, fetch_dir: Path, out: IO[str], 
     seen_columns: set[str] = set()
     first_row = True
     rng = random.Random(f"{seed}/{spec.name}")
-    sample: list[tuple[int, dict]] = []  # reservoir of (kept index, record), only when sampling
+    sample: list[tuple[int, str]] = []  # reservoir of (kept index, line), only when sampling
     kept_total = 0
     for path in _data_files(root, spec.name):
         where_file = path.relative_to(fetch_dir).as_posix()
-        rows = _rows(path, where_file, spec)
-        for location, row in tqdm(rows, desc=spec.name, unit=" rows", disable=None, leave=False):
-            report.rows_in += 1
-            if isinstance(row, _ParseFailure):
-                budget.spend(f"{fetch_dir / location}", row.message)
-                report.drop(row.reason, {"at": location, "field": None, "message": row.message, "row": row.snippet})
-                continue
-            seen_columns.update(row)
-            try:
-                record = convert(row, spec, kind)
-            except RowError as e:
-                if first_row and e.reason == "missing_column":
-                    raise DataError(
-                        f"dataset '{spec.name}': the column mapping does not match {fetch_dir / location}: "
-                        f"{e.message}; columns found in the file: {', '.join(map(str, row)) or '(none)'}. "
-                        f"Fix `columns`/`tags` of '{spec.name}' in dataset_info.json") from None
-                first_row = False
-                report.drop(e.reason, {"at": location, "field": e.field, "message": e.message,
-                                       "row": _snippet(json.dumps(row, ensure_ascii=False, default=str))})
-                continue
-            first_row = False
-            if placeholders:
-                record = fill_placeholders(record, placeholders)
-            if sample_size is None:
-                out.write(_dumps_line(record))
-            elif len(sample) < sample_size:
-                sample.append((kept_total, record))
-            else:
-                j = rng.randint(0, kept_total)
-                if j < sample_size:
-                    sample[j] = (kept_total, record)
-            kept_total += 1
+        with tqdm(desc=spec.name, unit=" rows", disable=None, leave=False) as bar:
+            for outcomes, columns in _file_outcomes(path, where_file, spec, kind, placeholders, workers):
+                bar.update(len(outcomes))
+                seen_columns |= columns
+                report.rows_in += len(outcomes)
+                for outcome in outcomes:
+                    if type(outcome) is str:  # a kept record
+                        first_row = False
+                        if sample_size is None:
+                            out.write(outcome)
+                        elif len(sample) < sample_size:
+                            sample.append((kept_total, outcome))
+                        else:
+                            j = rng.randint(0, kept_total)
+                            if j < sample_size:
+                                sample[j] = (kept_total, outcome)
+                        kept_total += 1
+                    elif outcome[0] == "parse":
+                        _, location, reason, message, snippet = outcome
+                        budget.spend(f"{fetch_dir / location}", message)
+                        report.drop(reason, {"at": location, "field": None, "message": message, "row": snippet})
+                    else:
+                        _, location, reason, field, message, snippet, row_columns = outcome
+                        if first_row and reason == "missing_column":
+                            raise DataError(
+                                f"dataset '{spec.name}': the column mapping does not match {fetch_dir / location}: "
+                                f"{message}; columns found in the file: {', '.join(row_columns) or '(none)'}. "
+                                f"Fix `columns`/`tags` of '{spec.name}' in dataset_info.json")
+                        first_row = False
+                        report.drop(reason, {"at": location, "field": field, "message": message, "row": snippet})
     if spec.formatting != "lmflow":
         unseen = {k: v for k, v in spec.columns.items() if v not in seen_columns}
         if unseen and seen_columns:  # an optional column mapped to a name no row has: a typo
@@ -327,8 +422,8 @@ def _align_dataset(spec: DatasetSpec, kind: str, fetch_dir: Path, out: IO[str], 
                 f"dataset '{spec.name}': mapped column(s) {', '.join(f'{k} -> {v!r}' for k, v in unseen.items())} "
                 f"appear in no row of {root}; columns found: {', '.join(sorted(seen_columns)) or '(none)'}")
     if sample_size is not None:
-        for _, record in sorted(sample, key=lambda item: item[0]):  # keep the file's order
-            out.write(_dumps_line(record))
+        for _, line in sorted(sample, key=lambda item: item[0]):  # keep the file's order
+            out.write(line)
         report.rows_sampled_out = kept_total - len(sample)
     report.rows_kept = kept_total - report.rows_sampled_out
     if report.rows_kept == 0:
@@ -453,6 +548,7 @@ def run_align(
     interleave_probs: list[float] | None = None,
     identity_name: str = "lmforge",
     identity_author: str = "lmforge",
+    num_proc: int | None = None,
 ) -> StageResult:
     """Align the datasets of each group to the group's record kind: out_dir/<group>.jsonl + report.json.
 
@@ -464,7 +560,8 @@ def run_align(
     `interleave_probs` (one per dataset, in the group's order) or round-robin; the draws are
     seeded by `seed` and the group. Datasets marked `fill_placeholders` get `{{name}}` and
     `{{author}}` replaced by `identity_name` and `identity_author`. A group with no datasets
-    writes no file.
+    writes no file. JSONL files are converted by `num_proc` worker processes (None: one per core
+    for files over 32 MB); the output does not depend on it.
     """
     fetch_dir, out_dir = Path(fetch_dir), Path(out_dir)
     unknown = [g for g in groups if g not in GROUP_KINDS]
@@ -501,41 +598,44 @@ def run_align(
         spec = specs[name]
         sizes = [n for n in (max_samples, spec.num_samples) if n]
         report[group][name] = _align_dataset(spec, GROUP_KINDS[group], fetch_dir, out, budget,
-                                             min(sizes) if sizes else None, seed, placeholders)
+                                             min(sizes) if sizes else None, seed, placeholders, workers)
 
-    for group, group_names in groups.items():
-        if not group_names:
-            continue
-        report[group] = {}
-        mixed = mix_strategy != "concat" and group in MIXED_GROUPS and len(group_names) > 1
-        with _atomic_text(out_dir / f"{group}.jsonl") as out:
-            if not mixed:
-                for name in group_names:
-                    align_one(group, name, out)
-                    report[group][name]["rows_written"] = report[group][name]["rows_kept"]
-            else:
-                with tempfile.TemporaryDirectory(dir=out_dir, prefix=f".{group}-parts-") as tmp:
-                    parts = [Path(tmp) / f"{i}.jsonl" for i in range(len(group_names))]
-                    for name, part in zip(group_names, parts):
-                        with open(part, "w", encoding="utf-8") as f:
-                            align_one(group, name, f)
-                    stop = "first_exhausted" if mix_strategy == "interleave_under" else "all_exhausted"
-                    written = _write_interleaved(parts, out, probs=interleave_probs, stop=stop,
-                                                 rng=random.Random(f"{seed}/mix/{group}"))
-                for name, n in zip(group_names, written):
-                    report[group][name]["rows_written"] = n
-                mixes[group] = {"strategy": mix_strategy, "stop": stop, "probs": interleave_probs,
-                                "rows": sum(written)}
-        files.append(f"{group}.jsonl")
-        entries = report[group].values()
-        metrics[f"rows_kept_{group}"] = sum(e["rows_kept"] for e in entries)
-        metrics[f"rows_written_{group}"] = sum(e["rows_written"] for e in entries)
-        metrics[f"rows_dropped_{group}"] = sum(d["count"] for e in entries for d in e["dropped"].values())
+    with _Workers(num_proc) as workers:
+        for group, group_names in groups.items():
+            if not group_names:
+                continue
+            report[group] = {}
+            mixed = mix_strategy != "concat" and group in MIXED_GROUPS and len(group_names) > 1
+            with _atomic_text(out_dir / f"{group}.jsonl") as out:
+                if not mixed:
+                    for name in group_names:
+                        align_one(group, name, out)
+                        report[group][name]["rows_written"] = report[group][name]["rows_kept"]
+                else:
+                    with tempfile.TemporaryDirectory(dir=out_dir, prefix=f".{group}-parts-") as tmp:
+                        parts = [Path(tmp) / f"{i}.jsonl" for i in range(len(group_names))]
+                        for name, part in zip(group_names, parts):
+                            with open(part, "w", encoding="utf-8") as f:
+                                align_one(group, name, f)
+                        stop = "first_exhausted" if mix_strategy == "interleave_under" else "all_exhausted"
+                        written = _write_interleaved(parts, out, probs=interleave_probs, stop=stop,
+                                                     rng=random.Random(f"{seed}/mix/{group}"))
+                    for name, n in zip(group_names, written):
+                        report[group][name]["rows_written"] = n
+                    mixes[group] = {"strategy": mix_strategy, "stop": stop, "probs": interleave_probs,
+                                    "rows": sum(written)}
+            files.append(f"{group}.jsonl")
+            entries = report[group].values()
+            metrics[f"rows_kept_{group}"] = sum(e["rows_kept"] for e in entries)
+            metrics[f"rows_written_{group}"] = sum(e["rows_written"] for e in entries)
+            metrics[f"rows_dropped_{group}"] = sum(d["count"] for e in entries for d in e["dropped"].values())
     atomic_write_json(out_dir / "report.json", report)
     files.append("report.json")
     log.info("aligned data\n%s", format_report(report))
     return StageResult(files=files, metrics=metrics,
-                       info={"kinds": {g: GROUP_KINDS[g] for g in report}, "mix": mixes})
+                       info={"kinds": {g: GROUP_KINDS[g] for g in report}, "mix": mixes,
+                             "worker_processes": workers.size if workers.files else 1,
+                             "files_by_workers": workers.files})
 
 
 def iter_records(path: Path) -> Iterator[dict]:

@@ -959,12 +959,12 @@ def _collect(results: Iterable[_ChunkResult], out: _ParquetOut, stats: _GroupSta
     return fast
 
 
-def resolve_num_proc(num_proc: int | None, path: Path) -> int:
-    """Worker processes for a conversation file: as set, else one per core (at most 8) for files over
-    AUTO_PARALLEL_BYTES and 1 below (starting workers costs a few seconds)."""
+def resolve_num_proc(num_proc: int | None, path: Path | None) -> int:
+    """Worker processes for a file: as set, else one per core (at most 8) for files over
+    AUTO_PARALLEL_BYTES (or when `path` is None) and 1 below (starting workers costs a second or two)."""
     if num_proc is not None:
         return num_proc
-    if path.stat().st_size < AUTO_PARALLEL_BYTES:
+    if path is not None and path.stat().st_size < AUTO_PARALLEL_BYTES:
         return 1
     return max(1, min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 8))
 

@@ -372,6 +372,41 @@ def test_placeholders_stay_in_datasets_not_marked(tmp_path: Path) -> None:
     assert next(iter_records(tmp_path / "out" / "sft_eval.jsonl"))["messages"][1]["content"] == "I am {{name}}."
 
 
+def _mixed_rows(n: int) -> str:
+    """JSONL alpaca rows with every outcome: kept, dropped (empty output), malformed, a placeholder."""
+    lines = []
+    for i in range(n):
+        if i % 17 == 5:
+            lines.append('{"instruction": "broken",}')
+        elif i % 11 == 3:
+            lines.append(json.dumps({"instruction": f"Describe code A{i:02d}", "input": "", "output": ""}))
+        else:
+            lines.append(json.dumps({"instruction": f"Who describes A{i:02d}?", "input": "", "output": f"{{{{name}}}} {i}"}))
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize("max_samples", [None, 40])
+def test_worker_processes_align_to_the_same_bytes(tmp_path: Path, monkeypatch, max_samples) -> None:
+    # Many small chunks over two spawned workers: same group file and report as in-process, with
+    # parse failures under a budget, dropped rows, sampling and placeholders in the mix.
+    monkeypatch.setattr("components.data.tokenize.CHUNK_BYTES", 256)
+    info = {"d": {"file_name": "raw/d.jsonl", "fill_placeholders": True}}
+    root = _write(tmp_path, info, {"d.jsonl": _mixed_rows(120)})
+    options = {"bad_row_budget": 10, "identity_name": "Coder", "max_samples": max_samples}
+    one = run_align(root, {"sft": ["d"]}, tmp_path / "one", num_proc=1, **options)
+    two = run_align(root, {"sft": ["d"]}, tmp_path / "two", num_proc=2, **options)
+    for name in ("sft.jsonl", "report.json"):
+        assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes()
+    assert one.metrics == two.metrics
+    assert (one.info["files_by_workers"], two.info["files_by_workers"], two.info["worker_processes"]) == (0, 1, 2)
+    report = json.loads((tmp_path / "two" / "report.json").read_text())["sft"]["d"]
+    assert report["dropped"]["malformed_json"]["count"] == 7 and report["dropped"]["empty_response"]["count"] > 0
+    assert "Coder" in (tmp_path / "two" / "sft.jsonl").read_text()
+    # The budget is spent in file order, so the error names the same line either way.
+    with pytest.raises(DataError, match=r"raw/d\.jsonl:23: malformed JSON.*more than bad_row_budget=1"):
+        run_align(root, {"sft": ["d"]}, tmp_path / "bad", num_proc=2, bad_row_budget=1)
+
+
 def test_docstring_examples_run() -> None:
     import doctest
 

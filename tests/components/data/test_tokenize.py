@@ -272,16 +272,15 @@ def test_worker_processes_give_the_same_output_and_errors(tok, align_dir, tmp_pa
     assert not list((tmp_path / "bad").glob("*.parquet")) and not list((tmp_path / "bad").glob(".*.tmp"))
 
 
-def test_num_proc_is_not_part_of_the_tokenize_cache_key(tiny_model_dir, tmp_path):
+def test_num_proc_is_not_part_of_the_data_cache_keys(tiny_model_dir, tmp_path):
     from flows.plan import planned_stages, stage_config
     from tests.conftest import tiny_pipeline_config
 
-    keys = []
+    configs = {}
     for num_proc in ("null", "3"):
-        cfg = tiny_pipeline_config(tiny_model_dir, tmp_path, **{"tokenize.num_proc": num_proc})
-        node = next(n for n in planned_stages(cfg) if n.stage == "tokenize")
-        keys.append(stage_config(cfg, node, "fp32"))
-    assert keys[0] == keys[1]
+        cfg = tiny_pipeline_config(tiny_model_dir, tmp_path, **{"tokenize.num_proc": num_proc, "data.num_proc": num_proc})
+        configs[num_proc] = [stage_config(cfg, n, "fp32") for n in planned_stages(cfg) if n.stage in ("align", "tokenize")]
+    assert len(configs["3"]) == 2 and configs["null"] == configs["3"]
 
 
 # --- the fast path -------------------------------------------------------------------------

@@ -56,3 +56,31 @@ def test_a_configured_api_is_used_as_is(tmp_path):
     done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip() == "http://127.0.0.1:9/api"
+
+
+def test_the_server_does_not_outlive_a_killed_run(tmp_path):
+    # kill -9 skips every cleanup handler; the server must still go (Linux: parent-death signal).
+    import signal
+    import time
+
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env["PREFECT_HOME"] = str(tmp_path)
+    probe = ("import os, time\nfrom flows.local_api import early_local_api\n"
+             "with early_local_api() as wait_ready:\n    wait_ready()\n"
+             "    print(os.environ['PREFECT_API_URL'], flush=True)\n    time.sleep(600)\n")
+    run = subprocess.Popen([sys.executable, "-c", probe], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+    url = run.stdout.readline().strip()
+    assert url.startswith("http://127.0.0.1:")
+    import httpx
+
+    assert httpx.get(f"{url}/health", timeout=5).status_code == 200
+    run.send_signal(signal.SIGKILL)
+    run.wait(timeout=30)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            httpx.get(f"{url}/health", timeout=1)
+        except httpx.HTTPError:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"the temporary API at {url} still answers after its run was killed")

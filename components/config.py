@@ -15,7 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
-from components.data.records import MIXED_GROUPS
+from components.data.records import MIXED_GROUPS, interleave_probs_problem
 
 STAGES = ("fetch", "align", "tokenize", "cpt", "sft", "evaluate", "quantize", "register")
 Stage = Literal["fetch", "align", "tokenize", "cpt", "sft", "evaluate", "quantize", "register"]
@@ -76,21 +76,11 @@ class DataConfig(Strict):
     @field_validator("interleave_probs")
     @classmethod
     def _probs_fit_the_groups(cls, probs: list[float] | None, info: ValidationInfo) -> list[float] | None:
-        if probs is None:
-            return None
-        if info.data.get("mix_strategy", "concat") == "concat":
-            raise ValueError("needs mix_strategy interleave_under or interleave_over (concat takes every row)")
-        if any(p <= 0 for p in probs):
-            raise ValueError("every probability must be > 0 (remove a dataset from its group to leave it out)")
-        if abs(sum(probs) - 1) > 1e-6:
-            raise ValueError(f"must sum to 1 (sums to {sum(probs):g})")
-        mixed = {g: info.data[g] for g in MIXED_GROUPS if len(info.data.get(g) or []) > 1}
-        if not mixed:
-            raise ValueError("no training group (cpt, sft, preference) lists more than one dataset to mix")
-        for group, names in mixed.items():
-            if len(names) != len(probs):
-                raise ValueError(f"has {len(probs)} entries but data.{group} lists {len(names)} datasets "
-                                 f"({', '.join(names)}); give one probability per dataset")
+        groups = {g: info.data.get(g) or [] for g in MIXED_GROUPS}
+        problem = interleave_probs_problem(groups, info.data.get("mix_strategy", "concat"), probs,
+                                           group_name=lambda g: f"data.{g}")
+        if problem:
+            raise ValueError(problem)
         return probs
 
 

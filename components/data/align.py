@@ -31,7 +31,7 @@ from tqdm import tqdm
 from components.artifacts import StageResult, atomic_file, atomic_write_json
 from components.data.dataset_info import DataError, DatasetSpec, load_dataset_info
 from components.data.formats import RowError, get_converter, supported_kinds
-from components.data.records import GROUP_KINDS, MIXED_GROUPS
+from components.data.records import GROUP_KINDS, MIXED_GROUPS, interleave_probs_problem
 
 log = logging.getLogger(__name__)
 
@@ -516,24 +516,9 @@ def _write_interleaved(parts: list[Path], out: IO[str], **mixing: Any) -> list[i
 def _check_mixing(groups: dict[str, list[str]], mix_strategy: str, interleave_probs: list[float] | None) -> None:
     if mix_strategy not in MIX_STRATEGIES:
         raise DataError(f"unknown mix_strategy {mix_strategy!r}; known: {', '.join(MIX_STRATEGIES)}")
-    if interleave_probs is None:
-        return
-    if mix_strategy == "concat":
-        raise DataError("interleave_probs needs mix_strategy interleave_under or interleave_over "
-                        "(concat takes every row)")
-    if any(p <= 0 for p in interleave_probs):
-        raise DataError(f"interleave_probs {interleave_probs}: every probability must be > 0 "
-                        "(remove a dataset from its group to leave it out)")
-    if abs(sum(interleave_probs) - 1) > 1e-6:
-        raise DataError(f"interleave_probs {interleave_probs} must sum to 1 (sums to {sum(interleave_probs):g})")
-    mixed = {g: names for g, names in groups.items() if g in MIXED_GROUPS and len(names) > 1}
-    if not mixed:
-        raise DataError("interleave_probs is set, but no training group (cpt, sft, preference) lists more than "
-                        "one dataset to mix")
-    for group, names in mixed.items():
-        if len(names) != len(interleave_probs):
-            raise DataError(f"interleave_probs has {len(interleave_probs)} entries but group '{group}' lists "
-                            f"{len(names)} datasets ({', '.join(names)}); give one probability per dataset")
+    problem = interleave_probs_problem(groups, mix_strategy, interleave_probs)
+    if problem:
+        raise DataError(problem)
 
 
 def run_align(

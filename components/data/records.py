@@ -14,6 +14,7 @@ Aligned data is written as JSONL, one record per line, per group (cpt, cpt_eval,
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from typing import Literal
 
 Kind = Literal["text", "conversation", "preference", "kto"]
@@ -31,3 +32,28 @@ GROUP_KINDS: dict[str, Kind] = {
 # Groups whose datasets are merged by `data.mix_strategy`; evaluation groups are always concatenated,
 # so held-out sets are scored whole.
 MIXED_GROUPS = ("cpt", "sft", "preference")
+
+
+def interleave_probs_problem(groups: Mapping[str, Sequence[str]], mix_strategy: str, probs: Sequence[float] | None,
+                             group_name: Callable[[str], str] = lambda g: f"group '{g}'") -> str | None:
+    """What is wrong with `data.interleave_probs` for these groups and strategy, or None.
+
+    One rule for the config (checked at load, naming `data.<group>`) and the align stage (naming the group).
+    """
+    if probs is None:
+        return None
+    if mix_strategy == "concat":
+        return "interleave_probs needs mix_strategy interleave_under or interleave_over (concat takes every row)"
+    if any(p <= 0 for p in probs):
+        return (f"interleave_probs {list(probs)}: every probability must be > 0 "
+                "(remove a dataset from its group to leave it out)")
+    if abs(sum(probs) - 1) > 1e-6:
+        return f"interleave_probs {list(probs)} must sum to 1 (sums to {sum(probs):g})"
+    mixed = {g: names for g, names in groups.items() if g in MIXED_GROUPS and len(names) > 1}
+    if not mixed:
+        return "interleave_probs is set, but no training group (cpt, sft, preference) lists more than one dataset to mix"
+    for group, names in mixed.items():
+        if len(names) != len(probs):
+            return (f"interleave_probs has {len(probs)} entries but {group_name(group)} lists {len(names)} datasets "
+                    f"({', '.join(names)}); give one probability per dataset")
+    return None

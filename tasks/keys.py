@@ -17,8 +17,10 @@ from components.config import hash_json
 
 STAGE_MODULES: dict[str, tuple[str, ...]] = {
     "fetch": ("components.data.fetch", "components.data.dataset_info"),
-    "align": ("components.data.align", "components.data.formats", "components.data.dataset_info"),
-    "tokenize": ("components.data.tokenize", "components.data.templates", "components.data.packing"),
+    "align": ("components.data.align", "components.data.formats", "components.data.dataset_info",
+              "components.data.workers"),
+    "tokenize": ("components.data.tokenize", "components.data.templates", "components.data.packing",
+                 "components.data.workers"),
     "cpt": ("components.training.lora", "components.training.sft", "components.data.packing"),
     "sft": ("components.training.lora", "components.training.sft", "components.data.packing"),
     "evaluate": ("components.evaluation.evaluate", "components.evaluation.metrics"),

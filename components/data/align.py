@@ -32,6 +32,8 @@ from components.artifacts import StageResult, atomic_file, atomic_write_json
 from components.data.dataset_info import DataError, DatasetSpec, load_dataset_info
 from components.data.formats import RowError, get_converter, supported_kinds
 from components.data.records import GROUP_KINDS, MIXED_GROUPS, interleave_probs_problem
+from components.data.workers import (AUTO_PARALLEL_BYTES, line_chunks, ordered_map, resolve_num_proc,
+                                     spawn_pool)
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +44,6 @@ MAX_EXAMPLES = 3
 _EXAMPLE_CHARS = 300
 _BATCH_ROWS = 1024
 MIX_STRATEGIES = ("concat", "interleave_under", "interleave_over")
-AUTO_PARALLEL_BYTES = 32 << 20  # JSONL files larger than this are converted by worker processes
 PLACEHOLDERS = ("{{name}}", "{{author}}")
 T = TypeVar("T")
 
@@ -312,13 +313,11 @@ def _convert_lines(spec: DatasetSpec, kind: str, placeholders: dict[str, str] | 
 
 
 class _Workers:
-    """Worker processes for converting JSONL, started on first use (spawn: see tokenize) and shared
+    """Worker processes for converting JSONL, started on first use (components.data.workers) and shared
     by the datasets of a run. `num_proc` None: one per core (at most 8), for files over
     AUTO_PARALLEL_BYTES only; a number > 1: that many, for every JSONL file."""
 
     def __init__(self, num_proc: int | None):
-        from components.data.tokenize import resolve_num_proc
-
         self.auto = num_proc is None
         self.size = resolve_num_proc(num_proc, None)
         self._pool = None
@@ -329,15 +328,10 @@ class _Workers:
                 and (not self.auto or path.stat().st_size >= AUTO_PARALLEL_BYTES))
 
     def map_ordered(self, fn: Callable, items: Iterator[tuple]) -> Iterator:
-        from components.data.tokenize import _bounded_ordered
-
         self.files += 1
         if self._pool is None:
-            import multiprocessing
-            from concurrent.futures import ProcessPoolExecutor
-
-            self._pool = ProcessPoolExecutor(self.size, mp_context=multiprocessing.get_context("spawn"))
-        return _bounded_ordered(self._pool, fn, items, 2 * self.size)
+            self._pool = spawn_pool(self.size)
+        return ordered_map(self._pool, fn, items, 2 * self.size)
 
     def __enter__(self) -> _Workers:
         return self
@@ -352,9 +346,7 @@ def _file_outcomes(path: Path, where: str, spec: DatasetSpec, kind: str, placeho
     """Outcomes of one file's rows in order, in chunks: by worker processes for JSONL when `workers`
     wants the file, else in this process."""
     if workers is not None and workers.wanted(path):
-        from components.data.tokenize import _line_chunks
-
-        chunks = ((spec, kind, placeholders, where, first, lines) for first, lines in _line_chunks(path))
+        chunks = ((spec, kind, placeholders, where, first, lines) for first, lines in line_chunks(path))
         yield from workers.map_ordered(_convert_lines, chunks)
         return
     convert = get_converter(spec.formatting)

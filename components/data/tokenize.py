@@ -42,6 +42,7 @@ from components.artifacts import StageResult, atomic_write_json, atomic_write_te
 from components.config import TokenizeConfig
 from components.data.records import ROLES
 from components.data.templates import chat_format, known_templates, resolve_template, stop_string
+from components.data.workers import line_chunks, ordered_map, resolve_num_proc, spawn_pool
 
 if TYPE_CHECKING:
     import datasets
@@ -51,10 +52,8 @@ log = logging.getLogger(__name__)
 IGNORE = -100
 MARK_OPEN, MARK_CLOSE = "⟦", "⟧"
 ROWS_PER_BATCH = 2048  # rows rendered, encoded and written to parquet at a time (bounds memory)
-CHUNK_BYTES = 1 << 20  # conversation JSONL is encoded in chunks of about this size (~5k short rows)
 SAMPLES_PER_GROUP = 3
 PAD_WASTE_BATCH = 8  # batch size assumed by stats' padding_waste_if_padded
-AUTO_PARALLEL_BYTES = 32 << 20  # conversation files larger than this get worker processes by default
 
 _INT_LIST = pa.list_(pa.int32())
 TEXT_SCHEMA = pa.schema([("input_ids", _INT_LIST), ("labels", _INT_LIST), ("position_ids", _INT_LIST)])
@@ -126,6 +125,11 @@ def render_conversation(
     )[0]
 
 
+def _trained_turns(roles: list[str] | tuple[str, ...], train_on_prompt: bool, mask_history: bool) -> list[int]:
+    turns = [] if train_on_prompt else [i for i, role in enumerate(roles) if role == "assistant"]
+    return turns[-1:] if mask_history else turns
+
+
 def encode_conversations(
     tokenizer,
     tmpl: ChatTemplate,
@@ -144,34 +148,15 @@ def encode_conversations(
     the fast path (`ConversationEncoder`) gives the same result. To encode many batches, make one
     `ConversationEncoder` and reuse it: its caches then carry over.
     """
-    if not fast:
-        return _encode_exact(tokenizer, tmpl, conversations, system_prompt=system_prompt,
-                             train_on_prompt=train_on_prompt, mask_history=mask_history, where=where)
-    encoder = ConversationEncoder(tokenizer, tmpl, system_prompt=system_prompt, train_on_prompt=train_on_prompt,
-                                  mask_history=mask_history)
-    return encoder.encode(conversations, where)
-
-
-def _trained_turns(roles: list[str] | tuple[str, ...], train_on_prompt: bool, mask_history: bool) -> list[int]:
-    turns = [] if train_on_prompt else [i for i, role in enumerate(roles) if role == "assistant"]
-    return turns[-1:] if mask_history else turns
-
-
-def _encode_exact(
-    tokenizer,
-    tmpl: ChatTemplate,
-    conversations: list[tuple[list[dict], str | list | None]],
-    *,
-    system_prompt: str | None,
-    train_on_prompt: bool,
-    mask_history: bool,
-    where: list[str] | None = None,
-) -> list[tuple[list[int], list[int]]]:
-    """The reference path: renders every needed prefix as a string, then encodes them all at once."""
+    if fast:
+        encoder = ConversationEncoder(tokenizer, tmpl, system_prompt=system_prompt, train_on_prompt=train_on_prompt,
+                                      mask_history=mask_history)
+        return encoder.encode(conversations, where)
+    # The reference path: renders every needed prefix as a string, then encodes them all at once.
     strings: list[str] = []
     plans = []  # per conversation: (index of the full rendering, [(prompt index, end index, turn), ...])
     for k, (messages, tools) in enumerate(conversations):
-        place = where[k] if where else f"conversation {k}"
+        place = _place(where, k)
         try:
             msgs = _normalize_messages(messages, system_prompt)
             tool_list = _parse_tools(tools)
@@ -211,7 +196,7 @@ def _encode_exact(
         for prompt_index, end_index, turn in spans:
             start, end = len(encoded[prompt_index]), len(encoded[end_index])
             if ids[:start] != encoded[prompt_index] or ids[:end] != encoded[end_index]:
-                place = where[k] if where else f"conversation {k}"
+                place = _place(where, k)
                 boundary = strings[full_index][max(0, len(strings[prompt_index]) - 12) : len(strings[prompt_index]) + 12]
                 what = f"the first {turn} messages plus the generation prompt, or through message {turn},"
                 raise ValueError(f"{place}: {_prefix_error(tmpl, what, 'token')} (text around the boundary: {boundary!r})")
@@ -618,8 +603,9 @@ class ConversationEncoder:
         return out
 
     def _exact(self, conversations, where):
-        return _encode_exact(self.tokenizer, self.tmpl, conversations, system_prompt=self.system_prompt,
-                             train_on_prompt=self.train_on_prompt, mask_history=self.mask_history, where=where)
+        return encode_conversations(self.tokenizer, self.tmpl, conversations, system_prompt=self.system_prompt,
+                                    train_on_prompt=self.train_on_prompt, mask_history=self.mask_history,
+                                    where=where, fast=False)
 
     def _assemble(self, shape: _Shape, texts: list, heads: list) -> tuple[list[int], list[int]] | None:
         pieces = self._pieces
@@ -826,52 +812,21 @@ def _tokenize_text_group(path: Path, tokenizer, cfg: TokenizeConfig, out: _Parqu
 
 
 def _tokenize_conversation_group(
-    path: Path, tokenizer, cfg: TokenizeConfig, out: _ParquetOut, stats: _GroupStats, samples: list,
-    num_proc: int,
+    path: Path, tokenizer, tmpl: ChatTemplate, cfg: TokenizeConfig, out: _ParquetOut, stats: _GroupStats,
+    samples: list, num_proc: int,
 ) -> None:
-    """Encode a conversation group chunk by chunk; with num_proc > 1, chunks go to worker processes.
-
-    The main process only reads lines and writes the workers' Arrow tables, in file order, so the
-    output is the same whatever num_proc is; at most 2 * num_proc chunks are in flight (bounded memory).
-    """
-    chunks = _line_chunks(path)
+    """Encode a conversation group chunk by chunk; with num_proc > 1, chunks go to worker processes
+    (components.data.workers). The main process then only reads lines and writes the workers' Arrow
+    tables, in file order, so the output is the same whatever num_proc is."""
+    chunks = line_chunks(path)
     if num_proc <= 1:
-        worker = _ChunkEncoder(tokenizer, cfg)
-        results = (worker(path, first, lines) for first, lines in chunks)
-        _collect(results, out, stats, samples, bar_desc=f"tokenize {path.stem}")
-        stats.fast_path_rows = worker.encoder.counts["fast"]
-        return
-    # spawn, not fork: the flow runs this inside a Prefect worker thread, and forking a threaded
-    # process can deadlock on a lock another thread held.
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    with ProcessPoolExecutor(num_proc, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_init_worker, initargs=(tokenizer, cfg)) as pool:
-        results = _bounded_ordered(pool, _encode_in_worker, ((path, *chunk) for chunk in chunks), 2 * num_proc)
+        encode = _ChunkEncoder(tokenizer, cfg, tmpl)
+        results = (encode(path, first, lines) for first, lines in chunks)
         stats.fast_path_rows = _collect(results, out, stats, samples, bar_desc=f"tokenize {path.stem}")
-
-
-def _line_chunks(path: Path) -> Iterator[tuple[int, list[bytes]]]:
-    """(number of the first line, raw lines) in chunks of about CHUNK_BYTES: read in C, parsed by the encoder."""
-    with open(path, "rb") as f:
-        first = 1
-        while lines := f.readlines(CHUNK_BYTES):
-            yield first, lines
-            first += len(lines)
-
-
-def _bounded_ordered(pool, fn, items: Iterator[tuple], in_flight: int) -> Iterator:
-    """pool.map(fn, items) in order, with at most `in_flight` items submitted and not yet consumed."""
-    from collections import deque
-
-    pending: deque = deque()
-    for args in items:
-        pending.append(pool.submit(fn, *args))
-        if len(pending) >= in_flight:
-            yield pending.popleft().result()
-    while pending:
-        yield pending.popleft().result()
+        return
+    with spawn_pool(num_proc, _init_worker, (tokenizer, cfg)) as pool:
+        results = ordered_map(pool, _encode_in_worker, ((path, *chunk) for chunk in chunks), 2 * num_proc)
+        stats.fast_path_rows = _collect(results, out, stats, samples, bar_desc=f"tokenize {path.stem}")
 
 
 class _Lines:
@@ -900,9 +855,9 @@ class _ChunkResult:
 class _ChunkEncoder:
     """Parse, encode and truncate one chunk of JSONL lines into an Arrow table (runs in any process)."""
 
-    def __init__(self, tokenizer, cfg: TokenizeConfig):
+    def __init__(self, tokenizer, cfg: TokenizeConfig, tmpl: ChatTemplate | None = None):
         self.cfg = cfg
-        self.encoder = ConversationEncoder(tokenizer, prepare_template(tokenizer, cfg.template),
+        self.encoder = ConversationEncoder(tokenizer, tmpl or prepare_template(tokenizer, cfg.template),
                                            system_prompt=cfg.system_prompt, train_on_prompt=cfg.train_on_prompt,
                                            mask_history=cfg.mask_history)
 
@@ -974,16 +929,6 @@ def _collect(results: Iterable[_ChunkResult], out: _ParquetOut, stats: _GroupSta
     return fast
 
 
-def resolve_num_proc(num_proc: int | None, path: Path | None) -> int:
-    """Worker processes for a file: as set, else one per core (at most 8) for files over
-    AUTO_PARALLEL_BYTES (or when `path` is None) and 1 below (starting workers costs a second or two)."""
-    if num_proc is not None:
-        return num_proc
-    if path is not None and path.stat().st_size < AUTO_PARALLEL_BYTES:
-        return 1
-    return max(1, min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 8))
-
-
 def run_tokenize(align_dir: Path, tokenizer, cfg: TokenizeConfig, out_dir: Path, *, groups: dict[str, str]) -> StageResult:
     """Tokenize every aligned group file in `align_dir` into `out_dir`.
 
@@ -1023,7 +968,7 @@ def run_tokenize(align_dir: Path, tokenizer, cfg: TokenizeConfig, out_dir: Path,
                 tmpl = tmpl or prepare_template(tokenizer, cfg.template)  # fails early on an unknown name
                 samples: list = []
                 num_proc = resolve_num_proc(cfg.num_proc, path)
-                _tokenize_conversation_group(path, tokenizer, cfg, out, group_stats, samples, num_proc)
+                _tokenize_conversation_group(path, tokenizer, tmpl, cfg, out, group_stats, samples, num_proc)
                 sample_text.append(
                     f"===== {group} ({len(samples)} of {group_stats.rows} rows; trained tokens in {MARK_OPEN} {MARK_CLOSE})"
                 )

@@ -389,7 +389,7 @@ def _mixed_rows(n: int) -> str:
 def test_worker_processes_align_to_the_same_bytes(tmp_path: Path, monkeypatch, max_samples) -> None:
     # Many small chunks over two spawned workers: same group file and report as in-process, with
     # parse failures under a budget, dropped rows, sampling and placeholders in the mix.
-    monkeypatch.setattr("components.data.tokenize.CHUNK_BYTES", 256)
+    monkeypatch.setattr("components.data.workers.CHUNK_BYTES", 256)
     info = {"d": {"file_name": "raw/d.jsonl", "fill_placeholders": True}}
     root = _write(tmp_path, info, {"d.jsonl": _mixed_rows(120)})
     options = {"bad_row_budget": 10, "identity_name": "Coder", "max_samples": max_samples}

@@ -245,7 +245,7 @@ def test_run_tokenize_output_does_not_depend_on_the_batch_size(tok, align_dir, t
     cfg = TokenizeConfig(system_prompt=None, cutoff_len=64, cpt_block_size=16)
     run_tokenize(align_dir, tok, cfg, tmp_path / "big", groups=GROUPS)
     monkeypatch.setattr("components.data.tokenize.ROWS_PER_BATCH", 2)
-    monkeypatch.setattr("components.data.tokenize.CHUNK_BYTES", 64)  # a line or two per chunk
+    monkeypatch.setattr("components.data.workers.CHUNK_BYTES", 64)  # a line or two per chunk
     run_tokenize(align_dir, tok, cfg, tmp_path / "small", groups=GROUPS)
     for name in ("cpt.parquet", "sft.parquet"):
         assert pq.read_table(tmp_path / "small" / name).equals(pq.read_table(tmp_path / "big" / name))
@@ -256,7 +256,7 @@ def test_worker_processes_give_the_same_output_and_errors(tok, align_dir, tmp_pa
     # Several chunks spread over two spawned workers: same parquet, stats and samples as in-process.
     cfg = TokenizeConfig(system_prompt=None, cutoff_len=64, cpt_block_size=16)
     monkeypatch.setattr("components.data.tokenize.ROWS_PER_BATCH", 2)
-    monkeypatch.setattr("components.data.tokenize.CHUNK_BYTES", 64)  # a line or two per chunk
+    monkeypatch.setattr("components.data.workers.CHUNK_BYTES", 64)  # a line or two per chunk
     run_tokenize(align_dir, tok, cfg, tmp_path / "one", groups=GROUPS)
     run_tokenize(align_dir, tok, cfg.model_copy(update={"num_proc": 2}), tmp_path / "two", groups=GROUPS)
     for name in ("sft.parquet", "cpt.parquet"):

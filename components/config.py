@@ -67,6 +67,11 @@ class DataConfig(Strict):
         "lmforge", description="Fills {{name}} in datasets marked fill_placeholders (identity data)."
     )
     identity_author: str = Field("lmforge", description="Fills {{author}} in datasets marked fill_placeholders.")
+    streaming: bool = Field(
+        False,
+        description="Read hub datasets (hf_hub_url) as streams and write them row by row as JSONL: no full copy in "
+        "the datasets cache, memory bounded however large the split. Other sources are always copied in chunks.",
+    )
     num_proc: int | None = Field(
         None, ge=1,
         description="Worker processes that convert JSONL files. Null: one per core (at most 8) for files over "

@@ -42,6 +42,11 @@ def planned_stages(cfg: PipelineConfig) -> list[PlannedStage]:
     return nodes
 
 
+def _shown(path: Path, base: Path) -> str:
+    """A source path as the key records it: relative to the dataset_info.json when below it, else absolute."""
+    return str(path.relative_to(base)) if path.is_relative_to(base) else str(path)
+
+
 def _source_fingerprints(cfg: PipelineConfig) -> dict:
     """What the fetch key depends on: the description file and the content of every local source."""
     from components.data.dataset_info import load_dataset_info
@@ -52,10 +57,12 @@ def _source_fingerprints(cfg: PipelineConfig) -> dict:
     out: dict[str, object] = {"dataset_info": file_fingerprint(info_path)}
     for name, spec in specs.items():
         entry = spec.model_dump(mode="json")
+        if spec.load_from == "hf_hub":  # how a hub dataset is saved (parquet, or JSONL when streamed)
+            entry["streaming"] = cfg.data.streaming
         if spec.file_name:
             base = info_path.parent / spec.file_name
             paths = sorted(p for p in base.rglob("*") if p.is_file()) if base.is_dir() else [base]
-            entry["content"] = {str(p.relative_to(info_path.parent)): file_fingerprint(p) for p in paths if p.exists()}
+            entry["content"] = {_shown(p, info_path.parent): file_fingerprint(p) for p in paths if p.exists()}
         out[name] = entry
     return out
 
@@ -67,7 +74,7 @@ def stage_config(cfg: PipelineConfig, node: PlannedStage, hardware_precision: st
     if node.stage == "fetch":
         return {"sources": _source_fingerprints(cfg)}
     if node.stage == "align":
-        return {"data": cfg.data.model_dump(mode="json", exclude={"dataset_info", "num_proc"})}
+        return {"data": cfg.data.model_dump(mode="json", exclude={"dataset_info", "num_proc", "streaming"})}
     if node.stage == "tokenize":
         # num_proc changes how fast, not what: left out so it does not invalidate the data and training.
         return {"tokenize": cfg.tokenize.model_dump(mode="json", exclude={"num_proc"}), "model": model}

@@ -116,7 +116,7 @@ def fetch(key: str, ctx: RunContext, cfg: PipelineConfig, stage_config: dict) ->
     names = sorted({n for group in GROUP_KINDS for n in getattr(cfg.data, group)})
     return run_stage(
         "fetch", key, ctx, cfg, stage_config,
-        lambda out, _sink: run_fetch(Path(cfg.data.dataset_info), names, out),
+        lambda out, _sink: run_fetch(Path(cfg.data.dataset_info), names, out, streaming=cfg.data.streaming),
         upstream={},
     )
 

@@ -3,7 +3,9 @@
 Sources, one per dataset_info.json entry: a local `file_name` (file or directory, next to the
 dataset_info.json), a `url` (http(s), verified against its `sha256` pin when given, retried with
 backoff), any other fsspec URI in `url` (s3://, gs://, memory://, ...), or a hub dataset id in
-`hf_hub_url` (loaded with `datasets.load_dataset` and saved as parquet).
+`hf_hub_url` (loaded with `datasets.load_dataset` and saved as parquet; with `streaming=True`
+read as a stream and written row by row as JSONL, so no second copy lands in the datasets cache
+and memory stays bounded however large the split is).
 
 Everything lands in out_dir/raw/<name>/; out_dir/dataset_info.json describes the fetched copies
 (file_name relative to out_dir, so the align stage and LLaMA-Factory can read it as is) and
@@ -18,11 +20,12 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path, PurePosixPath
 from typing import IO, TypeVar
 from urllib.parse import urlparse
 
+import orjson
 from tqdm import tqdm
 
 from components.artifacts import StageResult, atomic_file, atomic_write_json, sha256_file
@@ -171,15 +174,21 @@ def _copy_local(spec: DatasetSpec, base: Path, dest_dir: Path) -> Path:
     return src.resolve()
 
 
-def _fetch_hub(spec: DatasetSpec, dest_dir: Path) -> str | None:
-    """Load a hub dataset split and save it as parquet; returns the license the hub states, if any."""
+def _fetch_hub(spec: DatasetSpec, dest_dir: Path, streaming: bool, retries: int) -> str | None:
+    """Load a hub dataset split and save it as parquet (or stream it to JSONL); returns the license
+    the hub states, if any."""
     import datasets  # heavy import, only for hub sources
 
+    what = f"{spec.hf_hub_url!r} (subset={spec.subset}, split={spec.split})"
+    kwargs = {"streaming": True} if streaming else {}
     try:
-        ds = datasets.load_dataset(spec.hf_hub_url, name=spec.subset, data_dir=spec.folder, split=spec.split)
+        ds = datasets.load_dataset(spec.hf_hub_url, name=spec.subset, data_dir=spec.folder, split=spec.split, **kwargs)
     except Exception as e:  # the hub client raises many types; say which dataset, keep the cause
-        raise DataError(f"dataset '{spec.name}': cannot load {spec.hf_hub_url!r} (subset={spec.subset}, "
-                        f"split={spec.split}) from the Hugging Face hub: {e}") from e
+        raise DataError(f"dataset '{spec.name}': cannot load {what} from the Hugging Face hub: {e}") from e
+    if streaming:
+        dest = dest_dir / f"{spec.split}.jsonl"
+        _with_retries(f"streaming {what}", lambda: _stream_rows(spec.name, ds, dest), retries)
+        return ds.info.license or None
     dest = dest_dir / f"{spec.split}.parquet"
     fd, tmp = tempfile.mkstemp(dir=dest_dir, prefix=f".{dest.name}.", suffix=".tmp")
     os.close(fd)
@@ -192,14 +201,33 @@ def _fetch_hub(spec: DatasetSpec, dest_dir: Path) -> str | None:
     return ds.info.license or None
 
 
+def _stream_rows(name: str, rows: Iterable[dict], dest: Path) -> None:
+    """Write a stream of rows to `dest` as JSONL, atomically: a broken stream leaves no file."""
+    row_no = 0
+    try:
+        with atomic_file(dest, "wb") as f:
+            for row_no, row in enumerate(tqdm(rows, desc=f"stream {name}", unit=" rows", disable=None, leave=False), 1):
+                f.write(orjson.dumps(row, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_APPEND_NEWLINE))
+    except orjson.JSONEncodeError as e:
+        raise DataError(f"dataset '{name}': row {row_no} of the stream: {e}. Streaming writes JSONL, which holds "
+                        "text and numbers; set data.streaming: false to save this dataset as parquet instead") from None
+    except (OSError, TimeoutError) as e:  # connection trouble mid-stream: start the stream over
+        raise _Transient(f"stream broke after {row_no} rows: {type(e).__name__}: {e}") from e
+
+
 def _dir_digest(files: dict[str, dict]) -> str:
     """One digest for several files: sha256 of `sha256sum`-style lines, sorted by path."""
     lines = "".join(f"{meta['sha256']}  {rel}\n" for rel, meta in sorted(files.items()))
     return hashlib.sha256(lines.encode()).hexdigest()
 
 
-def run_fetch(dataset_info_path: Path, names: list[str], out_dir: Path, *, retries: int = 3) -> StageResult:
+def run_fetch(
+    dataset_info_path: Path, names: list[str], out_dir: Path, *, retries: int = 3, streaming: bool = False
+) -> StageResult:
     """Fetch the datasets `names` of a dataset_info.json into out_dir/raw/<name>/.
+
+    `streaming` reads hub datasets as streams (see the module docstring); other sources are
+    always copied chunk by chunk.
 
     Writes out_dir/dataset_info.json (those entries, file_name pointing at the fetched copies) and
     out_dir/provenance.json (per dataset: source, bytes, sha256, files, license note).
@@ -226,7 +254,7 @@ def run_fetch(dataset_info_path: Path, names: list[str], out_dir: Path, *, retri
             _copy_fsspec(spec.url, dest_dir, spec.sha256, retries)
         else:
             source = f"hf_hub:{spec.hf_hub_url}"
-            hub_license = _fetch_hub(spec, dest_dir)
+            hub_license = _fetch_hub(spec, dest_dir, streaming, retries)
 
         written = sorted(p for p in dest_dir.rglob("*") if p.is_file())
         files = {p.relative_to(out_dir).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}

@@ -170,3 +170,106 @@ def test_hub_dataset_is_saved_as_parquet(monkeypatch: pytest.MonkeyPatch, tmp_pa
     run_align(out, {"cpt": ["d"]}, tmp_path / "align")
     assert list(iter_records(tmp_path / "align" / "cpt.jsonl")) == [
         {"text": "E11.9 Type 2 diabetes mellitus without complications"}]
+
+
+def _stand_in_hub(monkeypatch: pytest.MonkeyPatch, make) -> list:
+    """Replace `datasets.load_dataset` (the hub is offline in tests) by `make(**kwargs)`; records the calls."""
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(path: str, **kwargs):
+        calls.append((path, kwargs))
+        return make(**kwargs)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    return calls
+
+
+def test_hub_dataset_streams_to_jsonl(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """data.streaming: the real streaming reader of `datasets` (over a local file standing in for the
+    hub) is written row by row as JSONL, which the align stage reads like any other file."""
+    import datasets
+
+    source = tmp_path / "hub" / "rows.jsonl"
+    source.parent.mkdir()
+    source.write_bytes(ROWS)
+    real_load = datasets.load_dataset
+
+    def stream(**kwargs):
+        ds = real_load("json", data_files=str(source), split="train", streaming=kwargs.get("streaming", False))
+        assert isinstance(ds, datasets.IterableDataset)
+        return ds
+
+    calls = _stand_in_hub(monkeypatch, stream)
+    info = _info(tmp_path, {"d": {"hf_hub_url": "org/icd10", "split": "train", "formatting": "text"}})
+    out = tmp_path / "fetch"
+    result = run_fetch(info, ["d"], out, streaming=True)
+    assert calls == [("org/icd10", {"name": None, "data_dir": None, "split": "train", "streaming": True})]
+    assert result.files[0] == "raw/d/train.jsonl"
+    assert json.loads((out / "dataset_info.json").read_text())["d"] == {"file_name": "raw/d/train.jsonl",
+                                                                        "formatting": "text"}
+    written = (out / "raw" / "d" / "train.jsonl").read_bytes().splitlines()
+    assert [json.loads(line) for line in written] == [json.loads(line) for line in ROWS.splitlines()]
+    run_align(out, {"cpt": ["d"]}, tmp_path / "align")
+    assert [r["text"] for r in iter_records(tmp_path / "align" / "cpt.jsonl")] == [
+        "E11.9 Type 2 diabetes mellitus without complications", "I10 Essential (primary) hypertension"]
+
+
+def test_a_broken_stream_starts_over_and_leaves_no_partial_file(monkeypatch: pytest.MonkeyPatch,
+                                                                tmp_path: Path) -> None:
+    import datasets
+
+    breaks = {"left": 1}
+
+    def rows():
+        yield {"text": "E11.9 Type 2 diabetes mellitus without complications"}
+        if breaks["left"]:
+            breaks["left"] -= 1
+            raise ConnectionResetError("connection reset by peer")
+        yield {"text": "I10 Essential (primary) hypertension"}
+
+    _stand_in_hub(monkeypatch, lambda **_: datasets.IterableDataset.from_generator(rows))
+    info = _info(tmp_path, {"d": {"hf_hub_url": "org/icd10", "formatting": "text"}})
+    run_fetch(info, ["d"], tmp_path / "fetch", streaming=True)
+    assert len((tmp_path / "fetch" / "raw" / "d" / "train.jsonl").read_bytes().splitlines()) == 2
+
+    breaks["left"] = 10  # more breaks than retries: fails, and nothing half-written stays behind
+    with pytest.raises(DataError, match=r"streaming 'org/icd10' .* failed after 2 attempts: stream broke after 1 rows: "
+                                        r"ConnectionResetError"):
+        run_fetch(info, ["d"], tmp_path / "fetch2", retries=1, streaming=True)
+    assert not [p for p in (tmp_path / "fetch2" / "raw" / "d").iterdir()]
+
+
+def test_a_streamed_row_json_cannot_hold_names_the_row(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import datasets
+
+    rows = [{"text": "E11.9", "blob": b""}, {"text": "I10", "blob": b"\x89PNG"}]
+    _stand_in_hub(monkeypatch, lambda **_: datasets.IterableDataset.from_generator(lambda: iter(rows)))
+    info = _info(tmp_path, {"d": {"hf_hub_url": "org/icd10", "formatting": "text"}})
+    with pytest.raises(DataError, match=r"dataset 'd': row 1 of the stream: Type is not JSON serializable: bytes\. "
+                                        r"Streaming writes JSONL, .* set data.streaming: false"):
+        run_fetch(info, ["d"], tmp_path / "fetch", streaming=True)
+
+
+def test_streaming_keys_only_the_fetch_of_hub_datasets(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """data.streaming changes how a hub dataset is saved, so it is part of fetch's key where a hub
+    dataset is fetched, and nowhere else (local sources, align)."""
+    from flows.plan import planned_stages, stage_config
+    from tests.conftest import ROOT, tiny_pipeline_config
+
+    shipped = ROOT / "data" / "icd10" / "dataset_info.json"
+    entries = json.loads(shipped.read_text())
+    for entry in entries.values():
+        entry["file_name"] = str(shipped.parent / entry["file_name"])
+    with_hub = _info(tmp_path, {**entries, "hub_rows": {"hf_hub_url": "org/rows", "formatting": "text"}})
+
+    def keyed(streaming: bool, **overrides) -> dict:
+        cfg = tiny_pipeline_config(tiny_model_dir, tmp_path, **{"data.streaming": streaming, **overrides})
+        return {n.stage: stage_config(cfg, n, "fp32") for n in planned_stages(cfg) if n.stage in ("fetch", "align")}
+
+    assert keyed(False) == keyed(True)
+    hub = {"data.dataset_info": with_hub, "data.cpt": "[icd10_corpus, hub_rows]"}
+    off, on = keyed(False, **hub), keyed(True, **hub)
+    assert off["align"] == on["align"] and off["fetch"] != on["fetch"]
+    assert on["fetch"]["sources"]["hub_rows"]["streaming"] is True

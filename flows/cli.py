@@ -44,12 +44,13 @@ def run(
     config: ConfigArg = None,
     from_stage: Annotated[Optional[str], typer.Option("--from", help="Recompute from this stage on, even if cached.")] = None,
     only: Annotated[Optional[str], typer.Option("--only", help="Run only this stage on cached upstream outputs.")] = None,
+    until: Annotated[Optional[str], typer.Option("--until", help="Stop after this stage (e.g. sft: train, no evaluation).")] = None,
     set_: SetOpt = [],  # noqa: B006 (typer reads the default)
 ) -> None:
     """Run the domain-adaptation flow end to end (cached stages are reused)."""
     from components.config import STAGES
 
-    for name in (from_stage, only):
+    for name in (from_stage, only, until):
         if name is not None and name not in STAGES:
             console.print(f"[red]unknown stage {name!r}; stages: {', '.join(STAGES)}[/red]")
             raise typer.Exit(2)
@@ -60,7 +61,7 @@ def run(
         from flows.domain_adaptation import domain_adaptation  # torch, mlflow...: while the API boots
 
         wait_ready()
-        summary = domain_adaptation(config=cfg, from_stage=from_stage, only=only)
+        summary = domain_adaptation(config=cfg, from_stage=from_stage, only=only, until=until)
     _print_summary(summary)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -43,3 +44,53 @@ def test_data_check_prints_the_report_and_a_marked_sample(tiny_model_dir, tmp_pa
     again = CliRunner().invoke(app, ["data", "check", str(config), "--set", "data.max_samples=12"])
     assert again.exit_code == 0, again.output
     assert again.stdout == out
+
+
+def test_every_fixture_format_goes_through_data_check_and_training(tiny_model_dir, tmp_path, prefect_harness):
+    """The fixture of every format, described by one LLaMA-Factory dataset_info.json, through
+    `lmforge data check` and `lmforge run --until sft`; every trained span is an assistant answer."""
+    import pyarrow.parquet as pq
+    from transformers import AutoTokenizer
+
+    from components.data.align import iter_records
+    from components.data.tokenize import IGNORE
+    from tests.components.data.conftest import FIXTURE_GROUPS, write_formats
+
+    formats = write_formats(tmp_path / "formats")
+    groups: dict[str, list[str]] = {}
+    for name, group in FIXTURE_GROUPS.items():
+        groups.setdefault(group, []).append(name)
+    sets = {f"data.{group}": "[" + ", ".join(names) + "]" for group, names in groups.items()}
+    workspace = tmp_path / "ws"
+    config = tmp_path / "formats.yaml"
+    save_config(tiny_pipeline_config(tiny_model_dir, workspace, **sets, **{
+        "data.dataset_info": formats / "dataset_info.json", "data.max_samples": "null",
+        "tokenize.cutoff_len": 1024, "sft.batch_size": 2}), config)
+
+    checked = CliRunner().invoke(app, ["data", "check", str(config)])
+    assert checked.exit_code == 0, checked.output
+    for name in FIXTURE_GROUPS:
+        assert name in checked.stdout
+    ran = CliRunner().invoke(app, ["run", str(config), "--until", "sft"])
+    assert ran.exit_code == 0, ran.output
+    artifacts = workspace / "artifacts"
+    assert [p.name for p in sorted(artifacts.iterdir())] == ["align", "cpt", "fetch", "sft", "tokenize"]
+    for stage in ("cpt", "sft"):
+        (out,) = (artifacts / stage).iterdir()
+        assert (out / "manifest.json").is_file() and (out / "adapter" / "adapter_model.safetensors").is_file()
+
+    # Masks: each row's trained tokens are its assistant answers (with their end-of-turn token), nothing else.
+    (align,) = (artifacts / "align").iterdir()
+    (tokenized,) = (artifacts / "tokenize").iterdir()
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    records = list(iter_records(align / "sft.jsonl"))
+    table = pq.read_table(tokenized / "sft.parquet").to_pylist()
+    stats = json.loads((tokenized / "stats.json").read_text())["sft"]
+    assert len(table) == len(records) == stats["rows"] and stats["truncated"] == 0
+    assert 0 < stats["fast_path_rows"] < len(records)  # tool-call rows take the exact path, the rest the fast one
+    for record, row in zip(records, table):
+        trained = tok.decode([t for t in row["labels"] if t != IGNORE])
+        answers = [m["content"] for m in record["messages"] if m["role"] == "assistant" and m.get("content")]
+        prompts = [m["content"] for m in record["messages"] if m["role"] != "assistant" and m.get("content")]
+        assert trained.endswith("<|im_end|>") and all(answer in trained for answer in answers), (record, trained)
+        assert not any(prompt in trained for prompt in prompts if len(prompt) > 3), (record, trained)

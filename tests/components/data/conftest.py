@@ -49,16 +49,20 @@ FIXTURE_GROUPS = {
 }
 
 
-@pytest.fixture
-def formats_dir(tmp_path: Path) -> Path:
-    """tests/fixtures/formats copied to a temp dir, with the parquet and arrow files written."""
-    root = tmp_path / "formats"
+def write_formats(root: Path) -> Path:
+    """tests/fixtures/formats copied to `root`, with the parquet and arrow files written."""
     shutil.copytree(FIXTURES, root, ignore=shutil.ignore_patterns("golden"))
     pq.write_table(pa.Table.from_pylist(PARQUET_ROWS), root / "alpaca_sft.parquet")
     table = pa.Table.from_pylist(ARROW_ROWS)
     with pa.ipc.new_stream(str(root / "alpaca_sft.arrow"), table.schema) as writer:  # the format `datasets` writes
         writer.write_table(table)
     return root
+
+
+@pytest.fixture
+def formats_dir(tmp_path: Path) -> Path:
+    """tests/fixtures/formats copied to a temp dir, with the parquet and arrow files written."""
+    return write_formats(tmp_path / "formats")
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):

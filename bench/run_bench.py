@@ -108,6 +108,10 @@ def main() -> None:
     print(Path(args.out).read_text())
 
 
+def _mb(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
+
+
 def render(demo: dict, rerun_s: float, sft: dict | None, data: dict | None, config: str) -> str:
     m = demo["metrics"]
     overhead_pct = 100 * m["orchestration_overhead_s"] / m["flow_wall_s"]
@@ -119,10 +123,10 @@ def render(demo: dict, rerun_s: float, sft: dict | None, data: dict | None, conf
         "",
         "## Demo pipeline (fresh workspace)",
         "",
-        "| stage | wall s |",
-        "|---|---|",
-        *[f"| {r['stage']} | {r['stage_s']:.1f} |" for r in demo["timeline"]],
-        f"| **flow total** | **{m['flow_wall_s']:.1f}** |",
+        "| stage | wall s | peak RSS MB |",
+        "|---|---|---|",
+        *[f"| {r['stage']} | {r['stage_s']:.1f} | {_mb(r.get('peak_rss_mb'))} |" for r in demo["timeline"]],
+        f"| **flow total** | **{m['flow_wall_s']:.1f}** | |",
         "",
         f"- Peak RSS of the demo process: {demo['peak_rss_mb']:.0f} MB",
         *[f"- {s} training: {t['train_tokens_per_s']:.0f} tokens/s ({t['train_tokens']:.0f} tokens in "

@@ -67,10 +67,11 @@ def run(
 
 def _print_summary(summary: dict) -> None:
     table = Table(title="stages")
-    for col in ("stage", "status", "stage s", "task s"):
+    for col in ("stage", "status", "stage s", "task s", "peak RSS MB"):
         table.add_column(col)
     for row in summary["timeline"]:
-        table.add_row(row["stage"], "cached" if row["cached"] else "ran", f"{row['stage_s']:.1f}", f"{row['task_s']:.2f}")
+        table.add_row(row["stage"], "cached" if row["cached"] else "ran", f"{row['stage_s']:.1f}", f"{row['task_s']:.2f}",
+                      "" if row.get("peak_rss_mb") is None else f"{row['peak_rss_mb']:.0f}")
     console.print(table)
     if summary["comparison"]:
         comp = Table(title="held-out evaluation: base vs adapted")

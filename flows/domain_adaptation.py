@@ -144,7 +144,8 @@ def domain_adaptation(
                 t.record_cached(ctx, manifest)
             manifests[node.name] = manifest
             timeline.append({"stage": node.name, "key": key, "cached": cached, "task_s": round(elapsed, 3),
-                             "stage_s": 0.0 if cached else manifest["wall_s"]})
+                             "stage_s": 0.0 if cached else manifest["wall_s"],
+                             "peak_rss_mb": None if cached else manifest.get("peak_rss_mb")})
             logger.info("%-18s %s %s", node.name, "cached " if cached else "ran    ", key)
         status = "FINISHED"
     finally:

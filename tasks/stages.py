@@ -20,6 +20,7 @@ from components import tracking
 from components.artifacts import StageResult, atomic_write_json, read_manifest, reset_dir, stage_dir, verify_manifest, write_manifest
 from components.config import PipelineConfig
 from components.data.records import GROUP_KINDS
+from components.resources import PeakMemory
 
 log = logging.getLogger("lmforge.tasks")
 
@@ -76,14 +77,15 @@ def run_stage(
     sink = tracking.BatchedMetrics(client, run_id)
     t0 = time.perf_counter()
     try:
-        result = body(out, sink)
+        with PeakMemory() as peak:
+            result = body(out, sink)
         sink.flush()
         wall = time.perf_counter() - t0
         manifest = write_manifest(
             out, stage=stage, key=key, result=result, config=stage_config, upstream=upstream, wall_s=wall,
-            extra={"mlflow_run_id": run_id, "flow_run_id": ctx.flow_run_id},
+            extra={"mlflow_run_id": run_id, "flow_run_id": ctx.flow_run_id, **peak.metrics()},
         )
-        tracking.log_metrics(client, run_id, {**result.metrics, "stage_wall_s": wall})
+        tracking.log_metrics(client, run_id, {**result.metrics, "stage_wall_s": wall, **peak.metrics("stage_")})
         small = [f for f in manifest["files"] if Path(f).name in _REPORT_FILES]
         tracking.log_artifact_files(client, run_id, out, ["manifest.json", *small])
         tracking.end_run(client, run_id)

@@ -35,6 +35,9 @@ def test_first_run_runs_every_stage_and_registers(first_run):
     for stage, path in summary["stages"].items():
         manifest = json.loads((__import__("pathlib").Path(path) / "manifest.json").read_text())
         assert manifest["stage"] == stage and manifest["files"]
+        assert manifest["peak_rss_mb"] > 100  # the process's own peak while the stage ran (torch alone is more)
+    rss = {row["stage"]: row["peak_rss_mb"] for row in summary["timeline"]}
+    assert rss["sft"] > rss["fetch"]  # a training stage needs more than copying a file
     assert summary["comparison"]["perplexity_sft_eval"]["adapted"] is not None
     reg = summary["registered"]
     client = MlflowClient(cfg.tracking_uri(), cfg.tracking_uri())
@@ -49,6 +52,7 @@ def test_first_run_runs_every_stage_and_registers(first_run):
     stages = {r.data.tags.get("lmforge.stage") for r in runs}
     assert {"fetch", "align", "tokenize", "cpt", "sft", "quantize", "register"} <= stages
     sft_run = next(r for r in runs if r.data.tags.get("lmforge.stage") == "sft" and r.info.run_name == "sft")
+    assert sft_run.data.metrics["stage_peak_rss_mb"] == rss["sft"]
     history = client.get_metric_history(sft_run.info.run_id, "loss")
     assert len(history) >= 2
     inputs = parents[0].inputs.dataset_inputs

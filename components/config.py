@@ -129,6 +129,11 @@ class TrainConfig(Strict):
     save_steps: int = Field(20, ge=1, description="Checkpoint every N steps; a crashed run resumes from the last complete one.")
     seed: int = 42
     lora: LoraSettings = LoraSettings()
+    gradient_checkpointing: bool = Field(
+        False,
+        description="Keep only each decoder layer's input during the forward pass and recompute the rest in "
+        "the backward pass: activation memory falls to about one layer's worth, for roughly a third more compute.",
+    )
     packing: bool = Field(
         False,
         description="Padding-free packing: each micro-batch's examples are concatenated into one row whose "

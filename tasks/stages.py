@@ -20,7 +20,7 @@ from components import tracking
 from components.artifacts import StageResult, atomic_write_json, read_manifest, reset_dir, stage_dir, verify_manifest, write_manifest
 from components.config import PipelineConfig
 from components.data.records import GROUP_KINDS
-from components.resources import PeakMemory
+from components.resources import PeakMemory, release_free_memory
 
 log = logging.getLogger("lmforge.tasks")
 
@@ -66,6 +66,7 @@ def run_stage(
     if not keep_partial:
         reset_dir(out)
     out.mkdir(parents=True, exist_ok=True)
+    release_free_memory()  # start from what is in use, not from the previous stage's peak
 
     client = tracking.client_for(ctx.tracking_uri)
     run_id = tracking.start_run(

@@ -30,6 +30,7 @@ from components.models.loading import Hardware, count_parameters
 log = logging.getLogger(__name__)
 
 COMPLETE = "lmforge-complete"
+NO_GRAD_LOSS_CHUNK = 2048  # positions projected to the vocabulary at a time when no gradient is needed
 MetricsSink = Callable[[int, dict[str, float]], None]
 
 
@@ -66,9 +67,16 @@ def labeled_positions_loss(model, batch: dict[str, torch.Tensor], reduction: str
     n = int(keep.sum())
     if n == 0:
         return hidden.sum() * 0.0, 0
-    logits = head(hidden[:, :-1][keep]).float()
-    loss = torch.nn.functional.cross_entropy(logits, targets[keep], reduction=reduction)
-    return loss, n
+    hidden, targets = hidden[:, :-1][keep], targets[keep]
+    if torch.is_grad_enabled() or n <= NO_GRAD_LOSS_CHUNK or reduction not in ("sum", "mean"):
+        loss = torch.nn.functional.cross_entropy(head(hidden).float(), targets, reduction=reduction)
+        return loss, n
+    # Without autograd nothing needs the logits afterwards: project a chunk at a time, so a batch of
+    # full-length rows never holds (tokens x vocabulary) floats twice (logits and log-softmax) at once.
+    total = sum(torch.nn.functional.cross_entropy(head(hidden[i : i + NO_GRAD_LOSS_CHUNK]).float(),
+                                                  targets[i : i + NO_GRAD_LOSS_CHUNK], reduction="sum")
+                for i in range(0, n, NO_GRAD_LOSS_CHUNK))
+    return (total / n if reduction == "mean" else total), n
 
 
 def _build_trainer_class():
@@ -202,6 +210,10 @@ def run_lora_training(
         length_column_name="length",
         disable_tqdm=os.environ.get("LMFORGE_NO_PROGRESS") == "1",
         deepspeed=deepspeed,
+        activation_checkpointing=cfg.gradient_checkpointing,  # transformers 5's name for it
+        # Non-reentrant: works with frozen base weights (no enable_input_require_grads) and keeps
+        # the dropout masks of the recomputed forward identical to the first.
+        activation_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
     )
     if "length" not in train_dataset.column_names:
         train_dataset = train_dataset.add_column("length", [len(x) for x in train_dataset["input_ids"]])

@@ -26,10 +26,13 @@ def _rows(n=16, seed=0):
 
 
 @pytest.mark.parametrize("collate", ["pad_causal", "flatten_batch"])
-def test_fast_loss_equals_reference_loss(tiny_model_dir, collate):
-    """Our loss on a padded-without-mask or a packed batch equals HF's loss example by example."""
+@pytest.mark.parametrize("chunk", [2048, 5])
+def test_fast_loss_equals_reference_loss(tiny_model_dir, collate, chunk, monkeypatch):
+    """Our loss on a padded-without-mask or a packed batch equals HF's loss example by example,
+    also when (without gradients) it projects a few positions at a time."""
     from components.data import packing
 
+    monkeypatch.setattr("components.training.lora.NO_GRAD_LOSS_CHUNK", chunk)
     model = load_model(str(tiny_model_dir), CPU).eval()
     rows = _rows(4)
     batch = getattr(packing, collate)(rows, pad_token_id=0)
@@ -105,3 +108,22 @@ def test_resume_from_last_complete_checkpoint(tiny_model_dir, tmp_path):
     result = run_lora_training(load_model(str(tiny_model_dir), CPU), tok, data, cfg, CPU, tmp_path)
     assert result.metrics["resumed_from_step"] == 2
     assert 0 < result.metrics["train_tokens"]
+
+
+def test_gradient_checkpointing_recomputes_to_the_same_training(tiny_model_dir, tmp_path):
+    """Checkpointed layers (recomputed in the backward pass, LoRA dropout included) train exactly
+    as the stored-activation run does, step for step."""
+    tok = load_tokenizer(str(tiny_model_dir))
+    data = Dataset.from_list(_rows())
+    losses = {}
+    for checkpointing in (False, True):
+        logged = []
+        model = load_model(str(tiny_model_dir), CPU)
+        cfg = TrainConfig(max_steps=3, batch_size=4, learning_rate=5e-3, logging_steps=1, save_steps=5,
+                          gradient_checkpointing=checkpointing)
+        cfg.lora.dropout = 0.1
+        run_lora_training(model, tok, data, cfg, CPU, tmp_path / str(checkpointing),
+                          metrics_sink=lambda step, m: logged.append(m))
+        assert model.is_activation_checkpointing == checkpointing
+        losses[checkpointing] = [m["loss"] for m in logged if "loss" in m]
+    assert len(losses[True]) == 3 and losses[True] == pytest.approx(losses[False], rel=1e-5)

@@ -1,6 +1,6 @@
 """Run the demo pipeline and the side-by-side benchmarks; write bench/RESULTS.md.
 
-    python bench/run_bench.py [--config configs/demo-cpu.yaml] [--only demo,sft,data] [--data-rows 1000000]
+    python bench/run_bench.py [--config configs/demo-cpu.yaml] [--only demo,sft,data,memory] [--data-rows 1000000]
 
 Raw results of each part are kept in bench/results.json; `--only` reruns some parts and keeps the
 others' last figures, so RESULTS.md always shows every part.
@@ -10,7 +10,8 @@ Measures, in one run on this machine:
 - orchestration + tracking overhead: flow wall time minus the time spent inside stage functions;
 - an unchanged rerun of the whole demo through the CLI (process start to exit);
 - LoRA SFT tokens/s of lmforge vs a plain TRL SFTTrainer (bench/sft_throughput.py);
-- alignment + tokenization rows/s (bench/data_throughput.py, when present).
+- alignment + tokenization rows/s (bench/data_throughput.py, when present);
+- the demo's CPT stage with and without gradient checkpointing: its peak RSS and tokens/s.
 """
 
 from __future__ import annotations
@@ -67,18 +68,35 @@ def timed_cli(args: list[str], env: dict) -> float:
     return time.perf_counter() - t0
 
 
+def checkpointing_memory(config: str, root: Path, env: dict, steps: int = 6) -> dict:
+    """The demo's CPT stage alone (`--until cpt`, fresh workspace each), with and without
+    gradient checkpointing: the stage's peak RSS (from its manifest) and training tokens/s."""
+    out = {"steps": steps}
+    for on in (False, True):
+        workspace = root / f"checkpointing-{str(on).lower()}"
+        shutil.rmtree(workspace, ignore_errors=True)
+        _run([sys.executable, "-m", "flows.cli", "run", config, "--until", "cpt", "--set", f"workspace={workspace}",
+              "--set", f"cpt.max_steps={steps}", "--set", f"cpt.save_steps={steps}",
+              "--set", f"cpt.gradient_checkpointing={str(on).lower()}"], env)
+        (manifest,) = (workspace / "artifacts" / "cpt").glob("*/manifest.json")
+        cpt = json.loads(manifest.read_text())
+        out["on" if on else "off"] = {"peak_rss_mb": cpt["peak_rss_mb"],
+                                      "train_tokens_per_s": cpt["metrics"]["train_tokens_per_s"]}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/demo-cpu.yaml")
-    parser.add_argument("--only", default="demo,sft,data", help="comma-separated parts to (re)run")
+    parser.add_argument("--only", default="demo,sft,data,memory", help="comma-separated parts to (re)run")
     parser.add_argument("--data-rows", type=int, default=1_000_000)
     parser.add_argument("--out", default=str(ROOT / "bench" / "RESULTS.md"))
     args = parser.parse_args()
 
     parts = set(args.only.split(","))
-    unknown = parts - {"demo", "sft", "data"}
+    unknown = parts - {"demo", "sft", "data", "memory"}
     if unknown:
-        parser.error(f"unknown part(s) {', '.join(sorted(unknown))}; known: demo, sft, data")
+        parser.error(f"unknown part(s) {', '.join(sorted(unknown))}; known: demo, sft, data, memory")
     raw_path = ROOT / "bench" / "results.json"
     raw = json.loads(raw_path.read_text()) if raw_path.is_file() else {}
     workspace = ROOT / "bench" / "out" / "workspace"
@@ -102,9 +120,13 @@ def main() -> None:
     if "data" in parts:
         raw["data"] = _json_line(_run([sys.executable, "bench/data_throughput.py", "--rows", str(args.data_rows)], env))
         save()
+    if "memory" in parts:
+        raw["memory"] = checkpointing_memory(args.config, ROOT / "bench" / "out", env)
+        save()
     if "demo" not in raw:
         parser.error("no demo figures yet: run with --only demo first")
-    Path(args.out).write_text(render(raw["demo"], raw["rerun_s"], raw.get("sft"), raw.get("data"), raw["config"]))
+    Path(args.out).write_text(render(raw["demo"], raw["rerun_s"], raw.get("sft"), raw.get("data"), raw["config"],
+                                     raw.get("memory")))
     print(Path(args.out).read_text())
 
 
@@ -112,7 +134,8 @@ def _mb(value: float | None) -> str:
     return "-" if value is None else f"{value:.0f}"
 
 
-def render(demo: dict, rerun_s: float, sft: dict | None, data: dict | None, config: str) -> str:
+def render(demo: dict, rerun_s: float, sft: dict | None, data: dict | None, config: str,
+           memory: dict | None = None) -> str:
     m = demo["metrics"]
     overhead_pct = 100 * m["orchestration_overhead_s"] / m["flow_wall_s"]
     lines = [
@@ -193,6 +216,20 @@ def render(demo: dict, rerun_s: float, sft: dict | None, data: dict | None, conf
             "```",
             "",
             "</details>",
+            "",
+        ]
+    if memory:
+        off, on = memory["off"], memory["on"]
+        lines += [
+            "## Gradient checkpointing",
+            "",
+            f"The demo's CPT stage alone ({memory['steps']} steps, `lmforge run --until cpt`), peak RSS of the stage "
+            "from its manifest:",
+            "",
+            "| cpt.gradient_checkpointing | peak RSS MB | tokens/s |",
+            "|---|---|---|",
+            f"| false | {off['peak_rss_mb']:.0f} | {off['train_tokens_per_s']:.0f} |",
+            f"| true | {on['peak_rss_mb']:.0f} | {on['train_tokens_per_s']:.0f} |",
             "",
         ]
     lines += ["## GPU", "", "Not measured: the sessions that produced these figures had no GPU lent (bf16, QLoRA, "

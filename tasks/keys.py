@@ -45,6 +45,7 @@ def _module_file(module: str) -> Path | None:
     return None
 
 
+@cache
 def _source(module: str) -> str:
     path = _module_file(module)
     if path is None:
@@ -52,10 +53,11 @@ def _source(module: str) -> str:
     return path.read_text(encoding="utf-8")
 
 
-def _imported_components(source: str) -> set[str]:
-    """The components.* modules a source imports anywhere (module level or inside functions)."""
+@cache
+def _imported_components(module: str) -> frozenset[str]:
+    """The components.* modules a module imports anywhere (module level or inside functions)."""
     found = set()
-    for node in ast.walk(ast.parse(source)):
+    for node in ast.walk(ast.parse(_source(module))):
         if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
         elif isinstance(node, ast.Import):
@@ -63,7 +65,7 @@ def _imported_components(source: str) -> set[str]:
         else:
             continue
         found |= {n for n in names if n.startswith("components.") and _module_file(n) is not None}
-    return found
+    return frozenset(found)
 
 
 @cache
@@ -75,7 +77,7 @@ def stage_modules(stage: str) -> tuple[str, ...]:
         if module in seen or module in NOT_OUTPUT:
             continue
         seen.add(module)
-        todo += _imported_components(_source(module))
+        todo += _imported_components(module)
     return tuple(sorted(seen))
 
 

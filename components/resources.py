@@ -43,7 +43,7 @@ def release_free_memory() -> None:
     would start from the previous stage's peak. The survivors of the collection are then frozen
     (gc.freeze): later collections skip them, so each call walks only what was made since the last
     one (a full walk of a process with torch, transformers and mlflow loaded takes ~0.3-0.5 s). The
-    price: a frozen object that later becomes part of unreachable cycle is never freed.
+    price: a frozen object that later becomes part of an unreachable cycle is never freed.
     """
     gc.collect()
     gc.freeze()

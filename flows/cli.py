@@ -84,8 +84,10 @@ def _print_summary(summary: dict) -> None:
     if reg:
         console.print(f"registered [bold]{reg['name']}[/bold] version {reg['version']} as @{reg['alias']}")
     m = summary["metrics"]
+    prepared = m.get("base_prepare_s", 0.0)
     console.print(f"flow {m['flow_wall_s']:.1f} s, stage compute {m['stage_compute_s']:.1f} s, "
-                  f"orchestration + tracking {m['orchestration_overhead_s']:.1f} s")
+                  + (f"base model conversion (first use only) {prepared:.1f} s, " if prepared >= 1 else "")
+                  + f"orchestration + tracking {m['orchestration_overhead_s']:.1f} s")
 
 
 @app.command()

@@ -170,3 +170,20 @@ def test_cli_chat_streams_from_a_stage_dir_and_a_registry_alias(first_run, tmp_p
                                     input="Is ICD-10-CM code A00.1 billable?\n\n", terminal_width=200)
         assert result.exit_code == 0, result.output
         assert "model>" in result.output
+
+
+def test_base_model_conversion_is_not_counted_as_orchestration(capsys):
+    """The embedded model's first-use conversion (~25 s) happens inside the flow but is neither a
+    stage nor orchestration: it is reported on its own, and only when it took a while."""
+    from flows.cli import _print_summary
+    from flows.domain_adaptation import _summary
+
+    timeline = [{"stage": "cpt", "key": "k", "cached": False, "task_s": 10.2, "stage_s": 10.0, "peak_rss_mb": 900.0}]
+    summary = _summary({}, timeline, flow_s=40.0, prepare_s=25.0)
+    assert summary["metrics"]["base_prepare_s"] == 25.0
+    assert summary["metrics"]["orchestration_overhead_s"] == pytest.approx(5.0)
+    _print_summary(summary)
+    printed = " ".join(capsys.readouterr().out.split())  # rich wraps at the terminal width
+    assert "base model conversion (first use only) 25.0 s, orchestration + tracking 5.0 s" in printed
+    _print_summary(_summary({}, timeline, flow_s=15.2, prepare_s=0.01))
+    assert "conversion" not in capsys.readouterr().out

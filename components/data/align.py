@@ -32,8 +32,7 @@ from components.artifacts import StageResult, atomic_file, atomic_write_json
 from components.data.dataset_info import DataError, DatasetSpec, load_dataset_info
 from components.data.formats import RowError, get_converter, supported_kinds
 from components.data.records import GROUP_KINDS, MIXED_GROUPS, interleave_probs_problem
-from components.data.workers import (AUTO_PARALLEL_BYTES, line_chunks, ordered_map, resolve_num_proc,
-                                     spawn_pool)
+from components.data.workers import line_chunks, ordered_map, resolve_num_proc, spawn_pool
 
 log = logging.getLogger(__name__)
 
@@ -318,14 +317,13 @@ class _Workers:
     AUTO_PARALLEL_BYTES only; a number > 1: that many, for every JSONL file."""
 
     def __init__(self, num_proc: int | None):
-        self.auto = num_proc is None
+        self.num_proc = num_proc
         self.size = resolve_num_proc(num_proc, None)
         self._pool = None
         self.files = 0  # files converted by the workers
 
     def wanted(self, path: Path) -> bool:
-        return (self.size > 1 and path.suffix.lower() == ".jsonl"
-                and (not self.auto or path.stat().st_size >= AUTO_PARALLEL_BYTES))
+        return path.suffix.lower() == ".jsonl" and resolve_num_proc(self.num_proc, path) > 1
 
     def map_ordered(self, fn: Callable, items: Iterator[tuple]) -> Iterator:
         self.files += 1

@@ -103,7 +103,8 @@ def write_manifest(
         p = out_dir / rel
         if not p.is_file():
             raise FileNotFoundError(f"stage {stage} reported {rel} but {p} does not exist")
-        files[rel] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+        st = p.stat()
+        files[rel] = {"sha256": sha256_file(p), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
     manifest = {
         "stage": stage,
         "cache_key": key,
@@ -125,7 +126,9 @@ def write_manifest(
 
 
 def manifest_digest(manifest: dict) -> str:
-    payload = {"stage": manifest["stage"], "cache_key": manifest["cache_key"], "files": manifest["files"]}
+    # Content only: touching a file (a new mtime) must not change what downstream keys see.
+    files = {rel: {"sha256": m["sha256"], "bytes": m["bytes"]} for rel, m in manifest["files"].items()}
+    payload = {"stage": manifest["stage"], "cache_key": manifest["cache_key"], "files": files}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -140,15 +143,23 @@ def read_manifest(out_dir: Path) -> dict | None:
 
 
 def verify_manifest(manifest: dict | None, deep: bool = False) -> bool:
-    """True when every file the manifest names is there with its size (and, if deep, its sha256)."""
+    """True when every file the manifest names is there, unchanged.
+
+    By default a file is unchanged when its size and mtime match; one whose mtime moved (a copy,
+    a touch) is rehashed rather than distrusted. `deep` rehashes every file (`lmforge run --verify deep`).
+    """
     if not manifest:
         return False
     root = Path(manifest["dir"])
     for rel, meta in manifest["files"].items():
         p = root / rel
-        if not p.is_file() or p.stat().st_size != meta["bytes"]:
+        try:
+            st = p.stat()
+        except OSError:
             return False
-        if deep and sha256_file(p) != meta["sha256"]:
+        if st.st_size != meta["bytes"]:
+            return False
+        if (deep or st.st_mtime_ns != meta.get("mtime_ns")) and sha256_file(p) != meta["sha256"]:
             return False
     return True
 
@@ -158,3 +169,58 @@ def reset_dir(path: Path) -> None:
     if path.exists():
         shutil.rmtree(path)
     path.mkdir(parents=True, exist_ok=True)
+
+
+def file_fingerprint(path: Path, full_hash_limit: int = 256 << 20) -> str:
+    """Content hash of a local source file (size + mtime for files beyond the limit, to keep keys cheap)."""
+    st = Path(path).stat()
+    if st.st_size > full_hash_limit:
+        return f"stat:{st.st_size}:{st.st_mtime_ns}"
+    return sha256_file(Path(path))
+
+
+def remembered_sha256(path: Path, memo_file: Path) -> str:
+    """sha256 of a large file, read once per (size, mtime) and remembered in `memo_file`.
+
+    Model weights are gigabytes: a key must know their content, but reading 10 GB on every run is
+    not acceptable. A copy with a new mtime is hashed once more and gives the same digest.
+    """
+    path = Path(path).resolve()
+    st = path.stat()
+    stamp = f"{st.st_size}:{st.st_mtime_ns}"
+    try:
+        memo = json.loads(Path(memo_file).read_text())
+    except (OSError, ValueError):
+        memo = {}
+    hit = memo.get(str(path))
+    if hit and hit.get("stamp") == stamp:
+        return hit["sha256"]
+    digest = sha256_file(path)
+    memo[str(path)] = {"stamp": stamp, "sha256": digest}
+    atomic_write_json(Path(memo_file), memo)
+    return digest
+
+
+@contextlib.contextmanager
+def atomic_dir(target: Path) -> Iterator[Path]:
+    """Build a directory in a temp directory next to `target`, renamed to `target` when the block succeeds.
+
+    An existing `target` is replaced only then; on any failure (or kill -9) the temp directory goes
+    (or stays hidden as `.<name>.*.tmp`) and `target` is left as it was: never half written.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        if target.is_dir() and not target.is_symlink():
+            # A rename cannot replace a non-empty directory: move the old one aside, then delete it.
+            old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".old"))
+            os.replace(target, old / target.name)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -46,10 +46,9 @@ def stream_reply(model, tokenizer, history: list[dict], cfg: PipelineConfig, *, 
     """Yield the reply text piece by piece as the model generates it (greedy)."""
     from transformers import TextIteratorStreamer
 
-    from components.data.templates import resolve_template
-    from components.evaluation.evaluate import render_prompt
+    from components.data.chat_render import render_prompt
 
-    prompt = render_prompt(tokenizer, resolve_template(tokenizer, cfg.tokenize.template), history, cfg.tokenize.system_prompt)
+    prompt = render_prompt(tokenizer, cfg.tokenize.template, history, cfg.tokenize.system_prompt)
     enc = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(next(model.parameters()).device)
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     kwargs = dict(**enc, max_new_tokens=max_new_tokens, do_sample=False, streamer=streamer,

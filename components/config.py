@@ -17,10 +17,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from components.data.records import MIXED_GROUPS, interleave_probs_problem
 
-STAGES = ("fetch", "align", "tokenize", "cpt", "sft", "evaluate", "quantize", "register")
-Stage = Literal["fetch", "align", "tokenize", "cpt", "sft", "evaluate", "quantize", "register"]
-
-
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -94,13 +90,24 @@ class TokenizeConfig(Strict):
         "auto", description="Chat template: 'auto' uses the tokenizer's own, else a name from the template table."
     )
     system_prompt: str | None = Field(
-        "You are a medical coding assistant. Answer with the ICD-10-CM fact asked for, nothing else.",
-        description="System prompt added to conversations that have none. Null keeps the template's default.",
+        None,
+        description="System prompt added to conversations that have none, in training, evaluation and chat "
+        "alike. Null keeps the template's own default (SmolLM2's inserts one of ~20 tokens).",
     )
     cutoff_len: int = Field(256, ge=8, description="Maximum tokens per example; longer ones are truncated and counted.")
     train_on_prompt: bool = Field(False, description="Also compute the loss on prompt tokens.")
     mask_history: bool = Field(False, description="Train on the last assistant turn only (else on all assistant turns).")
     cpt_block_size: int = Field(256, ge=8, description="Plain-text corpus is packed into blocks of this many tokens.")
+    @field_validator("template")
+    @classmethod
+    def _known_template(cls, name: str) -> str:
+        from components.data.templates import known_templates
+
+        if name != "auto" and name not in known_templates():
+            raise ValueError(f"unknown chat template {name!r}; use 'auto' (the tokenizer's own) or one of: "
+                             + ", ".join(known_templates()))
+        return name
+
     num_proc: int | None = Field(
         None, ge=1,
         description="Worker processes that encode conversations. Null: one per core (at most 8) for files over "
@@ -157,7 +164,7 @@ class QuantizeConfig(Strict):
 
 
 class RegistryConfig(Strict):
-    model_name: str = Field("icd10-coder", description="Registered model name in MLflow.")
+    model_name: str = Field("lmforge-model", description="Registered model name in MLflow.")
     alias: str = Field("challenger", description="Alias given to each new version.")
 
 
@@ -258,7 +265,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise ConfigError(_format_validation_error(err, source)) from None
 
 
-def save_config(config: PipelineConfig, path: Path) -> None:
+def save_config(config: PipelineConfig, path: Path, *, masked: bool = False) -> None:
+    """Write the resolved config as YAML; `masked` hides credentials (for copies that get uploaded)."""
     from components.artifacts import atomic_write_text
 
-    atomic_write_text(path, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    data = config.model_dump(mode="json")
+    if masked:
+        from components.redact import mask_secrets
+
+        data = mask_secrets(data)
+    atomic_write_text(path, yaml.safe_dump(data, sort_keys=False))

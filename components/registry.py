@@ -7,11 +7,18 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from components import tracking
+from components.artifacts import StageResult, atomic_write_json
 from components.tracking import log_artifact_files
+
+if TYPE_CHECKING:
+    from components.config import PipelineConfig
+    from components.pipeline import StageInputs
 
 log = logging.getLogger(__name__)
 
@@ -61,3 +68,42 @@ def resolve_registry_uri(client: MlflowClient, uri: str, dest: Path) -> Path:
         downloaded = target.parent / f".{target.name}" / "model"
         downloaded.rename(target)
     return target
+
+
+def lineage_tags(inputs: StageInputs, base_name: str) -> dict[str, str]:
+    """Tags that let anyone walk back from a registered version to the data, config, code and base model."""
+    run = inputs.run
+    base = inputs.upstream.get("prepare", {}).get("info", {})
+    return {
+        "lmforge.config_digest": run.config_digest,
+        "lmforge.git_commit": run.git_commit,
+        "prefect.flow_run_id": run.flow_run_id,
+        "lmforge.base_model": base_name,
+        "lmforge.base_model_digest": base.get("model_digest", ""),
+        "lmforge.base_model_revision": base.get("revision") or "",
+        **{f"lmforge.data_digest.{n}": inputs.upstream[n]["digest"] for n in ("align", "tokenize") if n in inputs.upstream},
+        **{f"lmforge.stage_key.{n}": m["cache_key"] for n, m in inputs.upstream.items()},
+    }
+
+
+def register_stage(cfg: PipelineConfig, inputs: StageInputs, out_dir: Path) -> StageResult:
+    """Stage entry point (see components.pipeline): a model run under the flow's parent run holding the
+    merged checkpoint and both evaluations, a registered version with lineage tags, the alias moved."""
+    if inputs.run is None:
+        raise ValueError("register needs the flow run's tracking context (StageInputs.run)")
+    client = tracking.client_for(inputs.run.tracking_uri)
+    merged = inputs.dir("quantize") / "merged"
+    files = sorted(str(p.relative_to(merged)) for p in merged.rglob("*") if p.is_file())
+    run_id = tracking.start_run(client, inputs.run.experiment_id, "model", parent=inputs.run.parent_run_id,
+                                tags={"lmforge.stage": "register"})
+    metrics = {f"eval_{k}": v for k, v in inputs.upstream["evaluate-adapted"]["metrics"].items()}
+    metrics.update({f"base_{k}": v for k, v in inputs.upstream["evaluate-base"]["metrics"].items()})
+    tracking.log_metrics(client, run_id, metrics)
+    tags = {**lineage_tags(inputs, cfg.model.base), **{k: f"{v:.6g}" for k, v in metrics.items()}}
+    name, alias = cfg.registry.model_name, cfg.registry.alias
+    version = register_model(client, name=name, run_id=run_id, model_dir=merged, files=files, tags=tags, alias=alias)
+    tracking.end_run(client, run_id)
+    atomic_write_json(Path(out_dir) / "registered.json",
+                      {"name": name, "version": version, "alias": alias, "model_run_id": run_id})
+    return StageResult(files=["registered.json"], metrics={"version": float(version)},
+                       info={"name": name, "version": version, "alias": alias})

@@ -7,18 +7,17 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import time
 from pathlib import Path
 from typing import Any
 
-from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param
 from mlflow.tracking import MlflowClient
+
+from components.redact import mask_secrets
 
 log = logging.getLogger(__name__)
 
-# Keys that look like credentials never reach MLflow params or tags.
-_SECRET = re.compile(r"(token|secret|password|api_key|apikey|credential)", re.I)
 _MAX_PARAM = 6000
 
 
@@ -49,8 +48,8 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 
 def safe_params(config: dict) -> list[Param]:
     params = []
-    for k, v in flatten(config).items():
-        value = "***" if _SECRET.search(k) else json.dumps(v) if isinstance(v, (list, dict)) else str(v)
+    for k, v in flatten(mask_secrets(config)).items():
+        value = json.dumps(v) if isinstance(v, (list, dict)) else str(v)
         params.append(Param(k, value[:_MAX_PARAM]))
     return params
 
@@ -72,10 +71,6 @@ def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, float], st
     items = [Metric(k, float(v), ts, step) for k, v in metrics.items() if isinstance(v, (int, float)) and v == v]
     for i in range(0, len(items), 500):
         client.log_batch(run_id, metrics=items[i : i + 500])
-
-
-def set_tags(client: MlflowClient, run_id: str, tags: dict[str, Any]) -> None:
-    client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
 
 class BatchedMetrics:

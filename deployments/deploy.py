@@ -1,42 +1,162 @@
-"""Register lmforge's deployments with a Prefect server: a weekly cron run and a manual one.
+"""Register the deployments that prefect.yaml defines, and keep its parameters equal to the presets.
 
-    python -m deployments.deploy [--pool lmforge-local] [--cron "0 3 * * 1"] [--config configs/demo-cpu.yaml]
+    python -m deployments.deploy                          # register every deployment in prefect.yaml
+    python -m deployments.deploy --name icd10-manual      # only that one
+    python -m deployments.deploy --write-prefect-yaml     # regenerate prefect.yaml's presets from configs/
 
-The flow's parameters are the typed pipeline config, so the UI renders a form for manual runs; the
-deployment's default parameters come from the chosen YAML preset.
+prefect.yaml is the one definition: `prefect deploy --all` and this module read the same file.
+Each deployment's parameters are a preset from configs/ with every field resolved, written into
+prefect.yaml's `definitions.presets` block (one YAML anchor per preset) by `--write-prefect-yaml`;
+a test fails when a preset changes and the block was not regenerated.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-ENTRYPOINT = "flows/domain_adaptation.py:domain_adaptation"
+PREFECT_YAML = ROOT / "prefect.yaml"
+WRITE_COMMAND = "python -m deployments.deploy --write-prefect-yaml"
 
 
-def deploy(pool: str, cron: str | None, config_path: str | None, name_prefix: str = "icd10") -> list[str]:
+@dataclass(frozen=True)
+class PlannedDeployment:
+    """One deployment as prefect.yaml defines it, in the terms `flow.deploy()` takes."""
+
+    name: str
+    entrypoint: str
+    work_pool_name: str
+    parameters: dict[str, Any]
+    crons: tuple[tuple[str, str | None], ...] = ()  # (cron, timezone) per schedule
+    tags: tuple[str, ...] = ()
+    description: str | None = None
+
+
+def _read(prefect_yaml: Path) -> dict:
+    spec = yaml.safe_load(prefect_yaml.read_text(encoding="utf-8")) or {}
+    if not isinstance(spec, dict) or not isinstance(spec.get("deployments"), list):
+        raise ValueError(f"{prefect_yaml}: expected a mapping with a `deployments` list")
+    return spec
+
+
+def _planned(entry: dict, where: str) -> PlannedDeployment:
+    name = entry.get("name")
+    if not name:
+        raise ValueError(f"{where}: a deployment has no name")
+    where = f"{where}, deployment {name!r}"
+    pool = (entry.get("work_pool") or {}).get("name")
+    if not pool or not entry.get("entrypoint"):
+        raise ValueError(f"{where}: needs `entrypoint` and `work_pool.name`")
+    crons = []
+    for schedule in entry.get("schedules") or []:
+        unsupported = set(schedule) - {"cron", "timezone"}
+        if unsupported or "cron" not in schedule:
+            raise ValueError(f"{where}: schedules here are `cron` (+ `timezone`); got {sorted(schedule)}")
+        crons.append((schedule["cron"], schedule.get("timezone")))
+    return PlannedDeployment(
+        name=name,
+        entrypoint=entry["entrypoint"],
+        work_pool_name=pool,
+        parameters=entry.get("parameters") or {},
+        crons=tuple(crons),
+        tags=tuple(entry.get("tags") or ()),
+        description=entry.get("description"),
+    )
+
+
+def planned_deployments(prefect_yaml: Path = PREFECT_YAML) -> list[PlannedDeployment]:
+    """What to deploy: every deployment in prefect.yaml. Pure: reads the file, talks to no server."""
+    return [_planned(entry, str(prefect_yaml)) for entry in _read(prefect_yaml)["deployments"]]
+
+
+def deploy(plans: list[PlannedDeployment]) -> list[str]:
+    """Register `plans` with the Prefect API (PREFECT_API_URL, else a local ephemeral one); returns their ids."""
     from prefect import flow
+    from prefect.schedules import Cron
 
+    ids = []
+    for plan in plans:
+        source = flow.from_source(str(ROOT), entrypoint=plan.entrypoint)
+        ids.append(str(source.deploy(
+            name=plan.name,
+            work_pool_name=plan.work_pool_name,
+            schedules=[Cron(cron, timezone=tz) for cron, tz in plan.crons] or None,
+            parameters=plan.parameters,
+            tags=list(plan.tags),
+            description=plan.description,
+            print_next_steps=False,
+        )))
+    return ids
+
+
+def preset_parameters(preset: str) -> dict[str, Any]:
+    """A deployment's parameters for a preset path relative to the repository: the config, fully resolved."""
     from components.config import load_config
 
-    params = {"config": load_config(config_path).model_dump(mode="json")} if config_path else {}
-    source = flow.from_source(str(ROOT), entrypoint=ENTRYPOINT)
-    ids = [str(source.deploy(name=f"{name_prefix}-manual", work_pool_name=pool, parameters=params, tags=["lmforge", "manual"]))]
-    if cron:
-        ids.append(str(source.deploy(name=f"{name_prefix}-scheduled", work_pool_name=pool, cron=cron,
-                                     parameters=params, tags=["lmforge", "scheduled"])))
-    return ids
+    return {"config": load_config(ROOT / preset).model_dump(mode="json")}
+
+
+def _anchor(preset: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "-", Path(preset).stem)
+
+
+def render_presets_block(presets: list[str]) -> str:
+    """prefect.yaml's `definitions:` block: each preset's parameters under an anchor named after its file."""
+    lines = [
+        "definitions:",
+        f"  # Generated by `{WRITE_COMMAND}` from the files named: do not edit by hand.",
+        "  presets:",
+    ]
+    for preset in presets:
+        body = yaml.safe_dump(preset_parameters(preset), sort_keys=False, width=1000, allow_unicode=True)
+        lines.append(f"    {preset}: &{_anchor(preset)}")
+        lines += [f"      {line}" for line in body.splitlines()]
+    return "\n".join(lines) + "\n"
+
+
+def write_prefect_yaml(prefect_yaml: Path = PREFECT_YAML) -> list[str]:
+    """Regenerate the presets that prefect.yaml's `definitions.presets` names, keeping the rest of the file
+    (comments included) as it is. Returns the presets written."""
+    text = prefect_yaml.read_text(encoding="utf-8")
+    presets = list((_read(prefect_yaml).get("definitions") or {}).get("presets") or {})
+    if not presets:
+        raise ValueError(f"{prefect_yaml}: no `definitions.presets` to regenerate (keys are paths like configs/demo-cpu.yaml)")
+    lines = text.splitlines(keepends=True)
+    start = next((i for i, line in enumerate(lines) if line.rstrip() == "definitions:"), None)
+    if start is None:
+        raise ValueError(f"{prefect_yaml}: the presets must sit in a block that starts with a `definitions:` line")
+    # The block runs to the next line at column 0 (a top-level key or comment).
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].strip() and not lines[i].startswith(" ")), len(lines))
+    while end > start + 1 and not lines[end - 1].strip():
+        end -= 1  # keep the blank lines that separate the block from what follows
+    prefect_yaml.write_text("".join(lines[:start]) + render_presets_block(presets) + "".join(lines[end:]), encoding="utf-8")
+    return presets
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pool", default="lmforge-local", help="Prefect work pool (type process).")
-    parser.add_argument("--cron", default="0 3 * * 1", help="Schedule for the scheduled deployment; '' for none.")
-    parser.add_argument("--config", default="configs/demo-cpu.yaml", help="Preset used as default parameters.")
+    parser.add_argument("--name", action="append", help="Deploy only this deployment (repeatable); default all.")
+    parser.add_argument("--write-prefect-yaml", action="store_true",
+                        help="Regenerate prefect.yaml's presets from configs/ instead of deploying.")
     args = parser.parse_args()
-    for dep_id in deploy(args.pool, args.cron or None, args.config):
-        print(dep_id)
+    if args.write_prefect_yaml:
+        for preset in write_prefect_yaml():
+            print(f"prefect.yaml: parameters regenerated from {preset}")
+        return
+    plans = planned_deployments()
+    if args.name:
+        unknown = set(args.name) - {p.name for p in plans}
+        if unknown:
+            parser.error(f"not in prefect.yaml: {', '.join(sorted(unknown))}; there: {', '.join(p.name for p in plans)}")
+        plans = [p for p in plans if p.name in args.name]
+    for plan, dep_id in zip(plans, deploy(plans), strict=True):
+        print(f"{plan.name}: {dep_id}")
 
 
 if __name__ == "__main__":

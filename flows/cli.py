@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -21,7 +22,7 @@ data_app = typer.Typer(no_args_is_help=True, help="Inspect datasets without trai
 app.add_typer(data_app, name="data")
 console = Console()
 
-ConfigArg = Annotated[Optional[Path], typer.Argument(help="Pipeline YAML (configs/...). Omitted: built-in CPU demo defaults.")]
+ConfigArg = Annotated[Optional[Path], typer.Argument(help="Pipeline YAML (configs/...). Omitted: the built-in defaults (domain-neutral; configs/demo-cpu.yaml is the demo).")]
 SetOpt = Annotated[list[str], typer.Option("--set", help="Override a field: --set sft.learning_rate=1e-4 (repeatable).")]
 
 
@@ -35,8 +36,57 @@ def _load(config: Path | None, overrides: list[str]):
         raise typer.Exit(2) from None
 
 
+@contextlib.contextmanager
+def failures_reported(workspace: str):
+    """A failure prints as a few clean lines naming the cause; the full traceback goes to a log file.
+
+    Prefect's console records lose their tracebacks (first line only) while the run lasts; the file
+    under <workspace>/logs keeps everything.
+    """
+    from flows.console_log import run_log
+
+    with run_log(Path(workspace)) as log_path:
+        try:
+            yield
+        except (KeyboardInterrupt, typer.Exit):
+            raise
+        except Exception as exc:
+            logging.getLogger("lmforge").error("run failed", exc_info=True)
+            from rich.markup import escape
+
+            console.print(f"[red]error:[/red] {escape(_root_message(exc))}", highlight=False)
+            console.print(f"full traceback: {log_path}", highlight=False)
+            raise typer.Exit(1) from None
+
+
+def _root_message(exc: BaseException) -> str:
+    """The message that names the cause: our own errors carry it; wrappers (Prefect's) repeat it."""
+    from components.config import ConfigError
+    from components.data.dataset_info import DataError
+    from components.errors import StageInputError
+    from components.models.prepare import BaseModelError
+
+    ours = (DataError, ConfigError, StageInputError, BaseModelError, FileNotFoundError)
+    seen, node = set(), exc
+    while node is not None and id(node) not in seen:
+        if isinstance(node, ours):
+            return str(node)
+        seen.add(id(node))
+        node = node.__cause__ or node.__context__
+    return f"{type(exc).__name__}: {exc}"
+
+
 def _fmt(x) -> str:
     return "" if x is None else f"{x:.4f}" if isinstance(x, float) else str(x)
+
+
+def _check_stage_names(*names: str | None) -> None:
+    from components.pipeline import STAGE_KINDS
+
+    for name in names:
+        if name is not None and name not in STAGE_KINDS:
+            console.print(f"[red]unknown stage {name!r}; stages: {', '.join(STAGE_KINDS)}[/red]")
+            raise typer.Exit(2)
 
 
 @app.command()
@@ -45,23 +95,22 @@ def run(
     from_stage: Annotated[Optional[str], typer.Option("--from", help="Recompute from this stage on, even if cached.")] = None,
     only: Annotated[Optional[str], typer.Option("--only", help="Run only this stage on cached upstream outputs.")] = None,
     until: Annotated[Optional[str], typer.Option("--until", help="Stop after this stage (e.g. sft: train, no evaluation).")] = None,
+    verify: Annotated[str, typer.Option(help="How cached outputs are checked: fast (sizes, mtimes) or deep (rehash).")] = "fast",
     set_: SetOpt = [],  # noqa: B006 (typer reads the default)
 ) -> None:
     """Run the domain-adaptation flow end to end (cached stages are reused)."""
-    from components.config import STAGES
-
-    for name in (from_stage, only, until):
-        if name is not None and name not in STAGES:
-            console.print(f"[red]unknown stage {name!r}; stages: {', '.join(STAGES)}[/red]")
-            raise typer.Exit(2)
+    _check_stage_names(from_stage, only, until)
+    if verify not in ("fast", "deep"):
+        console.print(f"[red]--verify must be fast or deep, not {verify!r}[/red]")
+        raise typer.Exit(2)
     cfg = _load(config, set_)
     from flows.local_api import early_local_api
 
-    with early_local_api() as wait_ready:
+    with early_local_api() as wait_ready, failures_reported(cfg.workspace):
         from flows.domain_adaptation import domain_adaptation  # torch, mlflow...: while the API boots
 
         wait_ready()
-        summary = domain_adaptation(config=cfg, from_stage=from_stage, only=only, until=until)
+        summary = domain_adaptation(config=cfg, from_stage=from_stage, only=only, until=until, verify=verify)
     _print_summary(summary)
 
 
@@ -74,35 +123,44 @@ def _print_summary(summary: dict) -> None:
                       "" if row.get("peak_rss_mb") is None else f"{row['peak_rss_mb']:.0f}")
     console.print(table)
     if summary["comparison"]:
-        comp = Table(title="held-out evaluation: base vs adapted")
-        for col in ("metric", "base", "adapted"):
+        columns = summary["columns"]
+        comp = Table(title="held-out evaluation: " + " vs ".join(columns))
+        for col in ("metric", *columns):
             comp.add_column(col)
-        for k, v in summary["comparison"].items():
-            comp.add_row(k, _fmt(v["base"]), _fmt(v["adapted"]))
+        for k, row in summary["comparison"].items():
+            comp.add_row(k, *(_fmt(row[c]) for c in columns))
         console.print(comp)
     reg = summary.get("registered") or {}
     if reg:
         console.print(f"registered [bold]{reg['name']}[/bold] version {reg['version']} as @{reg['alias']}")
     m = summary["metrics"]
-    prepared = m.get("base_prepare_s", 0.0)
     console.print(f"flow {m['flow_wall_s']:.1f} s, stage compute {m['stage_compute_s']:.1f} s, "
-                  + (f"base model conversion (first use only) {prepared:.1f} s, " if prepared >= 1 else "")
-                  + f"orchestration + tracking {m['orchestration_overhead_s']:.1f} s")
+                  f"orchestration + tracking {m['orchestration_overhead_s']:.1f} s")
 
 
 @app.command()
-def stages(config: ConfigArg = None, set_: SetOpt = []) -> None:  # noqa: B006
+def stages(
+    config: ConfigArg = None,
+    verify: Annotated[str, typer.Option(help="fast (sizes, mtimes) or deep (rehash every file).")] = "fast",
+    set_: SetOpt = [],  # noqa: B006
+) -> None:
     """List each stage with its cache key and whether its output is cached."""
     from components.models.loading import select_hardware
     from flows.plan import describe_plan
 
     cfg = _load(config, set_)
     hw = select_hardware(cfg.compute.device, cfg.compute.precision)
+    with failures_reported(cfg.workspace):
+        rows = describe_plan(cfg, hw.precision, deep=verify == "deep")
     table = Table(title=f"stages ({cfg.workspace})")
-    for col in ("stage", "cache key", "cached", "note"):
-        table.add_column(col)
-    for row in describe_plan(cfg, hw.precision):
-        table.add_row(row["stage"], row["key"] or "-", "yes" if row["cached"] else "no", row["note"])
+    for col, field in (("stage", "stage"), ("kind", "kind"), ("cache key", "key"), ("cached", None), ("note", "note")):
+        # Never cut: names and keys are what people copy from this table.
+        width = max([len(col)] + [len(str(r[field] or "")) for r in rows if field])
+        table.add_column(col, no_wrap=True, min_width=width)
+    table.add_column("what it does")
+    for row in rows:
+        table.add_row(row["stage"], row["kind"], row["key"] or "-", "yes" if row["cached"] else "no", row["note"],
+                      row["summary"])
     console.print(table)
 
 
@@ -151,7 +209,7 @@ def data_check(config: ConfigArg = None, set_: SetOpt = []) -> None:  # noqa: B0
     cfg = _load(config, set_)
     from flows.local_api import early_local_api
 
-    with early_local_api() as wait_ready:
+    with early_local_api() as wait_ready, failures_reported(cfg.workspace):
         from flows.data_check import check_data
 
         wait_ready()

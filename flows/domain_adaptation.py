@@ -1,8 +1,9 @@
-"""The domain-adaptation flow: fetch -> align -> tokenize -> cpt -> sft -> evaluate -> quantize -> register.
+"""The domain-adaptation flow: the stage table (components/pipeline.py) walked in order.
 
-Wiring only. Each stage is a cached Prefect task (tasks/stages.py); the flow computes each stage's
-content key from the config and the upstream manifests, asks Prefect for a fresh run only where the
-artifacts on disk are missing (or the user forced it), and records the lineage in MLflow.
+prepare -> fetch -> align -> tokenize -> cpt -> sft -> evaluate (base, +cpt, adapted) -> quantize -> register.
+Wiring only. Each node runs as one cached Prefect task (tasks/stages.py); the flow computes each
+node's content key from its config slice and upstream manifests, asks Prefect for a fresh run only
+where the artifacts on disk are missing or changed (or the user forced it), and records the run in MLflow.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import logging
 import subprocess
 import time
 from pathlib import Path
+from typing import Literal
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
@@ -18,11 +20,12 @@ from prefect.context import get_run_context
 
 from components import tracking
 from components.artifacts import read_manifest, reset_dir, stage_dir, verify_manifest
-from components.config import STAGES, PipelineConfig, Stage, save_config
-from components.models.loading import resolve_base, select_hardware
-from flows.plan import PlannedStage, planned_stages, stage_config, validate_stage
+from components.config import PipelineConfig, save_config
+from components.errors import StageInputError
+from components.models.loading import select_hardware
+from components.pipeline import STAGE_KINDS, RunInfo, kind_index, planned_nodes
+from flows.plan import key_facts, node_key
 from tasks import stages as t
-from tasks.keys import stage_key
 
 log = logging.getLogger("lmforge.flow")
 
@@ -37,53 +40,29 @@ def git_commit() -> str:
         return "unknown"
 
 
-def _call(node: PlannedStage, key: str, ctx: t.RunContext, cfg: PipelineConfig, sc: dict, m: dict, base_source: str):
-    """Dispatch one planned node to its task with its upstream manifests."""
-    if node.stage == "fetch":
-        return t.fetch, (key, ctx, cfg, sc)
-    if node.stage == "align":
-        return t.align, (key, ctx, cfg, sc, m["fetch"])
-    if node.stage == "tokenize":
-        return t.tokenize, (key, ctx, cfg, sc, m["align"], base_source)
-    if node.stage in ("cpt", "sft"):
-        below = [m["cpt"]] if node.stage == "sft" and "cpt" in m else []
-        return t.train_adapter.with_options(name=node.stage), (key, ctx, cfg, sc, node.stage, m["tokenize"], below, base_source)
-    adapters = [m[s] for s in ("cpt", "sft") if s in m]
-    if node.name == "evaluate-base":
-        return t.evaluate.with_options(name="evaluate-base"), (key, ctx, cfg, sc, "base", m["tokenize"], m["align"], [], base_source)
-    if node.name == "evaluate-adapted":
-        return t.evaluate.with_options(name="evaluate-adapted"), (key, ctx, cfg, sc, "adapted", m["tokenize"], m["align"], adapters, base_source)
-    if node.stage == "quantize":
-        return t.quantize, (key, ctx, cfg, sc, m["tokenize"], m["align"], adapters, base_source)
-    if node.stage == "register":
-        lineage = {
-            "lmforge.config_digest": ctx.config_digest,
-            "lmforge.git_commit": git_commit(),
-            "prefect.flow_run_id": ctx.flow_run_id,
-            "lmforge.data_digest.align": m["align"]["digest"],
-            "lmforge.data_digest.tokenize": m["tokenize"]["digest"],
-            "lmforge.base_model": cfg.model.base,
-            **{f"lmforge.stage_key.{k}": v["cache_key"] for k, v in m.items()},
-        }
-        return t.register, (key, ctx, cfg, sc, m["quantize"], m["evaluate-adapted"], m["evaluate-base"], lineage)
-    raise ValueError(node.name)
+StageName = Literal[STAGE_KINDS]  # type: ignore[valid-type]  # the Prefect form shows a dropdown
+
 
 
 @flow(name="domain_adaptation", log_prints=True)
 def domain_adaptation(
     config: PipelineConfig = PipelineConfig(),
-    from_stage: Stage | None = None,
-    only: Stage | None = None,
-    until: Stage | None = None,
+    from_stage: StageName | None = None,
+    only: StageName | None = None,
+    until: StageName | None = None,
+    verify: Literal["fast", "deep"] = "fast",
 ) -> dict:
     """Adapt a base model to the domain data in `config`; returns the summary (metrics, versions, timings).
 
     from_stage: recompute this stage and everything after it, even when cached.
     only: run just this stage on cached upstream outputs (they must exist).
     until: stop after this stage (e.g. `tokenize` to check data without training).
+    verify: how a cached output is checked before reuse: `fast` (sizes and mtimes; a file whose
+    mtime moved is rehashed) or `deep` (every file rehashed against its manifest digest).
     """
     for name in (from_stage, only, until):
-        validate_stage(name)
+        if name is not None:
+            kind_index(name)
     t_flow = time.perf_counter()
     logger = get_run_logger()
     cfg = config
@@ -91,60 +70,65 @@ def domain_adaptation(
     workspace.mkdir(parents=True, exist_ok=True)
     flow_run_id = str(get_run_context().flow_run.id)
     hardware = select_hardware(cfg.compute.device, cfg.compute.precision)
+    deep = verify == "deep"
 
     client = tracking.client_for(cfg.tracking_uri())
     exp_id = tracking.experiment_id(client, cfg.tracking.experiment, workspace / "mlartifacts")
+    commit = git_commit()
     parent = tracking.start_run(
         client, exp_id, f"domain_adaptation-{flow_run_id[:8]}",
-        tags={"prefect.flow_run_id": flow_run_id, "lmforge.config_digest": cfg.digest(), "lmforge.git_commit": git_commit()},
+        tags={"prefect.flow_run_id": flow_run_id, "lmforge.config_digest": cfg.digest(), "lmforge.git_commit": commit},
     )
-    ctx = t.RunContext(cfg.tracking_uri(), exp_id, parent, flow_run_id, cfg.digest())
+    run = RunInfo(cfg.tracking_uri(), exp_id, parent, flow_run_id, cfg.digest(), commit)
     run_dir = workspace / "runs" / flow_run_id
-    save_config(cfg, run_dir / "config.yaml")
+    save_config(cfg, run_dir / "config.yaml", masked=True)
     client.log_artifact(parent, str(run_dir / "config.yaml"))
     tracking.log_params(client, parent, cfg.model_dump(mode="json"))
 
-    forced = set(STAGES[STAGES.index(from_stage):]) if from_stage else set()
     manifests: dict[str, dict] = {}
     timeline: list[dict] = []
     status = "FAILED"
-    prepare_s = 0.0
     try:
-        started = time.perf_counter()
-        base_source = resolve_base(cfg.model.base)  # the embedded model is converted on first use (~25 s)
-        prepare_s = time.perf_counter() - started
-        for node in planned_stages(cfg):
-            sc = stage_config(cfg, node, hardware.precision)
-            key = stage_key(node.name, node.stage, sc, {u: manifests[u]["digest"] for u in node.upstream})
+        facts = key_facts(cfg, hardware.precision)
+        for node in planned_nodes(cfg):
+            kind = kind_index(node.spec.kind)
+            if (until and kind > kind_index(until)) or (only and kind > kind_index(only)):
+                continue
+            key, sc = node_key(node, cfg, facts, {n: m["digest"] for n, m in manifests.items()})
             out = stage_dir(cfg.workspace, node.name, key)
-            if until and STAGES.index(node.stage) > STAGES.index(until):
-                break
-            if only and node.stage != only:
-                # Upstream of --only: must be on disk already; downstream: skipped.
-                if STAGES.index(node.stage) > STAGES.index(only):
-                    break
+            if only and node.spec.kind != only:
+                # Upstream of --only: must be on disk already.
                 manifest = read_manifest(out)
-                if not verify_manifest(manifest):
-                    raise RuntimeError(
+                if not verify_manifest(manifest, deep=deep):
+                    raise StageInputError(
                         f"--only {only}: upstream stage {node.name} has no complete output for this config "
                         f"(expected {out}); run without --only first"
                     )
                 manifests[node.name] = manifest
                 continue
-            force = node.stage in forced
+            force = from_stage is not None and kind >= kind_index(from_stage)
             if force:
                 reset_dir(out)
-            refresh = force or not verify_manifest(read_manifest(out))
-            task_fn, args = _call(node, key, ctx, cfg, sc, manifests, base_source)
+            refresh = force or not verify_manifest(read_manifest(out), deep=deep)
+            if refresh and not force:
+                # A stale or tampered output is never reused; a resumable stage keeps its checkpoints.
+                if node.spec.resumable:
+                    (out / "manifest.json").unlink(missing_ok=True)
+                elif out.exists():
+                    reset_dir(out)
+            upstream = {u: manifests[u] for u in node.upstream}
             started = time.perf_counter()
-            state = task_fn.with_options(refresh_cache=refresh)(*args, return_state=True)
+            state = t.stage_task(node.spec).with_options(refresh_cache=refresh)(
+                key, node.name, run, cfg, sc, upstream, {u: manifests[u]["digest"] for u in node.keyed_upstream},
+                return_state=True,
+            )
             manifest = state.result()
             elapsed = time.perf_counter() - started
             # The disk is the source of truth (Prefect's record may come from another workspace).
             manifest = read_manifest(out) or manifest
             cached = state.name == "Cached" or manifest.get("flow_run_id") != flow_run_id
             if cached:
-                t.record_cached(ctx, manifest)
+                t.record_cached(run, manifest)
             manifests[node.name] = manifest
             timeline.append({"stage": node.name, "key": key, "cached": cached, "task_s": round(elapsed, 3),
                              "stage_s": 0.0 if cached else manifest["wall_s"],
@@ -153,40 +137,41 @@ def domain_adaptation(
         status = "FINISHED"
     finally:
         flow_s = time.perf_counter() - t_flow
-        summary = _summary(manifests, timeline, flow_s, prepare_s)
+        summary = _summary(manifests, timeline, flow_s)
         tracking.log_metrics(client, parent, {k: v for k, v in summary["metrics"].items()})
         tracking.end_run(client, parent, status)
     _publish(summary)
     return summary
 
 
-def _summary(manifests: dict[str, dict], timeline: list[dict], flow_s: float, prepare_s: float = 0.0) -> dict:
-    """Metrics, comparison and timings of a run. `prepare_s` (making the base model loadable: the
-    embedded GGUF's one-time conversion) is neither a stage nor orchestration, so it is its own figure."""
+# Evaluation nodes in the order the comparison shows them: what each stage contributed.
+EVALUATIONS = {"evaluate-base": "base", "evaluate-cpt": "+cpt", "evaluate-adapted": "adapted"}
+
+
+def _summary(manifests: dict[str, dict], timeline: list[dict], flow_s: float) -> dict:
+    """Metrics, the stage-by-stage comparison and the timings of a run."""
     stage_s = sum(r["stage_s"] for r in timeline)
-    metrics: dict[str, float] = {"flow_wall_s": flow_s, "stage_compute_s": stage_s, "base_prepare_s": prepare_s,
-                                 "orchestration_overhead_s": flow_s - stage_s - prepare_s}
-    comparison = {}
-    base = manifests.get("evaluate-base", {}).get("metrics", {})
-    adapted = manifests.get("evaluate-adapted", {}).get("metrics", {})
-    for k in sorted(set(base) | set(adapted)):
-        comparison[k] = {"base": base.get(k), "adapted": adapted.get(k)}
-        if k in adapted:
-            metrics[f"adapted_{k}"] = adapted[k]
-        if k in base:
-            metrics[f"base_{k}"] = base[k]
+    metrics: dict[str, float] = {"flow_wall_s": flow_s, "stage_compute_s": stage_s,
+                                 "orchestration_overhead_s": flow_s - stage_s}
+    columns = [label for node, label in EVALUATIONS.items() if node in manifests]
+    comparison: dict[str, dict] = {}
+    for node, label in EVALUATIONS.items():
+        for k, v in manifests.get(node, {}).get("metrics", {}).items():
+            comparison.setdefault(k, dict.fromkeys(columns))[label] = v
+            metrics[f"{label.lstrip('+')}_{k}"] = v
+    comparison = dict(sorted(comparison.items()))
     registered = manifests.get("register", {}).get("info", {})
     quant = manifests.get("quantize", {}).get("metrics", {})
-    return {"metrics": metrics, "comparison": comparison, "registered": registered, "quantization": quant,
-            "timeline": timeline, "stages": {k: v["dir"] for k, v in manifests.items()}}
+    return {"metrics": metrics, "columns": columns, "comparison": comparison, "registered": registered,
+            "quantization": quant, "timeline": timeline, "stages": {k: v["dir"] for k, v in manifests.items()}}
 
 
 def _publish(summary: dict) -> None:
-    """A markdown table in the Prefect UI: base vs adapted on every held-out metric."""
-    lines = ["| metric | base | adapted |", "|---|---|---|"]
-    for k, v in summary["comparison"].items():
-        fmt = lambda x: "" if x is None else f"{x:.4f}"  # noqa: E731
-        lines.append(f"| {k} | {fmt(v['base'])} | {fmt(v['adapted'])} |")
+    """A markdown table in the Prefect UI: every held-out metric for the base and after each stage."""
+    columns = summary["columns"]
+    lines = ["| metric | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    for k, row in summary["comparison"].items():
+        lines.append(f"| {k} | " + " | ".join("" if row[c] is None else f"{row[c]:.4f}" for c in columns) + " |")
     reg = summary.get("registered") or {}
     if reg:
         lines.append(f"\nRegistered **{reg.get('name')}** version {reg.get('version')} as @{reg.get('alias')}.")

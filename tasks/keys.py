@@ -1,5 +1,8 @@
 """Cache keys: hash(stage, resolved stage config, upstream manifest digests, stage code version).
 
+The base model's content reaches every model stage through the `prepare` stage's digest, and
+tokenization through the tokenizer's own digest (components.models.prepare).
+
 No run id goes in: an unchanged stage is reused across runs and days. The code version is a hash of
 the source of every component module the stage's code can reach, found by following `components.*`
 imports from its entry module, so editing any code a stage runs invalidates its cache (and, through
@@ -15,22 +18,13 @@ from pathlib import Path
 
 import components
 from components.config import hash_json
+from components.pipeline import STAGES_BY_NAME
 
-# The module whose run_* function each stage calls.
-STAGE_ENTRY: dict[str, str] = {
-    "fetch": "components.data.fetch",
-    "align": "components.data.align",
-    "tokenize": "components.data.tokenize",
-    "cpt": "components.training.sft",
-    "sft": "components.training.sft",
-    "evaluate": "components.evaluation.evaluate",
-    "quantize": "components.quantization.quantize",
-    "register": "components.registry",
-}
 # Reached by every stage but not deciding what a stage writes: the config schema (the resolved
 # stage config is in the key already), manifests and atomic writes, MLflow calls, memory figures.
 # Hashing them would make a docstring edit there recompute every stage.
-NOT_OUTPUT = {"components.config", "components.artifacts", "components.tracking", "components.resources"}
+NOT_OUTPUT = {"components.config", "components.artifacts", "components.tracking", "components.resources",
+              "components.pipeline", "components.errors", "components.runtime"}
 
 
 _ROOT = Path(components.__file__).resolve().parents[1]
@@ -69,9 +63,9 @@ def _imported_components(module: str) -> frozenset[str]:
 
 
 @cache
-def stage_modules(stage: str) -> tuple[str, ...]:
-    """Every component module reachable from the stage's entry module, sorted, NOT_OUTPUT left out."""
-    seen, todo = set(), [STAGE_ENTRY[stage]]
+def stage_modules(node: str) -> tuple[str, ...]:
+    """Every component module reachable from the node's entry module, sorted, NOT_OUTPUT left out."""
+    seen, todo = set(), [STAGES_BY_NAME[node].module]
     while todo:
         module = todo.pop()
         if module in seen or module in NOT_OUTPUT:
@@ -82,23 +76,13 @@ def stage_modules(stage: str) -> tuple[str, ...]:
 
 
 @cache
-def code_version(stage: str) -> str:
+def code_version(node: str) -> str:
     h = hashlib.sha256()
-    for name in stage_modules(stage):
+    for name in stage_modules(node):
         h.update(name.encode() + b"\0" + _source(name).encode())
     return h.hexdigest()[:16]
 
 
-def stage_key(node: str, stage: str, config: dict, upstream: dict[str, str]) -> str:
-    """`node` names the graph node (evaluate-base), `stage` its kind (evaluate), whose code is hashed."""
-    return hash_json({"stage": node, "config": config, "upstream": upstream, "code": code_version(stage)})[:24]
-
-
-def file_fingerprint(path: Path, full_hash_limit: int = 256 << 20) -> str:
-    """Content hash of a local source file (size + mtime for files beyond the limit, to keep keys cheap)."""
-    st = path.stat()
-    if st.st_size > full_hash_limit:
-        return f"stat:{st.st_size}:{st.st_mtime_ns}"
-    from components.artifacts import sha256_file
-
-    return sha256_file(path)
+def stage_key(node: str, config: dict, upstream: dict[str, str]) -> str:
+    """Key of a node of the stage table: its name, its config slice, its keyed upstream digests, its code."""
+    return hash_json({"stage": node, "config": config, "upstream": upstream, "code": code_version(node)})[:24]

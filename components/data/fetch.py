@@ -1,41 +1,55 @@
 """The fetch stage: dataset sources -> local raw files + provenance.
 
 Sources, one per dataset_info.json entry: a local `file_name` (file or directory, next to the
-dataset_info.json), a `url` (http(s), verified against its `sha256` pin when given, retried with
-backoff), any other fsspec URI in `url` (s3://, gs://, memory://, ...), or a hub dataset id in
+dataset_info.json), a `url` (http(s), verified against its `sha256` pin when given), any other
+fsspec URI in `url` (s3://, gs://, memory://, ...), or a hub dataset id in
 `hf_hub_url` (loaded with `datasets.load_dataset` and saved as parquet; with `streaming=True`
 read as a stream and written row by row as JSONL, so no second copy lands in the datasets cache
 and memory stays bounded however large the split is).
 
-Everything lands in out_dir/raw/<name>/; out_dir/dataset_info.json describes the fetched copies
-(file_name relative to out_dir, so the align stage and LLaMA-Factory can read it as is) and
-out_dir/provenance.json records where each dataset came from, its size, sha256 and license note.
+Only what can recover is retried, here and nowhere else: connection trouble, timeouts, HTTP
+408/425/429/5xx and short reads, waiting as the server's Retry-After says (capped) or backing off.
+A missing file, a 4xx or a pin mismatch fails at once. When the retries run out the last
+`TransientError` is raised, so whatever runs the stage still sees a transient failure.
+
+Each dataset lands whole or not at all in out_dir/raw/<name>/ (built next to it, then renamed);
+out_dir/dataset_info.json describes the fetched copies (file_name relative to out_dir, so the align
+stage and LLaMA-Factory can read it as is) and out_dir/provenance.json records where each dataset
+came from, its size, sha256 and license note.
 """
 
 from __future__ import annotations
 
+import email.utils
 import hashlib
 import logging
-import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterable
+from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
-from typing import IO, TypeVar
+from typing import IO, TYPE_CHECKING, TypeVar
 from urllib.parse import urlparse
 
 import orjson
 from tqdm import tqdm
 
-from components.artifacts import StageResult, atomic_file, atomic_write_json, sha256_file
+from components.artifacts import StageResult, atomic_dir, atomic_file, atomic_write_json, sha256_file
 from components.data.dataset_info import DataError, DatasetSpec, load_dataset_info
+from components.data.records import GROUP_KINDS
+from components.errors import TransientError
+
+if TYPE_CHECKING:
+    from components.config import PipelineConfig
+    from components.pipeline import StageInputs
 
 log = logging.getLogger(__name__)
 
 RAW = "raw"
 _CHUNK = 1 << 20
 _BACKOFF_S = 0.5  # first retry waits this long, then twice as long each time
+MAX_RETRY_AFTER_S = 60.0  # a server asking for a longer wait gets this; the stage is not parked for hours
+# Statuses a retry can cure (timeout, too early, rate limit, server trouble); any other 4xx or 5xx cannot.
 _RETRY_STATUS = {408, 425, 429, 500, 502, 503, 504}
 # Entry fields that name a remote source: the fetched copy is described by file_name alone.
 _SOURCE_FIELDS = {"url", "sha256", "hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name",
@@ -43,21 +57,42 @@ _SOURCE_FIELDS = {"url", "sha256", "hf_hub_url", "ms_hub_url", "om_hub_url", "sc
 T = TypeVar("T")
 
 
-class _Transient(Exception):
-    """A failure worth retrying: connection trouble, a timeout, 5xx/429, a short read."""
-
-
 def _with_retries(what: str, attempt: Callable[[], T], retries: int) -> T:
+    """`attempt()`, tried again up to `retries` times while it raises TransientError."""
     for n in range(retries + 1):
         try:
             return attempt()
-        except _Transient as e:
+        except TransientError as e:
             if n == retries:
-                raise DataError(f"{what} failed after {retries + 1} attempts: {e}") from e
-            wait = _BACKOFF_S * 2**n
+                raise TransientError(f"{what} failed after {n + 1} attempts: {e}", e.retry_after_s) from e
+            wait = e.retry_after_s if e.retry_after_s is not None else _BACKOFF_S * 2**n
             log.warning("%s failed (%s); retry %d/%d in %.1fs", what, e, n + 1, retries, wait)
             time.sleep(wait)
     raise AssertionError("unreachable")
+
+
+def retry_after_s(header: str | None, now: datetime | None = None) -> float | None:
+    """The wait a Retry-After header asks for (delay-seconds or an HTTP-date), capped at MAX_RETRY_AFTER_S.
+
+    >>> retry_after_s("1"), retry_after_s("3600"), retry_after_s("soon")
+    (1.0, 60.0, None)
+    >>> retry_after_s("Wed, 21 Oct 2026 07:28:30 GMT", now=datetime(2026, 10, 21, 7, 28, tzinfo=timezone.utc))
+    30.0
+    """
+    if not header:
+        return None
+    header = header.strip()
+    if header.isdigit():
+        seconds = float(header)
+    else:
+        try:
+            when = email.utils.parsedate_to_datetime(header)
+        except (TypeError, ValueError):
+            return None
+        if when.tzinfo is None:  # HTTP-dates are GMT
+            when = when.replace(tzinfo=timezone.utc)
+        seconds = (when - (now or datetime.now(timezone.utc))).total_seconds()
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER_S)
 
 
 def _stream_to_file(chunks: Callable[[IO[bytes]], None], dest: Path) -> tuple[int, str]:
@@ -78,9 +113,8 @@ class _HashingWriter:
         return self.f.write(block)
 
 
-def _check_pin(source: str, expected: str | None, actual: str, dest: Path) -> None:
+def _check_pin(source: str, expected: str | None, actual: str) -> None:
     if expected and expected != actual:
-        dest.unlink(missing_ok=True)
         raise DataError(f"sha256 mismatch for {source}: expected {expected}, got {actual}. The file changed "
                         "at the source or the pin is wrong; check it, then update `sha256` in dataset_info.json")
 
@@ -97,9 +131,10 @@ def _download_http(url: str, dest: Path, expected: str | None, retries: int) -> 
         try:
             with requests.get(url, stream=True, timeout=(10, 60)) as r:
                 if r.status_code in _RETRY_STATUS:
-                    raise _Transient(f"HTTP {r.status_code} {r.reason}")
+                    raise TransientError(f"HTTP {r.status_code} {r.reason}", retry_after_s(r.headers.get("Retry-After")))
                 if r.status_code >= 400:
-                    raise DataError(f"download of {url} failed: HTTP {r.status_code} {r.reason}")
+                    raise DataError(f"download of {url} failed: HTTP {r.status_code} {r.reason}; retrying would "
+                                    "get the same answer: check `url` (and access to it) in dataset_info.json")
                 # With a Content-Encoding, requests decodes and Content-Length counts the encoded bytes.
                 encoded = r.headers.get("Content-Encoding", "identity") != "identity"
                 total = None if encoded else int(r.headers.get("Content-Length") or 0) or None
@@ -112,11 +147,10 @@ def _download_http(url: str, dest: Path, expected: str | None, retries: int) -> 
 
                 size, digest = _stream_to_file(chunks, dest)
         except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as e:
-            raise _Transient(f"{type(e).__name__}: {e}") from e
+            raise TransientError(f"{type(e).__name__}: {e}") from e
         if total is not None and size != total:
-            dest.unlink(missing_ok=True)
-            raise _Transient(f"short read: {size} of {total} bytes")
-        _check_pin(url, expected, digest, dest)
+            raise TransientError(f"short read: {size} of {total} bytes")
+        _check_pin(url, expected, digest)
 
     _with_retries(f"download of {url}", attempt, retries)
 
@@ -125,6 +159,8 @@ def _copy_fsspec(uri: str, dest_dir: Path, expected: str | None, retries: int) -
     import fsspec
 
     fs, root = fsspec.core.url_to_fs(uri)
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    local = "file" in protocols  # a local file's error is the same on every try
     try:
         is_dir = fs.isdir(root)
     except OSError as e:
@@ -150,8 +186,10 @@ def _copy_fsspec(uri: str, dest_dir: Path, expected: str | None, retries: int) -
             except FileNotFoundError as e:
                 raise DataError(f"{uri}: {remote} does not exist") from e
             except (OSError, TimeoutError) as e:
-                raise _Transient(f"{type(e).__name__}: {e}") from e
-            _check_pin(uri, expected, digest, dest_root / rel)
+                if local or isinstance(e, PermissionError):
+                    raise DataError(f"{uri}: cannot read {remote}: {e}") from e
+                raise TransientError(f"{type(e).__name__}: {e}") from e
+            _check_pin(uri, expected, digest)
 
         _with_retries(f"copy of {remote}", attempt, retries)
 
@@ -189,15 +227,7 @@ def _fetch_hub(spec: DatasetSpec, dest_dir: Path, streaming: bool, retries: int)
         dest = dest_dir / f"{spec.split}.jsonl"
         _with_retries(f"streaming {what}", lambda: _stream_rows(spec.name, ds, dest), retries)
         return ds.info.license or None
-    dest = dest_dir / f"{spec.split}.parquet"
-    fd, tmp = tempfile.mkstemp(dir=dest_dir, prefix=f".{dest.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        ds.to_parquet(tmp)
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    ds.to_parquet(str(dest_dir / f"{spec.split}.parquet"))  # dest_dir is renamed into place only when complete
     return ds.info.license or None
 
 
@@ -212,7 +242,20 @@ def _stream_rows(name: str, rows: Iterable[dict], dest: Path) -> None:
         raise DataError(f"dataset '{name}': row {row_no} of the stream: {e}. Streaming writes JSONL, which holds "
                         "text and numbers; set data.streaming: false to save this dataset as parquet instead") from None
     except (OSError, TimeoutError) as e:  # connection trouble mid-stream: start the stream over
-        raise _Transient(f"stream broke after {row_no} rows: {type(e).__name__}: {e}") from e
+        raise TransientError(f"stream broke after {row_no} rows: {type(e).__name__}: {e}") from e
+
+
+def _fetch_one(spec: DatasetSpec, base: Path, dest_dir: Path, streaming: bool, retries: int) -> tuple[str, str | None]:
+    """Fetch one dataset into `dest_dir`; returns (where it came from, the license the hub states)."""
+    if spec.load_from == "file":
+        return str(_copy_local(spec, base, dest_dir)), None
+    if spec.load_from == "url" and urlparse(spec.url).scheme in ("http", "https"):
+        _download_http(spec.url, dest_dir / _url_file_name(spec.url), spec.sha256, retries)
+        return spec.url, None
+    if spec.load_from == "url":
+        _copy_fsspec(spec.url, dest_dir, spec.sha256, retries)
+        return spec.url, None
+    return f"hf_hub:{spec.hf_hub_url}", _fetch_hub(spec, dest_dir, streaming, retries)
 
 
 def _dir_digest(files: dict[str, dict]) -> str:
@@ -240,22 +283,8 @@ def run_fetch(
     raw_files: list[str] = []
     for name, spec in specs.items():
         dest_dir = out_dir / RAW / name
-        if dest_dir.exists():  # debris of an earlier attempt
-            shutil.rmtree(dest_dir)
-        dest_dir.mkdir(parents=True)
-        hub_license = None
-        if spec.load_from == "file":
-            source = str(_copy_local(spec, base, dest_dir))
-        elif spec.load_from == "url" and urlparse(spec.url).scheme in ("http", "https"):
-            source = spec.url
-            _download_http(spec.url, dest_dir / _url_file_name(spec.url), spec.sha256, retries)
-        elif spec.load_from == "url":
-            source = spec.url
-            _copy_fsspec(spec.url, dest_dir, spec.sha256, retries)
-        else:
-            source = f"hf_hub:{spec.hf_hub_url}"
-            hub_license = _fetch_hub(spec, dest_dir, streaming, retries)
-
+        with atomic_dir(dest_dir) as building:
+            source, hub_license = _fetch_one(spec, base, building, streaming, retries)
         written = sorted(p for p in dest_dir.rglob("*") if p.is_file())
         files = {p.relative_to(out_dir).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
                  for p in written}
@@ -288,3 +317,9 @@ def run_fetch(
         metrics={"bytes": total, "files": len(raw_files)},
         info={"datasets": list(specs)},
     )
+
+
+def fetch_stage(cfg: PipelineConfig, inputs: StageInputs, out_dir: Path) -> StageResult:
+    """The pipeline's fetch stage: every dataset named by a data group of `cfg.data`."""
+    names = sorted({name for group in GROUP_KINDS for name in getattr(cfg.data, group)})
+    return run_fetch(Path(cfg.data.dataset_info), names, out_dir, streaming=cfg.data.streaming)

@@ -10,7 +10,8 @@ every format obeys the same rules:
 - a conversation ends with an assistant message, a preference prompt with a user or tool message.
 
 Drop reasons: missing_column, wrong_type, invalid_role_order, empty_prompt, empty_response,
-empty_text, chosen_equals_rejected (plus malformed_json / malformed_csv from reading files).
+empty_text, chosen_equals_rejected, prompt_mismatch (plus malformed_json, malformed_csv and not_utf8
+from reading files).
 """
 
 from __future__ import annotations
@@ -52,14 +53,15 @@ Converter = Callable[[dict, DatasetSpec, Kind], dict]
 def supported_kinds(spec: DatasetSpec) -> tuple[Kind, ...]:
     """The record kinds a dataset can align to, from its formatting, ranking flag and columns."""
     if spec.ranking:
-        return ("preference",) if spec.formatting in ("alpaca", "sharegpt", "openai", "prompt_completion") else ()
+        ranked = ("alpaca", "sharegpt", "openai", "prompt_completion", "lmflow")
+        return ("preference",) if spec.formatting in ranked else ()
     if spec.formatting == "alpaca":
         # LLaMA-Factory's pretraining text: an alpaca entry whose only column is `prompt`.
         return ("text", "conversation") if set(spec.columns) == {"prompt"} else ("conversation",)
     if spec.formatting == "text":
         return ("text",)
     if spec.formatting == "lmflow":
-        return ("text", "conversation")  # the file's own `type` decides; checked on its first row
+        return ("text", "conversation", "preference")  # the file's own `type` decides; checked on its first row
     return ("conversation",)
 
 
@@ -123,15 +125,33 @@ def _tool_calls(value: Any, field: str) -> list[dict]:
 
 
 def _tools(value: Any, field: str) -> str | None:
-    """Tool schemas as the JSON string the records carry; None when there are none."""
+    """Tool schemas as the JSON string the records carry; None when there are none.
+
+    A list may hold each schema as a JSON string (LMFlow's `tools`), parsed here so that chat
+    templates get objects; empty strings (LMFlow's `[""]` for none) are skipped.
+    """
     if value is None or value == "" or value == []:
         return None
     if isinstance(value, str):
-        _json_value(value, field)
-        return value
-    if isinstance(value, (list, dict)):
+        parsed = _json_value(value, field)
+        if not (isinstance(parsed, list) and any(isinstance(tool, str) for tool in parsed)):
+            return value
+        value = parsed
+    if isinstance(value, dict):
         return json.dumps(value, ensure_ascii=False)
-    raise RowError("wrong_type", field, f"'{field}' should be a JSON string or list of tool schemas")
+    if not isinstance(value, list):
+        raise RowError("wrong_type", field, f"'{field}' should be a JSON string or list of tool schemas")
+    schemas = []
+    for i, tool in enumerate(value):
+        if isinstance(tool, str):
+            if not tool.strip():
+                continue
+            tool = _json_value(tool, f"{field}[{i}]")
+        if not isinstance(tool, dict):
+            raise RowError("wrong_type", field, f"'{field}[{i}]' should be a tool schema (a JSON object), "
+                                                f"got {type(tool).__name__}")
+        schemas.append(tool)
+    return json.dumps(schemas, ensure_ascii=False) if schemas else None
 
 
 def _message(role: str, content: str, tool_calls: list[dict] | None = None) -> dict:
@@ -394,7 +414,8 @@ def convert_lmflow(row: dict, spec: DatasetSpec, kind: Kind) -> dict:
     """LMFlow: one JSON object {"type", "instances": [...]} per file; a row is {"type", "instance"}.
 
     text_only -> text; text2text ({"input", "output"}) and conversation ({"system"?, "tools"?,
-    "messages"}) -> conversation.
+    "messages"}, tools as JSON strings) -> conversation; paired_conversation ({"chosen", "rejected"},
+    two conversations that differ only in their last answer) -> preference.
 
     >>> convert_lmflow({"type": "text2text", "instance": {"input": "Code for hypothyroidism?",
     ...                                                   "output": "E03.9"}},
@@ -402,7 +423,8 @@ def convert_lmflow(row: dict, spec: DatasetSpec, kind: Kind) -> dict:
     {'messages': [{'role': 'user', 'content': 'Code for hypothyroidism?'}, {'role': 'assistant', 'content': 'E03.9'}]}
     """
     file_type, inst = row.get("type"), row.get("instance")
-    wanted = {"text_only": "text", "text2text": "conversation", "conversation": "conversation"}
+    wanted = {"text_only": "text", "text2text": "conversation", "conversation": "conversation",
+              "paired_conversation": "preference"}
     if file_type not in wanted:
         raise DataError(f"dataset '{spec.name}': unknown LMFlow type {file_type!r}; known: {', '.join(wanted)}")
     if wanted[file_type] != kind:
@@ -418,10 +440,39 @@ def convert_lmflow(row: dict, spec: DatasetSpec, kind: Kind) -> dict:
                 raise RowError("missing_column", key, f"a text2text instance has no '{key}'")
         return _conversation([_message("user", _text(inst["input"], "input")),
                               _message("assistant", _text(inst["output"], "output"))], "instance")
+    if file_type == "paired_conversation":
+        return _lmflow_pair(inst)
+    messages, system, tools = _lmflow_conversation(inst, "")
+    return _conversation(messages, "messages", system=system, tools=tools)
+
+
+def _lmflow_conversation(inst: dict, prefix: str) -> tuple[list[dict], str, str | None]:
+    """(messages, system, tools) of an LMFlow conversation; `prefix` is where it sits in the instance."""
     if "messages" not in inst:
-        raise RowError("missing_column", "messages", "a conversation instance has no 'messages'")
-    return _conversation(_openai_messages(inst["messages"], "messages"), "messages",
-                         system=_text(inst.get("system"), "system"), tools=_tools(inst.get("tools"), "tools"))
+        raise RowError("missing_column", f"{prefix}messages", f"a conversation instance has no '{prefix}messages'")
+    messages = _openai_messages(inst["messages"], f"{prefix}messages")
+    if not messages:
+        raise RowError("empty_prompt", f"{prefix}messages", f"'{prefix}messages' has no messages")
+    return messages, _text(inst.get("system"), f"{prefix}system"), _tools(inst.get("tools"), f"{prefix}tools")
+
+
+def _lmflow_pair(inst: dict) -> dict:
+    """A paired_conversation instance -> a preference record: the shared prompt and the two last answers.
+
+    Preference records carry no tool schemas, so the pair's `tools` are not kept.
+    """
+    sides = {}
+    for side in ("chosen", "rejected"):
+        if not isinstance(inst.get(side), dict):
+            reason = "missing_column" if side not in inst else "wrong_type"
+            raise RowError(reason, side, f"a paired_conversation instance needs '{side}', a conversation object")
+        sides[side] = _lmflow_conversation(inst[side], f"{side}.")
+    (chosen, system, _), (rejected, rejected_system, _) = sides["chosen"], sides["rejected"]
+    if chosen[:-1] != rejected[:-1] or system != rejected_system:
+        raise RowError("prompt_mismatch", "rejected",
+                       "'chosen' and 'rejected' differ before their last message; a preference pair is two answers "
+                       "to one prompt (the same system prompt and messages up to the answer)")
+    return _preference(chosen[:-1], chosen[-1], rejected[-1], "chosen.messages", system=system)
 
 
 def convert_prompt_completion(row: dict, spec: DatasetSpec, kind: Kind) -> dict:

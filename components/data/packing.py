@@ -1,40 +1,62 @@
-"""Batching tokenized examples: padding-free packing (the default) and classic right padding.
+"""Packing tokens: the plain-text corpus into fixed blocks, and tokenized examples into training batches.
 
-Padding-free batches put several examples in one row with position ids restarting per example,
-so attention kernels that read position ids (flash-attention varlen, or a block-diagonal mask
-built from them) keep examples apart and no compute is spent on pad tokens.
+The corpus is packed once, at the tokenize stage (`tokenize_text_corpus`). Batches are packed per
+step: padding-free (`flatten_batch`), several examples in one row with position ids restarting
+per example, so attention kernels that read position ids (flash-attention varlen, or a
+block-diagonal mask built from them) keep examples apart and no compute is spent on pad tokens;
+or right-padded without a mask (`pad_causal`), the fastest on CPUs.
 """
 
 from __future__ import annotations
 
-import torch
+from collections.abc import Iterable, Iterator
+from itertools import islice
+from typing import TYPE_CHECKING
 
-IGNORE = -100
+from components.data.encoding import encode_texts
+from components.data.records import IGNORE
+
+if TYPE_CHECKING:
+    import torch
+
+DOCS_PER_BATCH = 2048  # documents encoded at a time while packing the corpus (bounds memory)
 
 
-def pack_sequences(lengths: list[int], capacity: int) -> list[list[int]]:
-    """Group example indices into bins of at most `capacity` tokens, first-fit decreasing.
+def tokenize_text_corpus(tokenizer, texts: Iterable[str], block_size: int) -> Iterator[dict]:
+    """Pack documents (each followed by eos) greedily into blocks of `block_size` tokens.
 
-    An example longer than `capacity` gets a bin of its own (truncation is the tokenizer's job).
-    Bins come out in creation order, so the longest examples lead.
+    Each block: input_ids, labels, position_ids. Positions restart at 0 where a document (or its
+    continuation in a new block) starts, so attention can be block-diagonal. Labels equal
+    input_ids except -100 at each such start: a document's first token is not predicted from
+    another document. Empty texts are skipped; the last, partial block is kept.
     """
-    if capacity < 1:
-        raise ValueError(f"capacity must be positive (got {capacity})")
-    bins: list[list[int]] = []
-    free: list[int] = []  # remaining room per bin
-    for index in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
-        length = lengths[index]
-        if length < 0:
-            raise ValueError(f"example {index} has negative length {length}")
-        for b, room in enumerate(free):
-            if length <= room:
-                bins[b].append(index)
-                free[b] -= length
-                break
-        else:
-            bins.append([index])
-            free.append(capacity - length)  # negative for an oversized example: nothing joins it
-    return bins
+    if block_size < 1:
+        raise ValueError(f"block_size must be positive (got {block_size})")
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("the tokenizer has no eos token, needed to separate documents in the packed corpus")
+    ids: list[int] = []
+    positions: list[int] = []
+    texts = iter(texts)
+    while chunk := list(islice(texts, DOCS_PER_BATCH)):
+        for doc in encode_texts(tokenizer, [t for t in chunk if t]):
+            doc.append(eos)
+            taken = 0
+            while taken < len(doc):
+                take = min(block_size - len(ids), len(doc) - taken)
+                ids.extend(doc[taken : taken + take])
+                positions.extend(range(take))
+                taken += take
+                if len(ids) == block_size:
+                    yield _text_block(ids, positions)
+                    ids, positions = [], []
+    if ids:
+        yield _text_block(ids, positions)
+
+
+def _text_block(ids: list[int], positions: list[int]) -> dict:
+    labels = [IGNORE if p == 0 else t for t, p in zip(ids, positions)]
+    return {"input_ids": ids, "labels": labels, "position_ids": positions}
 
 
 def _labels(example: dict) -> list[int]:
@@ -51,6 +73,8 @@ def flatten_batch(
     predicted from the previous example. With `pad_to_multiple_of`, a tail of `pad_token_id`
     (labels -100, positions from 0, i.e. its own segment) rounds the length up.
     """
+    import torch  # here, not at the top: the tokenize workers import this module and never build batches
+
     input_ids: list[int] = []
     labels: list[int] = []
     positions: list[int] = []
@@ -76,24 +100,6 @@ def flatten_batch(
     }
 
 
-def pad_batch(examples: list[dict], pad_token_id: int, pad_to_multiple_of: int | None = None) -> dict[str, torch.Tensor]:
-    """Right-pad examples to the longest (rounded up to `pad_to_multiple_of`): input_ids, attention_mask, labels."""
-    if not examples:
-        raise ValueError("pad_batch needs at least one example")
-    width = max(len(e["input_ids"]) for e in examples)
-    if pad_to_multiple_of and width % pad_to_multiple_of:
-        width += pad_to_multiple_of - width % pad_to_multiple_of
-    input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
-    for row, example in enumerate(examples):
-        n = len(example["input_ids"])
-        input_ids[row, :n] = torch.as_tensor(list(example["input_ids"]), dtype=torch.long)
-        attention_mask[row, :n] = 1
-        labels[row, :n] = torch.as_tensor(_labels(example), dtype=torch.long)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-
-
 def pad_causal(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Right-pad to the longest example and send no attention mask: the fastest batch on CPUs.
 
@@ -102,6 +108,8 @@ def pad_causal(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tenso
     by the LM head. Pair it with length-grouped sampling so little is padded. Rows that carry
     `position_ids` (documents packed into a block) keep them, so attention stays within documents.
     """
+    import torch
+
     if not examples:
         raise ValueError("pad_causal needs at least one example")
     width = max(len(e["input_ids"]) for e in examples)

@@ -7,7 +7,6 @@ They follow TRL's named dataset types, so TRL trainers take our aligned data as 
                                 "tool_calls"?: [{"name": str, "arguments": dict}]}],
                   "tools"?: str (JSON list of tool schemas)}
 - preference:    {"prompt": [messages...], "chosen": [assistant message], "rejected": [assistant message]}
-- kto:           {"prompt": [messages...], "completion": [assistant message], "label": bool}
 
 Aligned data is written as JSONL, one record per line, per group (cpt, cpt_eval, sft, sft_eval, preference).
 """
@@ -17,8 +16,10 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Literal
 
-Kind = Literal["text", "conversation", "preference", "kto"]
+Kind = Literal["text", "conversation", "preference"]
 ROLES = ("system", "user", "assistant", "tool")
+# The label of a token no loss is computed on in tokenized rows (torch's cross_entropy ignore_index).
+IGNORE = -100
 
 # The kind each data group of the pipeline config must align to.
 GROUP_KINDS: dict[str, Kind] = {

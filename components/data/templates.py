@@ -5,7 +5,7 @@ models without one. Each format is data: the text around each role's content, th
 ends an assistant turn (`stop`, what generation stops on) and whether the format has a system
 turn of its own (else the system prompt is folded into the first user turn, as Gemma and
 Mistral do). `jinja_template` turns a format into a standard chat template, so the same
-string works with `tokenizer.apply_chat_template` and with our masking in `tokenize.py`.
+string works with `tokenizer.apply_chat_template` and with our masking in `chat_render.py`.
 
 Markers inside the pieces: `{bos}` and `{eos}` become the tokenizer's bos/eos token (empty
 when it has none), so formats that end turns with the model's own eos adapt to each model.

@@ -58,3 +58,32 @@ def ordered_map(pool: Executor, fn: Callable, items: Iterator[tuple], in_flight:
             yield pending.popleft().result()
     while pending:
         yield pending.popleft().result()
+
+
+class SharedPool:
+    """Worker processes started on first use and shared by the files of a run. `num_proc` None: one
+    per core (at most 8), for files over AUTO_PARALLEL_BYTES only; a number > 1: that many, for every file."""
+
+    def __init__(self, num_proc: int | None):
+        self.num_proc = num_proc
+        self.size = resolve_num_proc(num_proc, None)
+        self._pool: Executor | None = None
+        self.files = 0  # files handed to the workers
+
+    def wants(self, path: Path) -> bool:
+        """Whether `path` is worth the workers."""
+        return resolve_num_proc(self.num_proc, path) > 1
+
+    def map_ordered(self, fn: Callable, items: Iterator[tuple]) -> Iterator:
+        """`ordered_map` of one file's chunks on the pool."""
+        self.files += 1
+        if self._pool is None:
+            self._pool = spawn_pool(self.size)
+        return ordered_map(self._pool, fn, items, 2 * self.size)
+
+    def __enter__(self) -> SharedPool:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)

@@ -11,6 +11,7 @@ import json
 import logging
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
@@ -19,10 +20,16 @@ from components.artifacts import StageResult, atomic_write_json
 from components.config import EvaluateConfig
 from components.data.align import iter_records
 from components.data.packing import pad_causal
+from components.data.chat_render import render_prompt
 from components.data.templates import resolve_template
 from components.data.tokenize import load_tokenized
 from components.evaluation.metrics import text_metrics
-from components.training.lora import labeled_positions_loss
+from components.models.loading import load_tokenizer, load_with_adapters, select_hardware
+from components.models.loss import labeled_positions_loss
+
+if TYPE_CHECKING:
+    from components.config import PipelineConfig
+    from components.pipeline import StageInputs
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +56,6 @@ def split_prompt(messages: list[dict]) -> tuple[list[dict], str]:
     if not messages or messages[-1]["role"] != "assistant":
         raise ValueError("held-out conversation must end with an assistant turn")
     return messages[:-1], messages[-1]["content"]
-
-
-def render_prompt(tokenizer, template: str, messages: list[dict], system_prompt: str | None) -> str:
-    if system_prompt is not None and messages[0]["role"] != "system":
-        messages = [{"role": "system", "content": system_prompt}, *messages]
-    return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False, add_generation_prompt=True)
 
 
 @torch.no_grad()
@@ -135,3 +136,16 @@ def run_evaluate(model, tokenizer, out_dir: Path, **kwargs) -> StageResult:
     files = write_evaluation(Path(out_dir), metrics, samples)
     log.info("evaluation: %s", {k: round(v, 4) for k, v in metrics.items()})
     return StageResult(files=files, metrics=metrics)
+
+
+def evaluate_stage(cfg: PipelineConfig, inputs: StageInputs, out_dir: Path) -> StageResult:
+    """Stage entry point (see components.pipeline): the base with the adapters among the inputs merged
+    in (none for evaluate-base), scored on the held-out sets."""
+    base = inputs.base_model
+    hardware = select_hardware(cfg.compute.device, cfg.compute.precision)
+    model = load_with_adapters(base.source, inputs.adapter_stack(), hardware, **base.load_kwargs())
+    tokenizer = load_tokenizer(base.source, **base.load_kwargs())
+    return run_evaluate(
+        model, tokenizer, out_dir, tokenized_dir=inputs.dir("tokenize"), aligned_dir=inputs.dir("align"),
+        cfg=cfg.evaluate, template_name=cfg.tokenize.template, system_prompt=cfg.tokenize.system_prompt,
+    )

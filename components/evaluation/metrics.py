@@ -36,11 +36,13 @@ def rouge(predictions: list[str], references: list[str]) -> dict[str, float]:
 
 
 def bleu(predictions: list[str], references: list[str]) -> float:
-    import sacrebleu
+    """Corpus BLEU in [0, 1] (sacrebleu, 13a tokens), over the n-gram orders the predictions have: answers
+    here are often shorter than 4 tokens (codes, yes/no), and plain BLEU scores such a corpus 0 however right it is."""
+    from sacrebleu.metrics import BLEU
 
     if not predictions:
         return 0.0
-    return sacrebleu.corpus_bleu(predictions, [references]).score / 100.0
+    return BLEU(effective_order=True).corpus_score(predictions, [references]).score / 100.0
 
 
 def distinct_n(predictions: list[str], n: int) -> float:

@@ -13,8 +13,6 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,15 +68,18 @@ def _embedded_gguf(name: str) -> Path:
     return Path(list(found.submodule_search_locations)[0]) / spec["gguf"]
 
 
-def convert_embedded(name: str) -> Path:
-    """Convert the embedded GGUF to a safetensors checkpoint once; later calls return the cached directory."""
-    target = cache_root() / "models" / name
-    if (target / _COMPLETE).exists():
-        return target
+def embedded_gguf(name: str) -> Path:
+    """The GGUF file an `embedded:` base model is made from."""
+    return _embedded_gguf(name)
+
+
+def convert_gguf(gguf: Path, target: Path) -> Path:
+    """Dequantize a GGUF checkpoint into a safetensors checkpoint (with its tokenizer) at `target`."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    gguf = _embedded_gguf(name)
-    log.info("converting embedded model %s from %s (once)", name, gguf.name)
+    from components.artifacts import atomic_dir
+
+    log.info("converting %s to safetensors at %s", gguf.name, target)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -87,19 +88,23 @@ def convert_embedded(name: str) -> Path:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(gguf_model.state_dict())
     model.generation_config = gguf_model.generation_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{name}."))
-    try:
+    with atomic_dir(target) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / _COMPLETE).write_text(gguf.name + "\n")
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
+
+
+def convert_embedded(name: str) -> Path:
+    """The embedded model as a safetensors checkpoint in the user cache, converted on first use.
+
+    The pipeline converts it in its `prepare` stage instead (cached and tracked like any stage);
+    this is for `lmforge chat embedded:...` and the benchmarks.
+    """
+    target = cache_root() / "models" / name
+    if (target / _COMPLETE).exists():
+        return target
+    return convert_gguf(_embedded_gguf(name), target)
 
 
 def resolve_base(base: str) -> str:

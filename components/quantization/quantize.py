@@ -7,16 +7,20 @@ rows as the merged model, so the report shows size and quality side by side.
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from components.artifacts import StageResult, atomic_write_json
-from components.config import EvaluateConfig, ModelConfig, QuantizeConfig
+from components.artifacts import StageResult, atomic_dir, atomic_write_json
+from components.config import EvaluateConfig, QuantizeConfig
 from components.evaluation.evaluate import evaluate_model
-from components.models.loading import Hardware, load_model, load_tokenizer, load_with_adapters
+from components.models.loading import Hardware, load_model, load_tokenizer, load_with_adapters, select_hardware
+from components.pipeline import BaseModelRef
+
+if TYPE_CHECKING:
+    from components.config import PipelineConfig
+    from components.pipeline import StageInputs
 
 log = logging.getLogger(__name__)
 
@@ -25,18 +29,13 @@ def dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
 
-def merge_and_save(model_cfg: ModelConfig, base_source: str, adapters: list[Path], hardware: Hardware, out: Path) -> Path:
+def merge_and_save(base: BaseModelRef, adapters: list[Path], hardware: Hardware, out: Path) -> Path:
     """Merge `adapters` into the base and save a standalone safetensors checkpoint with its tokenizer."""
-    model = load_with_adapters(
-        base_source, adapters, hardware, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code
-    )
-    tokenizer = load_tokenizer(base_source, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code)
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    model = load_with_adapters(base.source, adapters, hardware, **base.load_kwargs())
+    tokenizer = load_tokenizer(base.source, **base.load_kwargs())
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
     return out
 
 
@@ -53,8 +52,7 @@ def bnb_config(method: str):
 
 
 def run_quantize(
-    model_cfg: ModelConfig,
-    base_source: str,
+    base: BaseModelRef,
     adapters: list[Path],
     cfg: QuantizeConfig,
     eval_cfg: EvaluateConfig,
@@ -67,7 +65,7 @@ def run_quantize(
     system_prompt: str | None,
 ) -> StageResult:
     out_dir = Path(out_dir)
-    merged = merge_and_save(model_cfg, base_source, adapters, hardware, out_dir / "merged")
+    merged = merge_and_save(base, adapters, hardware, out_dir / "merged")
     tokenizer = load_tokenizer(str(merged))
     eval_kwargs = dict(
         tokenized_dir=tokenized_dir,
@@ -102,3 +100,13 @@ def run_quantize(
     files = [str(p.relative_to(out_dir)) for p in merged.rglob("*") if p.is_file()]
     files.append("quantization_report.json")
     return StageResult(files=files, metrics=flat, info={"merged_dir": "merged"})
+
+
+def quantize_stage(cfg: PipelineConfig, inputs: StageInputs, out_dir: Path) -> StageResult:
+    """Stage entry point (see components.pipeline)."""
+    return run_quantize(
+        inputs.base_model, inputs.adapter_stack(), cfg.quantize, cfg.evaluate,
+        select_hardware(cfg.compute.device, cfg.compute.precision), out_dir,
+        tokenized_dir=inputs.dir("tokenize"), aligned_dir=inputs.dir("align"),
+        template_name=cfg.tokenize.template, system_prompt=cfg.tokenize.system_prompt,
+    )

@@ -5,8 +5,9 @@ The speed on small hardware comes from removing work, not from flags:
   kernel takes its plain causal path (measured here: faster on CPU than one packed row with a
   block-diagonal mask, which `components.data.packing.flatten_batch` builds for varlen kernels);
 - the LM head (a 576 x 49k matmul per token for SmolLM2) runs only on positions that have a label,
-  so prompt and pad tokens cost a forward/backward through the body but never through the vocabulary.
-The loop itself is transformers' Trainer (optimizer, schedule, accumulation, checkpoints, DeepSpeed).
+  so prompt and pad tokens cost a forward/backward through the body but never through the vocabulary
+  (components.models.loss, which falls back to the model's own forward where that is not exact).
+The loop itself is transformers' Trainer (optimizer, schedule, accumulation, checkpoints).
 Checkpoints get a complete marker after they are written; a rerun resumes from the newest complete one.
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -26,11 +28,11 @@ from components.artifacts import StageResult
 from components.config import TrainConfig
 from components.data.packing import flatten_batch, pad_causal
 from components.models.loading import Hardware, count_parameters
+from components.models.loss import labeled_positions_loss
 
 log = logging.getLogger(__name__)
 
 COMPLETE = "lmforge-complete"
-NO_GRAD_LOSS_CHUNK = 2048  # positions projected to the vocabulary at a time when no gradient is needed
 MetricsSink = Callable[[int, dict[str, float]], None]
 
 
@@ -47,36 +49,6 @@ class CausalCollator:
         batch = flatten_batch(examples, self.pad_token_id)
         batch["num_real_tokens"] = torch.tensor(batch["input_ids"].shape[1])
         return batch
-
-
-def labeled_positions_loss(model, batch: dict[str, torch.Tensor], reduction: str = "sum") -> tuple[torch.Tensor, int]:
-    """Causal-LM loss that projects only the hidden states whose next token is trained.
-
-    Returns (loss, number of trained tokens). Works on a plain causal LM or a PEFT-wrapped one.
-    """
-    causal = model.get_base_model() if hasattr(model, "get_base_model") else model
-    decoder, head = causal.base_model, causal.get_output_embeddings()
-    # use_cache=False matters: with no cache and no attention mask, transformers derives a
-    # block-diagonal mask from restarting position ids, which keeps packed examples apart.
-    hidden = decoder(
-        input_ids=batch["input_ids"], position_ids=batch.get("position_ids"), attention_mask=batch.get("attention_mask"),
-        use_cache=False,
-    ).last_hidden_state
-    targets = batch["labels"][:, 1:]
-    keep = targets != -100
-    n = int(keep.sum())
-    if n == 0:
-        return hidden.sum() * 0.0, 0
-    hidden, targets = hidden[:, :-1][keep], targets[keep]
-    if torch.is_grad_enabled() or n <= NO_GRAD_LOSS_CHUNK or reduction not in ("sum", "mean"):
-        loss = torch.nn.functional.cross_entropy(head(hidden).float(), targets, reduction=reduction)
-        return loss, n
-    # Without autograd nothing needs the logits afterwards: project a chunk at a time, so a batch of
-    # full-length rows never holds (tokens x vocabulary) floats twice (logits and log-softmax) at once.
-    total = sum(torch.nn.functional.cross_entropy(head(hidden[i : i + NO_GRAD_LOSS_CHUNK]).float(),
-                                                  targets[i : i + NO_GRAD_LOSS_CHUNK], reduction="sum")
-                for i in range(0, n, NO_GRAD_LOSS_CHUNK))
-    return (total / n if reduction == "mean" else total), n
 
 
 def _build_trainer_class():
@@ -107,7 +79,7 @@ def _build_trainer_class():
     return PackedTrainer
 
 
-def _callback(sink: MetricsSink | None, trainer_ref: dict, run_dir: Path):
+def _callback(sink: MetricsSink | None, trainer_ref: dict):
     from transformers import TrainerCallback
 
     class LmforgeCallback(TrainerCallback):
@@ -137,6 +109,15 @@ def _callback(sink: MetricsSink | None, trainer_ref: dict, run_dir: Path):
     return LmforgeCallback()
 
 
+def warmup_steps(warmup_ratio: float, max_steps: int) -> int:
+    """Warmup length in optimizer steps: warmup_ratio x max_steps, rounded up (as transformers rounds a ratio),
+    after rounding off float noise (0.1 x 30 is 3.0000000000000004 in floats: 3 steps, not 4).
+
+    An integer on purpose: transformers reads a float `warmup_steps` below 1 as a ratio but 1.0 as one step.
+    """
+    return math.ceil(round(warmup_ratio * max_steps, 9))
+
+
 def last_complete_checkpoint(ckpt_root: Path) -> Path | None:
     """Newest checkpoint with a complete marker; incomplete ones (a crash mid-save) are deleted."""
     if not ckpt_root.is_dir():
@@ -160,7 +141,6 @@ def run_lora_training(
     out_dir: Path,
     *,
     metrics_sink: MetricsSink | None = None,
-    deepspeed: str | dict | None = None,
 ) -> StageResult:
     """Train LoRA adapters on `model` over tokenized rows (input_ids, labels[, position_ids]).
 
@@ -190,7 +170,7 @@ def run_lora_training(
         gradient_accumulation_steps=cfg.grad_accum,
         learning_rate=cfg.learning_rate,
         lr_scheduler_type=cfg.lr_scheduler,
-        warmup_steps=cfg.warmup_ratio,
+        warmup_steps=warmup_steps(cfg.warmup_ratio, cfg.max_steps),
         weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.max_grad_norm,
         logging_steps=cfg.logging_steps,
@@ -209,7 +189,6 @@ def run_lora_training(
         train_sampling_strategy="group_by_length",
         length_column_name="length",
         disable_tqdm=os.environ.get("LMFORGE_NO_PROGRESS") == "1",
-        deepspeed=deepspeed,
         activation_checkpointing=cfg.gradient_checkpointing,  # transformers 5's name for it
         # Non-reentrant: works with frozen base weights (no enable_input_require_grads) and keeps
         # the dropout masks of the recomputed forward identical to the first.
@@ -223,7 +202,7 @@ def run_lora_training(
         args=args,
         train_dataset=train_dataset,
         data_collator=CausalCollator(tokenizer.pad_token_id, packing=cfg.packing),
-        callbacks=[_callback(metrics_sink, ref, out_dir)],
+        callbacks=[_callback(metrics_sink, ref)],
     )
     ref["trainer"] = trainer
     resume = last_complete_checkpoint(ckpt_root)

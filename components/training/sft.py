@@ -10,11 +10,17 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 from components.artifacts import StageResult
 from components.config import ModelConfig, TrainConfig
 from components.data.tokenize import load_tokenized
-from components.models.loading import Hardware, load_tokenizer, load_with_adapters
+from components.models.loading import Hardware, load_tokenizer, load_with_adapters, select_hardware
 from components.training.lora import MetricsSink, run_lora_training
+
+if TYPE_CHECKING:
+    from components.config import PipelineConfig
+    from components.pipeline import StageInputs
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +28,7 @@ log = logging.getLogger(__name__)
 def run_adapter_stage(
     model_cfg: ModelConfig,
     base_source: str,
+    revision: str | None,
     below: list[Path],
     train_file: Path,
     cfg: TrainConfig,
@@ -36,16 +43,38 @@ def run_adapter_stage(
     dataset = load_tokenized(train_file)
     if len(dataset) == 0:
         raise ValueError(f"tokenized training data {train_file} has no rows; check the alignment report")
-    tokenizer = load_tokenizer(base_source, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code)
+    tokenizer = load_tokenizer(base_source, revision=revision, trust_remote_code=model_cfg.trust_remote_code)
     model = load_with_adapters(
         base_source,
         below,
         hardware,
-        revision=model_cfg.revision,
+        revision=revision,
         trust_remote_code=model_cfg.trust_remote_code,
         attn_implementation=model_cfg.attn_implementation,
     )
     log.info("training on %d rows from %s", len(dataset), train_file.name)
     result = run_lora_training(model, tokenizer, dataset, cfg, hardware, out_dir, metrics_sink=metrics_sink)
     result.metrics["train_rows"] = float(len(dataset))
+    return result
+
+
+# The tokenized group each training kind learns from.
+TRAIN_GROUP = {"cpt": "cpt", "sft": "sft"}
+
+
+def train_stage(cfg: PipelineConfig, inputs: StageInputs, out_dir: Path) -> StageResult:
+    """Stage entry point for cpt and sft (see components.pipeline): one adapter over the stack below.
+
+    A rerun after a crash resumes from the last complete checkpoint in `out_dir`.
+    """
+    base = inputs.base_model
+    below = inputs.adapter_stack()
+    hardware = select_hardware(cfg.compute.device, cfg.compute.precision)
+    result = run_adapter_stage(
+        cfg.model, base.source, base.revision, below, inputs.dir("tokenize") / f"{TRAIN_GROUP[inputs.kind]}.parquet",
+        getattr(cfg, inputs.kind), hardware, Path(out_dir), metrics_sink=inputs.metrics,
+    )
+    # Enough for `lmforge chat <stage dir>` and later stages to rebuild the model: base plus adapters.
+    result.info.update(base_source=base.source, base_revision=base.revision,
+                       adapter_stack=[*map(str, below), str(Path(out_dir).resolve() / "adapter")])
     return result

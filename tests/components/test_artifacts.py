@@ -22,8 +22,12 @@ def test_missing_or_changed_file_fails_verification(tmp_path):
     (out / "f.bin").write_bytes(b"1234")
     m = write_manifest(out, stage="s", key="k", result=StageResult(files=["f.bin"]), config={}, upstream={}, wall_s=0)
     (out / "f.bin").write_bytes(b"4321")
-    assert verify_manifest(m)  # same size: the cheap check passes
-    assert not verify_manifest(m, deep=True)
+    assert not verify_manifest(m)  # same size, new mtime: rehashed, and the content differs
+    os.utime(out / "f.bin", ns=(m["files"]["f.bin"]["mtime_ns"],) * 2)
+    assert verify_manifest(m)  # same size and mtime: the cheap check trusts it
+    assert not verify_manifest(m, deep=True)  # --verify deep does not
+    (out / "f.bin").write_bytes(b"1234")
+    assert verify_manifest(m)  # touched but unchanged: rehashed, still valid
     (out / "f.bin").unlink()
     assert not verify_manifest(m)
 
@@ -43,3 +47,33 @@ def test_digest_ignores_timing_but_not_content(tmp_path):
 def test_atomic_write_leaves_no_temp_files(tmp_path):
     atomic_write_text(tmp_path / "x.txt", "hello")
     assert [p.name for p in tmp_path.iterdir()] == ["x.txt"]
+
+
+def test_atomic_dir_appears_whole_and_replaces_the_old_one(tmp_path):
+    from components.artifacts import atomic_dir
+
+    target = tmp_path / "raw" / "d"
+    with atomic_dir(target) as building:
+        (building / "a.jsonl").write_text("new\n")
+        assert not target.exists()  # nothing visible under the name until the block succeeds
+    assert (target / "a.jsonl").read_text() == "new\n"
+    with atomic_dir(target) as building:
+        (building / "b.jsonl").write_text("newer\n")
+    assert [p.name for p in target.iterdir()] == ["b.jsonl"]
+    assert [p.name for p in target.parent.iterdir()] == ["d"]  # no temp or old directory left
+
+
+def test_atomic_dir_failure_leaves_the_target_as_it_was(tmp_path):
+    import pytest
+
+    from components.artifacts import atomic_dir
+
+    target = tmp_path / "d"
+    target.mkdir()
+    (target / "a.jsonl").write_text("old\n")
+    with pytest.raises(RuntimeError, match="download broke"):
+        with atomic_dir(target) as building:
+            (building / "a.jsonl").write_text("half")
+            raise RuntimeError("download broke")
+    assert (target / "a.jsonl").read_text() == "old\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["d"]

@@ -15,8 +15,56 @@ def test_every_shipped_config_validates_and_starts_with_its_command(path):
     assert Path(ROOT / cfg.data.dataset_info).is_file()
 
 
-def test_defaults_are_the_cpu_demo():
-    assert load_config(None).model_dump() == PipelineConfig().model_dump()
+def _leaves(data, path=""):
+    """Every leaf of a config dump as (dotted path, value)."""
+    if isinstance(data, dict):
+        for key, value in data.items():
+            yield from _leaves(value, f"{path}.{key}" if path else key)
+    elif isinstance(data, list):
+        for i, value in enumerate(data):
+            yield from _leaves(value, f"{path}[{i}]")
+    else:
+        yield path, data
+
+
+def _changed(a: PipelineConfig, b: PipelineConfig) -> set[str]:
+    left, right = dict(_leaves(a.model_dump(mode="json"))), dict(_leaves(b.model_dump(mode="json")))
+    return {k for k in left.keys() | right.keys() if left.get(k, "<absent>") != right.get(k, "<absent>")}
+
+
+def test_builtin_defaults_do_not_speak_for_the_icd_demo():
+    # The defaults are what a user's own config falls back to: no ICD system prompt, no ICD model name.
+    # `data` is left out on purpose: its defaults name the shipped example datasets, so that a config
+    # without a data section has something to run on.
+    defaults = dict(_leaves(load_config(None).model_dump(mode="json")))
+    assert defaults["tokenize.system_prompt"] is None
+    domain = {k: v for k, v in defaults.items()
+              if not k.startswith("data.") and any(w in str(v).lower() for w in ("icd", "medical"))}
+    assert domain == {}
+
+
+def test_demo_preset_keeps_its_own_system_prompt():
+    demo = load_config(ROOT / "configs/demo-cpu.yaml")
+    assert demo.tokenize.system_prompt == (
+        "You are a medical coding assistant. Answer with the ICD-10-CM fact asked for, nothing else."
+    )
+
+
+def test_overrides_apply_field_by_field_on_top_of_the_file():
+    path = ROOT / "configs/demo-cpu.yaml"
+    demo = load_config(path)
+    changed = load_config(path, ["sft.max_steps=7", "sft.lora.r=4", "tokenize.system_prompt=null"])
+    assert _changed(demo, changed) == {"sft.max_steps", "sft.lora.r", "tokenize.system_prompt"}
+    assert (changed.sft.max_steps, changed.sft.lora.r, changed.tokenize.system_prompt) == (7, 4, None)
+    # Siblings keep the file's values, not the built-in defaults: the section is not replaced.
+    assert changed.sft.learning_rate == demo.sft.learning_rate == 3e-4 != PipelineConfig().sft.learning_rate
+    assert changed.sft.lora.alpha == demo.sft.lora.alpha
+
+
+def test_file_values_apply_field_by_field_on_top_of_the_defaults(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("sft:\n  max_steps: 3\n  lora: {r: 2}\n")
+    assert _changed(PipelineConfig(), load_config(p)) == {"sft.max_steps", "sft.lora.r"}
 
 
 def test_override_parses_types():

@@ -1,60 +1,182 @@
-"""Deployments: the entrypoint loads, the typed form renders, and deploy() registers cron + manual."""
+"""prefect.yaml is the one definition of the deployments: its entrypoints load the flow, its parameters
+are the presets it names (fully resolved, so a preset edited without regenerating fails here) and pass
+the flow's own parameter schema, and deployments/deploy.py plans and registers exactly what it says."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
+import pytest
 import yaml
+
+from deployments.deploy import (
+    PREFECT_YAML,
+    PlannedDeployment,
+    deploy,
+    planned_deployments,
+    preset_parameters,
+    write_prefect_yaml,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_prefect_yaml_entrypoints_load():
+def _spec() -> dict:
+    return yaml.safe_load(PREFECT_YAML.read_text(encoding="utf-8"))
+
+
+def _flow(entrypoint: str):
     from prefect.flows import load_flow_from_entrypoint
 
-    spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
-    assert {d["name"] for d in spec["deployments"]} == {"icd10-weekly", "manual"}
+    return load_flow_from_entrypoint(str(ROOT / entrypoint))
+
+
+def test_prefect_yaml_defines_the_scheduled_and_the_manual_deployment():
+    plans = {p.name: p for p in planned_deployments()}
+    assert set(plans) == {"icd10-scheduled", "icd10-manual"}
+    assert plans["icd10-scheduled"].crons == (("0 3 * * 1", "UTC"),)
+    assert plans["icd10-manual"].crons == ()
+    assert {p.work_pool_name for p in plans.values()} == {"lmforge-local"}
+
+
+@pytest.mark.parametrize("deployment", _spec()["deployments"], ids=lambda d: d["name"])
+def test_entrypoint_loads_the_flow_and_parameters_pass_its_schema(deployment):
+    from prefect.utilities.callables import parameter_schema
+    from prefect.utilities.schema_tools import ValidationError, validate
+
+    from components.config import PipelineConfig
+    from flows.domain_adaptation import domain_adaptation
+
+    flow = _flow(deployment["entrypoint"])
+    assert flow.name == domain_adaptation.name
+    assert flow.fn.__code__.co_filename == domain_adaptation.fn.__code__.co_filename
+    assert flow.fn.__code__.co_firstlineno == domain_adaptation.fn.__code__.co_firstlineno
+    schema = parameter_schema(flow).model_dump_for_openapi()
+    params = deployment["parameters"]
+    # What the Prefect API runs on a deployment's parameters when it enforces the schema (the default).
+    validate(params, schema, raise_on_error=True, ignore_required=True)
+    PipelineConfig.model_validate(params["config"])
+    # The same check rejects a stale field, so passing it above means something.
+    stale = copy.deepcopy(params)
+    stale["config"]["sft"]["lr"] = 0.1
+    with pytest.raises(ValidationError, match="lr"):
+        validate(stale, schema, raise_on_error=True, ignore_required=True)
+
+
+def test_parameters_are_the_presets_they_name():
+    from components.config import PipelineConfig
+
+    spec = _spec()
+    presets = spec["definitions"]["presets"]
+    assert list(presets) == ["configs/demo-cpu.yaml"]
+    for preset, params in presets.items():
+        assert params == preset_parameters(preset), f"{preset} changed: run python -m deployments.deploy --write-prefect-yaml"
+    demo = preset_parameters("configs/demo-cpu.yaml")
     for dep in spec["deployments"]:
-        flow = load_flow_from_entrypoint(str(ROOT / dep["entrypoint"]))
-        assert flow.name == "domain_adaptation"
-    assert spec["deployments"][0]["schedules"][0]["cron"]
+        assert dep["parameters"] == demo, dep["name"]
+    # The demo preset, not the built-in defaults: the runs a deployment starts are the documented demo.
+    assert demo["config"]["sft"]["max_steps"] == 150
+    assert demo["config"] != PipelineConfig().model_dump(mode="json")
+
+
+def test_regenerating_a_stale_prefect_yaml_gives_the_committed_file(tmp_path):
+    # A copy whose preset block is empty, as after adding a preset by hand; regenerating must restore the
+    # committed file byte for byte: comments and deployments kept, the preset resolved.
+    committed = PREFECT_YAML.read_text(encoding="utf-8")
+    lines = committed.splitlines(keepends=True)
+    start = lines.index("definitions:\n")
+    end = lines.index("deployments:\n")
+    stale = tmp_path / "prefect.yaml"
+    stale.write_text("".join(lines[:start]) + "definitions:\n  presets:\n    configs/demo-cpu.yaml: &demo-cpu {}\n\n"
+                     + "".join(lines[end:]), encoding="utf-8")
+    assert yaml.safe_load(stale.read_text())["deployments"][0]["parameters"] == {}
+    assert write_prefect_yaml(stale) == ["configs/demo-cpu.yaml"]
+    assert stale.read_text(encoding="utf-8") == committed
 
 
 def test_flow_parameters_render_as_a_typed_form():
+    # Custom runs of a deployment show this schema as the form: typed fields with their descriptions.
     from prefect.utilities.callables import parameter_schema
 
-    from flows.domain_adaptation import domain_adaptation
+    from components.pipeline import STAGE_KINDS
 
-    schema = parameter_schema(domain_adaptation).model_dump_for_openapi()
-    props = schema["properties"]
+    schema = parameter_schema(_flow(_spec()["deployments"][0]["entrypoint"])).model_dump_for_openapi()
+    props, definitions = schema["properties"], schema["definitions"]
     assert set(props) >= {"config", "from_stage", "only", "until"}
-    definitions = schema["definitions"]
     train = definitions["TrainConfig"]["properties"]
     assert train["learning_rate"]["type"] == "number"
     assert "checkpoint" in train["save_steps"]["description"].lower()
-    assert "sft" in str(props["from_stage"])
+    for name in ("from_stage", "only", "until"):
+        choices = {v for option in props[name].get("anyOf", [props[name]]) for v in option.get("enum", [])}
+        assert "sft" in choices and choices <= set(STAGE_KINDS), (name, choices)
 
 
-def test_deploy_registers_manual_and_cron_deployments(prefect_harness):
+def test_deploy_py_plans_what_prefect_deploy_reads():
+    # `prefect deploy --all` reads prefect.yaml through its own loader; deploy.py must plan the same.
+    from prefect.cli.deploy._config import _load_deploy_configs_and_actions
+    from rich.console import Console
+
+    configs, _ = _load_deploy_configs_and_actions(PREFECT_YAML, console=Console(quiet=True))
+    from_prefect = [
+        PlannedDeployment(
+            name=c["name"],
+            entrypoint=c["entrypoint"],
+            work_pool_name=c["work_pool"]["name"],
+            parameters=c["parameters"],
+            crons=tuple((s["cron"], s.get("timezone")) for s in c.get("schedules") or []),
+            tags=tuple(c.get("tags") or ()),
+            description=c.get("description"),
+        )
+        for c in configs
+    ]
+    assert planned_deployments() == from_prefect
+
+
+def test_planning_rejects_what_deploy_py_cannot_deploy(tmp_path):
+    spec = _spec()
+    spec["deployments"][0]["schedules"] = [{"interval": 3600}]
+    bad = tmp_path / "prefect.yaml"
+    bad.write_text(yaml.safe_dump(spec))
+    with pytest.raises(ValueError, match=r"'icd10-scheduled'.*cron"):
+        planned_deployments(bad)
+    del spec["deployments"][0]["schedules"], spec["deployments"][1]["work_pool"]
+    bad.write_text(yaml.safe_dump(spec))
+    with pytest.raises(ValueError, match=r"'icd10-manual'.*work_pool\.name"):
+        planned_deployments(bad)
+
+
+def test_deploy_registers_what_prefect_yaml_defines(prefect_harness, tmp_path):
     import asyncio
 
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
 
-    from deployments.deploy import deploy
+    # Same file, a pool and names of this test's own (the session's API is shared with other tests).
+    spec = _spec()
+    for dep in spec["deployments"]:
+        dep["name"] = f"test-{dep['name']}"
+        dep["work_pool"]["name"] = "lmforge-test-deploy"
+    path = tmp_path / "prefect.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    plans = planned_deployments(path)
 
     async def make_pool():
         async with get_client() as client:
-            await client.create_work_pool(WorkPoolCreate(name="lmforge-test", type="process"), overwrite=True)
+            await client.create_work_pool(WorkPoolCreate(name="lmforge-test-deploy", type="process"), overwrite=True)
+
+    async def read(names):
+        async with get_client() as client:
+            return [await client.read_deployment_by_name(f"domain_adaptation/{n}") for n in names]
 
     asyncio.run(make_pool())
-    ids = deploy("lmforge-test", "0 3 * * 1", str(ROOT / "configs/demo-cpu.yaml"), name_prefix="t")
-    assert len(ids) == 2
-
-    async def read():
-        async with get_client() as client:
-            return await client.read_deployment_by_name("domain_adaptation/t-scheduled")
-
-    dep = asyncio.run(read())
-    assert dep.schedules and dep.schedules[0].schedule.cron == "0 3 * * 1"
-    assert dep.parameters["config"]["sft"]["max_steps"] == 150
+    ids = deploy(plans)
+    registered = asyncio.run(read([p.name for p in plans]))
+    assert [str(d.id) for d in registered] == ids
+    for plan, dep in zip(plans, registered, strict=True):
+        assert dep.work_pool_name == plan.work_pool_name
+        assert dep.parameters == plan.parameters
+        assert tuple((s.schedule.cron, s.schedule.timezone) for s in dep.schedules) == plan.crons
+        assert set(dep.tags) == set(plan.tags)
+        assert dep.description == plan.description
+        assert dep.entrypoint == plan.entrypoint

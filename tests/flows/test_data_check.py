@@ -74,7 +74,7 @@ def test_every_fixture_format_goes_through_data_check_and_training(tiny_model_di
     ran = CliRunner().invoke(app, ["run", str(config), "--until", "sft"])
     assert ran.exit_code == 0, ran.output
     artifacts = workspace / "artifacts"
-    assert [p.name for p in sorted(artifacts.iterdir())] == ["align", "cpt", "fetch", "sft", "tokenize"]
+    assert [p.name for p in sorted(artifacts.iterdir())] == ["align", "cpt", "fetch", "prepare", "sft", "tokenize"]
     for stage in ("cpt", "sft"):
         (out,) = (artifacts / stage).iterdir()
         assert (out / "manifest.json").is_file() and (out / "adapter" / "adapter_model.safetensors").is_file()

@@ -1,5 +1,8 @@
 """End to end on a tiny model: the whole flow, then a fully cached rerun, then a changed SFT learning
-rate that recomputes exactly sft and what follows, then lost artifacts that are recomputed."""
+rate that recomputes exactly sft and what follows, then lost artifacts that are recomputed.
+
+Each test starts from a settled workspace (`settled`: one more run, which recomputes whatever an
+earlier test disturbed), so the tests pass in any order."""
 
 from __future__ import annotations
 
@@ -27,11 +30,23 @@ def first_run(tiny_model_dir, tmp_path_factory, prefect_harness):
     return cfg, domain_adaptation(config=cfg)
 
 
+@pytest.fixture
+def settled(first_run):
+    from flows.domain_adaptation import domain_adaptation
+
+    cfg, first = first_run
+    return cfg, domain_adaptation(config=cfg), first
+
+
 def test_first_run_runs_every_stage_and_registers(first_run):
     cfg, summary = first_run
     assert not any(_status(summary).values())
-    assert list(_status(summary)) == ["fetch", "align", "tokenize", "cpt", "sft", "evaluate-base",
-                                      "evaluate-adapted", "quantize", "register"]
+    assert list(_status(summary)) == ["prepare", "fetch", "align", "tokenize", "cpt", "sft", "evaluate-base",
+                                      "evaluate-cpt", "evaluate-adapted", "quantize", "register"]
+    # Each stage's contribution: the base, after cpt alone, after cpt + sft, on the same held-out sets.
+    assert summary["columns"] == ["base", "+cpt", "adapted"]
+    ppl = summary["comparison"]["perplexity_cpt_eval"]
+    assert all(ppl[c] is not None for c in summary["columns"]) and ppl["+cpt"] != ppl["base"]
     for stage, path in summary["stages"].items():
         manifest = json.loads((__import__("pathlib").Path(path) / "manifest.json").read_text())
         assert manifest["stage"] == stage and manifest["files"]
@@ -43,7 +58,8 @@ def test_first_run_runs_every_stage_and_registers(first_run):
     client = MlflowClient(cfg.tracking_uri(), cfg.tracking_uri())
     mv = client.get_model_version_by_alias(cfg.registry.model_name, "challenger")
     assert mv.version == reg["version"]
-    for tag in ("lmforge.config_digest", "lmforge.git_commit", "prefect.flow_run_id", "lmforge.data_digest.align"):
+    for tag in ("lmforge.config_digest", "lmforge.git_commit", "prefect.flow_run_id", "lmforge.data_digest.align",
+                "lmforge.base_model_digest", "lmforge.stage_key.prepare", "lmforge.stage_key.fetch"):
         assert mv.tags.get(tag), tag
     # Parent run with nested stage runs; datasets logged with our full sha256.
     runs = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id])
@@ -59,32 +75,32 @@ def test_first_run_runs_every_stage_and_registers(first_run):
     assert inputs and all(len(json.loads(d.dataset.source)["sha256"]) == 64 for d in inputs)
 
 
-def test_unchanged_rerun_is_fully_cached(first_run):
+def test_unchanged_rerun_is_fully_cached(settled):
     from flows.domain_adaptation import domain_adaptation
 
-    cfg, first = first_run
+    cfg, before, _ = settled
     summary = domain_adaptation(config=cfg)
     assert all(_status(summary).values()), _status(summary)
-    assert summary["registered"]["version"] == first["registered"]["version"]
+    assert summary["registered"]["version"] == before["registered"]["version"]
 
 
-def test_changed_sft_learning_rate_reruns_exactly_sft_and_after(first_run):
-    from components.config import load_config
+def test_changed_sft_learning_rate_reruns_exactly_sft_and_after(settled):
     from flows.domain_adaptation import domain_adaptation
 
-    cfg, _ = first_run
+    cfg, _, _ = settled
     changed = cfg.model_copy(update={"sft": cfg.sft.model_copy(update={"learning_rate": 2e-3})})
     status = _status(domain_adaptation(config=changed))
-    assert status == {"fetch": True, "align": True, "tokenize": True, "cpt": True, "sft": False,
-                      "evaluate-base": True, "evaluate-adapted": False, "quantize": False, "register": False}
+    assert status == {"prepare": True, "fetch": True, "align": True, "tokenize": True, "cpt": True, "sft": False,
+                      "evaluate-base": True, "evaluate-cpt": True, "evaluate-adapted": False, "quantize": False,
+                      "register": False}
 
 
-def test_lost_artifacts_are_recomputed_and_downstream_stays_cached(first_run):
+def test_lost_artifacts_are_recomputed_and_downstream_stays_cached(settled):
     from pathlib import Path
 
     from flows.domain_adaptation import domain_adaptation
 
-    cfg, summary = first_run
+    cfg, summary, _ = settled
     tok_dir = Path(summary["stages"]["tokenize"])
     (tok_dir / "sft.parquet").unlink()
     status = _status(domain_adaptation(config=cfg))
@@ -94,24 +110,43 @@ def test_lost_artifacts_are_recomputed_and_downstream_stays_cached(first_run):
     assert (tok_dir / "sft.parquet").is_file()
 
 
-def test_from_stage_forces_recompute_and_only_runs_one(first_run):
+def test_from_stage_forces_recompute_and_only_runs_one(settled):
     from flows.domain_adaptation import domain_adaptation
 
-    cfg, _ = first_run
+    cfg, _, _ = settled
     status = _status(domain_adaptation(config=cfg, from_stage="quantize"))
     assert status["quantize"] is False and status["register"] is False
     assert status["sft"] is True
     only = _status(domain_adaptation(config=cfg, only="evaluate"))
-    assert set(only) == {"evaluate-base", "evaluate-adapted"}
+    assert set(only) == {"evaluate-base", "evaluate-cpt", "evaluate-adapted"}
+    until = _status(domain_adaptation(config=cfg, until="tokenize"))
+    assert list(until) == ["prepare", "fetch", "align", "tokenize"]
 
 
-def test_crashed_training_resumes_from_last_complete_checkpoint(first_run):
+def test_a_tampered_output_is_caught_by_deep_verification(settled):
+    """Same size, same mtime, other bytes: the fast check trusts it, --verify deep recomputes it."""
+    import os
+    from pathlib import Path
+
+    from flows.domain_adaptation import domain_adaptation
+
+    cfg, summary, _ = settled
+    report = Path(summary["stages"]["align"]) / "report.json"
+    st = report.stat()
+    data = report.read_bytes()
+    report.write_bytes(data[:-2] + bytes([data[-2] ^ 1]) + data[-1:])
+    os.utime(report, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert _status(domain_adaptation(config=cfg))["align"] is True
+    assert _status(domain_adaptation(config=cfg, verify="deep"))["align"] is False
+
+
+def test_crashed_training_resumes_from_last_complete_checkpoint(settled):
     """kill -9 during sft leaves checkpoints and no manifest: the rerun resumes instead of restarting."""
     from pathlib import Path
 
     from flows.domain_adaptation import domain_adaptation
 
-    cfg, summary = first_run
+    cfg, summary, _ = settled
     sft_dir = Path(summary["stages"]["sft"])
     (sft_dir / "manifest.json").unlink()
     shutil.rmtree(sft_dir / "adapter")
@@ -131,19 +166,33 @@ def _config_file(cfg, tmp_path):
     return path
 
 
-def test_cli_stages_lists_keys_and_cache_state(first_run, tmp_path):
+def _cached_column(output: str) -> dict[str, str]:
+    """stage -> the `cached` cell of `lmforge stages`' table."""
+    rows = {}
+    for line in output.splitlines():
+        cells = [c.strip() for c in line.split("│")]
+        if len(cells) > 4 and cells[1] and cells[4] in ("yes", "no"):
+            rows[cells[1]] = cells[4]
+    return rows
+
+
+def test_cli_stages_lists_keys_and_cache_state(settled, tmp_path):
     from typer.testing import CliRunner
 
     from flows.cli import app
 
-    cfg, _ = first_run
-    result = CliRunner().invoke(app, ["stages", str(_config_file(cfg, tmp_path))], terminal_width=200)
+    cfg, _, _ = settled
+    result = CliRunner().invoke(app, ["stages", str(_config_file(cfg, tmp_path))], terminal_width=250)
     assert result.exit_code == 0, result.output
-    for stage in ("fetch", "tokenize", "sft", "register"):
-        assert stage in result.output
+    cached = _cached_column(result.output)
+    assert list(cached) == ["prepare", "fetch", "align", "tokenize", "cpt", "sft", "evaluate-base", "evaluate-cpt",
+                            "evaluate-adapted", "quantize", "register"]
+    assert set(cached.values()) == {"yes"}, cached
     changed = CliRunner().invoke(app, ["stages", str(_config_file(cfg, tmp_path)), "--set", "sft.max_steps=5"],
-                                 terminal_width=200)
-    assert "will run" in changed.output
+                                 terminal_width=250)
+    cached = _cached_column(changed.output)
+    assert cached["cpt"] == "yes" and cached["sft"] == "no" and cached["evaluate-adapted"] == "no"
+    assert "after its upstream runs" in changed.output
 
 
 def test_cli_rejects_bad_config_naming_the_field(tmp_path):
@@ -163,27 +212,20 @@ def test_cli_chat_streams_from_a_stage_dir_and_a_registry_alias(first_run, tmp_p
 
     from flows.cli import app
 
+    from components.chat import load_chat_model
+    from tests.components.test_chat import greedy_reply
+
     cfg, summary = first_run
     config = str(_config_file(cfg, tmp_path))
+    question = "Is ICD-10-CM code A00.1 billable?"
     for model in (summary["stages"]["sft"], f"models:/{cfg.registry.model_name}@challenger"):
         result = CliRunner().invoke(app, ["chat", model, "--config", config, "--max-new-tokens", "4"],
-                                    input="Is ICD-10-CM code A00.1 billable?\n\n", terminal_width=200)
+                                    input=f"{question}\n\n", terminal_width=200)
         assert result.exit_code == 0, result.output
-        assert "model>" in result.output
-
-
-def test_base_model_conversion_is_not_counted_as_orchestration(capsys):
-    """The embedded model's first-use conversion (~25 s) happens inside the flow but is neither a
-    stage nor orchestration: it is reported on its own, and only when it took a while."""
-    from flows.cli import _print_summary
-    from flows.domain_adaptation import _summary
-
-    timeline = [{"stage": "cpt", "key": "k", "cached": False, "task_s": 10.2, "stage_s": 10.0, "peak_rss_mb": 900.0}]
-    summary = _summary({}, timeline, flow_s=40.0, prepare_s=25.0)
-    assert summary["metrics"]["base_prepare_s"] == 25.0
-    assert summary["metrics"]["orchestration_overhead_s"] == pytest.approx(5.0)
-    _print_summary(summary)
-    printed = " ".join(capsys.readouterr().out.split())  # rich wraps at the terminal width
-    assert "base model conversion (first use only) 25.0 s, orchestration + tracking 5.0 s" in printed
-    _print_summary(_summary({}, timeline, flow_s=15.2, prepare_s=0.01))
-    assert "conversion" not in capsys.readouterr().out
+        # The printed reply is what greedy generation gives on that model (the adapted one, with the
+        # config's system prompt), not just the "model>" label printed before generating.
+        model_obj, tokenizer = load_chat_model(model, cfg)
+        messages = [{"role": "system", "content": cfg.tokenize.system_prompt}, {"role": "user", "content": question}]
+        expected = greedy_reply(model_obj, tokenizer, messages, 4)
+        assert expected and question not in expected
+        assert f"model> {expected}\n" in result.output

@@ -1,4 +1,4 @@
-"""run_stage: the manifest-last contract, reuse of a complete output, failure handling, and tracking."""
+"""run_stage: the manifest-last contract, reuse of a complete output, failure handling, tracking, retries."""
 
 from __future__ import annotations
 
@@ -8,7 +8,10 @@ from mlflow.tracking import MlflowClient
 from components import tracking
 from components.artifacts import StageResult, read_manifest, stage_dir
 from components.config import load_config
-from tasks.stages import RunContext, run_stage
+from components.pipeline import STAGES_BY_NAME, RunInfo
+from tasks.stages import _retry_if_transient, run_stage
+
+ALIGN, CPT = STAGES_BY_NAME["align"], STAGES_BY_NAME["cpt"]
 
 
 @pytest.fixture
@@ -17,7 +20,7 @@ def ctx(tmp_path):
     client = tracking.client_for(cfg.tracking_uri())
     exp = tracking.experiment_id(client, "t", tmp_path / "mlartifacts")
     parent = tracking.start_run(client, exp, "parent")
-    return cfg, RunContext(cfg.tracking_uri(), exp, parent, "flow-run-1", cfg.digest()), client
+    return cfg, RunInfo(cfg.tracking_uri(), exp, parent, "flow-run-1", cfg.digest()), client
 
 
 def _body(calls):
@@ -33,11 +36,16 @@ def _body(calls):
 def test_stage_writes_manifest_and_tracks_a_nested_run(ctx):
     cfg, rc, client = ctx
     calls = []
-    manifest = run_stage("align", "k1", rc, cfg, {"api_token": "s3cret", "lr": 0.1}, _body(calls), upstream={})
+    params = {"api_token": "s3cret", "lr": 0.1, "max_new_tokens": 24, "cutoff_len": 256,
+              "source": "https://user:pw@example.org/data.jsonl?token=abc&split=train"}
+    manifest = run_stage(ALIGN, "k1", rc, cfg, params, _body(calls), upstream={})
     assert manifest == read_manifest(stage_dir(cfg.workspace, "align", "k1"))
     run = client.get_run(manifest["mlflow_run_id"])
     assert run.data.tags["mlflow.parentRunId"] == rc.parent_run_id
     assert run.data.params["api_token"] == "***" and run.data.params["lr"] == "0.1"
+    # Masked by exact names: a field that merely contains "token" stays visible; a URI loses its secrets.
+    assert run.data.params["max_new_tokens"] == "24" and run.data.params["cutoff_len"] == "256"
+    assert run.data.params["source"] == "https://user:***@example.org/data.jsonl?token=***&split=train"
     assert [m.value for m in client.get_metric_history(run.info.run_id, "loss")] == [2.0, 1.0]
     assert run.info.status == "FINISHED"
 
@@ -45,8 +53,8 @@ def test_stage_writes_manifest_and_tracks_a_nested_run(ctx):
 def test_complete_output_is_reused_without_running(ctx):
     cfg, rc, _ = ctx
     calls = []
-    first = run_stage("align", "k2", rc, cfg, {}, _body(calls), upstream={})
-    second = run_stage("align", "k2", rc, cfg, {}, _body(calls), upstream={})
+    first = run_stage(ALIGN, "k2", rc, cfg, {}, _body(calls), upstream={})
+    second = run_stage(ALIGN, "k2", rc, cfg, {}, _body(calls), upstream={})
     assert len(calls) == 1 and first == second
 
 
@@ -58,7 +66,7 @@ def test_failure_leaves_no_manifest_and_marks_the_run_failed(ctx):
         raise RuntimeError("disk on fire")
 
     with pytest.raises(RuntimeError, match="disk on fire"):
-        run_stage("align", "k3", rc, cfg, {}, boom, upstream={})
+        run_stage(ALIGN, "k3", rc, cfg, {}, boom, upstream={})
     assert read_manifest(stage_dir(cfg.workspace, "align", "k3")) is None
     runs = client.search_runs([rc.experiment_id], "tags.`lmforge.cache_key` = 'k3'")
     assert runs[0].info.status == "FAILED"
@@ -69,10 +77,61 @@ def test_partial_output_is_discarded_unless_kept(ctx):
     out = stage_dir(cfg.workspace, "cpt", "k4")
     (out / "checkpoints").mkdir(parents=True)
     (out / "checkpoints" / "ckpt").write_text("state")
-    run_stage("cpt", "k4", rc, cfg, {}, lambda o, s: StageResult(files=[]), upstream={}, keep_partial=True)
+    run_stage(CPT, "k4", rc, cfg, {}, lambda o, s: StageResult(files=[]), upstream={})
     assert (out / "checkpoints" / "ckpt").is_file()
     out5 = stage_dir(cfg.workspace, "align", "k5")
     out5.mkdir(parents=True)
     (out5 / "debris").write_text("x")
-    run_stage("align", "k5", rc, cfg, {}, lambda o, s: StageResult(files=[]), upstream={})
+    run_stage(ALIGN, "k5", rc, cfg, {}, lambda o, s: StageResult(files=[]), upstream={})
     assert not (out5 / "debris").exists()
+
+
+class _State:
+    def __init__(self, exc):
+        self.exc = exc
+
+    def result(self, raise_on_failure=True):
+        return self.exc
+
+
+@pytest.mark.parametrize(("exc", "retried"), [
+    (ConnectionResetError("peer reset"), True),
+    (TimeoutError("read timed out"), True),
+    (FileNotFoundError("data/missing.jsonl"), False),
+    (ValueError("row 3: field 'output' is missing"), False),
+])
+def test_only_transient_failures_are_retried(exc, retried):
+    from components.data.dataset_info import DataError
+    from components.errors import TransientError
+
+    assert _retry_if_transient(None, None, _State(exc)) is retried
+    assert _retry_if_transient(None, None, _State(TransientError("HTTP 503"))) is True
+    assert _retry_if_transient(None, None, _State(DataError("bad JSON on line 2"))) is False
+    wrapped = RuntimeError("stage failed")
+    wrapped.__cause__ = ConnectionResetError()
+    assert _retry_if_transient(None, None, _State(wrapped)) is True  # the cause decides
+
+
+def test_a_failing_task_with_a_permanent_error_runs_once(prefect_harness, tmp_path):
+    """Prefect's own retry loop consults the condition: bad data is not retried 3 times."""
+    from prefect import flow, task
+
+    calls = []
+
+    @task(retries=3, retry_delay_seconds=0, retry_condition_fn=_retry_if_transient)
+    def flaky(kind: str):
+        calls.append(kind)
+        if kind == "permanent":
+            raise FileNotFoundError("no such file: data/x.jsonl")
+        if len(calls) < 3:
+            raise ConnectionResetError("reset by peer")
+        return "ok"
+
+    @flow
+    def probe(kind: str) -> str:
+        state = flaky(kind, return_state=True)
+        return "failed" if state.is_failed() else state.result()
+
+    assert probe("permanent") == "failed" and calls == ["permanent"]
+    calls.clear()
+    assert probe("transient") == "ok" and len(calls) == 3

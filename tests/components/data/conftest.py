@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.server
 import shutil
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -44,6 +45,8 @@ FIXTURE_GROUPS = {
     "icd10_text_jsonl": "cpt_eval",
     "icd10_text_dir": "cpt",
     "icd10_lmflow": "sft",
+    "icd10_lmflow_conversation": "sft",
+    "icd10_lmflow_paired": "preference",
     "icd10_prompt_completion": "sft_eval",
     "icd10_prompt_completion_preference": "preference",
 }
@@ -66,18 +69,28 @@ def formats_dir(tmp_path: Path) -> Path:
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
-    """Serves `files` (path -> bytes); the first `fail_first` requests get a 503."""
+    """Serves `files` (path -> bytes); the first `fail_first` requests get `fail_status`, with a
+    Retry-After header when `retry_after` is set. `times` records when each request came."""
 
     files: dict[str, bytes] = {}
     fail_first = 0
+    fail_status = 503
+    retry_after: str | None = None
     requests: list[str] = []
+    times: list[float] = []
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-        type(self).requests.append(self.path)
-        if len(type(self).requests) <= type(self).fail_first:
-            self.send_error(503, "try again")
+        cls = type(self)
+        cls.requests.append(self.path)
+        cls.times.append(time.monotonic())
+        if len(cls.requests) <= cls.fail_first:
+            self.send_response(cls.fail_status)
+            if cls.retry_after is not None:
+                self.send_header("Retry-After", cls.retry_after)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
             return
-        body = type(self).files.get(self.path)
+        body = cls.files.get(self.path)
         if body is None:
             self.send_error(404)
             return
@@ -92,8 +105,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def http_server() -> Iterator[tuple[str, type[_Handler]]]:
-    """(base URL, handler class) of a server on 127.0.0.1; set handler.files and handler.fail_first."""
-    handler = type("Handler", (_Handler,), {"files": {}, "fail_first": 0, "requests": []})
+    """(base URL, handler class) of a server on 127.0.0.1; set handler.files, fail_first, fail_status, retry_after."""
+    handler = type("Handler", (_Handler,), {"files": {}, "fail_first": 0, "requests": [], "times": []})
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
     thread.start()

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 
 from components.artifacts import StageResult
-from components.data.align import format_report, interleave, iter_records, run_align
+from components.data.align import format_report, iter_records, run_align
 from components.data.dataset_info import DataError
 from components.data.fetch import run_fetch
+from components.data.mixing import interleave
 from tests.components.data.conftest import FIXTURE_GROUPS, FIXTURES
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -70,7 +71,7 @@ def test_groups_concatenate_datasets_in_order(fetched: Path, tmp_path: Path) -> 
     assert sorted(result.files) == sorted([f"{g}.jsonl" for g in groups] + ["report.json"])
 
 
-def test_report_counts_drop_reasons_with_examples(fetched: Path, tmp_path: Path) -> None:
+def test_report_counts_drop_reasons_with_examples(fetched: Path, formats_dir: Path, tmp_path: Path) -> None:
     result = run_align(fetched, {"sft": ["icd10_alpaca", "icd10_sharegpt_tools"],
                                  "preference": ["icd10_alpaca_preference"], "cpt": ["icd10_pretrain"]},
                        tmp_path / "align")
@@ -79,7 +80,7 @@ def test_report_counts_drop_reasons_with_examples(fetched: Path, tmp_path: Path)
     assert (alpaca["rows_in"], alpaca["rows_kept"]) == (4, 3)
     assert alpaca["dropped"]["empty_response"]["count"] == 1
     example = alpaca["dropped"]["empty_response"]["examples"][0]
-    assert example["at"] == "raw/icd10_alpaca/alpaca_sft.json[3]"
+    assert example["at"] == f"{(formats_dir / 'alpaca_sft.json').resolve()}[3]"  # the user's file, not the copy
     assert example["field"] == "output"
     assert "hyperlipidemia" in example["row"]
     order = report["sft"]["icd10_sharegpt_tools"]["dropped"]["invalid_role_order"]
@@ -407,10 +408,102 @@ def test_worker_processes_align_to_the_same_bytes(tmp_path: Path, monkeypatch, m
         run_align(root, {"sft": ["d"]}, tmp_path / "bad", num_proc=2, bad_row_budget=1)
 
 
-def test_docstring_examples_run() -> None:
+@pytest.mark.parametrize(("module", "examples"), [("align", 1), ("mixing", 2), ("jsonl", 2)])
+def test_docstring_examples_run(module: str, examples: int) -> None:
     import doctest
+    import importlib
 
-    from components.data import align
+    result = doctest.testmod(importlib.import_module(f"components.data.{module}"))
+    assert result.attempted >= examples and result.failed == 0
 
-    result = doctest.testmod(align)
-    assert result.attempted >= 3 and result.failed == 0
+
+# --- messages name the user's own file ------------------------------------------------------
+
+
+def _user_dataset(tmp_path: Path, entry: dict, files: dict[str, bytes]) -> Path:
+    """A user's dataset_info.json and data files (not a fetch directory): what run_fetch reads."""
+    src = tmp_path / "mydata"
+    src.mkdir(parents=True)
+    for name, data in files.items():
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        (src / name).write_bytes(data)
+    (src / "dataset_info.json").write_text(json.dumps({"d": entry}))
+    return src / "dataset_info.json"
+
+
+def _fetch_and_align(tmp_path: Path, info: Path, group: str, **kwargs) -> StageResult:
+    run_fetch(info, ["d"], tmp_path / "ws" / "fetch")
+    return run_align(tmp_path / "ws" / "fetch", {group: ["d"]}, tmp_path / "ws" / "align", **kwargs)
+
+
+def test_errors_name_the_users_file_and_line_not_the_fetched_copy(tmp_path: Path) -> None:
+    rows = b'{"instruction": "Code for asthma?", "input": "", "output": "J45.909"}\n{"instruction": "x",}\n'
+    info = _user_dataset(tmp_path, {"file_name": "sft/rows.jsonl"}, {"sft/rows.jsonl": rows})
+    user_file = (tmp_path / "mydata" / "sft" / "rows.jsonl").resolve()
+    with pytest.raises(DataError) as e:
+        _fetch_and_align(tmp_path, info, "sft")
+    assert str(e.value).startswith(f"{user_file}:2: malformed JSON")
+    assert "/ws/" not in str(e.value)  # the fetched copy lives under the workspace: never named
+    # A column mismatch and the report's examples name it too.
+    info.write_text(json.dumps({"d": {"file_name": "sft/rows.jsonl", "columns": {"prompt": "question"}}}))
+    with pytest.raises(DataError, match=f"does not match {user_file}:1: no column 'question'"):
+        _fetch_and_align(tmp_path / "again", info, "sft")
+    _fetch_and_align(tmp_path / "budget", _user_dataset(tmp_path / "budget", {"file_name": "sft/rows.jsonl"},
+                                                        {"sft/rows.jsonl": rows}), "sft", bad_row_budget=1)
+    report = json.loads((tmp_path / "budget" / "ws" / "align" / "report.json").read_text())["sft"]["d"]
+    at = report["dropped"]["malformed_json"]["examples"][0]["at"]
+    assert at == f"{(tmp_path / 'budget' / 'mydata' / 'sft' / 'rows.jsonl').resolve()}:2"
+
+
+def test_errors_name_the_url_and_the_file_inside_a_directory(tmp_path: Path, http_server) -> None:
+    base, handler = http_server
+    handler.files = {"/icd/rows.jsonl": b'{"text": "I10"}\n{"text": }\n'}
+    info = _user_dataset(tmp_path, {"url": f"{base}/icd/rows.jsonl", "formatting": "text"}, {})
+    with pytest.raises(DataError, match=rf"^{base}/icd/rows\.jsonl:2: malformed JSON"):
+        _fetch_and_align(tmp_path, info, "cpt")
+    notes = {"notes/a.txt": b"E11.9 Type 2 diabetes\n", "notes/b.txt": b"I10 Essential\nK21.9 GERD \xe9sophagitis\n"}
+    info = _user_dataset(tmp_path / "dir", {"file_name": "notes", "formatting": "text"}, notes)
+    with pytest.raises(DataError) as e:
+        _fetch_and_align(tmp_path / "dir", info, "cpt")
+    assert str(e.value).startswith(f"{(tmp_path / 'dir' / 'mydata' / 'notes').resolve()}/b.txt:2: not UTF-8")
+
+
+# --- text that is not UTF-8 -----------------------------------------------------------------
+
+
+LATIN1_ROWS = ('{"text": "E11.9 Type 2 diabetes"}\n'.encode() + '{"text": "K21.9 reflux, \xe9sophagite"}\n'.encode("latin-1")
+               + '{"text": "I10 Essential"}\n'.encode())
+
+
+@pytest.mark.parametrize("num_proc", [1, 2])
+def test_a_jsonl_line_that_is_not_utf8_is_a_bad_row(tmp_path: Path, num_proc: int) -> None:
+    root = _write(tmp_path, {"d": {"file_name": "raw/d.jsonl", "formatting": "text"}}, {"d.jsonl": ""})
+    (root / "raw" / "d.jsonl").write_bytes(LATIN1_ROWS)
+    with pytest.raises(DataError) as e:
+        run_align(root, {"cpt": ["d"]}, tmp_path / "a", num_proc=num_proc)
+    message = str(e.value)
+    assert message.startswith("raw/d.jsonl:2: not UTF-8 (byte 0xe9 at byte 25 of the line)")
+    assert "iconv -f latin1 -t utf-8" in message and "bad_row_budget" in message
+    assert len(message) < 300 and "\\x" not in message  # short, and no bytes dumped
+    run_align(root, {"cpt": ["d"]}, tmp_path / "b", bad_row_budget=1, num_proc=num_proc)
+    assert [r["text"] for r in iter_records(tmp_path / "b" / "cpt.jsonl")] == ["E11.9 Type 2 diabetes", "I10 Essential"]
+    dropped = json.loads((tmp_path / "b" / "report.json").read_text())["cpt"]["d"]["dropped"]
+    assert dropped["not_utf8"]["count"] == 1 and dropped["not_utf8"]["examples"][0]["at"] == "raw/d.jsonl:2"
+
+
+def test_a_binary_json_file_fails_naming_it_briefly(tmp_path: Path) -> None:
+    root = _write(tmp_path, {"d": {"file_name": "raw/d.json"}}, {"d.json": ""})
+    (root / "raw" / "d.json").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 64)
+    with pytest.raises(DataError) as e:
+        run_align(root, {"sft": ["d"]}, tmp_path / "align")
+    message = str(e.value)
+    assert message.startswith("raw/d.json:1: not UTF-8 (byte 0x89 at byte 1 of the line)")
+    assert len(message) < 300
+
+
+def test_a_csv_that_is_not_utf8_names_the_line(tmp_path: Path) -> None:
+    root = _write(tmp_path, {"d": {"file_name": "raw/d.csv"}}, {"d.csv": ""})
+    text = "instruction,input,output\nCode for asthma?,,J45.909\nCode for \xe9czema?,,L30.9\n"
+    (root / "raw" / "d.csv").write_bytes(text.encode("latin-1"))
+    with pytest.raises(DataError, match=r"^raw/d\.csv:3: not UTF-8 .*iconv"):
+        run_align(root, {"sft": ["d"]}, tmp_path / "align")

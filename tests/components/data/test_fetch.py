@@ -12,7 +12,8 @@ import pytest
 from components.artifacts import sha256_file
 from components.data.align import iter_records, run_align
 from components.data.dataset_info import DataError
-from components.data.fetch import run_fetch
+from components.data.fetch import retry_after_s, run_fetch
+from components.errors import TransientError, is_transient
 
 ROWS = (b'{"text": "E11.9 Type 2 diabetes mellitus without complications"}\n'
         b'{"text": "I10 Essential (primary) hypertension"}\n')
@@ -88,7 +89,7 @@ def test_http_download_with_a_wrong_pin_names_both_digests(http_server, tmp_path
     with pytest.raises(DataError) as e:
         run_fetch(info, ["d"], tmp_path / "fetch")
     assert f"sha256 mismatch for {base}/corpus.jsonl: expected {'0' * 64}, got {DIGEST}" in str(e.value)
-    assert not list((tmp_path / "fetch" / "raw" / "d").iterdir())  # nothing unverified left behind
+    assert not list((tmp_path / "fetch" / "raw").iterdir())  # nothing unverified left behind, not even a temp dir
 
 
 def test_http_download_retries_a_failing_server(http_server, tmp_path: Path) -> None:
@@ -100,21 +101,62 @@ def test_http_download_retries_a_failing_server(http_server, tmp_path: Path) -> 
     assert (tmp_path / "fetch" / "raw" / "d" / "corpus.jsonl").read_bytes() == ROWS
 
 
-def test_http_download_gives_up_after_its_retries(http_server, tmp_path: Path) -> None:
+def test_http_download_gives_up_after_its_retries_still_transient(http_server, tmp_path: Path) -> None:
     base, handler = http_server
     handler.files, handler.fail_first = {"/corpus.jsonl": ROWS}, 10
     info = _info(tmp_path, {"d": {"url": f"{base}/corpus.jsonl", "formatting": "text"}})
-    with pytest.raises(DataError, match=r"download of .*/corpus.jsonl failed after 3 attempts: HTTP 503"):
+    with pytest.raises(TransientError, match=r"download of .*/corpus.jsonl failed after 3 attempts: HTTP 503") as e:
         run_fetch(info, ["d"], tmp_path / "fetch", retries=2)
     assert len(handler.requests) == 3
+    assert is_transient(e.value) and not isinstance(e.value, DataError)  # whatever runs the stage may retry it
 
 
-def test_http_not_found_is_not_retried(http_server, tmp_path: Path) -> None:
+def test_http_retry_waits_as_retry_after_says(http_server, tmp_path: Path) -> None:
     base, handler = http_server
+    handler.files, handler.fail_first, handler.retry_after = {"/corpus.jsonl": ROWS}, 1, "1"
+    info = _info(tmp_path, {"d": {"url": f"{base}/corpus.jsonl", "formatting": "text"}})
+    run_fetch(info, ["d"], tmp_path / "fetch")  # backoff is 0 s in these tests: the wait is the server's
+    assert handler.requests == ["/corpus.jsonl"] * 2
+    assert 0.95 <= handler.times[1] - handler.times[0] < 5
+    assert (tmp_path / "fetch" / "raw" / "d" / "corpus.jsonl").read_bytes() == ROWS
+
+
+@pytest.mark.parametrize("status", [404, 403, 410])
+def test_http_client_errors_are_not_retried(http_server, tmp_path: Path, status: int) -> None:
+    base, handler = http_server
+    handler.fail_first, handler.fail_status = 10, status
     info = _info(tmp_path, {"d": {"url": f"{base}/missing.jsonl", "formatting": "text"}})
-    with pytest.raises(DataError, match=r"missing.jsonl failed: HTTP 404"):
+    with pytest.raises(DataError, match=rf"download of {base}/missing.jsonl failed: HTTP {status}") as e:
         run_fetch(info, ["d"], tmp_path / "fetch")
     assert len(handler.requests) == 1
+    assert not is_transient(e.value)
+
+
+def test_http_rate_limit_is_retried(http_server, tmp_path: Path) -> None:
+    base, handler = http_server
+    handler.files, handler.fail_first, handler.fail_status = {"/corpus.jsonl": ROWS}, 1, 429
+    info = _info(tmp_path, {"d": {"url": f"{base}/corpus.jsonl", "formatting": "text"}})
+    run_fetch(info, ["d"], tmp_path / "fetch")
+    assert len(handler.requests) == 2
+
+
+def test_retry_after_header_forms() -> None:
+    import doctest
+
+    from components.data import fetch
+
+    result = doctest.testmod(fetch)
+    assert result.attempted >= 2 and result.failed == 0
+    assert retry_after_s(None) is None and retry_after_s("-5") is None
+    assert retry_after_s("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # a date in the past: no wait
+
+
+def test_local_file_errors_are_not_retried(tmp_path: Path) -> None:
+    info = _info(tmp_path, {"d": {"file_name": "nowhere.jsonl"}, "u": {"url": f"file://{tmp_path}/nowhere.jsonl"}})
+    for name in ("d", "u"):
+        with pytest.raises(DataError) as e:
+            run_fetch(info, [name], tmp_path / "fetch")
+        assert not is_transient(e.value)
 
 
 def test_fsspec_uri_file_and_directory(tmp_path: Path) -> None:
@@ -235,10 +277,10 @@ def test_a_broken_stream_starts_over_and_leaves_no_partial_file(monkeypatch: pyt
     assert len((tmp_path / "fetch" / "raw" / "d" / "train.jsonl").read_bytes().splitlines()) == 2
 
     breaks["left"] = 10  # more breaks than retries: fails, and nothing half-written stays behind
-    with pytest.raises(DataError, match=r"streaming 'org/icd10' .* failed after 2 attempts: stream broke after 1 rows: "
-                                        r"ConnectionResetError"):
+    with pytest.raises(TransientError, match=r"streaming 'org/icd10' .* failed after 2 attempts: stream broke after 1 "
+                                             r"rows: ConnectionResetError"):
         run_fetch(info, ["d"], tmp_path / "fetch2", retries=1, streaming=True)
-    assert not [p for p in (tmp_path / "fetch2" / "raw" / "d").iterdir()]
+    assert not list((tmp_path / "fetch2" / "raw").iterdir())
 
 
 def test_a_streamed_row_json_cannot_hold_names_the_row(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -255,7 +297,7 @@ def test_a_streamed_row_json_cannot_hold_names_the_row(monkeypatch: pytest.Monke
 def test_streaming_keys_only_the_fetch_of_hub_datasets(tiny_model_dir: Path, tmp_path: Path) -> None:
     """data.streaming changes how a hub dataset is saved, so it is part of fetch's key where a hub
     dataset is fetched, and nowhere else (local sources, align)."""
-    from flows.plan import planned_stages, stage_config
+    from components.pipeline import STAGES_BY_NAME, KeyFacts
     from tests.conftest import ROOT, tiny_pipeline_config
 
     shipped = ROOT / "data" / "icd10" / "dataset_info.json"
@@ -266,7 +308,8 @@ def test_streaming_keys_only_the_fetch_of_hub_datasets(tiny_model_dir: Path, tmp
 
     def keyed(streaming: bool, **overrides) -> dict:
         cfg = tiny_pipeline_config(tiny_model_dir, tmp_path, **{"data.streaming": streaming, **overrides})
-        return {n.stage: stage_config(cfg, n, "fp32") for n in planned_stages(cfg) if n.stage in ("fetch", "align")}
+        facts = KeyFacts(precision="fp32", tokenizer_digest="tok", model_digest="model")
+        return {stage: STAGES_BY_NAME[stage].keyed_on(cfg, facts) for stage in ("fetch", "align")}
 
     assert keyed(False) == keyed(True)
     hub = {"data.dataset_info": with_hub, "data.cpt": "[icd10_corpus, hub_rows]"}

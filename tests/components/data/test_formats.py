@@ -198,12 +198,53 @@ def test_lmflow_conversation_and_unknown_type() -> None:
         "messages": [{"role": "system", "content": "Codes only."},
                      {"role": "user", "content": "Code for hypothyroidism?"},
                      {"role": "assistant", "content": "E03.9"}],
-        "tools": '["{\\"name\\": \\"lookup_icd10\\"}"]',
+        "tools": '[{"name": "lookup_icd10"}]',  # LMFlow writes each schema as a JSON string: parsed
     }
     with pytest.raises(DataError, match="unknown LMFlow type 'image_text'; known: text_only, text2text"):
         formats.convert_lmflow({"type": "image_text", "instance": {}}, spec("lmflow"), "conversation")
     assert reason(formats.convert_lmflow, {"type": "text2text", "instance": {"input": "Code?"}}, spec("lmflow"),
                   "conversation") == "missing_column"
+
+
+def test_lmflow_tools_empty_or_not_json() -> None:
+    def conversation(tools: list) -> dict:
+        return {"type": "conversation", "instance": {"tools": tools, "messages": [
+            {"role": "user", "content": "Code for obesity?"}, {"role": "assistant", "content": "E66.9"}]}}
+
+    assert "tools" not in formats.convert_lmflow(conversation([""]), spec("lmflow"), "conversation")  # LMFlow's "none"
+    assert reason(formats.convert_lmflow, conversation(["look up a code"]), spec("lmflow"), "conversation") == "wrong_type"
+    assert reason(formats.convert_lmflow, conversation(["[1]"]), spec("lmflow"), "conversation") == "wrong_type"
+
+
+def pair(chosen: list[str], rejected: list[str], **extra) -> dict:
+    def side(texts: list[str]) -> dict:
+        roles = ["user", "assistant"] * len(texts)
+        return {**extra, "messages": [{"role": r, "content": t} for r, t in zip(roles, texts)]}
+
+    return {"type": "paired_conversation", "instance": {"chosen": side(chosen), "rejected": side(rejected)}}
+
+
+def test_lmflow_paired_conversation_is_preference_data() -> None:
+    row = pair(["Code for GERD?", "K21.9"], ["Code for GERD?", "K21.0"], system="Codes only.", tools=[""])
+    assert formats.convert_lmflow(row, spec("lmflow"), "preference") == {
+        "prompt": [{"role": "system", "content": "Codes only."}, {"role": "user", "content": "Code for GERD?"}],
+        "chosen": [{"role": "assistant", "content": "K21.9"}],
+        "rejected": [{"role": "assistant", "content": "K21.0"}],
+    }
+    assert supported_kinds(spec("lmflow")) == ("text", "conversation", "preference")
+    assert supported_kinds(spec("lmflow", ranking=True)) == ("preference",)
+    lmflow = spec("lmflow")
+    assert reason(formats.convert_lmflow, pair(["Code for GERD?", "K21.9"], ["Code for CKD?", "N18.9"]), lmflow,
+                  "preference") == "prompt_mismatch"
+    assert reason(formats.convert_lmflow, pair(["Code?", "K21.9"], ["Code?", "K21.9"]), lmflow,
+                  "preference") == "chosen_equals_rejected"
+    assert reason(formats.convert_lmflow, {"type": "paired_conversation", "instance": {"chosen": {"messages": []}}},
+                  lmflow, "preference") == "empty_prompt"
+    only_chosen = {"type": "paired_conversation", "instance": {"chosen": {"messages": [{"role": "user", "content": "q"}]}}}
+    assert reason(formats.convert_lmflow, only_chosen, lmflow, "preference") == "missing_column"
+    with pytest.raises(DataError, match="an LMFlow paired_conversation file aligns to preference records, but its "
+                                        "group needs conversation"):
+        formats.convert_lmflow(pair(["q", "a"], ["q", "b"]), lmflow, "conversation")
 
 
 def test_prompt_completion_conversational_and_preference() -> None:

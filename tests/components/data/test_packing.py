@@ -7,32 +7,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from components.data.packing import IGNORE, flatten_batch, pack_sequences, pad_batch
+from components.data.packing import IGNORE, flatten_batch
 
 PAD = 0
-
-
-@given(
-    lengths=st.lists(st.integers(min_value=0, max_value=50), max_size=40),
-    capacity=st.integers(min_value=1, max_value=64),
-)
-def test_pack_sequences_places_every_example_once_within_capacity(lengths, capacity):
-    bins = pack_sequences(lengths, capacity)
-    assert sorted(i for b in bins for i in b) == list(range(len(lengths)))
-    for b in bins:
-        total = sum(lengths[i] for i in b)
-        assert total <= capacity or len(b) == 1  # an oversized example sits alone
-    # First fit: the example that opened a bin fitted in no earlier bin (whose room only shrank since).
-    room = [capacity - sum(lengths[i] for i in b) for b in bins]
-    for later in range(1, len(bins)):
-        assert all(lengths[bins[later][0]] > room[earlier] for earlier in range(later))
-
-
-def test_pack_sequences_first_fit_decreasing_example():
-    assert pack_sequences([3, 8, 5, 2, 4], capacity=10) == [[1, 3], [2, 4], [0]]
-    assert pack_sequences([12, 1], capacity=10) == [[0], [1]]
-    with pytest.raises(ValueError, match="capacity must be positive"):
-        pack_sequences([1], 0)
 
 
 examples = st.lists(
@@ -76,19 +53,3 @@ def test_flatten_batch_defaults_labels_to_inputs():
     assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
     with pytest.raises(ValueError, match="3 input_ids but 2 labels"):
         flatten_batch([{"input_ids": [1, 2, 3], "labels": [1, 2]}], PAD)
-
-
-@settings(max_examples=50)
-@given(drawn=examples, multiple=st.sampled_from([None, 8]))
-def test_pad_batch_right_pads_with_masked_labels(drawn, multiple):
-    batch = pad_batch(as_examples(drawn), PAD, pad_to_multiple_of=multiple)
-    width = max(len(i) for i, _ in drawn)
-    if multiple:
-        width = -(-width // multiple) * multiple
-    assert batch["input_ids"].shape == batch["attention_mask"].shape == batch["labels"].shape == (len(drawn), width)
-    for row, example in enumerate(as_examples(drawn)):
-        n = len(example["input_ids"])
-        assert batch["input_ids"][row, :n].tolist() == example["input_ids"]
-        assert batch["labels"][row, :n].tolist() == example["labels"]
-        assert batch["attention_mask"][row].tolist() == [1] * n + [0] * (width - n)
-        assert batch["input_ids"][row, n:].eq(PAD).all() and batch["labels"][row, n:].eq(IGNORE).all()

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
+from components.config import TokenizeConfig
+from components.data.chat_render import encode_conversations, prepare_template, render_conversation, render_prompt
+from components.data.conversation_encoder import ConversationEncoder
+from components.data.dataset_info import DatasetSpec
+from components.data.formats import convert_alpaca
+from components.data.records import IGNORE
 from components.data.templates import FORMATS, TEMPLATES, chat_format, known_templates, resolve_template
-from components.data.tokenize import (
-    IGNORE,
-    ConversationEncoder,
-    encode_conversations,
-    prepare_template,
-    render_conversation,
-)
+from tests.components.data.conftest import FIXTURES
 
 # Special tokens the named formats use; the tiny tokenizer only knows ChatML's.
 FORMAT_TOKENS = [
@@ -162,7 +165,45 @@ def test_fast_path_equals_exact_path_for_every_named_template(format_tokenizer, 
     tmpl = prepare_template(format_tokenizer, name)
     for system_prompt, mask_history in ((SYSTEM, False), (None, True)):
         options = {"system_prompt": system_prompt, "train_on_prompt": False, "mask_history": mask_history}
-        exact = encode_conversations(format_tokenizer, tmpl, conversations, fast=False, **options)
+        exact = encode_conversations(format_tokenizer, tmpl, conversations, **options)
         encoder = ConversationEncoder(format_tokenizer, tmpl, verify_rows=0, **options)
         assert encoder.encode(conversations) == exact
         assert encoder.counts["fast"] >= 3, encoder.counts  # the table's templates substitute contents verbatim
+
+
+HELDOUT = Path(__file__).resolve().parents[3] / "data" / "icd10" / "sft_heldout.jsonl"
+
+
+def heldout_conversations(n: int) -> list[list[dict]]:
+    """The first n held-out rows of the shipped data, aligned as the align stage does."""
+    spec = DatasetSpec(name="icd10_instructions_heldout", file_name="sft_heldout.jsonl",
+                       columns={"prompt": "instruction", "query": "input", "response": "output"})
+    rows = [json.loads(line) for line in HELDOUT.read_text(encoding="utf-8").splitlines()[:n]]
+    return [convert_alpaca(row, spec, "conversation")["messages"] for row in rows]
+
+
+@pytest.mark.parametrize("system_prompt", [TokenizeConfig().system_prompt, None])
+@pytest.mark.parametrize("name", ["auto", *sorted(FORMATS)])
+def test_evaluation_prompt_is_the_prompt_training_masks(format_tokenizer, name, system_prompt):
+    """render_prompt (evaluation, chat) gives, token for token, what training puts before the first trained label."""
+    conversations = heldout_conversations(24)
+    tmpl = prepare_template(format_tokenizer, name)
+    options = {"system_prompt": system_prompt, "train_on_prompt": False, "mask_history": False}
+    encoder = ConversationEncoder(format_tokenizer, tmpl, **options)  # training's path
+    encoded = encoder.encode([(messages, None) for messages in conversations])
+    for messages, (ids, labels) in zip(conversations, encoded):
+        prompt = render_prompt(format_tokenizer, name, messages[:-1], system_prompt)
+        prompt_ids = format_tokenizer(prompt, add_special_tokens=False)["input_ids"]  # as evaluation encodes it
+        first_trained = next(i for i, label in enumerate(labels) if label != IGNORE)
+        assert prompt_ids == ids[:first_trained], (name, messages)
+        assert (system_prompt is None) or prompt.count(system_prompt) == 1
+
+
+def test_lmflow_tool_schemas_reach_the_template_as_objects(tiny_tokenizer):
+    # LMFlow writes each tool schema as a JSON string; the aligned record carries the schemas themselves.
+    record = json.loads((FIXTURES / "golden" / "icd10_lmflow_conversation.jsonl").read_text().splitlines()[0])
+    ids, _ = render_conversation(tiny_tokenizer, "chatml", record["messages"], system_prompt=None,
+                                 train_on_prompt=False, mask_history=False, tools=record["tools"])
+    text = tiny_tokenizer.decode(ids)
+    assert '\n{"name": "lookup_icd10", "description": "Look up an ICD-10-CM code"' in text
+    assert '\\"name\\"' not in text

@@ -1,5 +1,6 @@
 """Stage integration on a 2-layer random model: loss logged, trainable params changed, frozen ones not,
-adapter reloads, the fast loss equals the reference loss, and a crashed run resumes from its checkpoint."""
+adapter reloads, warmup follows the ratio, and a crashed run resumes from its checkpoint.
+(The labeled-positions loss itself is checked in tests/components/models/test_loss.py.)"""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from datasets import Dataset
 
 from components.config import TrainConfig
 from components.models.loading import load_model, load_tokenizer, select_hardware
-from components.training.lora import labeled_positions_loss, last_complete_checkpoint, run_lora_training
+from components.training.lora import last_complete_checkpoint, run_lora_training, warmup_steps
 
 CPU = select_hardware("cpu", "fp32")
 
@@ -23,31 +24,6 @@ def _rows(n=16, seed=0):
         prompt = length // 2
         rows.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
     return rows
-
-
-@pytest.mark.parametrize("collate", ["pad_causal", "flatten_batch"])
-@pytest.mark.parametrize("chunk", [2048, 5])
-def test_fast_loss_equals_reference_loss(tiny_model_dir, collate, chunk, monkeypatch):
-    """Our loss on a padded-without-mask or a packed batch equals HF's loss example by example,
-    also when (without gradients) it projects a few positions at a time."""
-    from components.data import packing
-
-    monkeypatch.setattr("components.training.lora.NO_GRAD_LOSS_CHUNK", chunk)
-    model = load_model(str(tiny_model_dir), CPU).eval()
-    rows = _rows(4)
-    batch = getattr(packing, collate)(rows, pad_token_id=0)
-    with torch.no_grad():
-        fast_sum, n = labeled_positions_loss(model, batch)
-        ref_sum, ref_n = 0.0, 0
-        for r in rows:
-            ids = torch.tensor([r["input_ids"]])
-            labels = torch.tensor([r["labels"]])
-            out = model(input_ids=ids, labels=labels)
-            k = int((labels[:, 1:] != -100).sum())
-            ref_sum += float(out.loss) * k
-            ref_n += k
-    assert n == ref_n
-    assert abs(float(fast_sum) - ref_sum) / ref_sum < 1e-4
 
 
 def test_lora_training_changes_only_adapters_and_reloads(tiny_model_dir, tmp_path):
@@ -127,3 +103,23 @@ def test_gradient_checkpointing_recomputes_to_the_same_training(tiny_model_dir, 
         assert model.is_activation_checkpointing == checkpointing
         losses[checkpointing] = [m["loss"] for m in logged if "loss" in m]
     assert len(losses[True]) == 3 and losses[True] == pytest.approx(losses[False], rel=1e-5)
+
+
+@pytest.mark.parametrize(("ratio", "max_steps", "steps"), [(0.0, 10, 0), (0.05, 24, 2), (0.1, 30, 3), (0.25, 6, 2), (1.0, 4, 4)])
+def test_warmup_steps_round_the_ratio_up(ratio, max_steps, steps):
+    assert warmup_steps(ratio, max_steps) == steps
+
+
+@pytest.mark.parametrize("scheduler", ["constant_with_warmup", "linear"])
+def test_full_warmup_ratio_warms_up_over_every_step(tiny_model_dir, tmp_path, scheduler):
+    """warmup_ratio 1.0 means warm up over all of max_steps (transformers alone reads warmup_steps=1.0 as one step)."""
+    import json
+
+    tok = load_tokenizer(str(tiny_model_dir))
+    cfg = TrainConfig(max_steps=4, batch_size=4, learning_rate=1e-3, warmup_ratio=1.0, lr_scheduler=scheduler,
+                      logging_steps=1, save_steps=10)
+    run_lora_training(load_model(str(tiny_model_dir), CPU), tok, Dataset.from_list(_rows()), cfg, CPU, tmp_path)
+    curve = json.loads((tmp_path / "training_curve.json").read_text())
+    rates = [h["learning_rate"] for h in curve if "learning_rate" in h]
+    assert len(rates) == 4
+    assert all(a < b for a, b in zip(rates, rates[1:])), rates

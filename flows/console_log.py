@@ -1,0 +1,63 @@
+"""The terminal shows what happened in a few lines; the log file keeps every detail.
+
+A failing stage makes Prefect log the same exception several times (task run, its final state,
+flow run, its final state), each with a full traceback: hundreds of lines on the terminal. While a
+CLI run lasts, console records keep their first line only, and a file under <workspace>/logs gets
+every record with its traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+_MAX_CONSOLE_CHARS = 300
+
+
+class _FirstLineOnly(logging.Filter):
+    """Console records without tracebacks, cut to their first line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info or record.exc_text or record.levelno >= logging.ERROR:
+            message = record.getMessage().strip().splitlines()
+            line = message[0] if message else ""
+            record.msg, record.args = line[:_MAX_CONSOLE_CHARS] + (" ..." if len(line) > _MAX_CONSOLE_CHARS else ""), ()
+            record.exc_info, record.exc_text, record.stack_info = None, None, None
+        return True
+
+
+def _console_handlers() -> list[logging.Handler]:
+    return [h for h in logging.getLogger().handlers
+            if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
+
+
+@contextlib.contextmanager
+def run_log(workspace: Path) -> Iterator[Path]:
+    """Yield the path of this run's log file; console handlers lose tracebacks until exit."""
+    import prefect.logging.configuration  # noqa: F401  (sets up its handlers: ours must come first)
+    from prefect.logging.configuration import setup_logging
+
+    if not _console_handlers():
+        setup_logging()
+    logs = Path(workspace) / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    path = logs / f"run-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    file_handler = logging.FileHandler(path, encoding="utf-8", delay=True)
+    file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    # First in line: it sees each record before the console filter trims it.
+    root.handlers.insert(0, file_handler)
+    quiet = _FirstLineOnly()
+    consoles = _console_handlers()
+    for handler in consoles:
+        handler.addFilter(quiet)
+    try:
+        yield path
+    finally:
+        for handler in consoles:
+            handler.removeFilter(quiet)
+        root.removeHandler(file_handler)
+        file_handler.close()

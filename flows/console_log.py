@@ -15,15 +15,23 @@ from collections.abc import Iterator
 from pathlib import Path
 
 _MAX_CONSOLE_CHARS = 300
+FAILURE_RECORD = "run failed"  # logged with the traceback by the CLI, for the file
 
 
-class _FirstLineOnly(logging.Filter):
-    """Console records without tracebacks, cut to their first line."""
+class _ConsoleQuiet(logging.Filter):
+    """Console records without tracebacks, cut to their first line; Prefect's reports of a failure
+    (the CLI prints the cause once itself) stay in the log file only."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if record.name.startswith("prefect") and (record.levelno >= logging.ERROR
+                                                  or message.startswith("Finished in state Failed")):
+            return False
+        if record.name == "lmforge" and message == FAILURE_RECORD:
+            return False
         if record.exc_info or record.exc_text or record.levelno >= logging.ERROR:
-            message = record.getMessage().strip().splitlines()
-            line = message[0] if message else ""
+            lines = message.strip().splitlines()
+            line = lines[0] if lines else ""
             record.msg, record.args = line[:_MAX_CONSOLE_CHARS] + (" ..." if len(line) > _MAX_CONSOLE_CHARS else ""), ()
             record.exc_info, record.exc_text, record.stack_info = None, None, None
         return True
@@ -50,7 +58,7 @@ def run_log(workspace: Path) -> Iterator[Path]:
     root = logging.getLogger()
     # First in line: it sees each record before the console filter trims it.
     root.handlers.insert(0, file_handler)
-    quiet = _FirstLineOnly()
+    quiet = _ConsoleQuiet()
     consoles = _console_handlers()
     for handler in consoles:
         handler.addFilter(quiet)

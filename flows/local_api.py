@@ -86,7 +86,8 @@ def early_local_api() -> Iterator[Callable[[], None]]:
     previous = os.environ.get("PREFECT_API_URL")
     os.environ["PREFECT_API_URL"] = url
     prefect.context.refresh_global_settings_context()  # every thread of this process now sees the URL
-    timeout = settings.server.ephemeral.startup_timeout_seconds
+    # Prefect's 20 s default is short for a first start (database migrations) on a busy 2-core machine.
+    timeout = max(settings.server.ephemeral.startup_timeout_seconds, 60)
 
     def wait_ready() -> None:
         import httpx

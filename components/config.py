@@ -87,7 +87,8 @@ class DataConfig(Strict):
 
 class TokenizeConfig(Strict):
     template: str = Field(
-        "auto", description="Chat template: 'auto' uses the tokenizer's own, else a name from the template table."
+        "auto", description="Chat template: 'auto' uses the tokenizer's own, else a name from the template table "
+        "(or Jinja source). An unknown name fails with the config, before anything runs."
     )
     system_prompt: str | None = Field(
         None,
@@ -103,7 +104,8 @@ class TokenizeConfig(Strict):
     def _known_template(cls, name: str) -> str:
         from components.data.templates import known_templates
 
-        if name != "auto" and name not in known_templates():
+        jinja = "{%" in name or "{{" in name  # a template's own Jinja source
+        if name != "auto" and not jinja and name not in known_templates():
             raise ValueError(f"unknown chat template {name!r}; use 'auto' (the tokenizer's own) or one of: "
                              + ", ".join(known_templates()))
         return name

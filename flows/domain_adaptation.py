@@ -43,7 +43,6 @@ def git_commit() -> str:
 StageName = Literal[STAGE_KINDS]  # type: ignore[valid-type]  # the Prefect form shows a dropdown
 
 
-
 @flow(name="domain_adaptation", log_prints=True)
 def domain_adaptation(
     config: PipelineConfig = PipelineConfig(),

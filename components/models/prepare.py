@@ -140,7 +140,7 @@ def prepare_base(model: ModelConfig, out_dir: Path) -> StageResult:
     if identity.kind == "embedded":
         target = convert_gguf(embedded_gguf(identity.source), out_dir / "model")
         files += [p.relative_to(out_dir).as_posix() for p in sorted(target.rglob("*")) if p.is_file()]
-        source = str(target)
+        source = str(target.resolve())  # absolute: later stages and `lmforge chat` may run elsewhere
     elif identity.kind == "hub":
         from huggingface_hub import snapshot_download
 

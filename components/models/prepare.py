@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 from components.artifacts import StageResult, atomic_write_json, remembered_sha256
 from components.config import ModelConfig, hash_json
-from components.models.loading import cache_root, embedded_gguf
+from components.models.loading import BaseModelError, cache_root, classify_base, embedded_gguf
 
 if TYPE_CHECKING:
     from components.config import PipelineConfig
@@ -41,10 +41,6 @@ _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
 
 
-class BaseModelError(ValueError):
-    """The base model cannot be found or pinned; the message says what to do."""
-
-
 @dataclass(frozen=True)
 class BaseIdentity:
     kind: str  # embedded | local | hub
@@ -59,18 +55,16 @@ def _memo_file() -> Path:
 
 
 def _digests(root: Path, names: list[str]) -> dict[str, str]:
-    return {n: remembered_sha256(root / n, _memo_file()) for n in names}
+    return dict(zip(names, remembered_sha256([root / n for n in names], _memo_file())))
 
 
 def _local_identity(path: Path) -> BaseIdentity:
-    if not (path / "config.json").is_file():
-        raise BaseModelError(f"model directory {path} has no config.json; is it a Hugging Face checkpoint?")
     files = sorted(p.relative_to(path).as_posix() for p in path.rglob("*")
                    if p.is_file() and _MODEL_FILE.match(p.name) and not p.name.startswith("."))
-    tokenizer = _digests(path, [f for f in files if Path(f).name in TOKENIZER_FILES])
+    model = _digests(path, files)
+    tokenizer = {f: d for f, d in model.items() if Path(f).name in TOKENIZER_FILES}
     if not tokenizer:
         raise BaseModelError(f"model directory {path} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...)")
-    model = _digests(path, files)
     return BaseIdentity("local", str(path), None, hash_json(tokenizer), hash_json(model))
 
 
@@ -110,23 +104,14 @@ def resolve_hub_commit(repo: str, revision: str | None) -> str:
 
 def identify_base(model: ModelConfig) -> BaseIdentity:
     """What the base model is, by content (see the module docstring); cheap on a repeat call."""
-    base = model.base
-    if base.startswith("embedded:"):
-        name = base.split(":", 1)[1]
-        try:
-            gguf = embedded_gguf(name)
-        except FileNotFoundError as exc:
-            raise BaseModelError(str(exc)) from None
-        digest = remembered_sha256(gguf, _memo_file())
-        return BaseIdentity("embedded", name, None, f"gguf:{digest}", f"gguf:{digest}")
-    path = Path(base).expanduser()
-    if path.exists():
-        return _local_identity(path.resolve())
-    if base.count("/") == 1 and not base.startswith((".", "/")):
-        commit = resolve_hub_commit(base, model.revision)
-        return BaseIdentity("hub", base, commit, f"hub:{base}@{commit}", f"hub:{base}@{commit}")
-    raise BaseModelError(f"base model {base!r} is neither an embedded name (embedded:smollm2-135m-instruct), "
-                         "an existing directory, nor a hub id (owner/name)")
+    kind, what = classify_base(model.base)
+    if kind == "embedded":
+        (digest,) = remembered_sha256([embedded_gguf(what)], _memo_file())
+        return BaseIdentity("embedded", what, None, f"gguf:{digest}", f"gguf:{digest}")
+    if kind == "local":
+        return _local_identity(Path(what))
+    commit = resolve_hub_commit(what, model.revision)
+    return BaseIdentity("hub", what, commit, f"hub:{what}@{commit}", f"hub:{what}@{commit}")
 
 
 def prepare_base(model: ModelConfig, out_dir: Path) -> StageResult:

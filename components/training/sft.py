@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from components.artifacts import StageResult
 from components.config import ModelConfig, TrainConfig
 from components.data.tokenize import load_tokenized
 from components.models.loading import Hardware, load_tokenizer, load_with_adapters, select_hardware
+from components.pipeline import BaseModelRef
 from components.training.lora import MetricsSink, run_lora_training
 
 if TYPE_CHECKING:
@@ -27,8 +27,7 @@ log = logging.getLogger(__name__)
 
 def run_adapter_stage(
     model_cfg: ModelConfig,
-    base_source: str,
-    revision: str | None,
+    base: BaseModelRef,
     below: list[Path],
     train_file: Path,
     cfg: TrainConfig,
@@ -43,15 +42,9 @@ def run_adapter_stage(
     dataset = load_tokenized(train_file)
     if len(dataset) == 0:
         raise ValueError(f"tokenized training data {train_file} has no rows; check the alignment report")
-    tokenizer = load_tokenizer(base_source, revision=revision, trust_remote_code=model_cfg.trust_remote_code)
-    model = load_with_adapters(
-        base_source,
-        below,
-        hardware,
-        revision=revision,
-        trust_remote_code=model_cfg.trust_remote_code,
-        attn_implementation=model_cfg.attn_implementation,
-    )
+    tokenizer = load_tokenizer(base.source, **base.load_kwargs())
+    model = load_with_adapters(base.source, below, hardware, **base.load_kwargs(),
+                               attn_implementation=model_cfg.attn_implementation)
     log.info("training on %d rows from %s", len(dataset), train_file.name)
     result = run_lora_training(model, tokenizer, dataset, cfg, hardware, out_dir, metrics_sink=metrics_sink)
     result.metrics["train_rows"] = float(len(dataset))
@@ -71,7 +64,7 @@ def train_stage(cfg: PipelineConfig, inputs: StageInputs, out_dir: Path) -> Stag
     below = inputs.adapter_stack()
     hardware = select_hardware(cfg.compute.device, cfg.compute.precision)
     result = run_adapter_stage(
-        cfg.model, base.source, base.revision, below, inputs.dir("tokenize") / f"{TRAIN_GROUP[inputs.kind]}.parquet",
+        cfg.model, base, below, inputs.dir("tokenize") / f"{TRAIN_GROUP[inputs.kind]}.parquet",
         getattr(cfg, inputs.kind), hardware, Path(out_dir), metrics_sink=inputs.metrics,
     )
     # Enough for `lmforge chat <stage dir>` and later stages to rebuild the model: base plus adapters.

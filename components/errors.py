@@ -46,3 +46,16 @@ def is_transient(exc: BaseException) -> bool:
 
 class StageInputError(RuntimeError):
     """A stage cannot start: an input it needs is not there (e.g. `--only` before a full run)."""
+
+
+class TrainingDiverged(RuntimeError):
+    """Training left the safe region (a NaN loss, a KL to the reference beyond its bound) at a known step.
+
+    Not transient: a rerun resumes from the last good checkpoint and would diverge again with the same
+    settings; lower the learning rate or raise the bound.
+    """
+
+    def __init__(self, step: int, what: str):
+        super().__init__(f"training diverged at step {step}: {what}; the last good checkpoint is kept. "
+                         "Lower the learning rate (or raise the bound) and rerun.")
+        self.step, self.what = step, what

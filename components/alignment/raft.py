@@ -1,0 +1,158 @@
+"""RAFT: reward-ranked fine-tuning (Dong et al. 2023, "RAFT: Reward rAnked FineTuning for Generative
+Foundation Model Alignment"), written here: LMFlow's implementation needs transformers < 4.35.
+
+Each iteration samples K completions per prompt from the current policy, scores them with the
+pipeline's reward, drops degenerate ones (empty, looping), keeps the best completion of each prompt
+(or the best fraction of all), and fine-tunes the policy's LoRA adapter on the kept set with the
+loss on the completion only. The reward, the kept set and its reward are logged per iteration.
+
+The fine-tuning loop is a few lines here rather than a Trainer per iteration: one optimizer lives
+across iterations, and sampling and training share the model in memory. After every iteration the
+adapter and optimizer are checkpointed (complete marker), so a crashed run resumes at the next one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from components.alignment.rewards import RewardFn, is_degenerate
+from components.alignment.sampling import sample
+from components.artifacts import atomic_dir
+from components.errors import TrainingDiverged
+from components.data.packing import pad_causal
+from components.data.records import IGNORE
+from components.models.loss import labeled_positions_loss
+from components.pipeline import MetricsSink
+from components.training.lora import COMPLETE
+
+log = logging.getLogger(__name__)
+
+
+def select(groups: list[list[tuple[str, float]]], keep: str, fraction: float) -> list[tuple[int, str, float]]:
+    """The kept (prompt index, completion, reward): each prompt's best non-degenerate completion, or the
+    best `fraction` of all non-degenerate completions."""
+    scored = [(i, text, r) for i, group in enumerate(groups) for text, r in group if not is_degenerate(text)]
+    if keep == "best_per_prompt":
+        best: dict[int, tuple[int, str, float]] = {}
+        for item in scored:
+            if item[0] not in best or item[2] > best[item[0]][2]:
+                best[item[0]] = item
+        return [best[i] for i in sorted(best)]
+    scored.sort(key=lambda item: -item[2])
+    return scored[: max(1, round(fraction * len(scored)))] if scored else []
+
+
+def _checkpoints(root: Path) -> list[tuple[int, Path]]:
+    found = [(int(d.name.split("-")[1]), d) for d in root.glob("iteration-*") if (d / COMPLETE).exists()]
+    return sorted(found)
+
+
+def run_raft(policy, tokenizer, prompts: list[dict], reward: RewardFn, cfg, *, cutoff_len: int, eos: list[int],
+             out_dir: Path,
+             metrics_sink: MetricsSink | None = None) -> tuple[dict[str, float], list[dict]]:
+    """Run RAFT on `policy` (a PEFT model whose active adapter trains) over `prompts` (dicts with
+    "prompt", "messages", "reference", "task", from alignment.data.sampling_prompts); `cfg` is the
+    components.config.AlignmentConfig. Returns (final metrics, per-iteration history)."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors.torch import load_file, save_file
+
+    raft = cfg.raft
+    out_dir = Path(out_dir)
+    ckpt_root = out_dir / "checkpoints"
+    params = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    history: list[dict] = []
+    start = 0
+    done = _checkpoints(ckpt_root)
+    if done:
+        last, path = done[-1]
+        set_peft_model_state_dict(policy, load_file(path / "adapter.safetensors"))
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+        history = json.loads((path / "history.json").read_text())
+        start = last + 1
+        log.info("RAFT resumes after iteration %d", last)
+    device = next(policy.parameters()).device
+    step = sum(h["train_steps"] for h in history)
+    for it in range(start, raft.iterations):
+        t0 = time.perf_counter()
+        rng = random.Random(cfg.seed * 1000 + it)
+        batch = rng.sample(prompts, min(raft.prompts_per_iteration, len(prompts)))
+        sampled_ids: list[list[list[int]]] = []
+        completions, new_tokens = sample(policy, tokenizer, [p["prompt"] for p in batch], k=cfg.num_generations,
+                                         temperature=cfg.temperature, top_p=cfg.top_p,
+                                         max_new_tokens=cfg.max_new_tokens, eos=eos, seed=cfg.seed * 1000 + it,
+                                         ids=sampled_ids)
+        flat = [(i, c) for i, group in enumerate(completions) for c in group]
+        token_ids = {(i, c): sampled_ids[i][j] for i, group in enumerate(completions) for j, c in enumerate(group)}
+        scores = reward([batch[i]["prompt"] for i, _ in flat], [c for _, c in flat],
+                        reference=[batch[i]["reference"] for i, _ in flat], task=[batch[i]["task"] for i, _ in flat])
+        groups: list[list[tuple[str, float]]] = [[] for _ in batch]
+        for (i, text), score in zip(flat, scores):
+            groups[i].append((text, score))
+        kept = select(groups, raft.keep, raft.keep_fraction)
+        sample_s = time.perf_counter() - t0
+        (out_dir / "raft").mkdir(parents=True, exist_ok=True)
+        (out_dir / "raft" / f"iteration-{it}.jsonl").write_text("".join(
+            json.dumps({"prompt": batch[i]["messages"][-1]["content"], "reference": batch[i]["reference"],
+                        "completion": text, "reward": r}, ensure_ascii=False) + "\n" for i, text, r in kept))
+
+        # Train on the sampled tokens themselves, after the prompt's: re-encoding the decoded text could
+        # merge tokens across the prompt/answer boundary and teach something that was never sampled.
+        rows = []
+        for i, text, _ in kept:
+            prompt_ids = tokenizer(batch[i]["prompt"], add_special_tokens=False)["input_ids"]
+            answer = token_ids[(i, text)]
+            rows.append({"input_ids": (prompt_ids + answer)[:cutoff_len],
+                         "labels": ([IGNORE] * len(prompt_ids) + answer)[:cutoff_len]})
+        t1 = time.perf_counter()
+        losses = []
+        policy.train()
+        for s in range(raft.steps_per_iteration if rows else 0):
+            chosen = [rows[(s * cfg.batch_size + j) % len(rows)] for j in range(min(cfg.batch_size, len(rows)))]
+            tensors = {k: v.to(device) for k, v in pad_causal(chosen, tokenizer.pad_token_id).items()
+                       if k != "num_real_tokens"}
+            loss_sum, n = labeled_positions_loss(policy, tensors)
+            loss = loss_sum / max(n, 1)
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(step + s, f"RAFT fine-tuning loss is {float(loss)} in iteration {it}")
+            optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            losses.append(loss.item())
+        step += len(losses)
+        valid = [s for s, (_, c) in zip(scores, flat) if not is_degenerate(c)]
+        entry = {
+            "iteration": it, "prompts": len(batch), "completions": len(flat),
+            "reward_mean": sum(scores) / len(scores), "reward_max": max(scores), "reward_min": min(scores),
+            "degenerate_fraction": 1 - len(valid) / len(scores), "kept": len(kept),
+            "kept_reward_mean": sum(r for _, _, r in kept) / len(kept) if kept else float("nan"),
+            "train_loss": sum(losses) / len(losses) if losses else float("nan"), "train_steps": len(losses),
+            "sample_seconds": sample_s, "train_seconds": time.perf_counter() - t1,
+            "sample_tokens_per_s": new_tokens / max(sample_s, 1e-9),
+        }
+        history.append(entry)
+        log.info("RAFT iteration %d: reward %.3f (max %.3f), kept %d, loss %.3f", it, entry["reward_mean"],
+                 entry["reward_max"], entry["kept"], entry["train_loss"])
+        if metrics_sink is not None:
+            metrics_sink(it, {k: float(v) for k, v in entry.items() if isinstance(v, (int, float))})
+        with atomic_dir(ckpt_root / f"iteration-{it}") as tmp:
+            save_file({k: v.contiguous() for k, v in get_peft_model_state_dict(policy).items()},
+                      str(tmp / "adapter.safetensors"))
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            (tmp / "history.json").write_text(json.dumps(history))
+            (tmp / COMPLETE).write_text(str(it))
+        for _, path in _checkpoints(ckpt_root)[:-1]:
+            shutil.rmtree(path, ignore_errors=True)
+    first, last = history[0], history[-1]
+    metrics = {"raft_reward_first": first["reward_mean"], "raft_reward_last": last["reward_mean"],
+               "raft_kept_reward_last": last["kept_reward_mean"], "raft_iterations": float(len(history)),
+               "train_steps": float(step)}
+    return metrics, history

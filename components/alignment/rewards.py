@@ -1,0 +1,203 @@
+"""The one reward interface every alignment method and the evaluation use.
+
+A reward is any callable `reward(prompts, completions, **columns) -> list[float]`: one score per
+completion, where `columns` holds the dataset's other columns as lists aligned with the prompts
+(`reference`, `task`, ...). It is the signature TRL's GRPOTrainer calls reward functions with, so the
+same function serves RAFT, PPO, GRPO and the evaluation. Backends:
+
+- a rule: a verifiable function named by a dotted path (`components.alignment.icd10:icd10_reward`);
+- the learned reward model of the reward stage (`RewardModel`);
+- an HTTP endpoint (`HttpReward`): POST {"prompts", "completions", "columns"} -> {"rewards": [...]}.
+
+`build_reward` sums the configured ones with their weights and keeps each part for the logs.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from components.errors import TransientError
+
+log = logging.getLogger(__name__)
+
+RewardFn = Callable[..., list[float]]
+
+
+class RewardError(ValueError):
+    """A reward backend that cannot be loaded or answered nonsense; the message says which and why."""
+
+
+def load_rule(path: str) -> RewardFn:
+    """The callable named by `module:function` (or `module.function`)."""
+    module_name, sep, attr = path.partition(":")
+    if not sep:
+        module_name, _, attr = path.rpartition(".")
+    if not module_name or not attr:
+        raise RewardError(f"reward rule {path!r} is not a dotted path 'module:function'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise RewardError(f"reward rule {path!r}: cannot import {module_name!r} ({exc})") from None
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise RewardError(f"reward rule {path!r}: {module_name!r} has no callable {attr!r}")
+    return fn
+
+
+def check_scores(scores: Any, n: int, source: str) -> list[float]:
+    """A backend's answer as n finite floats, or a RewardError naming the backend."""
+    if not isinstance(scores, Sequence) or isinstance(scores, (str, bytes)) or len(scores) != n:
+        got = f"{len(scores)} values" if isinstance(scores, Sequence) else type(scores).__name__
+        raise RewardError(f"reward {source} returned {got} for {n} completions; it must return one float each")
+    out = []
+    for i, s in enumerate(scores):
+        try:
+            value = float(s)
+        except (TypeError, ValueError):
+            raise RewardError(f"reward {source}: score {i} is {s!r}, not a number") from None
+        if not math.isfinite(value):
+            raise RewardError(f"reward {source}: score {i} is {value}; rewards must be finite")
+        out.append(value)
+    return out
+
+
+def _json_columns(columns: dict[str, Any]) -> dict[str, list]:
+    """The columns an endpoint can receive: lists of JSON values (TRL also passes tensors and its state)."""
+    simple = (str, int, float, bool, type(None))
+    return {k: v for k, v in columns.items()
+            if isinstance(v, list) and all(isinstance(x, simple) for x in v)}
+
+
+@dataclass
+class HttpReward:
+    """A reward served over HTTP. Connection failures and 5xx answers are transient (retried by the stage)."""
+
+    url: str
+    timeout_s: float = 30.0
+
+    def __call__(self, prompts: list[str], completions: list[str], **columns) -> list[float]:
+        import httpx
+
+        from components.redact import redact_uri
+
+        payload = {"prompts": list(prompts), "completions": list(completions), "columns": _json_columns(columns)}
+        shown = redact_uri(self.url)
+        try:
+            response = httpx.post(self.url, json=payload, timeout=self.timeout_s)
+        except httpx.TransportError as exc:
+            raise TransientError(f"reward endpoint {shown} unreachable: {exc}") from exc
+        if response.status_code >= 500:
+            raise TransientError(f"reward endpoint {shown} answered {response.status_code}")
+        if response.status_code != 200:
+            raise RewardError(f"reward endpoint {shown} answered {response.status_code}: {response.text[:200]}")
+        try:
+            body = response.json()
+        except ValueError:
+            raise RewardError(f"reward endpoint {shown} did not answer JSON") from None
+        if not isinstance(body, dict) or "rewards" not in body:
+            raise RewardError(f"reward endpoint {shown} must answer {{\"rewards\": [...]}}")
+        return check_scores(body["rewards"], len(completions), f"endpoint {shown}")
+
+
+@dataclass
+class CombinedReward:
+    """A weighted sum of named reward functions; `parts` gives each one's scores for the logs."""
+
+    parts: list[tuple[str, float, RewardFn]] = field(default_factory=list)
+    last_parts: dict[str, list[float]] = field(default_factory=dict, repr=False)
+
+    @property
+    def __name__(self) -> str:  # TRL names the reward in its logs after the function
+        return "+".join(name for name, _, _ in self.parts) or "reward"
+
+    def __call__(self, prompts: list[str], completions: list[str], **columns) -> list[float]:
+        if not self.parts:
+            raise RewardError("no reward configured: set alignment.reward.rule, model_weight or http_url")
+        total = [0.0] * len(completions)
+        self.last_parts = {}
+        for name, weight, fn in self.parts:
+            scores = check_scores(fn(prompts, completions, **columns), len(completions), name)
+            self.last_parts[name] = scores
+            total = [t + weight * s for t, s in zip(total, scores)]
+        return total
+
+
+def build_reward(cfg, *, reward_model: RewardFn | None = None) -> CombinedReward:
+    """The configured reward (components.config.RewardFunctionConfig); `reward_model` when model_weight > 0."""
+    parts: list[tuple[str, float, RewardFn]] = []
+    if cfg.rule:
+        parts.append(("rule", cfg.rule_weight, load_rule(cfg.rule)))
+    if cfg.model_weight > 0:
+        if reward_model is None:
+            raise RewardError("alignment.reward.model_weight > 0 needs the reward stage's model (reward.enabled)")
+        parts.append(("model", cfg.model_weight, reward_model))
+    if cfg.http_url:
+        parts.append(("http", cfg.http_weight, HttpReward(cfg.http_url, cfg.http_timeout_s)))
+    return CombinedReward(parts)
+
+
+def is_degenerate(text: str) -> bool:
+    """Empty, or a loop: a short phrase repeated back to back, or a long answer with few distinct words."""
+    words = text.split()
+    if not words:
+        return True
+    for n in (1, 2, 3):
+        for i in range(len(words) - 3 * n + 1):
+            if words[i : i + n] == words[i + n : i + 2 * n] == words[i + 2 * n : i + 3 * n]:
+                return True
+    return len(words) >= 8 and len(set(words)) / len(words) < 0.3
+
+
+class RewardModel:
+    """The reward stage's model as a reward function: the SFT model (base + adapter stack merged) as a
+    sequence classifier with the reward adapter and its score head, scoring prompt + completion."""
+
+    def __init__(self, base, below: list[Path], reward_adapter: Path, hardware, tokenizer, *, stop: str | None,
+                 max_length: int = 256, batch_size: int = 8):
+        self.model = load_reward_model(base, below, reward_adapter, hardware)
+        self.tokenizer, self.stop, self.max_length, self.batch_size = tokenizer, stop or "", max_length, batch_size
+        self.device = hardware.device
+
+    def __call__(self, prompts: list[str], completions: list[str], **_) -> list[float]:
+        texts = [p + c + self.stop for p, c in zip(prompts, completions)]
+        return score_texts(self.model, self.tokenizer, texts, max_length=self.max_length, batch_size=self.batch_size)
+
+
+def load_reward_model(base, below: list[Path], reward_adapter: Path, hardware):
+    """Base + the policy's adapter stack merged, as AutoModelForSequenceClassification with the reward
+    adapter (LoRA + score head) on top, in eval mode."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(
+        base.source, num_labels=1, dtype=hardware.dtype, use_safetensors=True, **base.load_kwargs())
+    for adapter in below:
+        model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    model = PeftModel.from_pretrained(model, str(reward_adapter)).merge_and_unload()
+    return model.to(hardware.device).eval()
+
+
+def score_texts(model, tokenizer, texts: list[str], *, max_length: int, batch_size: int) -> list[float]:
+    """The classifier's scalar for each text (right-padded; the head reads the last real token)."""
+    import torch
+
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    device = next(model.parameters()).device
+    side, tokenizer.padding_side = tokenizer.padding_side, "right"
+    scores: list[float] = []
+    try:
+        with torch.no_grad():
+            for i in range(0, len(texts), batch_size):
+                enc = tokenizer(texts[i : i + batch_size], return_tensors="pt", padding=True, truncation=True,
+                                max_length=max_length, add_special_tokens=False).to(device)
+                scores.extend(model(**enc).logits[:, 0].float().tolist())
+    finally:
+        tokenizer.padding_side = side
+    return scores

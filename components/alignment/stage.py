@@ -1,0 +1,144 @@
+"""The alignment stage: one method after SFT, chosen by `alignment.method`, trained as a LoRA adapter
+over the SFT model and stacked like cpt's and sft's, so evaluation, quantization and registration
+take the aligned model without knowing how it was made.
+
+- raft, ppo, grpo sample from the policy and score with the pipeline's reward (rule, reward model,
+  endpoint: components.alignment.rewards), on prompts from data.sft (their answers are the references
+  a verifiable reward checks);
+- dpo, kto, orpo, simpo learn from data.preference pairs (kto also from data.kto unpaired rows).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from components.alignment.data import (preference_pairs, render_pairs, render_unpaired, sampling_prompts, turn_end,
+                                       unpaired)
+from components.alignment.rewards import RewardModel, build_reward
+from components.alignment.trl_methods import PREFERENCE_METHODS, train_grpo, train_preference
+from components.alignment.trl_support import lora_config
+from components.artifacts import StageResult, atomic_dir, atomic_write_json
+from components.data.jsonl import iter_records
+from components.errors import StageInputError
+from components.pipeline import SAMPLING_METHODS
+
+if TYPE_CHECKING:
+    from components.config import PipelineConfig
+    from components.pipeline import StageInputs
+
+log = logging.getLogger(__name__)
+
+def _preference_rows(method: str, align: Path, tokenizer, cfg) -> tuple[list[dict], dict]:
+    template, system = cfg.tokenize.template, cfg.tokenize.system_prompt
+    pairs, counts = preference_pairs(align / "preference.jsonl")
+    rows = render_pairs(pairs, tokenizer, template, system)
+    if method == "kto":
+        rows = unpaired(rows)
+        kto_file = align / "kto.jsonl"
+        if kto_file.is_file():
+            extra = render_unpaired(list(iter_records(kto_file)), tokenizer, template, system)
+            counts["kto_rows"] = len(extra)
+            rows += extra
+    if not rows:
+        raise StageInputError(f"alignment.method={method} has no usable preference rows in {align} ({counts}); "
+                              "list datasets under data.preference" + (" or data.kto" if method == "kto" else ""))
+    return rows, counts
+
+
+def alignment_stage(cfg: PipelineConfig, inputs: StageInputs, out_dir: Path) -> StageResult:
+    """Stage entry point (see components.pipeline)."""
+    from components.models.loading import load_tokenizer, load_with_adapters, select_hardware
+
+    out_dir = Path(out_dir)
+    acfg, method = cfg.alignment, cfg.alignment.method
+    base, below = inputs.base_model, inputs.adapter_stack()
+    hardware = select_hardware(cfg.compute.device, cfg.compute.precision)
+    tokenizer = load_tokenizer(base.source, **base.load_kwargs())
+    align = inputs.dir("align")
+    model = load_with_adapters(base.source, below, hardware, **base.load_kwargs(),
+                               attn_implementation=cfg.model.attn_implementation)
+    report: dict = {"method": method}
+    reward_adapter = Path(inputs.upstream["reward"]["info"]["reward_adapter"]) if inputs.has("reward") else None
+
+    if method in PREFERENCE_METHODS:
+        rows, report["data"] = _preference_rows(method, align, tokenizer, cfg)
+        policy, history, metrics = train_preference(method, model, tokenizer, rows, acfg, hardware, out_dir,
+                                                    metrics_sink=inputs.metrics)
+    elif method in SAMPLING_METHODS:
+        prompts = sampling_prompts(align / "sft.jsonl", tokenizer, cfg.tokenize.template, cfg.tokenize.system_prompt,
+                                   limit=acfg.max_prompts, seed=acfg.seed)
+        if not prompts:
+            raise StageInputError(f"alignment.method={method} needs prompts: {align / 'sft.jsonl'} has no "
+                                  "conversation ending in an assistant turn")
+        report["prompts"] = len(prompts)
+        stop = turn_end(tokenizer, cfg.tokenize.template)
+        model_reward = None
+        if acfg.reward.model_weight > 0 and method != "ppo":  # PPO carries the reward adapter on its own model
+            if reward_adapter is None:
+                raise StageInputError("alignment.reward.model_weight > 0 needs the reward stage (reward.enabled)")
+            model_reward = RewardModel(base, below, reward_adapter, hardware, tokenizer, stop=stop,
+                                       max_length=cfg.reward.max_length)
+        reward = build_reward(acfg.reward, reward_model=model_reward) if (
+            method != "ppo" or acfg.reward.rule or acfg.reward.http_url) else None
+        if method == "grpo":
+            policy, history, metrics = train_grpo(model, tokenizer, prompts, reward, acfg, hardware, out_dir,
+                                                  metrics_sink=inputs.metrics)
+        elif method == "raft":
+            from peft import get_peft_model
+
+            from components.alignment.raft import run_raft
+            from components.alignment.sampling import stop_ids
+
+            policy = get_peft_model(model, lora_config(acfg.lora, "CAUSAL_LM"))
+            metrics, history = run_raft(policy, tokenizer, prompts, reward, acfg, cutoff_len=cfg.tokenize.cutoff_len,
+                                        eos=stop_ids(tokenizer, cfg.tokenize.template), out_dir=out_dir,
+                                        metrics_sink=inputs.metrics)
+        else:
+            policy, history, metrics = _run_ppo(model, tokenizer, prompts, reward, reward_adapter, cfg, out_dir,
+                                                inputs.metrics)
+    else:
+        raise ValueError(f"alignment.method={method!r} has no stage to run")
+
+    with atomic_dir(out_dir / "adapter") as tmp:
+        policy.save_pretrained(tmp, safe_serialization=True)
+    (out_dir / "training_curve.json").write_text(json.dumps(history, indent=1))
+    atomic_write_json(out_dir / "alignment_report.json", report)
+    metrics.update({f"data_{k}": float(v) for k, v in report.get("data", {}).items()})
+    files = [str(p.relative_to(out_dir)) for p in (out_dir / "adapter").rglob("*") if p.is_file()]
+    return StageResult(
+        files=[*files, "training_curve.json", "alignment_report.json"], metrics=metrics,
+        info={"method": method, "precision": hardware.precision, "base_source": base.source,
+              "base_revision": base.revision,
+              "adapter_stack": [*map(str, below), str((out_dir / "adapter").resolve())]},
+    )
+
+
+def _run_ppo(model, tokenizer, prompts, reward, reward_adapter, cfg, out_dir, sink):
+    from components.training import ppo
+
+    acfg = cfg.alignment
+    settings = ppo.PPOSettings(
+        steps=acfg.max_steps, batch_size=acfg.batch_size, mini_batch_size=acfg.ppo.mini_batch_size,
+        ppo_epochs=acfg.ppo.ppo_epochs, learning_rate=acfg.learning_rate, kl_coef=acfg.ppo.kl_coef,
+        adaptive_kl=acfg.ppo.adaptive_kl, target_kl=acfg.ppo.target_kl, kl_horizon=acfg.ppo.kl_horizon,
+        gamma=acfg.ppo.gamma, lam=acfg.ppo.lam, cliprange=acfg.ppo.cliprange,
+        cliprange_value=acfg.ppo.cliprange_value, vf_coef=acfg.ppo.vf_coef,
+        whiten_advantages=acfg.ppo.whiten_advantages, temperature=acfg.temperature, top_p=acfg.top_p,
+        max_new_tokens=acfg.max_new_tokens, max_kl=acfg.max_kl, save_steps=acfg.save_steps, seed=acfg.seed,
+        lora_r=acfg.lora.r, lora_alpha=acfg.lora.alpha, lora_dropout=acfg.lora.dropout,
+        lora_target_modules=acfg.lora.target_modules,
+    )
+    use_model = acfg.reward.model_weight > 0
+    if use_model and reward_adapter is None:
+        raise StageInputError("alignment.reward.model_weight > 0 needs the reward stage (reward.enabled)")
+    metrics = ppo.run_ppo(model, tokenizer, prompts, settings, Path(out_dir), reward_fn=reward,
+                          reward_adapter=reward_adapter if use_model else None,
+                          reward_weights=(acfg.reward.model_weight, 1.0), metrics_sink=sink)
+    from peft import PeftModel
+
+    policy = PeftModel.from_pretrained(model, str(Path(out_dir) / "adapter"))
+    history = json.loads((Path(out_dir) / "ppo_curve.json").read_text())
+    return policy, history, metrics

@@ -1,0 +1,86 @@
+"""The alignment methods TRL provides, behind one call each: DPO, KTO, ORPO and SimPO on preference
+pairs, and GRPO on prompts scored by the pipeline's reward.
+
+Each trains a fresh LoRA adapter on the SFT model (base + cpt/sft adapters merged); where the method
+has a reference policy (DPO, KTO, GRPO with beta > 0) it is that same model with the adapter
+disabled, so no second copy is loaded. ORPO and SimPO need no reference.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from components.alignment.trl_support import common_args, curve_metrics, lora_config, stage_callback, train_resuming
+
+PREFERENCE_METHODS = ("dpo", "kto", "orpo", "simpo")
+
+
+def _trainer_for(method: str, cfg, args: dict):
+    """(Trainer class, its config) for a preference method."""
+    if method == "dpo":
+        from trl import DPOConfig, DPOTrainer
+
+        return DPOTrainer, DPOConfig(**args, beta=cfg.beta, max_length=cfg.max_length, loss_type=["sigmoid"])
+    if method == "kto":
+        from trl import KTOConfig, KTOTrainer
+
+        return KTOTrainer, KTOConfig(**args, beta=cfg.beta, max_length=cfg.max_length)
+    if method == "orpo":
+        from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+        return ORPOTrainer, ORPOConfig(**args, beta=cfg.beta, max_length=cfg.max_length)
+    if method == "simpo":  # SimPO is CPO's loss "simpo" with the behaviour-cloning term off (Meng et al. 2024)
+        from trl.experimental.cpo import CPOConfig, CPOTrainer
+
+        return CPOTrainer, CPOConfig(**args, beta=cfg.beta, max_length=cfg.max_length, loss_type="simpo",
+                                     cpo_alpha=0.0, simpo_gamma=cfg.simpo_gamma)
+    raise ValueError(f"unknown preference method {method!r}; one of {', '.join(PREFERENCE_METHODS)}")
+
+
+def train_preference(method: str, model, tokenizer, rows: list[dict], cfg, hardware, out_dir: Path, *,
+                     metrics_sink=None):
+    """Train `method` on rendered rows (prompt/chosen/rejected strings; prompt/completion/label for kto).
+    Returns (trained PEFT model, log history, metrics)."""
+    import warnings
+
+    from datasets import Dataset
+
+    trainer_cls, args = _trainer_for(method, cfg, common_args(cfg, hardware, out_dir))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*experimental.*")  # ORPO/CPO live in trl.experimental
+        trainer = trainer_cls(model=model, args=args, train_dataset=Dataset.from_list(rows),
+                              processing_class=tokenizer, peft_config=lora_config(cfg.lora, "CAUSAL_LM"),
+                              callbacks=[stage_callback(metrics_sink, max_kl=cfg.max_kl)])
+    return _train(trainer, out_dir)
+
+
+def train_grpo(model, tokenizer, prompts: list[dict], reward, cfg, hardware, out_dir: Path, *, metrics_sink=None):
+    """GRPO (Shao et al. 2024) with TRL: `cfg.batch_size` prompts per step, `cfg.num_generations` each,
+    advantages relative to each prompt's group; `cfg.beta` > 0 keeps a KL anchor to the SFT model."""
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    args = common_args(cfg, hardware, out_dir)
+    args["per_device_train_batch_size"] = cfg.batch_size * cfg.num_generations
+    grpo_args = GRPOConfig(**args, num_generations=cfg.num_generations, max_completion_length=cfg.max_new_tokens,
+                           temperature=cfg.temperature, top_p=cfg.top_p, beta=cfg.beta)
+    rows = [{"prompt": p["prompt"], "reference": p["reference"], "task": p["task"]} for p in prompts]
+    trainer = GRPOTrainer(model=model, reward_funcs=[reward], args=grpo_args, train_dataset=Dataset.from_list(rows),
+                          processing_class=tokenizer, peft_config=lora_config(cfg.lora, "CAUSAL_LM"),
+                          callbacks=[stage_callback(metrics_sink, max_kl=cfg.max_kl)])
+    return _train(trainer, out_dir)
+
+
+def _train(trainer, out_dir: Path):
+    t0 = time.perf_counter()
+    output, resumed = train_resuming(trainer, out_dir)
+    history = trainer.state.log_history
+    metrics = {**curve_metrics(history), "train_loss_mean": float(output.training_loss),
+               "train_seconds": time.perf_counter() - t0, "resumed_from_step": float(resumed)}
+    for key in ("rewards/margins", "reward", "kl", "rewards/chosen", "rewards/rejected"):
+        points = [h[key] for h in history if key in h]
+        if points:
+            name = key.replace("/", "_")
+            metrics[f"{name}_first"], metrics[f"{name}_last"] = float(points[0]), float(points[-1])
+    return trainer.model, history, metrics

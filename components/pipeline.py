@@ -129,6 +129,13 @@ def _model(cfg: PipelineConfig) -> dict:
     return cfg.model.model_dump(mode="json", exclude={"base", "revision"})
 
 
+def _base_adaptation(cfg: PipelineConfig) -> dict:
+    """What prepare changes in the base (added tokens, RoPE scaling): not in the base's own digest."""
+    from components.models.prepare import base_adaptation
+
+    return base_adaptation(cfg.model)
+
+
 def _template(cfg: PipelineConfig) -> dict:
     return {"template": cfg.tokenize.template, "system_prompt": cfg.tokenize.system_prompt}
 
@@ -140,11 +147,42 @@ def _train(kind: str) -> Slice:
 
 def _evaluate(cfg: PipelineConfig, facts: KeyFacts) -> dict:
     return {"evaluate": cfg.evaluate.model_dump(mode="json"), "model": _model(cfg), **_template(cfg),
-            "precision": facts.precision}
+            "reward_rule": cfg.alignment.reward.rule, "precision": facts.precision}
+
+
+def _promotion(cfg: PipelineConfig, facts: KeyFacts) -> dict:
+    # The registered version reaches the key through register's digest; the tracking server decides
+    # which registry holds the champion.
+    return {"promotion": cfg.promotion.model_dump(mode="json"), "tracking": cfg.tracking.model_dump(mode="json")}
 
 
 def _both_adapters(cfg: PipelineConfig) -> bool:
     return cfg.cpt.enabled and cfg.sft.enabled
+
+
+SAMPLING_METHODS = ("raft", "ppo", "grpo")  # alignment methods that score their own samples with a reward
+
+
+def needs_reward_model(cfg: PipelineConfig) -> bool:
+    """Whether the reward stage runs: asked for, or the sampling method's reward uses the model."""
+    if cfg.reward.enabled is not None:
+        return cfg.reward.enabled
+    return cfg.alignment.method in SAMPLING_METHODS and cfg.alignment.reward.model_weight > 0
+
+
+def _aligned(cfg: PipelineConfig) -> bool:
+    return cfg.alignment.method != "none"
+
+
+def _reward(cfg: PipelineConfig, facts: KeyFacts) -> dict:
+    return {"reward": cfg.reward.model_dump(mode="json"), "model": _model(cfg), **_template(cfg),
+            "precision": facts.precision}
+
+
+def _alignment(cfg: PipelineConfig, facts: KeyFacts) -> dict:
+    return {"alignment": cfg.alignment.model_dump(mode="json"), "model": _model(cfg), **_template(cfg),
+            "cutoff_len": cfg.tokenize.cutoff_len, "reward_max_length": cfg.reward.max_length,
+            "precision": facts.precision}
 
 
 _MODEL_INPUTS = ("prepare", "tokenize", "align")
@@ -153,8 +191,10 @@ STAGE_TABLE: tuple[StageSpec, ...] = (
     StageSpec(
         "prepare", "prepare", "components.models.prepare:prepare_stage",
         keyed_on=lambda cfg, facts: {"base": cfg.model.base, "revision": cfg.model.revision,
-                                     "trust_remote_code": cfg.model.trust_remote_code, "content": facts.model_digest},
-        retries=2, summary="make the base model loadable: convert the embedded GGUF, pin a hub commit",
+                                     "trust_remote_code": cfg.model.trust_remote_code, "content": facts.model_digest,
+                                     **_base_adaptation(cfg)},
+        retries=2, summary="make the base model loadable: convert the embedded GGUF, pin a hub commit, add "
+        "domain tokens, scale RoPE",
     ),
     StageSpec(
         "fetch", "fetch", "components.data.fetch:fetch_stage",
@@ -172,7 +212,8 @@ STAGE_TABLE: tuple[StageSpec, ...] = (
         keyed_upstream=("align",),
         # num_proc changes how fast, not what: left out so it does not invalidate the data and training.
         keyed_on=lambda cfg, facts: {"tokenize": cfg.tokenize.model_dump(mode="json", exclude={"num_proc"}),
-                                     "tokenizer": facts.tokenizer_digest},
+                                     "tokenizer": facts.tokenizer_digest,
+                                     "extra_tokens": _base_adaptation(cfg)["extra_tokens"]},
         summary="chat template, loss masks, packed corpus blocks",
     ),
     StageSpec(
@@ -186,21 +227,38 @@ STAGE_TABLE: tuple[StageSpec, ...] = (
         summary="supervised fine-tuning (LoRA) on conversations, loss on answers",
     ),
     StageSpec(
-        "evaluate-base", "evaluate", "components.evaluation.evaluate:evaluate_stage", upstream=_MODEL_INPUTS,
-        keyed_on=_evaluate, summary="held-out evaluation of the base model",
+        "reward", "reward", "components.alignment.reward_model:reward_stage", upstream=("prepare", "align", "cpt", "sft"),
+        keyed_on=_reward, enabled=needs_reward_model, resumable=True,
+        summary="reward model (LoRA + score head on the SFT model) on preference pairs; held-out pair accuracy",
     ),
     StageSpec(
-        "evaluate-cpt", "evaluate", "components.evaluation.evaluate:evaluate_stage", upstream=(*_MODEL_INPUTS, "cpt"),
-        keyed_on=_evaluate, enabled=_both_adapters, summary="held-out evaluation after cpt alone",
+        "alignment", "alignment", "components.alignment.stage:alignment_stage",
+        upstream=("prepare", "align", "cpt", "sft", "reward"), keyed_on=_alignment, enabled=_aligned, resumable=True,
+        summary="alignment.method after SFT: raft, ppo, grpo (reward) or dpo, kto, orpo, simpo (pairs)",
+    ),
+    # Evaluations read the reward stage, when it runs, to score answers with the reward model too.
+    StageSpec(
+        "evaluate-base", "evaluate", "components.evaluation.evaluate:evaluate_stage",
+        upstream=(*_MODEL_INPUTS, "reward"), keyed_on=_evaluate, summary="held-out evaluation of the base model",
+    ),
+    StageSpec(
+        "evaluate-cpt", "evaluate", "components.evaluation.evaluate:evaluate_stage",
+        upstream=(*_MODEL_INPUTS, "cpt", "reward"), keyed_on=_evaluate, enabled=_both_adapters,
+        summary="held-out evaluation after cpt alone",
     ),
     StageSpec(
         "evaluate-adapted", "evaluate", "components.evaluation.evaluate:evaluate_stage",
-        upstream=(*_MODEL_INPUTS, "cpt", "sft"), keyed_on=_evaluate,
-        summary="held-out evaluation of the adapted model",
+        upstream=(*_MODEL_INPUTS, "cpt", "sft", "reward"), keyed_on=_evaluate,
+        summary="held-out evaluation of the adapted model (cpt + sft)",
+    ),
+    StageSpec(
+        "evaluate-aligned", "evaluate", "components.evaluation.evaluate:evaluate_stage",
+        upstream=(*_MODEL_INPUTS, "cpt", "sft", "reward", "alignment"), keyed_on=_evaluate, enabled=_aligned,
+        summary="held-out evaluation of the aligned model",
     ),
     StageSpec(
         "quantize", "quantize", "components.quantization.quantize:quantize_stage",
-        upstream=(*_MODEL_INPUTS, "cpt", "sft"), enabled=lambda cfg: cfg.quantize.enabled,
+        upstream=(*_MODEL_INPUTS, "cpt", "sft", "alignment"), enabled=lambda cfg: cfg.quantize.enabled,
         keyed_on=lambda cfg, facts: {"quantize": cfg.quantize.model_dump(mode="json"),
                                      "evaluate": cfg.evaluate.model_dump(mode="json"), "model": _model(cfg),
                                      **_template(cfg)},
@@ -209,12 +267,18 @@ STAGE_TABLE: tuple[StageSpec, ...] = (
     StageSpec(
         "register", "register", "components.registry:register_stage",
         # Reads every node for the lineage tags; keyed on what decides the registered version.
-        upstream=("prepare", "fetch", "align", "tokenize", "cpt", "sft", "evaluate-base", "evaluate-cpt",
-                  "evaluate-adapted", "quantize"),
-        keyed_upstream=("quantize", "evaluate-adapted", "evaluate-base"), enabled=lambda cfg: cfg.quantize.enabled,
+        upstream=("prepare", "fetch", "align", "tokenize", "cpt", "sft", "reward", "alignment", "evaluate-base",
+                  "evaluate-cpt", "evaluate-adapted", "evaluate-aligned", "quantize"),
+        keyed_upstream=("quantize", "evaluate-adapted", "evaluate-aligned", "evaluate-base"), enabled=lambda cfg: cfg.quantize.enabled,
         keyed_on=lambda cfg, facts: {"registry": cfg.registry.model_dump(mode="json"),
                                      "tracking": cfg.tracking.model_dump(mode="json")},
         retries=2, summary="register the merged model in MLflow with lineage tags and an alias",
+    ),
+    StageSpec(
+        "promote", "promote", "components.promotion:promote_stage",
+        upstream=("register", "evaluate-base", "evaluate-adapted", "evaluate-aligned"),
+        enabled=lambda cfg: cfg.quantize.enabled and cfg.promotion.enabled, keyed_on=_promotion, retries=2,
+        summary="move @champion to the new version only if it beats the base and the current champion",
     ),
 )
 

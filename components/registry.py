@@ -6,6 +6,8 @@ Stages are deprecated in MLflow; aliases (`challenger`, `champion`) are the prom
 from __future__ import annotations
 
 import logging
+import shutil
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -64,9 +66,13 @@ def resolve_registry_uri(client: MlflowClient, uri: str, dest: Path) -> Path:
         mv = client.get_model_version(name, version)
     target = Path(dest) / f"{name}-v{mv.version}"
     if not (target / "config.json").is_file():
-        mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=str(target.parent / f".{target.name}"), tracking_uri=client._tracking_client.tracking_uri)
-        downloaded = target.parent / f".{target.name}" / "model"
-        downloaded.rename(target)
+        # Into a fresh temp dir beside the target, renamed when whole: a crashed download is never used.
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}.") as tmp:
+            downloaded = mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=tmp,
+                                                             tracking_uri=client.tracking_uri)
+            shutil.rmtree(target, ignore_errors=True)
+            Path(downloaded).rename(target)
     return target
 
 
@@ -86,6 +92,15 @@ def lineage_tags(inputs: StageInputs, base_name: str) -> dict[str, str]:
     }
 
 
+def registered_evaluation(inputs: StageInputs) -> dict:
+    """The manifest of the evaluation of the model that is registered: the aligned one when an alignment
+    stage ran (it is what quantize merged), else the adapted one."""
+    for node in ("evaluate-aligned", "evaluate-adapted"):
+        if inputs.has(node):
+            return inputs.upstream[node]
+    raise KeyError(f"stage {inputs.node} has no evaluation of the registered model among its inputs")
+
+
 def register_stage(cfg: PipelineConfig, inputs: StageInputs, out_dir: Path) -> StageResult:
     """Stage entry point (see components.pipeline): a model run under the flow's parent run holding the
     merged checkpoint and both evaluations, a registered version with lineage tags, the alias moved."""
@@ -96,7 +111,7 @@ def register_stage(cfg: PipelineConfig, inputs: StageInputs, out_dir: Path) -> S
     files = sorted(str(p.relative_to(merged)) for p in merged.rglob("*") if p.is_file())
     run_id = tracking.start_run(client, inputs.run.experiment_id, "model", parent=inputs.run.parent_run_id,
                                 tags={"lmforge.stage": "register"})
-    metrics = {f"eval_{k}": v for k, v in inputs.upstream["evaluate-adapted"]["metrics"].items()}
+    metrics = {f"eval_{k}": v for k, v in registered_evaluation(inputs)["metrics"].items()}
     metrics.update({f"base_{k}": v for k, v in inputs.upstream["evaluate-base"]["metrics"].items()})
     tracking.log_metrics(client, run_id, metrics)
     tags = {**lineage_tags(inputs, cfg.model.base), **{k: f"{v:.6g}" for k, v in metrics.items()}}

@@ -7,11 +7,15 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import time
 from pathlib import Path
 from typing import Any
 
+import psutil
+from filelock import FileLock
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from components.redact import mask_secrets
@@ -22,9 +26,17 @@ _MAX_PARAM = 6000
 
 
 def client_for(uri: str) -> MlflowClient:
-    if uri.startswith("sqlite:///"):
-        Path(uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    """A client for tracking and registry at `uri`. A SQLite database is created (or migrated) under a
+    file lock: two processes creating one database at once otherwise race in MLflow's schema migration
+    (`table _alembic_tmp_experiments already exists`)."""
+    if not uri.startswith("sqlite:///"):
+        return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    db = Path(uri[len("sqlite:///") :])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(db) + ".lock"):
+        client = MlflowClient(tracking_uri=uri, registry_uri=uri)  # opens the tracking store (migrates)
+        client.search_registered_models(max_results=1)  # opens the registry store (its own schema check)
+    return client
 
 
 def experiment_id(client: MlflowClient, name: str, artifact_root: Path | None = None) -> str:
@@ -32,7 +44,12 @@ def experiment_id(client: MlflowClient, name: str, artifact_root: Path | None = 
     if exp is not None:
         return exp.experiment_id
     location = artifact_root.resolve().as_uri() if artifact_root else None
-    return client.create_experiment(name, artifact_location=location)
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except MlflowException as exc:  # another process created it since the lookup
+        if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code):
+            raise
+        return client.get_experiment_by_name(name).experiment_id
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -54,8 +71,20 @@ def safe_params(config: dict) -> list[Param]:
     return params
 
 
+# Run tags naming the process that owns a run, so a later sweep can tell a live run from one whose
+# process died (SIGKILL, power loss) and left it RUNNING forever.
+PID_TAG, PID_STARTED_TAG, HOST_TAG = "lmforge.pid", "lmforge.pid_started", "lmforge.host"
+
+
+def _owner_tags() -> dict[str, str]:
+    me = psutil.Process()
+    return {PID_TAG: str(me.pid), PID_STARTED_TAG: f"{me.create_time():.2f}", HOST_TAG: socket.gethostname()}
+
+
 def start_run(client: MlflowClient, exp_id: str, name: str, *, parent: str | None = None, tags: dict | None = None) -> str:
-    all_tags = {"mlflow.runName": name, **({"mlflow.parentRunId": parent} if parent else {}), **(tags or {})}
+    """Create a run (nested under `parent` if given), tagged with the process that owns it."""
+    all_tags = {"mlflow.runName": name, **({"mlflow.parentRunId": parent} if parent else {}), **_owner_tags(),
+                **(tags or {})}
     run = client.create_run(exp_id, run_name=name, tags={k: str(v) for k, v in all_tags.items()})
     return run.info.run_id
 
@@ -114,3 +143,38 @@ def log_artifact_files(client: MlflowClient, run_id: str, root: Path, files: lis
 
 def end_run(client: MlflowClient, run_id: str, status: str = "FINISHED") -> None:
     client.set_terminated(run_id, status=status)
+
+
+def end_status(exc: BaseException) -> str:
+    """The MLflow status for a run that `exc` ended: KILLED when the process was interrupted (Ctrl-C,
+    SIGTERM, which Prefect raises as a BaseException, sys.exit), FAILED for an error."""
+    return "FAILED" if isinstance(exc, Exception) else "KILLED"
+
+
+def _owner_alive(tags: dict[str, str]) -> bool:
+    """Whether the process named in a run's owner tags still runs (the same process: a recycled pid
+    has another start time)."""
+    try:
+        proc = psutil.Process(int(tags[PID_TAG]))
+        return abs(proc.create_time() - float(tags[PID_STARTED_TAG])) < 1.0
+    except psutil.AccessDenied:  # it exists and belongs to someone else: not ours to call dead
+        return True
+    except (psutil.NoSuchProcess, KeyError, ValueError):
+        return False
+
+
+def mark_dead_runs_killed(client: MlflowClient, exp_id: str) -> list[str]:
+    """Mark KILLED the runs of `exp_id` left RUNNING by processes of this host that no longer exist
+    (a SIGKILL or a power cut leaves no chance to end them). Runs owned by other hosts, or without
+    owner tags, are left alone: their owner cannot be checked from here. Returns the run ids marked."""
+    host, killed = socket.gethostname(), []
+    for run in client.search_runs([exp_id], "attributes.status = 'RUNNING'", max_results=1000):
+        tags = run.data.tags
+        if tags.get(HOST_TAG) != host or PID_TAG not in tags or _owner_alive(tags):
+            continue
+        client.set_tag(run.info.run_id, "lmforge.killed_reason", f"process {tags[PID_TAG]} on {host} died")
+        client.set_terminated(run.info.run_id, status="KILLED")
+        killed.append(run.info.run_id)
+    if killed:
+        log.warning("marked %d run(s) KILLED whose process had died: %s", len(killed), ", ".join(killed))
+    return killed

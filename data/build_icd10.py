@@ -12,9 +12,10 @@ files, and train rows never mention a held-out code (checked before writing).
 
 Files written (see data/icd10/SOURCE.md):
   cpt_*.jsonl      {"text"}: one document per category, for continued pretraining
-  sft_*.jsonl      {"instruction", "input", "output"}: four question types
-  pref_*.jsonl     {"instruction", "input", "chosen", "rejected"}
-  dataset_info.json  LLaMA-Factory dataset registry for the six files (+ data/identity.json)
+  sft_*.jsonl      {"instruction", "input", "output", "task"}: five question types (TASKS), equally many each
+  pref_*.jsonl     {"instruction", "input", "chosen", "rejected", "task"}
+  dataset_info.json  LLaMA-Factory dataset registry for the six files (+ data/identity.json); the `task`
+                   column is mapped, so aligned records carry it and evaluation reports per task
 """
 
 from __future__ import annotations
@@ -38,10 +39,10 @@ N_TRAIN_CATEGORIES = 600
 N_HELDOUT_CATEGORIES = 70
 MAX_CODES_PER_DOC = 40
 
-SFT_TRAIN_PER_TASK = 1000
+SFT_TRAIN_PER_TASK = 800
 SFT_HELDOUT_PER_TASK = 60
-PREF_TRAIN_PER_TASK = 200
-PREF_HELDOUT_PER_TASK = 20
+PREF_TRAIN_PER_TASK = 160
+PREF_HELDOUT_PER_TASK = 16
 
 # The 22 ICD-10-CM chapters: (number, first category, last category, title).
 # Public facts of the classification (CDC/NCHS tabular list). Bounds are
@@ -77,7 +78,9 @@ CHAPTER_TITLES = [title for _, _, _, title in CHAPTERS]
 # A code-shaped token: category plus an optional dotted tail (A00, A00.1, S72.001A).
 CODE_TOKEN = re.compile(r"\b[A-Z][0-9][0-9A-Z](?:\.[0-9A-Z]{1,4})?\b")
 
-TASKS = ("chapter", "billable", "describe", "code")
+# Question types; each row carries its name in a `task` column. The chapter tasks and billable have a fixed
+# answer set (22 titles, Yes/No), the other two are open answers.
+TASKS = ("code_to_chapter", "description_to_chapter", "billable", "code_to_description", "description_to_code")
 
 
 def chapter_of(category: str) -> tuple[int, str, str, str]:
@@ -218,26 +221,29 @@ def pick_task_codes(
     """Codes to ask about, per task type."""
     half = n // 2
     return {
-        "chapter": spread_pick(rng, pools, n, lambda c: True),
+        "code_to_chapter": spread_pick(rng, pools, n, lambda c: True),
+        # A description shared by several codes has no single right answer (code, or chapter).
+        "description_to_chapter": spread_pick(rng, pools, n, lambda c: codes[c][1] in unique_desc),
         # Balanced Yes/No so that always answering one way scores 50%.
         "billable": spread_pick(rng, pools, half, lambda c: codes[c][0])
         + spread_pick(rng, pools, n - half, lambda c: not codes[c][0]),
-        "describe": spread_pick(rng, pools, n, lambda c: True),
-        # A description shared by several codes has no single right answer.
-        "code": spread_pick(rng, pools, n, lambda c: codes[c][1] in unique_desc),
+        "code_to_description": spread_pick(rng, pools, n, lambda c: True),
+        "description_to_code": spread_pick(rng, pools, n, lambda c: codes[c][1] in unique_desc),
     }
 
 
 def question(task: str, code: str, codes: dict[str, tuple[bool, str]]) -> tuple[str, str]:
     """(instruction, correct answer) for one task type and code."""
     billable, desc = codes[code]
-    if task == "chapter":
+    if task == "code_to_chapter":
         return f"Which ICD-10-CM chapter contains code {dotted(code)}?", chapter_of(code[:3])[3]
+    if task == "description_to_chapter":
+        return f"Which ICD-10-CM chapter does {desc} belong to?", chapter_of(code[:3])[3]
     if task == "billable":
         return f"Is ICD-10-CM code {dotted(code)} billable?", "Yes" if billable else "No"
-    if task == "describe":
+    if task == "code_to_description":
         return f"What does ICD-10-CM code {dotted(code)} describe?", desc
-    if task == "code":
+    if task == "description_to_code":
         return f"What is the ICD-10-CM code for: {desc}?", dotted(code)
     raise ValueError(f"unknown task {task!r}")
 
@@ -264,7 +270,7 @@ def wrong_answer(
 ) -> str:
     """A plausible but wrong answer, drawn only from the same split's categories."""
     _, correct = question(task, code, codes)
-    if task == "chapter":
+    if task in ("code_to_chapter", "description_to_chapter"):
         return rng.choice([t for t in CHAPTER_TITLES if t != correct])
     if task == "billable":
         return "No" if correct == "Yes" else "Yes"
@@ -275,16 +281,16 @@ def wrong_answer(
         chapter = chapter_of(code[:3])[0]
         same_chapter = [cat for cat in split_cats if cat != code[:3] and chapter_of(cat)[0] == chapter]
         sibling = rng.choice(groups[rng.choice(same_chapter or [c for c in split_cats if c != code[:3]])])
-    return codes[sibling][1] if task == "describe" else dotted(sibling)
+    return codes[sibling][1] if task == "code_to_description" else dotted(sibling)
 
 
 def sft_rows(rng: random.Random, task_codes: dict[str, list[str]], codes) -> list[dict]:
-    """Alpaca rows for every (task, code), shuffled together."""
+    """Alpaca rows for every (task, code), labeled with their task, shuffled together."""
     rows = []
     for task in TASKS:
         for code in task_codes[task]:
             instruction, answer = question(task, code, codes)
-            rows.append({"instruction": instruction, "input": "", "output": answer})
+            rows.append({"instruction": instruction, "input": "", "output": answer, "task": task})
     rng.shuffle(rows)
     return rows
 
@@ -297,7 +303,8 @@ def pref_rows(rng: random.Random, task_codes: dict[str, list[str]], split_cats, 
             instruction, answer = question(task, code, codes)
             rejected = wrong_answer(rng, task, code, split_cats, groups, codes)
             assert rejected != answer, (task, code)
-            rows.append({"instruction": instruction, "input": "", "chosen": answer, "rejected": rejected})
+            rows.append({"instruction": instruction, "input": "", "chosen": answer, "rejected": rejected,
+                         "task": task})
     rng.shuffle(rows)
     return rows
 
@@ -305,11 +312,14 @@ def pref_rows(rng: random.Random, task_codes: dict[str, list[str]], split_cats, 
 def dataset_info() -> dict:
     """LLaMA-Factory dataset_info.json entries for the six files and the identity data."""
     corpus = {"formatting": "alpaca", "columns": {"prompt": "text"}}
-    sft = {"formatting": "alpaca", "columns": {"prompt": "instruction", "query": "input", "response": "output"}}
+    # `task` travels into the aligned records, so evaluation reports every metric per task.
+    sft = {"formatting": "alpaca",
+           "columns": {"prompt": "instruction", "query": "input", "response": "output", "task": "task"}}
     pref = {
         "formatting": "alpaca",
         "ranking": True,
-        "columns": {"prompt": "instruction", "query": "input", "chosen": "chosen", "rejected": "rejected"},
+        "columns": {"prompt": "instruction", "query": "input", "chosen": "chosen", "rejected": "rejected",
+                    "task": "task"},
     }
     return {
         "icd10_corpus": {"file_name": "cpt_train.jsonl", **corpus},

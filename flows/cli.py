@@ -130,6 +130,17 @@ def _print_summary(summary: dict) -> None:
         for k, row in summary["comparison"].items():
             comp.add_row(k, *(_fmt(row[c]) for c in columns))
         console.print(comp)
+    if summary.get("per_task_table"):
+        from rich.markdown import Markdown
+
+        console.print("[bold]per task[/bold] (95% intervals; chance = always the most common answer)")
+        console.print(Markdown(summary["per_task_table"]))
+    alignment = summary.get("alignment") or {}
+    rm = alignment.get("reward_model")
+    if rm:
+        console.print(f"reward model: held-out pair accuracy {_fmt(rm['accuracy'])}, margin {_fmt(rm['margin'])}")
+    for line in [*(rm or {}).get("warnings", []), *alignment.get("flags", [])]:
+        console.print(f"[yellow]warning:[/yellow] {line}")
     reg = summary.get("registered") or {}
     if reg:
         console.print(f"registered [bold]{reg['name']}[/bold] version {reg['version']} as @{reg['alias']}")
@@ -204,6 +215,71 @@ def chat(
         history.append({"role": "assistant", "content": reply})
 
 
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="Pipeline YAML: tracking URI and promotion rules (default: built-in).")]
+
+
+def _registry_client(config: Path | None, overrides: list[str]):
+    from components import tracking
+
+    cfg = _load(config, overrides)
+    return cfg, tracking.client_for(cfg.tracking_uri())
+
+
+def _print_decision(decision) -> None:
+    for comparison in decision.comparisons:
+        against = comparison.against + (f" version {comparison.version}" if comparison.version else "")
+        table = Table(title=f"{decision.model_name} version {decision.version} vs {against}")
+        for col in ("metric", "better", "margin", "challenger", comparison.against, "passes"):
+            table.add_column(col)
+        for ch in comparison.checks:
+            table.add_row(ch.metric, ch.direction, f"{ch.margin:g}", _fmt(ch.challenger), _fmt(ch.reference),
+                          "yes" if ch.passed else "no")
+        console.print(table)
+    colour = "green" if decision.promoted or decision.outcome == "rolled_back" else "yellow"
+    console.print(f"[{colour}]{decision.outcome}[/{colour}]: {decision.reason}", highlight=False, soft_wrap=True)
+
+
+@app.command()
+def promote(
+    name: Annotated[str, typer.Argument(help="Registered model name (registry.model_name).")],
+    version: Annotated[str, typer.Argument(help="The version to promote.")],
+    config: ConfigOpt = None,
+    force: Annotated[bool, typer.Option("--force", help="Move @champion even if the rules say no (recorded as forced).")] = False,
+    set_: SetOpt = [],  # noqa: B006
+) -> None:
+    """Run the promotion gate for one version: @champion moves only if it beats the base and the champion."""
+    from components.promotion import PromotionError, promote_if_better
+
+    cfg, client = _registry_client(config, set_)
+    try:
+        decision = promote_if_better(client, name, version, cfg.promotion.rules, force=force)
+    except PromotionError as exc:
+        console.print(f"[red]{exc}[/red]", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    _print_decision(decision)
+    if not (decision.promoted or decision.outcome == "kept"):
+        raise typer.Exit(1)
+
+
+@app.command()
+def rollback(
+    name: Annotated[str, typer.Argument(help="Registered model name (registry.model_name).")],
+    config: ConfigOpt = None,
+    set_: SetOpt = [],  # noqa: B006
+) -> None:
+    """Move @champion back to the version the current champion replaced."""
+    from components.promotion import PromotionError
+    from components.promotion import rollback as roll_back
+
+    _, client = _registry_client(config, set_)
+    try:
+        decision = roll_back(client, name)
+    except PromotionError as exc:
+        console.print(f"[red]{exc}[/red]", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    _print_decision(decision)
+
+
 @data_app.command("check")
 def data_check(config: ConfigArg = None, set_: SetOpt = []) -> None:  # noqa: B006
     """Fetch, align and tokenize; print the alignment report and decoded samples (trained tokens marked)."""
@@ -219,6 +295,68 @@ def data_check(config: ConfigArg = None, set_: SetOpt = []) -> None:  # noqa: B0
     # sees), no markup, highlighting or :emoji: codes taken from the data.
     for text in (report, samples):
         console.print(text, markup=False, highlight=False, emoji=False, soft_wrap=True)
+
+
+@app.command()
+def plan(
+    model: Annotated[Optional[str], typer.Argument(help="Base model: hub id (Qwen/Qwen2.5-7B-Instruct), local "
+                                                         "directory, or embedded:smollm2-135m-instruct.")] = None,
+    context_length: Annotated[int, typer.Option(help="Tokens per training sequence.")] = 2048,
+    tokens_per_step: Annotated[int, typer.Option(help="Target tokens per optimizer step (global batch).")] = 65536,
+    method: Annotated[str, typer.Option(help="auto, full, lora or qlora.")] = "auto",
+    max_steps: Annotated[int, typer.Option(help="Optimizer steps of SFT (CPT gets a third).")] = 1000,
+    gpus: Annotated[Optional[str], typer.Option(help="Plan for another server: 8x80 (8 GPUs of 80 GiB), 2x8x80 "
+                                                     "(2 nodes), cpu. Default: this machine (NVML).")] = None,
+    host_ram_gib: Annotated[Optional[float], typer.Option(help="Host RAM of the planned server (with --gpus).")] = None,
+    out: Annotated[Path, typer.Option(help="Directory for plan.yaml and RUN.md.")] = Path("plan"),
+    ask: Annotated[Optional[str], typer.Option(help="Describe the run in a sentence; an OpenAI-compatible endpoint "
+                                                    "fills the settings (without one: questions).")] = None,
+    llm_base_url: Annotated[Optional[str], typer.Option(envvar="LMFORGE_LLM_BASE_URL",
+                                                        help="OpenAI-compatible base URL (…/v1) for --ask; the key "
+                                                             "is read from LMFORGE_LLM_API_KEY.")] = None,
+    llm_model: Annotated[str, typer.Option(envvar="LMFORGE_LLM_MODEL", help="Model name at that endpoint.")] = "gpt-4o-mini",
+    interactive: Annotated[bool, typer.Option("--interactive", "-i", help="Answer the settings as questions.")] = False,
+) -> None:
+    """Recommend method, batch shape and ZeRO stage for a model on this (or another) machine; write the config."""
+    from components.planner import PlanRequest, ask_llm, detect_inventory, make_plan, parse_gpus, plan_rows, write_plan
+    from rich.markup import escape
+
+    try:
+        request = PlanRequest(model=model or PlanRequest().model, context_length=context_length,
+                              tokens_per_step=tokens_per_step, method=method, max_steps=max_steps)
+        if ask and llm_base_url:
+            request = ask_llm(ask, llm_base_url, llm_model)
+        elif ask or interactive:
+            if ask:
+                console.print(f"no --llm-base-url: answer a few questions for {escape(ask)!r}", highlight=False)
+            request = _plan_questions(request)
+        if gpus:
+            inventory = parse_gpus(gpus, **({"host_memory_gib": host_ram_gib} if host_ram_gib else {}))
+        else:
+            inventory = detect_inventory()
+        result = make_plan(request, inventory)
+    except ValueError as exc:
+        console.print(f"[red]{escape(str(exc))}[/red]", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    table = Table(title=f"plan: {result.shape.name}")
+    table.add_column("setting")
+    table.add_column("value")
+    for name, value in plan_rows(result):
+        table.add_row(name, value)
+    console.print(table)
+    for note in result.notes:
+        console.print(f"note: {note}", highlight=False, soft_wrap=True)
+    config_path, readme = write_plan(result, out)
+    console.print(f"wrote {config_path} and {readme}; run it with: lmforge run {config_path}", highlight=False, soft_wrap=True)
+
+
+def _plan_questions(request):
+    """Ask for each PlanRequest field (defaults from the options); the answers validate like the endpoint's."""
+    from components.planner import PlanRequest
+
+    answers = {name: typer.prompt(info.description or name, default=str(getattr(request, name)))
+               for name, info in PlanRequest.model_fields.items()}
+    return PlanRequest(**answers)
 
 
 def main() -> None:  # pragma: no cover

@@ -8,6 +8,7 @@ where the artifacts on disk are missing or changed (or the user forced it), and 
 
 from __future__ import annotations
 
+import json
 import logging
 import subprocess
 import time
@@ -22,8 +23,10 @@ from components import tracking
 from components.artifacts import read_manifest, reset_dir, stage_dir, verify_manifest
 from components.config import PipelineConfig, save_config
 from components.errors import StageInputError
+from components.evaluation.per_task import per_task_table
 from components.models.loading import select_hardware
 from components.pipeline import STAGE_KINDS, RunInfo, kind_index, planned_nodes
+from flows.deployment_config import config_for_run
 from flows.plan import key_facts, node_key
 from tasks import stages as t
 
@@ -64,7 +67,7 @@ def domain_adaptation(
             kind_index(name)
     t_flow = time.perf_counter()
     logger = get_run_logger()
-    cfg = config
+    cfg = config_for_run(config)  # in a deployment run: the fields given, over the deployment's preset
     workspace = Path(cfg.workspace)
     workspace.mkdir(parents=True, exist_ok=True)
     flow_run_id = str(get_run_context().flow_run.id)
@@ -73,6 +76,7 @@ def domain_adaptation(
 
     client = tracking.client_for(cfg.tracking_uri())
     exp_id = tracking.experiment_id(client, cfg.tracking.experiment, workspace / "mlartifacts")
+    tracking.mark_dead_runs_killed(client, exp_id)  # runs left RUNNING by processes killed earlier (kill -9)
     commit = git_commit()
     parent = tracking.start_run(
         client, exp_id, f"domain_adaptation-{flow_run_id[:8]}",
@@ -111,10 +115,9 @@ def domain_adaptation(
             refresh = force or not verify_manifest(read_manifest(out), deep=deep)
             if refresh and not force:
                 # A stale or tampered output is never reused; a resumable stage keeps its checkpoints.
+                # (A non-resumable one is emptied by run_stage, under the stage lock.)
                 if node.spec.resumable:
                     (out / "manifest.json").unlink(missing_ok=True)
-                elif out.exists():
-                    reset_dir(out)
             upstream = {u: manifests[u] for u in node.upstream}
             started = time.perf_counter()
             state = t.stage_task(node.spec).with_options(refresh_cache=refresh)(
@@ -134,17 +137,44 @@ def domain_adaptation(
                              "peak_rss_mb": None if cached else manifest.get("peak_rss_mb")})
             logger.info("%-18s %s %s", node.name, "cached " if cached else "ran    ", key)
         status = "FINISHED"
+    except BaseException as exc:
+        status = tracking.end_status(exc)  # Ctrl-C or SIGTERM (Prefect raises it in the flow): KILLED
+        raise
     finally:
         flow_s = time.perf_counter() - t_flow
         summary = _summary(manifests, timeline, flow_s)
         tracking.log_metrics(client, parent, {k: v for k, v in summary["metrics"].items()})
+        _pictures(summary, manifests, run_dir, client, parent)
         tracking.end_run(client, parent, status)
     _publish(summary)
     return summary
 
 
 # Evaluation nodes in the order the comparison shows them: what each stage contributed.
-EVALUATIONS = {"evaluate-base": "base", "evaluate-cpt": "+cpt", "evaluate-adapted": "adapted"}
+EVALUATIONS = {"evaluate-base": "base", "evaluate-cpt": "+cpt", "evaluate-adapted": "adapted",
+               "evaluate-aligned": "aligned"}
+
+
+def _alignment_summary(manifests: dict[str, dict]) -> dict:
+    """The alignment method, how far the reward model can be trusted, and a reward-hacking flag: the
+    reward model's score rising while the verifiable reward falls, from the SFT model to the aligned one."""
+    out: dict = {}
+    if "reward" in manifests:
+        m = manifests["reward"]["metrics"]
+        out["reward_model"] = {"accuracy": m.get("reward_accuracy"), "margin": m.get("reward_margin"),
+                               "warnings": manifests["reward"]["info"].get("warnings", [])}
+    if "alignment" in manifests:
+        out["method"] = manifests["alignment"]["info"]["method"]
+        before = manifests.get("evaluate-adapted", {}).get("metrics", {})
+        after = manifests.get("evaluate-aligned", {}).get("metrics", {})
+        flags = []
+        rm = (before.get("reward_model_mean"), after.get("reward_model_mean"))
+        rule = (before.get("verifiable_reward"), after.get("verifiable_reward"))
+        if None not in rm + rule and rm[1] > rm[0] and rule[1] < rule[0]:
+            flags.append(f"possible reward hacking: the reward model's mean score rose {rm[0]:.3f} -> {rm[1]:.3f} "
+                         f"while the verifiable reward fell {rule[0]:.3f} -> {rule[1]:.3f}")
+        out["flags"] = flags
+    return out
 
 
 def _summary(manifests: dict[str, dict], timeline: list[dict], flow_s: float) -> dict:
@@ -154,15 +184,47 @@ def _summary(manifests: dict[str, dict], timeline: list[dict], flow_s: float) ->
                                  "orchestration_overhead_s": flow_s - stage_s}
     columns = [label for node, label in EVALUATIONS.items() if node in manifests]
     comparison: dict[str, dict] = {}
+    per_task: dict[str, dict] = {}
     for node, label in EVALUATIONS.items():
-        for k, v in manifests.get(node, {}).get("metrics", {}).items():
+        if node not in manifests:
+            continue
+        for k, v in manifests[node].get("metrics", {}).items():
+            if "/" in k:  # task/<name>/...: in the per-task table, not in the overall comparison
+                continue
             comparison.setdefault(k, dict.fromkeys(columns))[label] = v
             metrics[f"{label.lstrip('+')}_{k}"] = v
+        report = Path(manifests[node]["dir"]) / "per_task.json"
+        if report.is_file():
+            per_task[label] = json.loads(report.read_text())
     comparison = dict(sorted(comparison.items()))
     registered = manifests.get("register", {}).get("info", {})
     quant = manifests.get("quantize", {}).get("metrics", {})
     return {"metrics": metrics, "columns": columns, "comparison": comparison, "registered": registered,
+            "alignment": _alignment_summary(manifests), "per_task": per_task,
+            "per_task_table": per_task_table(per_task) if per_task else "",
             "quantization": quant, "timeline": timeline, "stages": {k: v["dir"] for k, v in manifests.items()}}
+
+
+def _pictures(summary: dict, manifests: dict[str, dict], run_dir: Path, client, parent: str) -> None:
+    """Training curves of every training stage and the per-task comparison, as PNGs in the run
+    directory and the run's MLflow artifacts (plots/). A picture is a convenience: never fail a run for it."""
+    try:
+        from components.evaluation.plots import plot_per_task, plot_training_curves
+
+        out = run_dir / "plots"
+        pngs = []
+        for node, manifest in manifests.items():
+            curve = Path(manifest["dir"]) / "training_curve.json"
+            history = json.loads(curve.read_text()) if curve.is_file() else None
+            if isinstance(history, list) and history:
+                pngs.append(plot_training_curves(history, out / f"{node}-training.png", title=node))
+        if summary["per_task"]:
+            pngs.append(plot_per_task(summary["per_task"], out / "per-task-exact-match.png"))
+        for png in pngs:
+            client.log_artifact(parent, str(png), "plots")
+        summary["plots"] = [str(p) for p in pngs]
+    except Exception as exc:
+        log.warning("could not draw the plots: %s", exc)
 
 
 def _publish(summary: dict) -> None:
@@ -171,6 +233,9 @@ def _publish(summary: dict) -> None:
     lines = ["| metric | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
     for k, row in summary["comparison"].items():
         lines.append(f"| {k} | " + " | ".join("" if row[c] is None else f"{row[c]:.4f}" for c in columns) + " |")
+    if summary.get("per_task_table"):
+        lines += ["", "### Per task (95% intervals; chance = always the most common answer)", "",
+                  summary["per_task_table"]]
     reg = summary.get("registered") or {}
     if reg:
         lines.append(f"\nRegistered **{reg.get('name')}** version {reg.get('version')} as @{reg.get('alias')}.")

@@ -9,11 +9,13 @@ or malformed data fails at once.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from filelock import FileLock, Timeout
 from prefect import task
 
 from components import tracking
@@ -30,6 +32,7 @@ log = logging.getLogger("lmforge.tasks")
 _REPORT_FILES = {
     "report.json", "stats.json", "samples.txt", "metrics.json", "samples.jsonl", "base_metrics.json",
     "training_curve.json", "quantization_report.json", "provenance.json", "base_model.json", "registered.json",
+    "promotion.json",
 }
 
 
@@ -47,12 +50,41 @@ def run_stage(
 
     A valid manifest already on disk is returned as is (Prefect's own record may be gone). A
     resumable stage keeps a crashed attempt's checkpoints so training resumes instead of restarting.
+    Two runs that compute the same stage at once take turns on a lock next to its directory; the
+    second adopts the first one's output instead of computing it again.
     """
     out = stage_dir(cfg.workspace, spec.name, key)
     existing = read_manifest(out)
     if verify_manifest(existing):
         log.info("%s: reusing %s", spec.name, out)
         return existing
+    with stage_lock(out, spec.name):
+        existing = read_manifest(out)
+        if verify_manifest(existing):  # another run finished it while this one waited
+            log.info("%s: adopting %s, finished by flow run %s", spec.name, out, existing.get("flow_run_id"))
+            return existing
+        return _compute(spec, key, run, cfg, stage_config, body, out, upstream)
+
+
+@contextlib.contextmanager
+def stage_lock(out: Path, stage: str) -> Iterator[None]:
+    """An exclusive lock on a stage directory (a `.<key>.lock` file beside it), held while computing and
+    publishing. The kernel releases it when its process dies, so a killed run never blocks the next."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(out.parent / f".{out.name}.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.info("%s: another run is computing %s; waiting for it", stage, out)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _compute(spec: StageSpec, key: str, run: RunInfo, cfg: PipelineConfig, stage_config: dict,
+             body: Callable[[Path, Callable], StageResult], out: Path, upstream: dict[str, str]) -> dict:
     if not spec.resumable:
         reset_dir(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -82,9 +114,9 @@ def run_stage(
         if spec.logs_datasets:
             _log_datasets(client, run, out, result)
         tracking.end_run(client, run_id)
-    except BaseException:
+    except BaseException as exc:
         sink.flush()
-        tracking.end_run(client, run_id, "FAILED")
+        tracking.end_run(client, run_id, tracking.end_status(exc))  # KILLED on Ctrl-C / SIGTERM
         raise
     return manifest
 

@@ -56,6 +56,8 @@ def tiny_pipeline_config(tiny_model_dir: Path, workspace: Path, **overrides):
         "evaluate.max_samples=8", "evaluate.max_new_tokens=4", "evaluate.batch_size=8", "evaluate.perplexity_max_samples=8",
         "quantize.eval_samples=4",
         "registry.model_name=tiny-coder",
+        # The demo's alignment chain has its own test (tests/flows/test_alignment_flow.py).
+        "reward.enabled=false", "alignment.method=none",
         *[f"{k}={v}" for k, v in overrides.items()],
     ]
     return load_config(ROOT / "configs/demo-cpu.yaml", sets)

@@ -57,23 +57,28 @@ def _checkpoints(root: Path) -> list[tuple[int, Path]]:
 def run_raft(policy, tokenizer, prompts: list[dict], reward: RewardFn, cfg, *, cutoff_len: int, eos: list[int],
              out_dir: Path,
              metrics_sink: MetricsSink | None = None) -> tuple[dict[str, float], list[dict]]:
-    """Run RAFT on `policy` (a PEFT model whose active adapter trains) over `prompts` (dicts with
+    """Run RAFT on `policy` (a model made trainable by training.methods.prepare_trainable) over `prompts` (dicts with
     "prompt", "messages", "reference", "task", from alignment.data.sampling_prompts); `cfg` is the
     components.config.AlignmentConfig. Returns (final metrics, per-iteration history)."""
-    from peft import get_peft_model_state_dict, set_peft_model_state_dict
     from safetensors.torch import load_file, save_file
 
     raft = cfg.raft
     out_dir = Path(out_dir)
     ckpt_root = out_dir / "checkpoints"
-    params = [p for p in policy.parameters() if p.requires_grad]
+    # What the method trains (LoRA weights, or whole layers): checkpointed by name, for any finetuning method.
+    trainable = {name: p for name, p in policy.named_parameters() if p.requires_grad}
+    params = list(trainable.values())
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     history: list[dict] = []
     start = 0
     done = _checkpoints(ckpt_root)
     if done:
         last, path = done[-1]
-        set_peft_model_state_dict(policy, load_file(path / "adapter.safetensors"))
+        missing = set(trainable) - set(saved := load_file(path / "trainable.safetensors"))
+        if missing:
+            raise ValueError(f"RAFT checkpoint {path} does not fit this policy (missing {sorted(missing)[:3]}...); "
+                             "delete it to start over")
+        policy.load_state_dict(saved, strict=False)
         optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
         history = json.loads((path / "history.json").read_text())
         start = last + 1
@@ -144,8 +149,7 @@ def run_raft(policy, tokenizer, prompts: list[dict], reward: RewardFn, cfg, *, c
         if metrics_sink is not None:
             metrics_sink(it, {k: float(v) for k, v in entry.items() if isinstance(v, (int, float))})
         with atomic_dir(ckpt_root / f"iteration-{it}") as tmp:
-            save_file({k: v.contiguous() for k, v in get_peft_model_state_dict(policy).items()},
-                      str(tmp / "adapter.safetensors"))
+            save_file({k: v.detach().contiguous() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             (tmp / "history.json").write_text(json.dumps(history))
             (tmp / COMPLETE).write_text(str(it))

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from components.alignment.data import preference_pairs, render_pairs
-from components.alignment.rewards import score_texts
+from components.alignment.rewards import load_classifier, score_texts
 from components.alignment.trl_support import common_args, curve_metrics, lora_config, stage_callback, train_resuming
 from components.artifacts import StageResult, atomic_dir, atomic_write_json
 from components.errors import StageInputError
@@ -30,25 +30,6 @@ log = logging.getLogger(__name__)
 
 class RewardModelUntrusted(RuntimeError):
     """The reward model ranks held-out pairs no better than the configured bar."""
-
-
-def load_classifier(base, below: list[Path], hardware, pad_token_id: int):
-    """The SFT model as a one-output sequence classifier (the score head starts random)."""
-    from peft import PeftModel
-    from transformers import AutoModelForSequenceClassification
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # "score.weight newly initialized": expected, it is what we train
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            base.source, num_labels=1, dtype=hardware.dtype, use_safetensors=True, **base.load_kwargs())
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    for adapter in below:
-        model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
-    model.config.pad_token_id = pad_token_id
-    return model.to(hardware.device)
 
 
 def pairwise_accuracy(model, tokenizer, pairs: list[dict], *, max_length: int, batch_size: int = 16) -> dict[str, float]:

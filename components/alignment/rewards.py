@@ -128,12 +128,13 @@ class CombinedReward:
         return total
 
 
-def build_reward(cfg, *, reward_model: RewardFn | None = None) -> CombinedReward:
-    """The configured reward (components.config.RewardFunctionConfig); `reward_model` when model_weight > 0."""
+def build_reward(cfg, *, reward_model: RewardFn | None = None, without_model: bool = False) -> CombinedReward:
+    """The configured reward (components.config.RewardFunctionConfig); `reward_model` when model_weight > 0.
+    `without_model`: the other parts only (PPO scores with the reward adapter on its own shared model)."""
     parts: list[tuple[str, float, RewardFn]] = []
     if cfg.rule:
         parts.append(("rule", cfg.rule_weight, load_rule(cfg.rule)))
-    if cfg.model_weight > 0:
+    if cfg.model_weight > 0 and not without_model:
         if reward_model is None:
             raise RewardError("alignment.reward.model_weight > 0 needs the reward stage's model (reward.enabled)")
         parts.append(("model", cfg.model_weight, reward_model))
@@ -160,7 +161,7 @@ class RewardModel:
 
     def __init__(self, base, below: list[Path], reward_adapter: Path, hardware, tokenizer, *, stop: str | None,
                  max_length: int = 256, batch_size: int = 8):
-        self.model = load_reward_model(base, below, reward_adapter, hardware)
+        self.model = load_reward_model(base, below, reward_adapter, hardware, tokenizer.pad_token_id)
         self.tokenizer, self.stop, self.max_length, self.batch_size = tokenizer, stop or "", max_length, batch_size
         self.device = hardware.device
 
@@ -169,18 +170,31 @@ class RewardModel:
         return score_texts(self.model, self.tokenizer, texts, max_length=self.max_length, batch_size=self.batch_size)
 
 
-def load_reward_model(base, below: list[Path], reward_adapter: Path, hardware):
-    """Base + the policy's adapter stack merged, as AutoModelForSequenceClassification with the reward
-    adapter (LoRA + score head) on top, in eval mode."""
-    from peft import PeftModel
-    from transformers import AutoModelForSequenceClassification
+def load_classifier(base, below: list[Path], hardware, pad_token_id: int | None):
+    """The policy's model (base + adapter stack merged) as a one-output sequence classifier; the score
+    head starts random. The stack's adapters are causal-LM adapters, so they are merged into the causal
+    model and its body is moved into the classifier (same modules, same names)."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    model = AutoModelForSequenceClassification.from_pretrained(
-        base.source, num_labels=1, dtype=hardware.dtype, use_safetensors=True, **base.load_kwargs())
-    for adapter in below:
-        model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
-    model = PeftModel.from_pretrained(model, str(reward_adapter)).merge_and_unload()
-    return model.to(hardware.device).eval()
+    from components.models.loading import load_with_adapters
+
+    causal = load_with_adapters(base.source, below, hardware, **base.load_kwargs())
+    config = AutoConfig.from_pretrained(base.source, num_labels=1, **base.load_kwargs())
+    config.pad_token_id = pad_token_id
+    model = AutoModelForSequenceClassification.from_config(config, dtype=hardware.dtype,
+                                                           trust_remote_code=base.trust_remote_code)
+    body = getattr(model, model.base_model_prefix)
+    body.load_state_dict(getattr(causal, causal.base_model_prefix).state_dict())
+    del causal
+    return model.to(hardware.device)
+
+
+def load_reward_model(base, below: list[Path], reward_adapter: Path, hardware, pad_token_id: int | None = None):
+    """The reward stage's model: the classifier with the reward adapter (LoRA + score head) merged, in eval mode."""
+    from peft import PeftModel
+
+    model = load_classifier(base, below, hardware, pad_token_id)
+    return PeftModel.from_pretrained(model, str(reward_adapter)).merge_and_unload().eval()
 
 
 def score_texts(model, tokenizer, texts: list[str], *, max_length: int, batch_size: int) -> list[float]:

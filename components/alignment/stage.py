@@ -19,8 +19,7 @@ from components.alignment.data import (preference_pairs, render_pairs, render_un
                                        unpaired)
 from components.alignment.rewards import RewardModel, build_reward
 from components.alignment.trl_methods import PREFERENCE_METHODS, train_grpo, train_preference
-from components.alignment.trl_support import lora_config
-from components.artifacts import StageResult, atomic_dir, atomic_write_json
+from components.artifacts import StageResult, atomic_write_json
 from components.data.jsonl import iter_records
 from components.errors import StageInputError
 from components.pipeline import SAMPLING_METHODS
@@ -81,18 +80,17 @@ def alignment_stage(cfg: PipelineConfig, inputs: StageInputs, out_dir: Path) -> 
                 raise StageInputError("alignment.reward.model_weight > 0 needs the reward stage (reward.enabled)")
             model_reward = RewardModel(base, below, reward_adapter, hardware, tokenizer, stop=stop,
                                        max_length=cfg.reward.max_length)
-        reward = build_reward(acfg.reward, reward_model=model_reward) if (
+        reward = build_reward(acfg.reward, reward_model=model_reward, without_model=method == "ppo") if (
             method != "ppo" or acfg.reward.rule or acfg.reward.http_url) else None
         if method == "grpo":
             policy, history, metrics = train_grpo(model, tokenizer, prompts, reward, acfg, hardware, out_dir,
                                                   metrics_sink=inputs.metrics)
         elif method == "raft":
-            from peft import get_peft_model
-
             from components.alignment.raft import run_raft
             from components.alignment.sampling import stop_ids
+            from components.training.methods import prepare_trainable
 
-            policy = get_peft_model(model, lora_config(acfg.lora, "CAUSAL_LM"))
+            policy = prepare_trainable(model, acfg, hardware)
             metrics, history = run_raft(policy, tokenizer, prompts, reward, acfg, cutoff_len=cfg.tokenize.cutoff_len,
                                         eos=stop_ids(tokenizer, cfg.tokenize.template), out_dir=out_dir,
                                         metrics_sink=inputs.metrics)
@@ -102,8 +100,10 @@ def alignment_stage(cfg: PipelineConfig, inputs: StageInputs, out_dir: Path) -> 
     else:
         raise ValueError(f"alignment.method={method!r} has no stage to run")
 
-    with atomic_dir(out_dir / "adapter") as tmp:
-        policy.save_pretrained(tmp, safe_serialization=True)
+    if policy is not None:
+        from components.training.methods import save_trained
+
+        save_trained(policy, out_dir / "adapter")
     (out_dir / "training_curve.json").write_text(json.dumps(history, indent=1))
     atomic_write_json(out_dir / "alignment_report.json", report)
     metrics.update({f"data_{k}": float(v) for k, v in report.get("data", {}).items()})
@@ -128,17 +128,18 @@ def _run_ppo(model, tokenizer, prompts, reward, reward_adapter, cfg, out_dir, si
         cliprange_value=acfg.ppo.cliprange_value, vf_coef=acfg.ppo.vf_coef,
         whiten_advantages=acfg.ppo.whiten_advantages, temperature=acfg.temperature, top_p=acfg.top_p,
         max_new_tokens=acfg.max_new_tokens, max_kl=acfg.max_kl, save_steps=acfg.save_steps, seed=acfg.seed,
+        max_grad_norm=acfg.max_grad_norm, max_prompt_length=cfg.tokenize.cutoff_len,
+        # The reward model was trained on answers followed by the turn end: score PPO's answers the same way.
+        reward_suffix=turn_end(tokenizer, cfg.tokenize.template) or None,
         lora_r=acfg.lora.r, lora_alpha=acfg.lora.alpha, lora_dropout=acfg.lora.dropout,
         lora_target_modules=acfg.lora.target_modules,
     )
     use_model = acfg.reward.model_weight > 0
     if use_model and reward_adapter is None:
         raise StageInputError("alignment.reward.model_weight > 0 needs the reward stage (reward.enabled)")
-    metrics = ppo.run_ppo(model, tokenizer, prompts, settings, Path(out_dir), reward_fn=reward,
+    rows = [{k: v for k, v in p.items() if k != "messages"} for p in prompts]
+    metrics = ppo.run_ppo(model, tokenizer, rows, settings, Path(out_dir), reward_fn=reward,
                           reward_adapter=reward_adapter if use_model else None,
                           reward_weights=(acfg.reward.model_weight, 1.0), metrics_sink=sink)
-    from peft import PeftModel
-
-    policy = PeftModel.from_pretrained(model, str(Path(out_dir) / "adapter"))
     history = json.loads((Path(out_dir) / "ppo_curve.json").read_text())
-    return policy, history, metrics
+    return None, history, metrics  # run_ppo wrote out_dir/adapter (the policy adapter alone) itself

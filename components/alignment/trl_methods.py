@@ -1,9 +1,10 @@
 """The alignment methods TRL provides, behind one call each: DPO, KTO, ORPO and SimPO on preference
 pairs, and GRPO on prompts scored by the pipeline's reward.
 
-Each trains a fresh LoRA adapter on the SFT model (base + cpt/sft adapters merged); where the method
-has a reference policy (DPO, KTO, GRPO with beta > 0) it is that same model with the adapter
-disabled, so no second copy is loaded. ORPO and SimPO need no reference.
+Each trains the SFT model (base + cpt/sft adapters merged) as `alignment.finetuning` says (a LoRA
+adapter by default); where the method has a reference policy (DPO, KTO, GRPO with beta > 0) and the
+method is an adapter, the reference is that same model with the adapter disabled, so no second copy
+is loaded (full and freeze: TRL keeps a frozen copy). ORPO and SimPO need no reference.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from components.alignment.trl_support import common_args, curve_metrics, lora_config, stage_callback, train_resuming
+from components.alignment.trl_support import common_args, curve_metrics, stage_callback, train_resuming
+from components.training.methods import prepare_trainable
 
 PREFERENCE_METHODS = ("dpo", "kto", "orpo", "simpo")
 
@@ -47,11 +49,11 @@ def train_preference(method: str, model, tokenizer, rows: list[dict], cfg, hardw
     from datasets import Dataset
 
     trainer_cls, args = _trainer_for(method, cfg, common_args(cfg, hardware, out_dir))
+    model = prepare_trainable(model, cfg, hardware)  # lora/qlora: a PeftModel, whose disabled adapter is the reference
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*experimental.*")  # ORPO/CPO live in trl.experimental
         trainer = trainer_cls(model=model, args=args, train_dataset=Dataset.from_list(rows),
-                              processing_class=tokenizer, peft_config=lora_config(cfg.lora, "CAUSAL_LM"),
-                              callbacks=[stage_callback(metrics_sink, max_kl=cfg.max_kl)])
+                              processing_class=tokenizer, callbacks=[stage_callback(metrics_sink, max_kl=cfg.max_kl)])
     return _train(trainer, out_dir)
 
 
@@ -66,8 +68,8 @@ def train_grpo(model, tokenizer, prompts: list[dict], reward, cfg, hardware, out
     grpo_args = GRPOConfig(**args, num_generations=cfg.num_generations, max_completion_length=cfg.max_new_tokens,
                            temperature=cfg.temperature, top_p=cfg.top_p, beta=cfg.beta)
     rows = [{"prompt": p["prompt"], "reference": p["reference"], "task": p["task"]} for p in prompts]
-    trainer = GRPOTrainer(model=model, reward_funcs=[reward], args=grpo_args, train_dataset=Dataset.from_list(rows),
-                          processing_class=tokenizer, peft_config=lora_config(cfg.lora, "CAUSAL_LM"),
+    trainer = GRPOTrainer(model=prepare_trainable(model, cfg, hardware), reward_funcs=[reward], args=grpo_args,
+                          train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
                           callbacks=[stage_callback(metrics_sink, max_kl=cfg.max_kl)])
     return _train(trainer, out_dir)
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from components.errors import TrainingDiverged
 from components.pipeline import MetricsSink
 from components.training.lora import COMPLETE, last_complete_checkpoint, warmup_steps
+from components.training.methods import optimizer_arguments
 
 
 def common_args(cfg, hardware, out_dir: Path) -> dict:
@@ -44,6 +45,7 @@ def common_args(cfg, hardware, out_dir: Path) -> dict:
         dataloader_num_workers=0,
         report_to="none",
         disable_tqdm=os.environ.get("LMFORGE_NO_PROGRESS") == "1",
+        **optimizer_arguments(cfg),
     )
 
 

@@ -8,6 +8,11 @@ An existing LLaMA-Factory `dataset_info.json` is read as is. Our extensions:
 - `tags.license`: a license note carried into the fetch provenance.
 - `fill_placeholders`: the align stage replaces `{{name}}` and `{{author}}` in the aligned records
   with `data.identity_name` / `data.identity_author` (self-cognition data such as data/identity.json).
+- `columns.task`: a per-row label copied into the aligned record as its top-level `task` (evaluation
+  reports every metric per task).
+
+LLaMA-Factory's `columns.kto_tag` (a bool per row: is the answer desirable) makes a dataset unpaired
+preference data: it aligns to TRL's {"prompt", "completion", "label"} records (the `kto` data group).
 
 `file_name` is resolved next to the `dataset_info.json` that names it (LLaMA-Factory's convention).
 """
@@ -23,15 +28,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 Formatting = Literal["alpaca", "sharegpt", "openai", "lmflow", "text", "prompt_completion"]
 
-# `columns` keys we align from; LLaMA-Factory's plus `completion` and `text`.
+# Row metadata: a column mapped under one of these keys is copied into the aligned record under that key.
+METADATA_COLUMNS = ("task",)
+# `columns` keys we align from; LLaMA-Factory's plus `completion`, `text` and the metadata columns.
 COLUMN_KEYS = ("prompt", "query", "response", "history", "messages", "system", "tools", "chosen", "rejected",
-               "completion", "text")
+               "kto_tag", "completion", "text", *METADATA_COLUMNS)
 # LLaMA-Factory columns we refuse instead of silently dropping what they carry.
 UNSUPPORTED_COLUMN_KEYS = {
     "images": "multimodal data is not supported",
     "videos": "multimodal data is not supported",
     "audios": "multimodal data is not supported",
-    "kto_tag": "KTO (unpaired preference) data is not supported yet",
 }
 TAG_KEYS = ("role_tag", "content_tag", "user_tag", "assistant_tag", "observation_tag", "function_tag", "system_tag",
             "license")
@@ -109,6 +115,9 @@ class DatasetSpec(BaseModel):
             raise ValueError("no source: give file_name, url or hf_hub_url")
         if self.sha256 and not self.url:
             raise ValueError("sha256 pins a `url`; this entry has none")
+        if "kto_tag" in self.columns and self.ranking:
+            raise ValueError("columns.kto_tag labels single answers (unpaired preference); a ranking dataset "
+                             "holds pairs: drop `ranking` or the kto_tag column")
         return self
 
     @property

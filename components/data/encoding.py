@@ -12,6 +12,9 @@ def encode_texts(tokenizer, texts: list[str]) -> list[list[int]]:
         return []
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:  # the Rust tokenizer directly: about twice as fast as tokenizer(...)
+        # A padded tokenizer(...) call elsewhere leaves padding switched on in the Rust tokenizer; off here.
+        if backend.padding is not None:
+            backend.no_padding()
         # encode_batch_fast (tokenizers >= 0.20) skips the character offsets: a third less time.
         encode_batch = getattr(backend, "encode_batch_fast", backend.encode_batch)
         return [e.ids for e in encode_batch(texts, add_special_tokens=False)]

@@ -5,6 +5,10 @@ for a row that cannot be aligned (the align stage drops it and counts the reason
 for a problem with the whole dataset (the stage fails). Message building and role checks are
 shared (components/data/messages.py), so every format obeys the same rules.
 
+The align stage calls a format through `get_converter`, which adds what every format shares
+(`convert_row`): unpaired preference records for datasets with a `kto_tag` column, and the row
+metadata columns (`task`) copied into the record.
+
 Drop reasons: missing_column, wrong_type, invalid_role_order, empty_prompt, empty_response,
 empty_text, chosen_equals_rejected, prompt_mismatch (plus malformed_json, malformed_csv and not_utf8
 from reading files).
@@ -12,11 +16,12 @@ from reading files).
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable
 from typing import Any
 
-from components.data.dataset_info import DataError, DatasetSpec
+from components.data.dataset_info import METADATA_COLUMNS, DataError, DatasetSpec
 from components.data.messages import (
     RowError,
     conversation_record,
@@ -25,6 +30,7 @@ from components.data.messages import (
     preference_record,
     text_field,
     tool_schemas_json,
+    unpaired_preference_record,
 )
 from components.data.records import Kind
 
@@ -47,12 +53,16 @@ Converter = Callable[[dict, DatasetSpec, Kind], dict]
 
 def supported_kinds(spec: DatasetSpec) -> tuple[Kind, ...]:
     """The record kinds a dataset can align to, from its formatting, ranking flag and columns."""
+    if "kto_tag" in spec.columns:  # single answers labeled desirable or not
+        labeled = ("alpaca", "sharegpt", "openai", "prompt_completion")
+        return ("unpaired_preference",) if spec.formatting in labeled else ()
     if spec.ranking:
         ranked = ("alpaca", "sharegpt", "openai", "prompt_completion", "lmflow")
         return ("preference",) if spec.formatting in ranked else ()
     if spec.formatting == "alpaca":
-        # LLaMA-Factory's pretraining text: an alpaca entry whose only column is `prompt`.
-        return ("text", "conversation") if set(spec.columns) == {"prompt"} else ("conversation",)
+        # LLaMA-Factory's pretraining text: an alpaca entry whose only column is `prompt` (metadata aside).
+        content_columns = set(spec.columns) - set(METADATA_COLUMNS)
+        return ("text", "conversation") if content_columns == {"prompt"} else ("conversation",)
     if spec.formatting == "text":
         return ("text",)
     if spec.formatting == "lmflow":
@@ -376,9 +386,63 @@ CONVERTERS: dict[str, Converter] = {
 }
 
 
+def _kto_label(value: Any, field: str) -> bool:
+    """LLaMA-Factory's kto_tag: true when the answer is desirable; also "true"/"false" and 1/0 (CSV files)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0"):
+        return value.strip().lower() in ("true", "1")
+    raise RowError("wrong_type", field, f"'{field}' should be true or false (is the answer desirable), got {value!r}")
+
+
+def _metadata(row: dict, spec: DatasetSpec) -> dict[str, str]:
+    """The row's metadata columns (`task`) that `spec.columns` maps, by their record key."""
+    if spec.formatting == "lmflow" and isinstance(row.get("instance"), dict):
+        row = row["instance"]  # an LMFlow row's own fields live in its instance
+    out = {}
+    for key in METADATA_COLUMNS:
+        if key not in spec.columns:
+            continue
+        field = spec.columns[key]
+        value = row.get(field)
+        if value is None or value == "":
+            raise RowError("missing_column", field, f"no value in column '{field}' (columns.{key})")
+        if not isinstance(value, str):
+            raise RowError("wrong_type", field, f"'{field}' (columns.{key}) should be a string, got {type(value).__name__}")
+        out[key] = value
+    return out
+
+
+def convert_row(convert: Converter, row: dict, spec: DatasetSpec, kind: Kind) -> dict:
+    """One row through its format's converter, plus what every format shares.
+
+    For `unpaired_preference` the row is converted as a conversation whose last (assistant) message
+    becomes the completion, labeled by the `kto_tag` column. Metadata columns (`task`) are added to
+    the record under their key.
+
+    >>> spec = DatasetSpec(name="d", file_name="d.json", columns={"prompt": "q", "response": "a",
+    ...                    "kto_tag": "good", "task": "type"})
+    >>> convert_row(convert_alpaca, {"q": "Code for GERD?", "a": "K21.9", "good": True, "type": "code"},
+    ...             spec, "unpaired_preference")
+    {'prompt': [{'role': 'user', 'content': 'Code for GERD?'}], 'completion': [{'role': 'assistant', 'content': 'K21.9'}], 'label': True, 'task': 'code'}
+    """
+    if kind == "unpaired_preference":
+        field = spec.columns["kto_tag"]
+        if field not in row:
+            raise RowError("missing_column", field, f"no column '{field}' (columns.kto_tag)")
+        label = _kto_label(row[field], field)
+        record = unpaired_preference_record(convert(row, spec, "conversation"), label)
+    else:
+        record = convert(row, spec, kind)
+    record.update(_metadata(row, spec))
+    return record
+
+
 def get_converter(formatting: str) -> Converter:
-    """The converter for a `formatting` name; a DataError listing the known ones otherwise."""
+    """The converter for a `formatting` name, wrapped by `convert_row`; a DataError listing the known ones otherwise."""
     try:
-        return CONVERTERS[formatting]
+        return functools.partial(convert_row, CONVERTERS[formatting])
     except KeyError:
         raise DataError(f"unknown format {formatting!r}; known: {', '.join(CONVERTERS)}") from None

@@ -147,6 +147,13 @@ def conversation_record(messages: list[dict], field: str, *, system: str = "", t
     return record
 
 
+def unpaired_preference_record(conversation: dict, label: bool) -> dict:
+    """A checked conversation record -> TRL's unpaired preference type: its last (assistant) message is the
+    completion, the messages before it the prompt. Tool schemas are not kept (as in preference records)."""
+    messages = conversation["messages"]
+    return {"prompt": messages[:-1], "completion": [messages[-1]], "label": label}
+
+
 def preference_record(prompt: list[dict], chosen: dict, rejected: dict, field: str, *, system: str = "") -> dict:
     check_roles(prompt, field, complete=False)
     prompt = with_system(prompt, system)

@@ -7,8 +7,13 @@ They follow TRL's named dataset types, so TRL trainers take our aligned data as 
                                 "tool_calls"?: [{"name": str, "arguments": dict}]}],
                   "tools"?: str (JSON list of tool schemas)}
 - preference:    {"prompt": [messages...], "chosen": [assistant message], "rejected": [assistant message]}
+- unpaired_preference: {"prompt": [messages...], "completion": [assistant message], "label": bool}
+                  (TRL's unpaired preference type, for KTO; from LLaMA-Factory's `kto_tag` column)
 
-Aligned data is written as JSONL, one record per line, per group (cpt, cpt_eval, sft, sft_eval, preference).
+Any record may also carry row metadata mapped in dataset_info.json's `columns`: `"task": str` (a label
+evaluation groups its metrics by). Consumers read the keys they know and ignore the rest.
+
+Aligned data is written as JSONL, one record per line, per group (cpt, cpt_eval, sft, sft_eval, preference, kto).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Literal
 
-Kind = Literal["text", "conversation", "preference"]
+Kind = Literal["text", "conversation", "preference", "unpaired_preference"]
 ROLES = ("system", "user", "assistant", "tool")
 # The label of a token no loss is computed on in tokenized rows (torch's cross_entropy ignore_index).
 IGNORE = -100
@@ -28,6 +33,8 @@ GROUP_KINDS: dict[str, Kind] = {
     "sft": "conversation",
     "sft_eval": "conversation",
     "preference": "preference",
+    "preference_eval": "preference",
+    "kto": "unpaired_preference",
 }
 
 # Groups whose datasets are merged by `data.mix_strategy`; evaluation groups are always concatenated,

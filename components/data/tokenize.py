@@ -301,7 +301,7 @@ def run_tokenize(align_dir: Path, tokenizer, cfg: TokenizeConfig, out_dir: Path,
             log.info("tokenize: no %s, skipping group %s", path, group)
             skipped.append(group)
             continue
-        if kind == "preference":
+        if kind in ("preference", "unpaired_preference"):
             shutil.copyfile(path, out_dir / f"{group}.jsonl")
             files.append(f"{group}.jsonl")
             stats[group] = {"kind": kind, "rows": sum(1 for _ in read_jsonl(path)), "copied": True}

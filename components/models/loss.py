@@ -5,9 +5,14 @@ only those through the LM head: prompt and pad tokens never pay for the (tokens 
 matmul. That is only right where the model's forward computes logits = lm_head(last hidden state)
 and nothing more; architectures that soft-cap or scale their logits in `forward` (Gemma-2/3
 final_logit_softcapping, Cohere logit_scale, Granite logits_scaling, ...) get their own forward.
+Every training method goes through the fast path where the architecture allows it: LoRA, DoRA and
+PiSSA adapters and trainable token rows live inside the decoder and head modules, QLoRA keeps the LM
+head in full precision, full and freeze are the plain model (tests/components/models/test_loss.py).
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +26,17 @@ NO_GRAD_LOSS_CHUNK = 2048  # positions projected to the vocabulary at a time whe
 PLAIN_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "olmo2", "smollm3"})
 # Config attributes that make a forward transform its logits, with the value at which it does not.
 _LOGIT_TRANSFORMS = {"final_logit_softcapping": None, "logit_scale": 1.0, "logits_scaling": 1.0, "output_multiplier": 1.0}
+
+log = logging.getLogger(__name__)
+_fallbacks_logged: set[str] = set()
+
+
+def _log_fallback_once(causal) -> None:
+    name = f"{type(causal).__module__}.{type(causal).__name__} ({causal.config.model_type})"
+    if name not in _fallbacks_logged:
+        _fallbacks_logged.add(name)
+        log.info("labeled-positions loss: %s is not known to compute logits as lm_head(last hidden state); "
+                 "using its own forward (logits for every position, slower)", name)
 
 
 def plain_head_logits(causal) -> bool:
@@ -56,6 +72,7 @@ def labeled_positions_loss(model, batch: dict[str, torch.Tensor], reduction: str
     n = int(keep.sum())
     targets = targets[keep]
     if not plain_head_logits(causal):
+        _log_fallback_once(causal)
         logits = causal(**inputs).logits
         if n == 0:
             return logits.sum() * 0.0, 0

@@ -10,7 +10,9 @@ Tokenization is keyed on the tokenizer files alone, so new weights retrain but d
 
 `prepare_stage` makes the base loadable: it converts the embedded GGUF into its stage directory,
 downloads a hub snapshot at the pinned commit, or records a local directory; later stages load
-the model from what its manifest says.
+the model from what its manifest says. When the config adds tokens (model.extra_tokens) or scales
+RoPE (model.rope_scaling), it does so here, once, and writes the adapted model into its directory:
+tokenization, training, evaluation and chat then all load the same extended tokenizer and config.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -114,6 +117,70 @@ def identify_base(model: ModelConfig) -> BaseIdentity:
     return BaseIdentity("hub", what, commit, f"hub:{what}@{commit}", f"hub:{what}@{commit}")
 
 
+def extra_tokens(model: ModelConfig) -> list[str]:
+    """The tokens to add: model.extra_tokens, then model.extra_tokens_file's lines, without repeats."""
+    tokens = list(model.extra_tokens)
+    if model.extra_tokens_file:
+        path = Path(model.extra_tokens_file).expanduser()
+        if not path.is_file():
+            raise BaseModelError(f"model.extra_tokens_file {path} does not exist")
+        tokens += [line.strip() for line in path.read_text(encoding="utf-8").splitlines()
+                   if line.strip() and not line.lstrip().startswith("#")]
+    return list(dict.fromkeys(tokens))
+
+
+def base_adaptation(model: ModelConfig) -> dict:
+    """What the prepare stage changes in the base, for cache keys: the tokens it adds (a file's lines,
+    not its name) and the RoPE scaling. The tokenize stage depends on the tokens, training on both."""
+    return {"extra_tokens": extra_tokens(model),
+            "rope_scaling": model.rope_scaling.model_dump(mode="json") if model.rope_scaling else None}
+
+
+def adapt_base(source: str, model: ModelConfig, target: Path, *, revision: str | None = None) -> dict:
+    """Write `source` with model.extra_tokens added and model.rope_scaling applied into `target`.
+
+    New embedding rows (input and output) start at the mean of the existing ones (transformers'
+    mean_resizing), so the new tokens begin as an average token rather than noise; their ids are
+    recorded in the config (methods.ADDED_TOKENS_ATTR) so LoRA can train those rows.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from components.artifacts import atomic_dir
+    from components.models.loading import ADDED_TOKENS_ATTR, apply_rope_scaling, load_tokenizer
+
+    load = {"revision": revision, "trust_remote_code": model.trust_remote_code}
+    tokenizer = load_tokenizer(source, **load)
+    config = AutoConfig.from_pretrained(source, **load)
+    if model.rope_scaling is not None:
+        apply_rope_scaling(config, model.rope_scaling)
+    causal = AutoModelForCausalLM.from_pretrained(source, config=config, dtype="auto", **load)
+    wanted = extra_tokens(model)
+    present = [t for t in wanted if t in tokenizer.get_vocab()]
+    if present:
+        log.info("model.extra_tokens already in the vocabulary, not added: %s", ", ".join(present[:10]))
+    added = tokenizer.add_tokens([t for t in wanted if t not in present])
+    ids = tokenizer.convert_tokens_to_ids([t for t in wanted if t not in present])
+    if added:
+        old_rows = causal.get_input_embeddings().weight.shape[0]
+        causal.resize_token_embeddings(max(len(tokenizer), old_rows), mean_resizing=True)
+        reserved = [i for i in ids if i < old_rows]  # rows a model keeps beyond its tokenizer (Qwen pads to 64)
+        if reserved:
+            import torch
+
+            with torch.no_grad():
+                for weight in {id(w): w for w in (causal.get_input_embeddings().weight,
+                                                 causal.get_output_embeddings().weight)}.values():
+                    weight[reserved] = weight[: min(ids)].mean(0)
+        setattr(causal.config, ADDED_TOKENS_ATTR, [*(getattr(causal.config, ADDED_TOKENS_ATTR, None) or []), *ids])
+        log.info("added %d tokens to the vocabulary (ids %d-%d); embeddings %d -> %d rows", added, min(ids),
+                 max(ids), old_rows, causal.get_input_embeddings().weight.shape[0])
+    with atomic_dir(target) as tmp:
+        causal.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    return {"added_tokens": added, "added_token_ids": ids if added else [],
+            "max_position_embeddings": causal.config.max_position_embeddings}
+
+
 def prepare_base(model: ModelConfig, out_dir: Path) -> StageResult:
     """Make the base model loadable and record what it is; the result's info says how to load it."""
     from components.models.loading import convert_gguf
@@ -131,12 +198,23 @@ def prepare_base(model: ModelConfig, out_dir: Path) -> StageResult:
 
         # Fetched here, once, so that a network failure is retried in this stage and not mid-training.
         snapshot_download(identity.source, revision=identity.revision, allow_patterns=_HUB_PATTERNS)
-    record = {**asdict(identity), "configured_base": model.base, "configured_revision": model.revision}
+    adapted = {}
+    if extra_tokens(model) or model.rope_scaling is not None:
+        target = out_dir / "model"
+        if identity.kind == "embedded":  # adapt the conversion in place of it
+            shutil.rmtree(out_dir / "model.converted", ignore_errors=True)  # left by a crashed attempt
+            target.rename(out_dir / "model.converted")
+            source = str((out_dir / "model.converted").resolve())
+        adapted = adapt_base(source, model, target, revision=revision)
+        shutil.rmtree(out_dir / "model.converted", ignore_errors=True)
+        files = ["base_model.json"] + [p.relative_to(out_dir).as_posix() for p in sorted(target.rglob("*")) if p.is_file()]
+        source, revision = str(target.resolve()), None  # a local directory now: no hub revision applies
+    record = {**asdict(identity), "configured_base": model.base, "configured_revision": model.revision, **adapted}
     atomic_write_json(out_dir / "base_model.json", record)
     log.info("base model %s (%s) ready: %s", model.base, identity.kind, source)
     return StageResult(files=files, metrics={},
                        info={"source": source, "revision": revision, "trust_remote_code": model.trust_remote_code,
-                             "kind": identity.kind, "model_digest": identity.model_digest})
+                             "kind": identity.kind, "model_digest": identity.model_digest, **adapted})
 
 
 def prepare_stage(cfg: PipelineConfig, inputs: StageInputs, out_dir: Path) -> StageResult:

@@ -92,11 +92,13 @@ def run_quantize(
 
     flat: dict[str, float] = {}
     for variant, entry in report.items():
+        # Overall metrics only: the per-task ones (task/<name>/...) stay in quantization_report.json.
         for k, v in entry.items():
-            if isinstance(v, (int, float)):
+            if isinstance(v, (int, float)) and "/" not in k:
                 flat[f"{variant}_{k}"] = float(v)
         for k, v in entry.get("delta", {}).items():
-            flat[f"{variant}_delta_{k}"] = float(v)
+            if "/" not in k:
+                flat[f"{variant}_delta_{k}"] = float(v)
     files = [str(p.relative_to(out_dir)) for p in merged.rglob("*") if p.is_file()]
     files.append("quantization_report.json")
     return StageResult(files=files, metrics=flat, info={"merged_dir": "merged"})
@@ -104,9 +106,12 @@ def run_quantize(
 
 def quantize_stage(cfg: PipelineConfig, inputs: StageInputs, out_dir: Path) -> StageResult:
     """Stage entry point (see components.pipeline)."""
-    return run_quantize(
-        inputs.base_model, inputs.adapter_stack(), cfg.quantize, cfg.evaluate,
+    stack = inputs.adapter_stack()
+    result = run_quantize(
+        inputs.base_model, stack, cfg.quantize, cfg.evaluate,
         select_hardware(cfg.compute.device, cfg.compute.precision), out_dir,
         tokenized_dir=inputs.dir("tokenize"), aligned_dir=inputs.dir("align"),
         template_name=cfg.tokenize.template, system_prompt=cfg.tokenize.system_prompt,
     )
+    result.info["merged_adapters"] = [str(p) for p in stack]  # lineage: what the merged model is made of
+    return result

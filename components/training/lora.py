@@ -1,4 +1,5 @@
-"""LoRA training for continued pretraining and SFT.
+"""Training for continued pretraining and SFT: LoRA by default, or any method of
+components.training.methods (full, freeze, lora, qlora; the optimizer by name).
 
 The speed on small hardware comes from removing work, not from flags:
 - length-grouped batches, right-padded with no attention mask: little padding, and the attention
@@ -8,6 +9,7 @@ The speed on small hardware comes from removing work, not from flags:
   so prompt and pad tokens cost a forward/backward through the body but never through the vocabulary
   (components.models.loss, which falls back to the model's own forward where that is not exact).
 The loop itself is transformers' Trainer (optimizer, schedule, accumulation, checkpoints).
+What trains and how it is saved is methods.py's: `prepare_trainable` before, `save_trained` after.
 Checkpoints get a complete marker after they are written; a rerun resumes from the newest complete one.
 """
 
@@ -24,11 +26,12 @@ from pathlib import Path
 
 import torch
 
-from components.artifacts import StageResult, atomic_dir
+from components.artifacts import StageResult
 from components.config import TrainConfig
 from components.data.packing import flatten_batch, pad_causal
 from components.models.loading import Hardware, count_parameters
 from components.models.loss import labeled_positions_loss
+from components.training.methods import loraplus_optimizer, optimizer_arguments, prepare_trainable, save_trained
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +112,29 @@ def _callback(sink: MetricsSink | None, trainer_ref: dict):
     return LmforgeCallback()
 
 
+def _non_finite_loss_guard():
+    """Stops training at the first logged step whose loss or gradient norm is NaN or infinite, naming the
+    step: going on would only write NaN weights into the checkpoints and the adapter. (Trainer logs a
+    NaN loss as the previous mean, logging_nan_inf_filter, so the gradient norm is what shows it.)"""
+    from transformers import TrainerCallback
+
+    class NonFiniteLossGuard(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            bad = {k: v for k, v in (logs or {}).items() if k in ("loss", "grad_norm") and not math.isfinite(v)}
+            if args.fp16:
+                bad.pop("grad_norm", None)  # fp16's loss scaler skips steps whose gradients overflow
+            if not bad:
+                return
+            first = max(state.global_step - args.logging_steps + 1, 1)
+            where = (f"step {state.global_step}" if first == state.global_step
+                     else f"steps {first}-{state.global_step} (logging_steps={args.logging_steps})")
+            raise FloatingPointError(
+                f"training diverged at {where}: " + ", ".join(f"{k} is {v}" for k, v in bad.items())
+                + "; lower the learning rate or max_grad_norm, check the data for broken rows, or train in fp32"
+            )
+
+    return NonFiniteLossGuard()
+
 def warmup_steps(warmup_ratio: float, max_steps: int) -> int:
     """Warmup length in optimizer steps: warmup_ratio x max_steps, rounded up (as transformers rounds a ratio),
     after rounding off float noise (0.1 x 30 is 3.0000000000000004 in floats: 3 steps, not 4).
@@ -141,26 +167,19 @@ def run_lora_training(
     out_dir: Path,
     *,
     metrics_sink: MetricsSink | None = None,
+    deepspeed: dict | None = None,
 ) -> StageResult:
-    """Train LoRA adapters on `model` over tokenized rows (input_ids, labels[, position_ids]).
+    """Train `model` as `cfg.finetuning` says over tokenized rows (input_ids, labels[, position_ids]).
 
-    Writes `adapter/` (safetensors), `training_curve.json`; checkpoints under `checkpoints/`.
+    Writes `adapter/` (a PEFT adapter for lora/qlora, the whole model for full/freeze, with the
+    tokenizer; see methods.save_trained), `training_curve.json`; checkpoints under `checkpoints/`.
     """
-    from peft import LoraConfig, get_peft_model
     from transformers import TrainingArguments
 
     out_dir = Path(out_dir)
     torch.manual_seed(cfg.seed)
-    lora = LoraConfig(
-        r=cfg.lora.r,
-        lora_alpha=cfg.lora.alpha,
-        lora_dropout=cfg.lora.dropout,
-        target_modules=cfg.lora.target_modules,
-        task_type="CAUSAL_LM",
-    )
-    model = get_peft_model(model, lora)
+    model = prepare_trainable(model, cfg, hardware)
     trainable, total = count_parameters(model)
-    log.info("LoRA r=%d: %d trainable of %d parameters (%.2f%%)", cfg.lora.r, trainable, total, 100 * trainable / total)
 
     ckpt_root = out_dir / "checkpoints"
     args = TrainingArguments(
@@ -185,6 +204,8 @@ def run_lora_training(
         remove_unused_columns=False,
         dataloader_num_workers=0,
         report_to="none",
+        **optimizer_arguments(cfg),
+        deepspeed=deepspeed,  # a ZeRO config (components.training.deepspeed); the process runs under its launcher
         # Batches of similar lengths: right padding then costs little (the sampler reads `length`).
         train_sampling_strategy="group_by_length",
         length_column_name="length",
@@ -196,13 +217,19 @@ def run_lora_training(
     )
     if "length" not in train_dataset.column_names:
         train_dataset = train_dataset.add_column("length", [len(x) for x in train_dataset["input_ids"]])
+    window = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    longest = max(train_dataset["length"], default=0)
+    if window and longest > window:
+        log.warning("rows of up to %d tokens exceed the model's context window of %d: positions beyond it were "
+                    "never trained; set model.rope_scaling or lower tokenize.cutoff_len", longest, window)
     ref: dict = {}
     trainer = _build_trainer_class()(
         model=model,
         args=args,
         train_dataset=train_dataset,
         data_collator=CausalCollator(tokenizer.pad_token_id, packing=cfg.packing),
-        callbacks=[_callback(metrics_sink, ref)],
+        callbacks=[_callback(metrics_sink, ref), _non_finite_loss_guard()],
+        optimizer_cls_and_kwargs=loraplus_optimizer(model, cfg, args),
     )
     ref["trainer"] = trainer
     resume = last_complete_checkpoint(ckpt_root)
@@ -212,8 +239,12 @@ def run_lora_training(
     output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     train_s = time.perf_counter() - t0
 
-    with atomic_dir(out_dir / "adapter") as adapter_tmp:
-        model.save_pretrained(adapter_tmp, safe_serialization=True)
+    state = None
+    if trainer.is_deepspeed_enabled:  # gathering ZeRO-3 shards is collective: every rank takes part
+        state = trainer.accelerator.get_state_dict(trainer.deepspeed)
+    if not trainer.is_world_process_zero():  # one rank writes the result
+        return StageResult(files=[], metrics={}, info={})
+    saved = save_trained(model, out_dir / "adapter", tokenizer, state_dict=state)
 
     history = trainer.state.log_history
     (out_dir / "training_curve.json").write_text(json.dumps(history, indent=1))
@@ -230,6 +261,7 @@ def run_lora_training(
         "total_params": float(total),
         "resumed_from_step": float(int(resume.name.split("-")[1]) if resume else 0),
     }
-    files = [str(p.relative_to(out_dir)) for p in (out_dir / "adapter").rglob("*") if p.is_file()]
+    files = [str(p.relative_to(out_dir)) for p in saved]
     files.append("training_curve.json")
-    return StageResult(files=files, metrics=metrics, info={"precision": hardware.precision, "device": hardware.device})
+    return StageResult(files=files, metrics=metrics, info={"precision": hardware.precision, "device": hardware.device,
+                                                           "finetuning": cfg.finetuning, "optimizer": cfg.optimizer})

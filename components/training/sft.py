@@ -63,11 +63,34 @@ def train_stage(cfg: PipelineConfig, inputs: StageInputs, out_dir: Path) -> Stag
     base = inputs.base_model
     below = inputs.adapter_stack()
     hardware = select_hardware(cfg.compute.device, cfg.compute.precision)
-    result = run_adapter_stage(
-        cfg.model, base, below, inputs.dir("tokenize") / f"{TRAIN_GROUP[inputs.kind]}.parquet",
-        getattr(cfg, inputs.kind), hardware, Path(out_dir), metrics_sink=inputs.metrics,
-    )
+    train_cfg: TrainConfig = getattr(cfg, inputs.kind)
+    train_file = inputs.dir("tokenize") / f"{TRAIN_GROUP[inputs.kind]}.parquet"
+    if train_cfg.deepspeed.stage > 0:
+        result = _launch_deepspeed(cfg, inputs, base, below, train_file, train_cfg, hardware, Path(out_dir))
+    else:
+        result = run_adapter_stage(cfg.model, base, below, train_file, train_cfg, hardware, Path(out_dir),
+                                   metrics_sink=inputs.metrics)
     # Enough for `lmforge chat <stage dir>` and later stages to rebuild the model: base plus adapters.
     result.info.update(base_source=base.source, base_revision=base.revision,
                        adapter_stack=[*map(str, below), str(Path(out_dir).resolve() / "adapter")])
     return result
+
+
+def _launch_deepspeed(cfg: PipelineConfig, inputs: StageInputs, base: BaseModelRef, below: list[Path],
+                      train_file: Path, train_cfg: TrainConfig, hardware: Hardware, out_dir: Path) -> StageResult:
+    """The same training under the DeepSpeed launcher (ZeRO-2/3), in its own process group: one GPU,
+    several, or several nodes (compute.num_gpus / num_nodes / hostfile)."""
+    from components.training.deepspeed import stage_deepspeed_config
+    from components.training.launch import TrainingJob, launch_training
+
+    job = TrainingJob(
+        base_model=base.source, revision=base.revision, trust_remote_code=base.trust_remote_code,
+        attn_implementation=cfg.model.attn_implementation, adapters_below=[str(p) for p in below],
+        train_file=str(train_file), train_config=train_cfg.model_dump(mode="json"), out_dir=str(out_dir),
+        device=cfg.compute.device, precision=cfg.compute.precision,
+        deepspeed=stage_deepspeed_config(train_cfg, hardware),
+    )
+    run = inputs.run
+    return launch_training(job, num_gpus=cfg.compute.num_gpus, num_nodes=cfg.compute.num_nodes,
+                           hostfile=Path(cfg.compute.hostfile) if cfg.compute.hostfile else None,
+                           tracking_uri=run.tracking_uri if run else None)

@@ -16,11 +16,12 @@ SCRIPT = ROOT / "data" / "build_icd10.py"
 
 FIELDS = {
     "cpt": ("text",),
-    "sft": ("instruction", "input", "output"),
-    "pref": ("instruction", "input", "chosen", "rejected"),
+    "sft": ("instruction", "input", "output", "task"),
+    "pref": ("instruction", "input", "chosen", "rejected", "task"),
 }
 JSONL_FILES = [f"{kind}_{split}.jsonl" for kind in FIELDS for split in ("train", "heldout")]
 CHAPTER_QUESTION = re.compile(r"^Which ICD-10-CM chapter contains code (\S+)\?$")
+DESCRIPTION_CHAPTER_QUESTION = re.compile(r"^Which ICD-10-CM chapter does (.+) belong to\?$")
 BILLABLE_QUESTION = re.compile(r"^Is ICD-10-CM code (\S+) billable\?$")
 CATEGORY_HEADER = re.compile(r"^ICD-10-CM category ([A-Z][0-9][0-9A-Z]):")
 
@@ -134,10 +135,46 @@ def test_chapter_answers_come_from_the_chapter_table(files):
     assert n_checked > 0
 
 
+def test_every_question_row_names_its_task_and_the_tasks_are_balanced(files):
+    per_task = {"sft_train.jsonl": 800, "sft_heldout.jsonl": 60, "pref_train.jsonl": 160, "pref_heldout.jsonl": 16}
+    for name, n in per_task.items():
+        counts = {task: 0 for task in build_icd10.TASKS}
+        for i, row in enumerate(files[name]):
+            assert row["task"] in counts, f"{name} row {i}: unknown task {row['task']!r}"
+            counts[row["task"]] += 1
+        assert counts == dict.fromkeys(build_icd10.TASKS, n), name
+
+
+def test_task_labels_match_the_questions(files):
+    patterns = {
+        "code_to_chapter": CHAPTER_QUESTION,
+        "description_to_chapter": DESCRIPTION_CHAPTER_QUESTION,
+        "billable": BILLABLE_QUESTION,
+        "code_to_description": re.compile(r"^What does ICD-10-CM code \S+ describe\?$"),
+        "description_to_code": re.compile(r"^What is the ICD-10-CM code for: .+\?$"),
+    }
+    titles = set(build_icd10.CHAPTER_TITLES)
+    for name in ("sft_train.jsonl", "sft_heldout.jsonl", "pref_train.jsonl", "pref_heldout.jsonl"):
+        answer = "output" if name.startswith("sft") else "chosen"
+        for i, row in enumerate(files[name]):
+            assert patterns[row["task"]].match(row["instruction"]), f"{name} row {i}: {row['instruction']!r}"
+            if row["task"] == "description_to_chapter":
+                assert row[answer] in titles, f"{name} row {i}"
+
+
+def test_heldout_chapter_answers_are_not_dominated_by_one_chapter(files):
+    # Majority-class level of the held-out chapter tasks: always answering one title stays near chance.
+    for task in ("code_to_chapter", "description_to_chapter"):
+        answers = [row["output"] for row in files["sft_heldout.jsonl"] if row["task"] == task]
+        top = max(answers.count(a) for a in set(answers))
+        assert len(set(answers)) >= 15 and top / len(answers) <= 0.15, task
+
+
 def test_billable_answers_are_yes_or_no(files):
     for name in ("sft_train.jsonl", "sft_heldout.jsonl"):
         answers = [row["output"] for row in files[name] if BILLABLE_QUESTION.match(row["instruction"])]
         assert answers and set(answers) == {"Yes", "No"}, name
+        assert answers.count("Yes") == answers.count("No"), name
 
 
 def test_no_duplicate_instructions_within_a_file(files):

@@ -44,7 +44,7 @@ def test_disabled_stages_drop_out_of_the_plan_and_of_their_readers_inputs():
     nodes = {n.name: n for n in planned_nodes(cfg)}
     assert "cpt" not in nodes and "evaluate-cpt" not in nodes and "register" not in nodes
     assert nodes["sft"].upstream == ("prepare", "tokenize")
-    assert STAGE_KINDS[0] == "prepare" and STAGE_KINDS[-1] == "register"
+    assert STAGE_KINDS[0] == "prepare" and STAGE_KINDS[-1] == "promote"
 
 
 def test_adapter_stack_is_the_longest_among_the_inputs(tmp_path):

@@ -32,11 +32,12 @@ def _flow(entrypoint: str):
     return load_flow_from_entrypoint(str(ROOT / entrypoint))
 
 
-def test_prefect_yaml_defines_the_scheduled_and_the_manual_deployment():
+def test_prefect_yaml_defines_the_scheduled_the_manual_and_the_rerun_deployment():
     plans = {p.name: p for p in planned_deployments()}
-    assert set(plans) == {"icd10-scheduled", "icd10-manual"}
+    assert set(plans) == {"icd10-scheduled", "icd10-manual", "icd10-rerun-from-stage"}
     assert plans["icd10-scheduled"].crons == (("0 3 * * 1", "UTC"),)
-    assert plans["icd10-manual"].crons == ()
+    assert plans["icd10-manual"].crons == () and plans["icd10-rerun-from-stage"].crons == ()
+    assert plans["icd10-rerun-from-stage"].parameters["from_stage"] == "evaluate"
     assert {p.work_pool_name for p in plans.values()} == {"lmforge-local"}
 
 
@@ -74,7 +75,9 @@ def test_parameters_are_the_presets_they_name():
         assert params == preset_parameters(preset), f"{preset} changed: run python -m deployments.deploy --write-prefect-yaml"
     demo = preset_parameters("configs/demo-cpu.yaml")
     for dep in spec["deployments"]:
-        assert dep["parameters"] == demo, dep["name"]
+        # The preset, plus the stage parameters a deployment sets (the rerun deployment's from_stage).
+        assert dep["parameters"]["config"] == demo["config"], dep["name"]
+        assert set(dep["parameters"]) - {"config"} <= {"from_stage", "only", "until", "verify"}, dep["name"]
     # The demo preset, not the built-in defaults: the runs a deployment starts are the documented demo.
     assert demo["config"]["sft"]["max_steps"] == 150
     assert demo["config"] != PipelineConfig().model_dump(mode="json")

@@ -24,7 +24,7 @@ def test_a_missing_data_file_fails_once_in_a_few_lines(tiny_model_dir, tmp_path,
     workspace = tmp_path / "ws"
     cfg = tiny_pipeline_config(tiny_model_dir, workspace, **{
         "data.dataset_info": str(info), "data.cpt": "[]", "data.cpt_eval": "[]", "data.sft": "[notes]",
-        "data.sft_eval": "[]", "data.preference": "[]"})
+        "data.sft_eval": "[]", "data.preference": "[]", "data.preference_eval": "[]"})
     config = tmp_path / "run.yaml"
     save_config(cfg, config)
 

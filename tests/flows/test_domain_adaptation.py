@@ -42,7 +42,7 @@ def test_first_run_runs_every_stage_and_registers(first_run):
     cfg, summary = first_run
     assert not any(_status(summary).values())
     assert list(_status(summary)) == ["prepare", "fetch", "align", "tokenize", "cpt", "sft", "evaluate-base",
-                                      "evaluate-cpt", "evaluate-adapted", "quantize", "register"]
+                                      "evaluate-cpt", "evaluate-adapted", "quantize", "register", "promote"]
     # Each stage's contribution: the base, after cpt alone, after cpt + sft, on the same held-out sets.
     assert summary["columns"] == ["base", "+cpt", "adapted"]
     ppl = summary["comparison"]["perplexity_cpt_eval"]
@@ -92,7 +92,7 @@ def test_changed_sft_learning_rate_reruns_exactly_sft_and_after(settled):
     status = _status(domain_adaptation(config=changed))
     assert status == {"prepare": True, "fetch": True, "align": True, "tokenize": True, "cpt": True, "sft": False,
                       "evaluate-base": True, "evaluate-cpt": True, "evaluate-adapted": False, "quantize": False,
-                      "register": False}
+                      "register": False, "promote": False}
 
 
 def test_lost_artifacts_are_recomputed_and_downstream_stays_cached(settled):
@@ -186,7 +186,7 @@ def test_cli_stages_lists_keys_and_cache_state(settled, tmp_path):
     assert result.exit_code == 0, result.output
     cached = _cached_column(result.output)
     assert list(cached) == ["prepare", "fetch", "align", "tokenize", "cpt", "sft", "evaluate-base", "evaluate-cpt",
-                            "evaluate-adapted", "quantize", "register"]
+                            "evaluate-adapted", "quantize", "register", "promote"]
     assert set(cached.values()) == {"yes"}, cached
     changed = CliRunner().invoke(app, ["stages", str(_config_file(cfg, tmp_path)), "--set", "sft.max_steps=5"],
                                  terminal_width=250)

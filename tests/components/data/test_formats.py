@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import doctest
+import json
+from pathlib import Path
 
 import pytest
 
 from components.data import formats
+from components.data.align import iter_records, run_align
 from components.data.dataset_info import DataError, DatasetSpec
+from components.data.fetch import run_fetch
 from components.data.formats import RowError, get_converter, supported_kinds
+from tests.components.data.conftest import FIXTURES
 
 
 def spec(formatting: str = "alpaca", **kwargs) -> DatasetSpec:
@@ -267,3 +272,67 @@ def test_row_error_carries_reason_field_and_message() -> None:
         formats.convert_alpaca({"instruction": "Code?", "answer": "I10"}, spec(), "conversation")
     assert (e.value.reason, e.value.field, e.value.message) == (
         "missing_column", "output", "no column 'output' (columns.response)")
+
+
+# ----------------------------------------------------------------------------- shared: row metadata, kto_tag
+
+def _align_fixture(formats_dir: Path, tmp_path: Path, group: str, name: str) -> tuple[list[dict], dict]:
+    """One fixture dataset through the fetch and align stages: (aligned records, its report entry)."""
+    run_fetch(formats_dir / "dataset_info.json", [name], tmp_path / "fetch")
+    run_align(tmp_path / "fetch", {group: [name]}, tmp_path / "align")
+    report = json.loads((tmp_path / "align" / "report.json").read_text())[group][name]
+    return list(iter_records(tmp_path / "align" / f"{group}.jsonl")), report
+
+
+def _golden(name: str) -> list[dict]:
+    return list(iter_records(FIXTURES / "golden" / f"{name}.jsonl"))
+
+
+@pytest.mark.parametrize("group, name, dropped", [
+    ("sft_eval", "icd10_alpaca_tasks", {"wrong_type": 1, "missing_column": 1}),
+    ("kto", "icd10_alpaca_kto", {"wrong_type": 1}),
+    ("kto", "icd10_sharegpt_kto", {}),
+])
+def test_metadata_and_kto_fixtures_align_to_their_golden_files(formats_dir: Path, tmp_path: Path, group: str,
+                                                                name: str, dropped: dict) -> None:
+    records, report = _align_fixture(formats_dir, tmp_path, group, name)
+    assert records == _golden(name)
+    assert {reason: d["count"] for reason, d in report["dropped"].items()} == dropped
+
+
+def test_task_column_travels_into_every_record_kind() -> None:
+    columns = {"prompt": "instruction", "response": "output", "task": "type"}
+    row = {"instruction": "Code for GERD?", "output": "K21.9", "chosen": "K21.9", "rejected": "K21.0", "type": "code"}
+    convert = get_converter("alpaca")
+    assert convert(row, spec(columns=columns), "conversation")["task"] == "code"
+    assert convert(row, spec(ranking=True, columns={**columns, "chosen": "chosen", "rejected": "rejected"}),
+                   "preference")["task"] == "code"
+    assert convert({"text": "I10 Essential (primary) hypertension", "type": "corpus"},
+                   spec(columns={"prompt": "text", "task": "type"}), "text") == {
+        "text": "I10 Essential (primary) hypertension", "task": "corpus"}
+    assert "task" not in convert(row, spec(columns={"prompt": "instruction", "response": "output"}), "conversation")
+    assert reason(convert, {**row, "type": ""}, spec(columns=columns), "conversation") == "missing_column"
+    assert reason(convert, {**row, "type": ["a"]}, spec(columns=columns), "conversation") == "wrong_type"
+
+
+def test_an_alpaca_text_dataset_may_carry_metadata() -> None:
+    assert supported_kinds(spec(columns={"prompt": "text", "task": "type"})) == ("text", "conversation")
+
+
+def test_kto_tag_makes_unpaired_preference_data() -> None:
+    kto = {"prompt": "instruction", "response": "output", "kto_tag": "good"}
+    assert supported_kinds(spec(columns=kto)) == ("unpaired_preference",)
+    assert supported_kinds(spec("sharegpt", columns={"messages": "conversations", "kto_tag": "label"})) == \
+        ("unpaired_preference",)
+    assert supported_kinds(spec("text", columns={"kto_tag": "good"})) == ()
+    with pytest.raises(ValueError, match="kto_tag labels single answers"):
+        spec(ranking=True, columns=kto)
+    convert = get_converter("alpaca")
+    row = {"instruction": "Code for GERD?", "output": "K21.9"}
+    for value, label in ((True, True), (False, False), ("TRUE", True), ("false", False), (1, True), (0, False)):
+        assert convert({**row, "good": value}, spec(columns=kto), "unpaired_preference")["label"] is label
+    assert reason(convert, {**row, "good": "maybe"}, spec(columns=kto), "unpaired_preference") == "wrong_type"
+    assert reason(convert, {**row, "good": 2}, spec(columns=kto), "unpaired_preference") == "wrong_type"
+    assert reason(convert, row, spec(columns=kto), "unpaired_preference") == "missing_column"
+    assert reason(convert, {**row, "output": " ", "good": True}, spec(columns=kto), "unpaired_preference") == \
+        "empty_response"

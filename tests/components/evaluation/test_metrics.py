@@ -1,10 +1,22 @@
-"""Text metrics against values worked out by hand (and sacrebleu's own number for a fixed pair)."""
+"""Text metrics against values worked out by hand (and sacrebleu's and nltk's own numbers for fixed pairs)."""
 
 import math
 
 import pytest
 
-from components.evaluation.metrics import bleu, distinct_n, exact_match, normalize_answer, rouge, text_metrics
+from components.evaluation.metrics import (
+    bleu,
+    distinct_n,
+    exact_match,
+    mean_length,
+    meteor,
+    nist,
+    normalize_answer,
+    rouge,
+    text_metrics,
+    text_scores,
+    words,
+)
 
 
 def test_normalize_keeps_code_dots_and_drops_case_punctuation_and_extra_space():
@@ -73,6 +85,55 @@ def test_distinct_n_by_hand():
     assert distinct_n([""], 1) == 0.0
 
 
+def test_meteor_by_hand_exact_and_stem_matches_without_wordnet():
+    # 3 of 3 hypothesis words match 3 of 6 reference words in one chunk: P 1, R 1/2,
+    # Fmean = P R / (0.9 P + 0.1 R) = 0.5 / 0.95, fragmentation penalty 0.5 (1/3)^3.
+    assert meteor(["the cat sat"], ["the cat sat on a mat"]) == pytest.approx(0.5 / 0.95 * (1 - 0.5 / 27))
+    # "cats" meets "cat" at the Porter stem stage: 2 matches in one chunk, penalty 0.5 (1/2)^3.
+    assert meteor(["cats sat"], ["cat sat"]) == pytest.approx(1 - 0.0625)
+    # No WordNet: a synonym is no match ("sick" / "ill"), so only "very" counts: P = R = 1/2, penalty 0.5.
+    assert meteor(["very sick"], ["very ill"]) == pytest.approx(0.5 * (1 - 0.5))
+    assert meteor(["", "x"], ["a", "x"]) == pytest.approx((0 + 0.5) / 2)  # an empty answer scores 0
+
+
+def test_nist_by_hand_and_against_nltk():
+    from nltk.translate.nist_score import corpus_nist
+
+    # References "a b", "a c": 4 words, a twice. Info: a = log2(4/2) = 1, b = c = log2(4/1) = 2,
+    # ab = ac = log2(count(a) / count(ab)) = 1. Unigrams: (1+2)+(1+2) over 4 = 1.5; bigrams: 2 over 2 = 1.
+    assert nist(["a b", "a c"], ["a b", "a c"]) == pytest.approx(2.5)
+    assert nist(["yes"], ["yes"]) == 0.0  # an n-gram in every reference carries no information
+    assert nist([], []) == 0.0
+    preds = ["Cholera due to Vibrio cholerae 01, biovar eltor", "Typhoid fever", "E11.9", "Essential hypertension"]
+    refs = ["Cholera due to Vibrio cholerae 01, biovar cholerae", "Typhoid fever, unspecified", "E11.9",
+            "Essential (primary) hypertension"]
+    expected = corpus_nist([[words(r)] for r in refs], [words(p) for p in preds], n=5)
+    assert nist(preds, refs) == pytest.approx(expected, rel=1e-12)
+    # Answers shorter than 5 tokens: nltk divides by zero; the orders they lack count 0, as in mteval.
+    short = (["a b", "c"], ["a b", "c d"])
+    assert nist(*short) == pytest.approx(corpus_nist([[words(r)] for r in short[1]], [words(p) for p in short[0]], n=2))
+
+
+def test_mean_length_counts_whitespace_words():
+    assert mean_length(["a b c", "yes", ""]) == pytest.approx(4 / 3)
+    assert mean_length([]) == 0.0
+
+
+def test_text_scores_carry_intervals_around_their_values():
+    preds = ["E11.9", "No", "Neoplasms", "Essential hypertension", "Yes", "I10"] * 5
+    refs = ["E11.9", "Yes", "Neoplasms", "Essential (primary) hypertension", "Yes", "I15.0"] * 5
+    scores = text_scores(preds, refs, resamples=200)
+    assert scores["exact_match"].value == pytest.approx(0.5) and scores["exact_match"].method == "wilson"
+    for name, e in scores.items():
+        if e.method == "none":  # distinct-n: no interval (resampling repeats predictions)
+            assert math.isnan(e.low) and name.startswith("distinct")
+            continue
+        assert e.low <= e.value <= e.high, name
+    assert scores["bleu"].value == pytest.approx(bleu(preds, refs))
+    assert scores["nist"].value == pytest.approx(nist(preds, refs))
+    assert text_scores(preds, refs, resamples=200) == scores  # seeded
+
+
 def test_text_metrics_combines_the_values():
     m = text_metrics(["a b c", "yes"], ["a b d", "yes"])
     assert m == pytest.approx({
@@ -84,4 +145,7 @@ def test_text_metrics_combines_the_values():
         "rougeL": (2 / 3 + 1) / 2,
         "distinct_1": 1.0,
         "distinct_2": 1.0,
+        "meteor": meteor(["a b c", "yes"], ["a b d", "yes"]),
+        "nist": nist(["a b c", "yes"], ["a b d", "yes"]),
+        "mean_length": 2.0,
     })

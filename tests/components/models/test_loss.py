@@ -174,3 +174,63 @@ def test_no_labeled_position_gives_zero_loss_that_backpropagates(model_type):
     loss, n = labeled_positions_loss(model, packing.pad_causal([row], pad_token_id=0))
     assert n == 0 and loss.detach().item() == 0.0
     loss.backward()
+
+
+# Every training method (components.training.methods) on a tiny Llama: the fast path must equal the
+# model's own forward whatever the method injects (adapters, magnitudes, 4-bit layers, token rows).
+METHOD_CONFIGS = {
+    "full": dict(finetuning="full"),
+    "freeze": dict(finetuning="freeze", freeze={"trainable_layers": 1, "trainable_modules": ["lm_head"]}),
+    "lora": dict(finetuning="lora"),
+    "rslora": dict(finetuning="lora", lora={"use_rslora": True}),
+    "dora": dict(finetuning="lora", lora={"use_dora": True}),
+    "pissa": dict(finetuning="lora", lora={"init": "pissa"}),
+    "qlora": dict(finetuning="qlora"),
+    "qlora_dora": dict(finetuning="qlora", lora={"use_dora": True}),
+    "new_tokens": dict(finetuning="lora"),
+}
+
+
+@pytest.mark.parametrize("method", sorted(METHOD_CONFIGS))
+def test_fast_path_equals_the_models_own_loss_under_every_training_method(method):
+    from components.config import TrainConfig
+    from components.models.loading import ADDED_TOKENS_ATTR, select_hardware
+    from components.training.methods import prepare_trainable
+
+    model = tiny_causal_lm("LlamaConfig")
+    if method == "new_tokens":  # as the prepare stage leaves a base with model.extra_tokens
+        setattr(model.config, ADDED_TOKENS_ATTR, [VOCAB - 2, VOCAB - 1])
+    model = prepare_trainable(model, TrainConfig(**METHOD_CONFIGS[method]), select_hardware("cpu", "fp32")).eval()
+    torch.manual_seed(1)
+    randomized = []
+    with torch.no_grad():  # random adapter and token weights: a loss that skipped them would differ
+        for name, param in model.named_parameters():
+            if param.requires_grad and ("lora_B" in name or "trainable_tokens_delta" in name):
+                param.normal_(0, 0.5)
+                randomized.append(name)
+    assert any("trainable_tokens" in n for n in randomized) == (method == "new_tokens")
+    causal = model.get_base_model() if hasattr(model, "get_base_model") else model
+    assert plain_head_logits(causal)
+    rows = _rows()
+    rows[0]["input_ids"][-2:] = rows[0]["labels"][-2:] = [VOCAB - 2, VOCAB - 1]
+    with torch.no_grad():
+        loss, n = labeled_positions_loss(model, packing.pad_causal(rows, pad_token_id=0))
+        ref, ref_n = _reference_loss(model, rows)
+    assert n == ref_n
+    assert float(loss) == pytest.approx(ref, rel=1e-5)
+
+
+def test_the_fallback_is_logged_once_per_model_class(caplog):
+    import logging
+
+    from components.models import loss as loss_module
+
+    config_class, overrides = TRANSFORMED_CONFIGS["gemma2"]
+    model = tiny_causal_lm(config_class, **overrides)
+    loss_module._fallbacks_logged.clear()
+    batch = packing.pad_causal(_rows(), pad_token_id=0)
+    with caplog.at_level(logging.INFO, logger="components.models.loss"), torch.no_grad():
+        labeled_positions_loss(model, batch)
+        labeled_positions_loss(model, batch)
+    assert [r.getMessage() for r in caplog.records].count(caplog.records[0].getMessage()) == 1
+    assert "Gemma2ForCausalLM (gemma2)" in caplog.records[0].getMessage()

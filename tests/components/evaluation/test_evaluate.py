@@ -1,0 +1,89 @@
+"""The evaluate stage's scoring on the tiny model: per-task report, flat keys, files; perplexity by hand."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from components.config import EvaluateConfig
+from components.evaluation.evaluate import perplexity, run_evaluate, score_heldout
+from tests.components.evaluation.test_per_task import FIXTURE
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(), AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def test_perplexity_of_a_uniform_model_is_the_vocabulary_size(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    with torch.no_grad():
+        model.get_output_embeddings().weight.zero_()  # every logit 0: each token has probability 1/V
+    rows = [{"input_ids": [5, 6, 7, 8], "labels": [-100, -100, 7, 8]}, {"input_ids": [9, 10], "labels": [-100, 10]}]
+    assert perplexity(model, rows, pad_token_id=0) == pytest.approx(model.config.vocab_size, rel=1e-4)
+
+
+def test_score_heldout_reports_every_task_with_chance_and_intervals(tiny):
+    model, tokenizer = tiny
+    cfg = EvaluateConfig(max_samples=4, max_new_tokens=3, batch_size=8, bootstrap_resamples=50)
+    report, samples = score_heldout(model, tokenizer, FIXTURE, cfg=cfg, template_name="auto", system_prompt=None)
+    tasks = report["tasks"]
+    assert list(tasks) == ["billable", "code_to_chapter", "description_to_code", "unlabeled"]
+    assert {t: e["n"] for t, e in tasks.items()} == {
+        "billable": 4, "code_to_chapter": 4, "description_to_code": 2, "unlabeled": 1}  # capped at 4 per task
+    assert tasks["billable"]["chance"] == 0.5 and tasks["billable"]["answers"] == 2
+    assert tasks["code_to_chapter"]["chance"] == 0.75  # 3 of its first 4 rows answer Neoplasms
+    assert "answers" not in tasks["description_to_code"]
+    assert "choice_accuracy" in tasks["billable"]["metrics"]
+    assert "choice_accuracy" not in tasks["description_to_code"]["metrics"]
+    for entry in [*tasks.values(), report["overall"]]:
+        em = entry["metrics"]["exact_match"]
+        assert em["ci_method"] == "wilson" and em["ci_low"] <= em["value"] <= em["ci_high"]
+        assert set(entry["metrics"]) >= {"exact_match", "bleu", "rouge1", "rouge2", "rougeL", "meteor", "nist",
+                                         "distinct_1", "distinct_2", "mean_length"}
+    overall = report["overall"]
+    assert overall["n"] == 11
+    assert overall["chance"] == pytest.approx((4 * 0.5 + 4 * 0.75 + 2 * 0.5 + 1 * 1.0) / 11)
+    assert len(samples) == 11 and {s["task"] for s in samples} == set(tasks)
+    choices = [s["choice"] for s in samples if s["task"] == "billable"]
+    assert len(choices) == 4 and set(choices) <= {"Yes", "No"}
+    # Choice accuracy pooled over the classification rows only.
+    hits = [s["choice"].lower() == s["reference"].lower() for s in samples if "choice" in s]
+    assert overall["metrics"]["choice_accuracy"]["value"] == pytest.approx(sum(hits) / len(hits))
+
+
+def test_a_total_cap_is_split_over_the_tasks(tiny):
+    model, tokenizer = tiny
+    cfg = EvaluateConfig(max_new_tokens=2, bootstrap_resamples=0, choice_max_answers=0)
+    report, _ = score_heldout(model, tokenizer, FIXTURE, cfg=cfg, template_name="auto", system_prompt=None,
+                              max_samples=8)
+    assert {t: e["n"] for t, e in report["tasks"].items()} == {
+        "billable": 2, "code_to_chapter": 2, "description_to_code": 2, "unlabeled": 1}
+    assert all("choice_accuracy" not in e["metrics"] for e in report["tasks"].values())  # choice turned off
+    assert math.isnan(report["overall"]["metrics"]["bleu"]["ci_low"] or math.nan)  # no resamples, no interval
+
+
+def test_run_evaluate_writes_metrics_samples_and_per_task(tiny, tmp_path: Path):
+    model, tokenizer = tiny
+    aligned = tmp_path / "align"
+    aligned.mkdir()
+    (aligned / "sft_eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in FIXTURE))
+    cfg = EvaluateConfig(max_samples=2, max_new_tokens=2, bootstrap_resamples=20)
+    result = run_evaluate(model, tokenizer, tmp_path / "out", tokenized_dir=tmp_path / "no-tokens",
+                          aligned_dir=aligned, cfg=cfg, template_name="auto", system_prompt=None)
+    assert result.files == ["metrics.json", "samples.jsonl", "per_task.json"]
+    per_task = json.loads((tmp_path / "out" / "per_task.json").read_text())
+    assert set(per_task) == {"overall", "tasks"} and per_task["tasks"]["billable"]["n"] == 2
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics == result.metrics
+    assert {"exact_match", "exact_match_ci_low", "exact_match_ci_high", "chance", "n", "task/billable/exact_match",
+            "task/billable/chance", "task/billable/n", "task/billable/choice_accuracy_ci_high"} <= set(metrics)
+    assert all(isinstance(v, float) and math.isfinite(v) for v in metrics.values())

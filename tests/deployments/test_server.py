@@ -1,0 +1,136 @@
+"""Deployments against a real Prefect server (`prefect server start`, one per module) and a process
+worker, as in production: the flow deployed with the tiny-model config, triggered with
+`run_deployment`, run by `prefect worker start --run-once`. A trigger that names one field changes
+that field only (the rest is the deployment's preset), and only the stages it decides rerun."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import ROOT, tiny_pipeline_config
+
+pytestmark = pytest.mark.e2e
+
+POOL = "lmforge-server-test"
+PREFECT = str(Path(sys.executable).with_name("prefect"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory):
+    """A `prefect server start` on a free port with its own PREFECT_HOME; yields (api_url, env for its clients)."""
+    home = tmp_path_factory.mktemp("prefect-server")
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_API_URL": url, "PYTHONPATH": str(ROOT)}
+    log = open(home / "server.log", "w")  # noqa: SIM115 (open for the server's lifetime)
+    server = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui"],
+                              env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"prefect server did not come up:\n{(home / 'server.log').read_text()[-4000:]}")
+            time.sleep(1)
+        yield url, env
+    finally:
+        server.terminate()
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()
+
+
+def _api(url: str):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    return temporary_settings({PREFECT_API_URL: url})
+
+
+def _run_on_worker(url: str, env: dict, name: str, parameters: dict | None = None):
+    """Trigger the deployment, let one `prefect worker --run-once` execute it, return the final flow run."""
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+
+    with _api(url):
+        flow_run = run_deployment(name, parameters=parameters or {}, timeout=0)
+    worker = subprocess.run([PREFECT, "worker", "start", "--pool", POOL, "--run-once"], env=env, cwd=ROOT,
+                            capture_output=True, text=True, timeout=900)
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_flow_run(flow_run.id)
+
+    with _api(url):
+        final = asyncio.run(read())
+    assert final.state.is_completed(), f"{final.state}\n{worker.stdout[-3000:]}\n{worker.stderr[-6000:]}"
+    return final
+
+
+def _stage_status(cfg, flow_run_id: str):
+    """(stage -> cached, parent run) of a flow run, from its MLflow runs (the parent is tagged with the flow run)."""
+    client = MlflowClient(cfg.tracking_uri(), cfg.tracking_uri())
+    exp = client.get_experiment_by_name(cfg.tracking.experiment).experiment_id
+    tagged = client.search_runs([exp], f"tags.`prefect.flow_run_id` = '{flow_run_id}'")  # the parent and its stages
+    parent = [r for r in tagged if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parent) == 1
+    children = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent[0].info.run_id}'")
+    return {r.data.tags["lmforge.stage"]: r.data.tags["lmforge.cached"] == "true"
+            for r in children if "lmforge.cached" in r.data.tags}, parent[0]
+
+
+def test_deployment_run_with_one_changed_field_reruns_only_what_it_decides(prefect_server, tiny_model_dir, tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+
+    from deployments.deploy import PlannedDeployment, deploy
+
+    url, env = prefect_server
+    cfg = tiny_pipeline_config(tiny_model_dir, tmp_path / "ws")
+
+    async def make_pool():
+        async with get_client() as client:
+            await client.create_work_pool(WorkPoolCreate(name=POOL, type="process"), overwrite=True)
+
+    with _api(url):
+        asyncio.run(make_pool())
+        deploy([PlannedDeployment(name="tiny", entrypoint="flows/domain_adaptation.py:domain_adaptation",
+                                  work_pool_name=POOL, parameters={"config": cfg.model_dump(mode="json")})])
+    name = "domain_adaptation/tiny"
+
+    first = _run_on_worker(url, env, name)
+    status, _ = _stage_status(cfg, str(first.id))
+    assert status and not any(status.values()), status
+
+    # One field from the command line or the API: the rest stays the deployment's preset.
+    second = _run_on_worker(url, env, name, {"config": {"sft": {"learning_rate": 2e-3}}})
+    status, parent = _stage_status(cfg, str(second.id))
+    rerun = {stage for stage, cached in status.items() if not cached}
+    assert rerun == {"sft", "evaluate-adapted", "quantize", "register", "promote"}, status
+    assert {"prepare", "fetch", "align", "tokenize", "cpt", "evaluate-base"} <= set(status)
+    params = parent.data.params
+    assert float(params["sft.learning_rate"]) == 2e-3
+    assert params["sft.max_steps"] == str(cfg.sft.max_steps) and params["workspace"] == cfg.workspace

@@ -1,0 +1,56 @@
+"""Alignment in the flow, on the tiny model: the reward stage and one alignment method run after SFT,
+the aligned model is evaluated beside base and SFT, and quantize/register take the aligned stack.
+Switching the method (raft -> ppo) reruns exactly the alignment stage and what reads it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import tiny_pipeline_config
+
+pytestmark = pytest.mark.e2e
+
+ALIGN = dict(**{
+    "reward.enabled": "true", "reward.max_steps": 3, "reward.batch_size": 4, "reward.logging_steps": 1,
+    "reward.max_length": 96, "alignment.max_prompts": 8, "alignment.num_generations": 2,
+    "alignment.max_new_tokens": 4, "alignment.batch_size": 2, "alignment.max_steps": 2, "alignment.logging_steps": 1,
+    "alignment.max_length": 96, "alignment.raft.iterations": 1, "alignment.raft.prompts_per_iteration": 4,
+    "alignment.raft.steps_per_iteration": 2, "alignment.reward.model_weight": 0.5,
+})
+
+
+def _status(summary):
+    return {row["stage"]: row["cached"] for row in summary["timeline"]}
+
+
+def test_raft_then_ppo_in_the_flow(tiny_model_dir, tmp_path, prefect_harness):
+    from flows.domain_adaptation import domain_adaptation
+
+    cfg = tiny_pipeline_config(tiny_model_dir, tmp_path / "ws", **{"alignment.method": "raft", **ALIGN})
+    summary = domain_adaptation(config=cfg)
+    status = _status(summary)
+    assert ["sft", "reward", "alignment", "evaluate-base"] == [s for s in status if s in
+                                                               ("sft", "reward", "alignment", "evaluate-base")]
+    assert summary["columns"][-1] == "aligned"
+    # Every column scores the same held-out answers with the rule and the reward model.
+    for metric in ("verifiable_reward", "reward_model_mean", "msttr_50", "response_words_mean"):
+        row = summary["comparison"][metric]
+        assert row["base"] is not None and row["aligned"] is not None, metric
+    reward = json.loads((Path(summary["stages"]["reward"]) / "reward_report.json").read_text())
+    assert reward["judged_on"] == "held-out" and 0 <= reward["quality"]["accuracy"] <= 1
+    quantize = json.loads((Path(summary["stages"]["quantize"]) / "manifest.json").read_text())
+    aligned_adapter = str(Path(summary["stages"]["alignment"]).resolve() / "adapter")
+    assert quantize["info"]["merged_adapters"][-1] == aligned_adapter
+    assert summary["alignment"]["method"] == "raft"
+
+    # PPO on the same SFT model, with the reward stage's adapter and score head on its one shared model.
+    ppo = cfg.model_copy(update={"alignment": cfg.alignment.model_copy(update={"method": "ppo"})})
+    second = domain_adaptation(config=ppo)
+    assert second["alignment"]["method"] == "ppo"
+    again = _status(second)
+    rerun = {s for s, cached in again.items() if not cached}
+    assert rerun == {"alignment", "evaluate-aligned", "quantize", "register"} | ({"promote"} & set(again))
+    assert again["reward"] and again["sft"] and again["evaluate-base"]

@@ -8,45 +8,18 @@ slower) and TRL refuses it outright without a GPU, so precision always comes fro
 from __future__ import annotations
 
 import math
-import os
 import time
 from pathlib import Path
 
 from components.errors import TrainingDiverged
 from components.pipeline import MetricsSink
-from components.training.lora import COMPLETE, last_complete_checkpoint, warmup_steps
-from components.training.methods import optimizer_arguments
+from components.training.lora import COMPLETE, last_complete_checkpoint, training_arguments
 
 
 def common_args(cfg, hardware, out_dir: Path) -> dict:
-    """Keyword arguments every TRL config takes, from a components.config.TrainConfig."""
-    import torch
-
-    return dict(
-        output_dir=str(Path(out_dir) / "checkpoints"),
-        max_steps=cfg.max_steps,
-        per_device_train_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.grad_accum,
-        learning_rate=cfg.learning_rate,
-        lr_scheduler_type=cfg.lr_scheduler,
-        warmup_steps=warmup_steps(cfg.warmup_ratio, cfg.max_steps),
-        weight_decay=cfg.weight_decay,
-        max_grad_norm=cfg.max_grad_norm,
-        logging_steps=cfg.logging_steps,
-        save_strategy="steps",
-        save_steps=cfg.save_steps,
-        save_total_limit=2,
-        seed=cfg.seed,
-        data_seed=cfg.seed,
-        bf16=hardware.dtype == torch.bfloat16,
-        fp16=hardware.dtype == torch.float16,
-        use_cpu=hardware.device == "cpu",
-        activation_checkpointing=cfg.gradient_checkpointing,  # transformers 5 name; TRL defaults it on
-        dataloader_num_workers=0,
-        report_to="none",
-        disable_tqdm=os.environ.get("LMFORGE_NO_PROGRESS") == "1",
-        **optimizer_arguments(cfg),
-    )
+    """Keyword arguments every TRL config takes, from a components.config.TrainConfig (checkpoints under
+    out_dir/checkpoints)."""
+    return training_arguments(cfg, hardware, Path(out_dir) / "checkpoints")
 
 
 def lora_config(lora, task_type: str):

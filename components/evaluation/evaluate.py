@@ -205,20 +205,9 @@ def evaluate_heldout(
     return result
 
 
-def evaluate_model(
-    model,
-    tokenizer,
-    *,
-    tokenized_dir: Path,
-    aligned_dir: Path,
-    cfg: EvaluateConfig,
-    template_name: str,
-    system_prompt: str | None,
-    max_samples: int | None = None,
-) -> tuple[dict[str, float], list[dict]]:
-    """Score one loaded model; returns (flat metrics, samples). See `evaluate_heldout` for the per-task report."""
-    result = evaluate_heldout(model, tokenizer, tokenized_dir=tokenized_dir, aligned_dir=aligned_dir, cfg=cfg,
-                              template_name=template_name, system_prompt=system_prompt, max_samples=max_samples)
+def evaluate_model(model, tokenizer, **kwargs) -> tuple[dict[str, float], list[dict]]:
+    """(flat metrics, samples) of `evaluate_heldout` with the same keyword arguments (quantize scores with it)."""
+    result = evaluate_heldout(model, tokenizer, **kwargs)
     return result.metrics, result.samples
 
 

@@ -144,6 +144,39 @@ def warmup_steps(warmup_ratio: float, max_steps: int) -> int:
     return math.ceil(round(warmup_ratio * max_steps, 9))
 
 
+def training_arguments(cfg: TrainConfig, hardware: Hardware, output_dir: Path) -> dict:
+    """The TrainingArguments a stage's TrainConfig and the hardware decide; shared by our loop and the TRL
+    trainers (whose configs extend TrainingArguments and default to bf16, which CPUs only emulate)."""
+    return dict(
+        output_dir=str(output_dir),
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=warmup_steps(cfg.warmup_ratio, cfg.max_steps),
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        logging_steps=cfg.logging_steps,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=2,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        bf16=hardware.dtype == torch.bfloat16,
+        fp16=hardware.dtype == torch.float16,
+        use_cpu=hardware.device == "cpu",
+        dataloader_num_workers=0,
+        report_to="none",
+        disable_tqdm=os.environ.get("LMFORGE_NO_PROGRESS") == "1",
+        activation_checkpointing=cfg.gradient_checkpointing,  # transformers 5's name for it
+        # Non-reentrant: works with frozen base weights (no enable_input_require_grads) and keeps
+        # the dropout masks of the recomputed forward identical to the first.
+        activation_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
+        **optimizer_arguments(cfg),
+    )
+
+
 def last_complete_checkpoint(ckpt_root: Path) -> Path | None:
     """Newest checkpoint with a complete marker; incomplete ones (a crash mid-save) are deleted."""
     if not ckpt_root.is_dir():
@@ -183,37 +216,12 @@ def run_lora_training(
 
     ckpt_root = out_dir / "checkpoints"
     args = TrainingArguments(
-        output_dir=str(ckpt_root),
-        max_steps=cfg.max_steps,
-        per_device_train_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.grad_accum,
-        learning_rate=cfg.learning_rate,
-        lr_scheduler_type=cfg.lr_scheduler,
-        warmup_steps=warmup_steps(cfg.warmup_ratio, cfg.max_steps),
-        weight_decay=cfg.weight_decay,
-        max_grad_norm=cfg.max_grad_norm,
-        logging_steps=cfg.logging_steps,
-        save_strategy="steps",
-        save_steps=cfg.save_steps,
-        save_total_limit=2,
-        seed=cfg.seed,
-        data_seed=cfg.seed,
-        bf16=hardware.dtype == torch.bfloat16,
-        fp16=hardware.dtype == torch.float16,
-        use_cpu=hardware.device == "cpu",
+        **training_arguments(cfg, hardware, ckpt_root),
         remove_unused_columns=False,
-        dataloader_num_workers=0,
-        report_to="none",
-        **optimizer_arguments(cfg),
         deepspeed=deepspeed,  # a ZeRO config (components.training.deepspeed); the process runs under its launcher
         # Batches of similar lengths: right padding then costs little (the sampler reads `length`).
         train_sampling_strategy="group_by_length",
         length_column_name="length",
-        disable_tqdm=os.environ.get("LMFORGE_NO_PROGRESS") == "1",
-        activation_checkpointing=cfg.gradient_checkpointing,  # transformers 5's name for it
-        # Non-reentrant: works with frozen base weights (no enable_input_require_grads) and keeps
-        # the dropout masks of the recomputed forward identical to the first.
-        activation_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
     )
     if "length" not in train_dataset.column_names:
         train_dataset = train_dataset.add_column("length", [len(x) for x in train_dataset["input_ids"]])

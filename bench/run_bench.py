@@ -238,9 +238,11 @@ def render(demo: dict, rerun_s: float, sft: dict | None, data: dict | None, conf
             "",
         ]
     # The learning-rate sweep of bench/cpt_learning.py is measured by hand (several CPT runs); kept as written.
-    sweep = ROOT / "bench" / "cpt_learning.md"
-    if sweep.is_file():
-        lines += [sweep.read_text().rstrip(), ""]
+    # So are the alignment figures (bench/alignment.md: the demo's reward + RAFT run, bench/ppo_memory.py).
+    for name in ("cpt_learning.md", "alignment.md"):
+        part = ROOT / "bench" / name
+        if part.is_file():
+            lines += [part.read_text().rstrip(), ""]
     lines += ["## GPU", "", "Not measured: the sessions that produced these figures had no GPU lent (bf16, QLoRA, "
               "DeepSpeed and flash-attention throughput wait for one; `configs/gpu-qwen2.5-0.5b.yaml` is the preset).", ""]
     return "\n".join(lines)

@@ -50,12 +50,28 @@ def deployment_preset() -> dict | None:
     return stored.get("config")
 
 
+class RemoteCodeRefused(ValueError):
+    """A triggered run asks to run model code that its deployment does not allow."""
+
+
+def check_remote_code(preset: dict, merged: PipelineConfig) -> None:
+    """A run triggered from the UI or the API may not turn `model.trust_remote_code` on: only the
+    deployment's own preset (prefect.yaml, written by whoever deploys) can allow model code to run."""
+    allowed = bool((preset.get("model") or {}).get("trust_remote_code"))
+    if merged.model.trust_remote_code and not allowed:
+        raise RemoteCodeRefused(
+            "this run sets model.trust_remote_code=true, which would run code shipped with the model, and its "
+            "deployment does not allow it; set model.trust_remote_code: true in the deployment's preset "
+            "(prefect.yaml) if you trust that model")
+
+
 def config_for_run(config: PipelineConfig) -> PipelineConfig:
     """`config` laid over the deployment's preset in a deployment run; `config` itself otherwise."""
     preset = deployment_preset()
     if not preset:
         return config
     merged = PipelineConfig.model_validate(lay_over(preset, config))
+    check_remote_code(preset, merged)
     if merged != config:
         changed = sorted(config.model_fields_set)
         log.info("config: the deployment's preset with the fields this run set (%s)", ", ".join(changed) or "none")

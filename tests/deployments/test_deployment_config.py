@@ -28,3 +28,18 @@ def test_a_full_config_runs_as_given_and_an_empty_one_is_the_preset():
     # A field set to its default value is still a choice the trigger made.
     default_lr = PipelineConfig().sft.learning_rate
     assert lay_over(preset, PipelineConfig.model_validate({"sft": {"learning_rate": default_lr}}))["sft"]["learning_rate"] == default_lr
+
+
+def test_a_triggered_run_cannot_turn_on_remote_code_unless_the_deployment_allows_it():
+    import pytest
+
+    from flows.deployment_config import RemoteCodeRefused, check_remote_code
+
+    preset = load_config(ROOT_PRESET).model_dump(mode="json")
+    asks = PipelineConfig.model_validate({"model": {"trust_remote_code": True}})
+    merged = PipelineConfig.model_validate(lay_over(preset, asks))
+    with pytest.raises(RemoteCodeRefused, match="deployment does not allow it"):
+        check_remote_code(preset, merged)
+    allowing = preset | {"model": preset["model"] | {"trust_remote_code": True}}
+    check_remote_code(allowing, merged)  # the deployment's own preset allows it: runs
+    check_remote_code(preset, PipelineConfig.model_validate(preset))  # off stays fine

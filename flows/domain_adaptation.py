@@ -114,10 +114,10 @@ def domain_adaptation(
                 reset_dir(out)
             refresh = force or not verify_manifest(read_manifest(out), deep=deep)
             if refresh and not force:
-                # A stale or tampered output is never reused; a resumable stage keeps its checkpoints.
-                # (A non-resumable one is emptied by run_stage, under the stage lock.)
-                if node.spec.resumable:
-                    (out / "manifest.json").unlink(missing_ok=True)
+                # A stale or tampered output is never reused (nor adopted by run_stage): its manifest goes.
+                # A resumable stage keeps its checkpoints; a non-resumable one is emptied by run_stage, under
+                # the stage lock.
+                (out / "manifest.json").unlink(missing_ok=True)
             upstream = {u: manifests[u] for u in node.upstream}
             started = time.perf_counter()
             state = t.stage_task(node.spec).with_options(refresh_cache=refresh)(

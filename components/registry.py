@@ -53,8 +53,41 @@ def register_model(
     return version.version
 
 
+def save_mlflow_model(model_dir: Path, dest: Path, *, metadata: dict[str, str]) -> Path:
+    """Write the merged checkpoint as an MLflow transformers model (task `llm/v1/chat`, so pyfunc takes and
+    returns OpenAI-style chat, and `mlflow models serve` answers `/invocations`), with pinned requirements
+    and our lineage in the MLmodel metadata.
+
+    The model is loaded as a pipeline rather than passed as a directory: MLflow 3.17's local-checkpoint path
+    reads `check_task(task)[1]["impl"].__name__`, and transformers 5 names that class by a string, so it
+    fails. Loading costs one read of the weights, in their saved dtype.
+    """
+    import mlflow.transformers
+    import transformers
+    from huggingface_hub import ModelCard
+
+    pipe = transformers.pipeline("text-generation", model=str(model_dir), tokenizer=str(model_dir), dtype="auto")
+    lines = "\n".join(f"- `{k}`: {v}" for k, v in sorted(metadata.items()))
+    # Our own card: MLflow would otherwise look the local path up on the Hub and warn that it cannot.
+    card = ModelCard(f"# Domain-adapted model\n\nTrained by lmforge. Its license is the base model's.\n\n{lines}\n")
+    mlflow.transformers.save_model(pipe, path=str(dest), task="llm/v1/chat", pip_requirements=serving_requirements(),
+                                   metadata=metadata, model_card=card)
+    return Path(dest)
+
+
+def serving_requirements() -> list[str]:
+    """The libraries a served model needs, pinned to the versions that wrote it (local build tags such as
+    `+cpu` dropped: indexes do not serve them)."""
+    from importlib.metadata import version
+
+    return [f"{pkg}=={version(pkg).split('+')[0]}"
+            for pkg in ("mlflow", "torch", "transformers", "tokenizers", "safetensors", "accelerate")]
+
+
 def resolve_registry_uri(client: MlflowClient, uri: str, dest: Path) -> Path:
-    """Download `models:/NAME@alias` or `models:/NAME/VERSION` into `dest` and return the model directory."""
+    """Download `models:/NAME@alias` or `models:/NAME/VERSION` into `dest` and return a directory that
+    transformers loads: an MLflow transformers model is laid out as `model/` (weights) beside
+    `components/tokenizer/`, so those two are joined; a plain checkpoint is used as it is."""
     import mlflow.artifacts
 
     body = uri[len("models:/") :]
@@ -69,10 +102,15 @@ def resolve_registry_uri(client: MlflowClient, uri: str, dest: Path) -> Path:
         # Into a fresh temp dir beside the target, renamed when whole: a crashed download is never used.
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}.") as tmp:
-            downloaded = mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=tmp,
-                                                             tracking_uri=client.tracking_uri)
+            downloaded = Path(mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=tmp,
+                                                                  tracking_uri=client.tracking_uri))
+            checkpoint = downloaded
+            if (downloaded / "MLmodel").is_file():
+                checkpoint = downloaded / "model"
+                for f in (downloaded / "components" / "tokenizer").glob("*"):
+                    shutil.move(str(f), checkpoint / f.name)
             shutil.rmtree(target, ignore_errors=True)
-            Path(downloaded).rename(target)
+            checkpoint.rename(target)
     return target
 
 
@@ -103,20 +141,25 @@ def registered_evaluation(inputs: StageInputs) -> dict:
 
 def register_stage(cfg: PipelineConfig, inputs: StageInputs, out_dir: Path) -> StageResult:
     """Stage entry point (see components.pipeline): a model run under the flow's parent run holding the
-    merged checkpoint and both evaluations, a registered version with lineage tags, the alias moved."""
+    merged checkpoint as an MLflow transformers model and both evaluations, a registered version with
+    lineage tags, the alias moved."""
     if inputs.run is None:
         raise ValueError("register needs the flow run's tracking context (StageInputs.run)")
     client = tracking.client_for(inputs.run.tracking_uri)
     merged = inputs.dir("quantize") / "merged"
-    files = sorted(str(p.relative_to(merged)) for p in merged.rglob("*") if p.is_file())
     run_id = tracking.start_run(client, inputs.run.experiment_id, "model", parent=inputs.run.parent_run_id,
                                 tags={"lmforge.stage": "register"})
     metrics = {f"eval_{k}": v for k, v in registered_evaluation(inputs)["metrics"].items()}
     metrics.update({f"base_{k}": v for k, v in inputs.upstream["evaluate-base"]["metrics"].items()})
     tracking.log_metrics(client, run_id, metrics)
-    tags = {**lineage_tags(inputs, cfg.model.base), **{k: f"{v:.6g}" for k, v in metrics.items()}}
+    lineage = lineage_tags(inputs, cfg.model.base)
+    tags = {**lineage, **{k: f"{v:.6g}" for k, v in metrics.items()}}
     name, alias = cfg.registry.model_name, cfg.registry.alias
-    version = register_model(client, name=name, run_id=run_id, model_dir=merged, files=files, tags=tags, alias=alias)
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".mlflow-model.") as tmp:
+        model_dir = save_mlflow_model(merged, Path(tmp) / "model", metadata=lineage)
+        files = sorted(str(p.relative_to(model_dir)) for p in model_dir.rglob("*") if p.is_file())
+        version = register_model(client, name=name, run_id=run_id, model_dir=model_dir, files=files, tags=tags,
+                                 alias=alias)
     tracking.end_run(client, run_id)
     atomic_write_json(Path(out_dir) / "registered.json",
                       {"name": name, "version": version, "alias": alias, "model_run_id": run_id})

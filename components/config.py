@@ -3,6 +3,8 @@
 One YAML file composes these models; `--set a.b=c` overrides any field. Field names and
 descriptions are the user documentation (they also render as the Prefect UI form).
 Unknown keys and wrong types fail before anything runs, naming the field.
+The training settings live in config_training.py and the reward and alignment ones in
+config_alignment.py; every name is importable from here.
 """
 
 from __future__ import annotations
@@ -13,12 +15,25 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
 
+from components.config_alignment import (  # noqa: F401  (re-exported: components.config is the import path)
+    AlignmentConfig,
+    PPOConfig,
+    RaftSettings,
+    RewardFunctionConfig,
+    RewardModelConfig,
+)
+from components.config_base import Strict
+from components.config_training import (  # noqa: F401  (re-exported)
+    DeepSpeedSettings,
+    FreezeSettings,
+    GaloreSettings,
+    LoraSettings,
+    QLoraSettings,
+    TrainConfig,
+)
 from components.data.records import MIXED_GROUPS, interleave_probs_problem
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class RopeScalingSettings(Strict):
@@ -53,7 +68,7 @@ class ModelConfig(Strict):
         "(loading fails with what to install when it is missing)."
     )
     rope_scaling: RopeScalingSettings | None = Field(
-        None,
+        None, title="RoPE scaling",
         description="Stretch the rotary position embeddings past the base model's context window, so "
         "tokenize.cutoff_len may exceed it. Applied once in the prepare stage (the prepared model's config carries "
         "it, so every later stage loads it). Null: the model's own positions.",
@@ -157,147 +172,6 @@ class TokenizeConfig(Strict):
     )
 
 
-class LoraSettings(Strict):
-    """The adapter of finetuning lora and qlora."""
-
-    r: int = Field(8, ge=1, description="Rank of the low-rank update.")
-    alpha: int = Field(16, ge=1, description="Scale of the update: alpha / r (alpha / sqrt(r) with use_rslora).")
-    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the adapter's input.")
-    target_modules: str | list[str] = Field("all-linear", description="'all-linear' or explicit module names.")
-    use_rslora: bool = Field(
-        False, description="Rank-stabilised LoRA: scale by alpha / sqrt(r), so higher ranks keep learning."
-    )
-    use_dora: bool = Field(
-        False, description="DoRA: learn each weight's magnitude apart from its direction; often closer to full "
-        "fine-tuning at low rank, for slower steps."
-    )
-    loraplus_lr_ratio: float | None = Field(
-        None, ge=1.0, description="LoRA+: the B matrices learn at learning_rate x this ratio (the paper suggests 16). "
-        "Null: one learning rate for A and B."
-    )
-    init: Literal["default", "pissa", "pissa_niter_4"] = Field(
-        "default", description="default: B = 0, the adapter starts as a no-op. pissa: A and B start from the "
-        "weight's principal singular vectors (faster convergence; the saved adapter is converted so that it applies "
-        "to the unchanged base); pissa_niter_4: the same with a fast randomized SVD. Not with qlora."
-    )
-    train_new_tokens: bool = Field(
-        True, description="When the base has tokens added by model.extra_tokens, also train their embedding rows "
-        "(peft trainable tokens; saved with the adapter). Off: their mean-initialised rows stay as they are."
-    )
-
-
-class FreezeSettings(Strict):
-    """What finetuning: freeze trains; every other weight stays as it is."""
-
-    trainable_layers: int = Field(2, ge=0, description="Train the last N decoder layers entirely; 0: none.")
-    trainable_modules: list[str] = Field(
-        [], description="Also train these modules wherever they occur, by name or dotted suffix "
-        "('lm_head', 'norm', 'mlp', 'self_attn.o_proj')."
-    )
-
-
-class QLoraSettings(Strict):
-    """The 4-bit base of finetuning: qlora (bitsandbytes; runs on CPU too, in fp32 compute)."""
-
-    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type of the frozen base weights.")
-    double_quant: bool = Field(True, description="Quantize the quantization constants too (~0.4 bits per weight less).")
-    compute_dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="Dtype the 4-bit weights are dequantized to for matmuls; auto: the hardware precision."
-    )
-
-
-class GaloreSettings(Strict):
-    """GaLore (optimizer: galore_*): full-rank weights, gradients projected to a low-rank subspace."""
-
-    rank: int = Field(128, ge=1, description="Rank of the gradient projection.")
-    update_proj_gap: int = Field(200, ge=1, description="Steps between recomputing the projection (an SVD).")
-    scale: float = Field(0.25, gt=0, description="Scale of the projected update.")
-    target_modules: list[str] = Field(
-        ["self_attn", "mlp"], description="Linear layers whose names contain one of these get projected gradients; "
-        "the rest train with the plain optimizer."
-    )
-
-
-class DeepSpeedSettings(Strict):
-    """DeepSpeed ZeRO for a training stage (components/training/deepspeed.py builds the config).
-
-    The stage then runs under the `deepspeed` launcher in its own process group
-    (components/training/launch.py): one GPU, several GPUs or several nodes run the same code.
-    """
-
-    stage: Literal[0, 2, 3] = Field(
-        0, description="ZeRO stage: 0 off (plain Trainer, default); 2 shards optimizer states and gradients; "
-        "3 also shards the weights (models that do not fit one device).",
-    )
-    offload: bool = Field(
-        False, description="Offload to CPU RAM: optimizer states (stage 2 and 3) and weights (stage 3). "
-        "Fits larger models on fewer GPUs for slower steps; needs host RAM of about 12-16 bytes per trained parameter.",
-    )
-
-
-class TrainConfig(Strict):
-    enabled: bool = True
-    learning_rate: float = Field(2e-4, gt=0)
-    max_steps: int = Field(40, ge=1, description="Optimizer steps.")
-    batch_size: int = Field(8, ge=1, description="Sequences per micro-batch.")
-    grad_accum: int = Field(1, ge=1)
-    warmup_ratio: float = Field(0.05, ge=0, le=1)
-    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    logging_steps: int = Field(5, ge=1)
-    save_steps: int = Field(20, ge=1, description="Checkpoint every N steps; a crashed run resumes from the last complete one.")
-    seed: int = 42
-    finetuning: Literal["full", "freeze", "lora", "qlora"] = Field(
-        "lora", description="What trains: full (every weight), freeze (the layers and modules in `freeze`), lora "
-        "(adapters from `lora` on the frozen base), qlora (the same adapters on a 4-bit base from `qlora`). lora and "
-        "qlora save an adapter; full and freeze save the whole model."
-    )
-    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "lion", "adafactor", "galore_adamw",
-                       "galore_adafactor", "lomo", "adalomo"] = Field(
-        "adamw", description="adamw (torch); adamw_8bit / paged_adamw_8bit (bitsandbytes 8-bit states, paged on "
-        "GPU); lion (bitsandbytes, one state: use ~3-10x lower learning rate); adafactor (factored second moments); "
-        "galore_adamw / galore_adafactor (GaLore low-rank gradient projection, finetuning full or freeze, needs "
-        "galore-torch); lomo / adalomo (update fused into the backward pass, no optimizer state, finetuning full "
-        "or freeze, grad_accum 1, needs lomo-optim)."
-    )
-    lora: LoraSettings = Field(LoraSettings(), description="Used by finetuning lora and qlora.")
-    freeze: FreezeSettings = Field(FreezeSettings(), description="Used by finetuning: freeze.")
-    qlora: QLoraSettings = Field(QLoraSettings(), description="Used by finetuning: qlora (with the lora settings).")
-    galore: GaloreSettings = Field(GaloreSettings(), description="Used by the galore_* optimizers.")
-    use_liger: bool = Field(
-        False, description="Patch the model with Liger's fused Triton kernels (RMSNorm, RoPE, SwiGLU, fused "
-        "cross-entropy); needs a GPU and the liger-kernel package."
-    )
-    deepspeed: DeepSpeedSettings = Field(DeepSpeedSettings(), description="DeepSpeed ZeRO stage and CPU offload.")
-    gradient_checkpointing: bool = Field(
-        False,
-        description="Keep only each decoder layer's input during the forward pass and recompute the rest in "
-        "the backward pass: activation memory falls to about one layer's worth, for roughly a third more compute.",
-    )
-    packing: bool = Field(
-        False,
-        description="Padding-free packing: each micro-batch's examples are concatenated into one row whose "
-        "position ids restart per example, so no pad token is computed and examples attend only within "
-        "themselves. Pays off with model.attn_implementation=flash_attention_2 on a GPU; on CPU the default "
-        "(length-grouped rows, right-padded) is faster.",
-    )
-
-    @model_validator(mode="after")
-    def _method_fits(self):
-        galore, lomo = self.optimizer.startswith("galore_"), self.optimizer in ("lomo", "adalomo")
-        if (galore or lomo) and self.finetuning not in ("full", "freeze"):
-            raise ValueError(f"optimizer {self.optimizer} updates whole weight matrices: use finetuning full or "
-                             f"freeze with it (finetuning is {self.finetuning!r}), or another optimizer")
-        if lomo and self.grad_accum != 1:
-            raise ValueError(f"optimizer {self.optimizer} applies each gradient in the backward pass and cannot "
-                             f"accumulate: set grad_accum to 1 (it is {self.grad_accum})")
-        if self.finetuning == "qlora" and self.lora.init != "default":
-            raise ValueError(f"lora.init {self.lora.init} decomposes full-precision weights and cannot start from a "
-                             "4-bit base: use finetuning lora with it, or lora.init default")
-        return self
-
-
 class EvaluateConfig(Strict):
     """Held-out evaluation, reported per task (the `task` label of each row) with chance levels and 95% intervals."""
 
@@ -323,98 +197,6 @@ class EvaluateConfig(Strict):
         "skipped with a logged reason when their data cannot be reached, e.g. offline)."
     )
     harness_limit: int | None = Field(None, ge=1, description="At most this many rows per harness task (null: all).")
-
-
-class RewardModelConfig(TrainConfig):
-    """The reward model stage: a scalar head (LoRA on the SFT model) trained on preference pairs."""
-
-    enabled: bool | None = Field(
-        None, description="Train the reward model. Null: when the alignment reward uses it "
-        "(alignment.reward.model_weight > 0)."
-    )
-    max_length: int = Field(256, ge=16, description="Tokens per prompt+answer; longer pairs are truncated.")
-    min_accuracy: float = Field(
-        0.55, ge=0, le=1, description="Held-out pairwise accuracy at or below which the reward model is not trusted."
-    )
-    on_low_accuracy: Literal["warn", "fail"] = Field(
-        "warn", description="What a reward model at or below min_accuracy does: warn in the summary, or fail the stage."
-    )
-
-
-class RewardFunctionConfig(Strict):
-    """The one reward every method scores completions with: a weighted sum of the backends that are set."""
-
-    rule: str | None = Field(
-        None,
-        description="Verifiable reward: a dotted path 'module:function' to a callable "
-        "reward(prompts, completions, **columns) -> list[float], e.g. components.alignment.icd10:icd10_reward "
-        "(the ICD demo's). Null: none. The evaluation reports it as verifiable_reward.",
-    )
-    rule_weight: float = Field(1.0, description="Weight of the rule reward.")
-    model_weight: float = Field(0.0, ge=0, description="Weight of the learned reward model (trains the reward stage).")
-    http_url: str | None = Field(
-        None, description="Reward endpoint: POST {prompts, completions, columns} -> {rewards: [...]}. Null: none."
-    )
-    http_weight: float = Field(1.0, description="Weight of the endpoint's reward.")
-    http_timeout_s: float = Field(30.0, gt=0)
-
-
-class RaftSettings(Strict):
-    iterations: int = Field(2, ge=1, description="Sample -> rank -> fine-tune rounds.")
-    prompts_per_iteration: int = Field(64, ge=1, description="Prompts sampled each round.")
-    keep: Literal["best_per_prompt", "top_fraction"] = Field(
-        "best_per_prompt", description="Keep each prompt's best completion, or the best fraction of all completions."
-    )
-    keep_fraction: float = Field(0.25, gt=0, le=1, description="With keep=top_fraction: the share kept.")
-    steps_per_iteration: int = Field(20, ge=1, description="Optimizer steps of fine-tuning on each round's kept set.")
-
-
-class PPOConfig(Strict):
-    ppo_epochs: int = Field(2, ge=1, description="Passes over each batch of rollouts.")
-    mini_batch_size: int = Field(4, ge=1)
-    kl_coef: float = Field(0.05, ge=0, description="Initial coefficient of the KL penalty to the reference policy.")
-    adaptive_kl: bool = Field(False, description="Adapt kl_coef toward target_kl (Ziegler et al. 2019).")
-    target_kl: float = Field(6.0, gt=0, description="With adaptive_kl: the KL per response (nats, summed over its "
-                             "tokens) the coefficient steers toward.")
-    kl_horizon: int = Field(10000, ge=1)
-    gamma: float = Field(1.0, ge=0, le=1)
-    lam: float = Field(0.95, ge=0, le=1)
-    cliprange: float = Field(0.2, gt=0)
-    cliprange_value: float = Field(0.2, gt=0)
-    vf_coef: float = Field(0.1, ge=0)
-    whiten_advantages: bool = True
-
-
-class AlignmentConfig(TrainConfig):
-    """Alignment after SFT: one method, on the reward or the preference pairs."""
-
-    method: Literal["none", "raft", "ppo", "dpo", "kto", "orpo", "simpo", "grpo"] = Field(
-        "none", description="none; raft, ppo, grpo (sample and score with alignment.reward); dpo, kto, orpo, simpo "
-        "(learn from data.preference pairs; kto also from data.kto)."
-    )
-    reward: RewardFunctionConfig = RewardFunctionConfig()
-    beta: float = Field(0.1, ge=0, description="Strength of the anchor to the SFT model (DPO/KTO/ORPO/SimPO beta; "
-                        "GRPO's KL coefficient: > 0 keeps a KL anchor).")
-    simpo_gamma: float = Field(0.5, ge=0, description="SimPO's target reward margin.")
-    max_prompts: int = Field(256, ge=1, description="Prompts (from data.sft) the sampling methods draw from.")
-    num_generations: int = Field(4, ge=2, description="Completions sampled per prompt (RAFT's K, GRPO's group).")
-    temperature: float = Field(1.0, gt=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    max_new_tokens: int = Field(24, ge=1)
-    max_length: int = Field(256, ge=16, description="Tokens per prompt+answer for the preference methods.")
-    max_kl: float | None = Field(
-        None, gt=0, description="Stop the stage (keeping the last good checkpoint) when the KL to the reference "
-        "exceeds this. Null: no bound."
-    )
-    raft: RaftSettings = RaftSettings()
-    ppo: PPOConfig = PPOConfig()
-
-    @model_validator(mode="after")
-    def _ppo_shares_one_model(self):
-        if self.method == "ppo" and self.finetuning != "lora":
-            raise ValueError("alignment.method=ppo keeps policy, reference, reward and value on one base model "
-                             "through adapters: alignment.finetuning must be lora")
-        return self
 
 
 class QuantizeConfig(Strict):
@@ -449,7 +231,7 @@ class PromotionRule(Strict):
     """One condition of the promotion gate, on a held-out metric of the evaluate stage."""
 
     metric: str = Field(description="A metric the evaluate stage reports: perplexity_sft_eval, exact_match, rougeL, "
-                        "bleu, or a per-task figure such as task/<task>/...")
+                        "bleu, or a per-task figure such as `task/<task>/...`")
     direction: Literal["higher", "lower"] = Field(description="Which way is better for this metric.")
     margin: float = Field(
         0.0, description="How much better than the reference the challenger must be, in the metric's units; "
@@ -473,19 +255,26 @@ class PipelineConfig(Strict):
     """The whole domain-adaptation run."""
 
     workspace: str = Field(".lmforge", description="Artifacts, caches, MLflow database live here.")
-    model: ModelConfig = ModelConfig()
-    data: DataConfig = DataConfig()
-    tokenize: TokenizeConfig = TokenizeConfig()
-    cpt: TrainConfig = TrainConfig(max_steps=30, learning_rate=3e-4, batch_size=4)
-    sft: TrainConfig = TrainConfig()
-    reward: RewardModelConfig = RewardModelConfig(max_steps=40, learning_rate=1e-4)
-    alignment: AlignmentConfig = AlignmentConfig(max_steps=20, learning_rate=5e-5, batch_size=4)
-    evaluate: EvaluateConfig = EvaluateConfig()
-    quantize: QuantizeConfig = QuantizeConfig()
-    registry: RegistryConfig = RegistryConfig()
-    promotion: PromotionConfig = PromotionConfig()
-    tracking: TrackingConfig = TrackingConfig()
-    compute: ComputeConfig = ComputeConfig()
+    # Titles name each section in the Prefect UI's run form (else four sections would read "TrainConfig").
+    model: ModelConfig = Field(ModelConfig(), title="Model", description="The base model and how it is loaded.")
+    data: DataConfig = Field(DataConfig(), title="Data", description="Datasets per stage, read from dataset_info.")
+    tokenize: TokenizeConfig = Field(TokenizeConfig(), title="Tokenize",
+                                     description="Chat template, loss masks, cutoff and packing.")
+    cpt: TrainConfig = Field(TrainConfig(max_steps=30, learning_rate=3e-4, batch_size=4), title="Continued pretraining",
+                             description="Training on the plain-text domain corpus.")
+    sft: TrainConfig = Field(TrainConfig(), title="Supervised fine-tuning",
+                             description="Training on conversations, loss on the answers.")
+    reward: RewardModelConfig = Field(RewardModelConfig(max_steps=40, learning_rate=1e-4), title="Reward model",
+                                      description="A score head trained on the preference pairs.")
+    alignment: AlignmentConfig = Field(AlignmentConfig(max_steps=20, learning_rate=5e-5, batch_size=4),
+                                       title="Alignment", description="RAFT, PPO, GRPO, DPO, KTO, ORPO or SimPO after SFT.")
+    evaluate: EvaluateConfig = Field(EvaluateConfig(), title="Evaluate", description="Held-out evaluation of every model.")
+    quantize: QuantizeConfig = Field(QuantizeConfig(), title="Quantize", description="Merge adapters, score 4/8-bit loads.")
+    registry: RegistryConfig = Field(RegistryConfig(), title="Registry", description="The MLflow registered model.")
+    promotion: PromotionConfig = Field(PromotionConfig(), title="Promotion",
+                                       description="When the new version becomes @champion.")
+    tracking: TrackingConfig = Field(TrackingConfig(), title="Tracking", description="Where MLflow records runs.")
+    compute: ComputeConfig = Field(ComputeConfig(), title="Compute", description="Device, precision, threads, GPUs.")
 
     def tracking_uri(self) -> str:
         if self.tracking.tracking_uri:

@@ -20,11 +20,12 @@ import components
 from components.config import hash_json
 from components.pipeline import STAGES_BY_NAME
 
-# Reached by every stage but not deciding what a stage writes: the config schema (the resolved
+# Reached by every stage but not deciding what a stage writes: the config schema (config*.py; the resolved
 # stage config is in the key already), manifests and atomic writes, MLflow calls, memory figures.
 # Hashing them would make a docstring edit there recompute every stage.
-NOT_OUTPUT = {"components.config", "components.artifacts", "components.tracking", "components.resources",
-              "components.pipeline", "components.errors", "components.runtime"}
+NOT_OUTPUT = {"components.config", "components.config_base", "components.config_training",
+              "components.config_alignment", "components.artifacts", "components.tracking",
+              "components.resources", "components.pipeline", "components.errors", "components.runtime"}
 
 
 _ROOT = Path(components.__file__).resolve().parents[1]

@@ -1,5 +1,5 @@
 """What every TRL trainer here shares: arguments derived from our TrainConfig and the hardware,
-a LoRA config, and one callback for metrics, complete checkpoint markers and divergence guards.
+a LoRA config, and lora.training_callback (metrics, complete checkpoint markers) with a NaN/KL guard.
 
 TRL's configs default to bf16 and gradient checkpointing; on these CPUs bf16 is emulated (~20x
 slower) and TRL refuses it outright without a GPU, so precision always comes from `Hardware`.
@@ -8,12 +8,11 @@ slower) and TRL refuses it outright without a GPU, so precision always comes fro
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 
 from components.errors import TrainingDiverged
 from components.pipeline import MetricsSink
-from components.training.lora import COMPLETE, last_complete_checkpoint, training_arguments
+from components.training.lora import last_complete_checkpoint, training_arguments, training_callback
 
 
 def common_args(cfg, hardware, out_dir: Path) -> dict:
@@ -29,36 +28,30 @@ def lora_config(lora, task_type: str):
                       target_modules=lora.target_modules, task_type=task_type)
 
 
+def divergence_guard(max_kl: float | None, kl_keys: tuple[str, ...] = ("kl",)):
+    """A guard for lora.training_callback: stop on a NaN loss or gradient norm, or on a logged KL (any of
+    `kl_keys`) beyond `max_kl`, naming the step. Trainer logs a NaN loss as the previous mean
+    (logging_nan_inf_filter), so the gradient norm is what shows it; fp16's loss scaler skips overflowing
+    steps itself."""
+
+    def guard(args, state, logs: dict) -> None:
+        for key in ("loss", "grad_norm"):
+            value = logs.get(key)
+            if key == "grad_norm" and args.fp16:
+                continue
+            if isinstance(value, float) and not math.isfinite(value):
+                raise TrainingDiverged(state.global_step, f"{key} is {value}")
+        for key in kl_keys:
+            kl = logs.get(key)
+            if max_kl is not None and isinstance(kl, (int, float)) and kl > max_kl:
+                raise TrainingDiverged(state.global_step, f"KL to the reference {kl:.3f} > max_kl {max_kl}")
+
+    return guard
+
+
 def stage_callback(sink: MetricsSink | None, *, max_kl: float | None = None, kl_keys: tuple[str, ...] = ("kl",)):
-    """Forward logs to `sink` with tokens/s, mark checkpoints complete, and stop on NaN or too much KL."""
-    from transformers import TrainerCallback
-
-    class AlignmentCallback(TrainerCallback):
-        t0 = 0.0
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            self.t0 = time.perf_counter()
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            logs = logs or {}
-            loss = logs.get("loss")
-            if isinstance(loss, float) and not math.isfinite(loss):
-                raise TrainingDiverged(state.global_step, f"loss is {loss}")
-            for key in kl_keys:
-                kl = logs.get(key)
-                if max_kl is not None and isinstance(kl, (int, float)) and kl > max_kl:
-                    raise TrainingDiverged(state.global_step, f"KL to the reference {kl:.3f} > max_kl {max_kl}")
-            if sink is not None:
-                metrics = {k: float(v) for k, v in logs.items() if isinstance(v, (int, float))}
-                metrics["elapsed_s"] = time.perf_counter() - self.t0
-                sink(state.global_step, metrics)
-
-        def on_save(self, args, state, control, **kwargs):
-            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            if ckpt.is_dir():
-                (ckpt / COMPLETE).write_text(str(state.global_step))
-
-    return AlignmentCallback()
+    """Forward logs to `sink`, mark checkpoints complete, and stop on NaN or too much KL."""
+    return training_callback(sink, guard=divergence_guard(max_kl, kl_keys))
 
 
 def train_resuming(trainer, out_dir: Path) -> tuple[object, int]:

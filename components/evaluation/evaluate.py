@@ -173,7 +173,10 @@ def score_heldout(
     report = {"overall": task_entry(n, chance, overall), "tasks": tasks}
     samples = []
     for i, ((task, _), (messages, ref)) in enumerate(zip(rows, pairs)):
-        sample = {"task": task, "prompt": messages[-1]["content"], "reference": ref, "prediction": preds[i]}
+        # `prompt` is the question for readers; `rendered_prompt` the exact text the answer was generated
+        # from (every earlier turn included), which the rewards score.
+        sample = {"task": task, "prompt": messages[-1]["content"], "rendered_prompt": prompts[i], "reference": ref,
+                  "prediction": preds[i]}
         if picks[i] is not None:
             sample["choice"] = picks[i]
         samples.append(sample)
@@ -266,7 +269,8 @@ def evaluate_stage(cfg: PipelineConfig, inputs: StageInputs, out_dir: Path) -> S
 
 def _answer_rewards(cfg: PipelineConfig, inputs: StageInputs, out_dir: Path, tokenizer, hardware) -> dict:
     """The held-out answers' verifiable reward, reward-model score (when the reward stage ran), length and
-    diversity (components.alignment.scoring), so base, SFT and aligned models compare on them."""
+    diversity (components.alignment.scoring), so base, SFT and aligned models compare on them. Rewards see
+    each answer's own generation prompt (the sample's rendered_prompt), earlier turns included."""
     from components.alignment.data import turn_end
     from components.alignment.rewards import RewardModel
     from components.alignment.scoring import response_metrics
@@ -274,8 +278,7 @@ def _answer_rewards(cfg: PipelineConfig, inputs: StageInputs, out_dir: Path, tok
     samples = [json.loads(line) for line in (out_dir / "samples.jsonl").read_text().splitlines() if line.strip()]
     if not samples:
         return {}
-    prompts = [render_prompt(tokenizer, cfg.tokenize.template, [{"role": "user", "content": s["prompt"]}],
-                             cfg.tokenize.system_prompt) for s in samples]
+    prompts = [s["rendered_prompt"] for s in samples]
     reward_model = None
     if inputs.has("reward"):
         reward = inputs.upstream["reward"]["info"]

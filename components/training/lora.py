@@ -23,6 +23,7 @@ import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -82,26 +83,38 @@ def _build_trainer_class():
     return PackedTrainer
 
 
-def _callback(sink: MetricsSink | None, trainer_ref: dict):
+Guard = Callable[[Any, Any, dict], None]  # (TrainingArguments, TrainerState, logs); raises to stop training
+
+
+def training_callback(sink: MetricsSink | None, *, tokens_seen: Callable[[], int] | None = None,
+                      guard: Guard | None = None):
+    """The Trainer callback of every training stage (our loop here, the TRL trainers in
+    components/alignment/trl_support.py).
+
+    Forwards each log to `sink` with elapsed_s (and tokens_per_s when `tokens_seen` reads the trainer's
+    token count), marks each checkpoint complete once Trainer has written it (a rerun resumes only from
+    complete ones), and hands each log to `guard`, which raises to stop a run that diverged.
+    """
     from transformers import TrainerCallback
 
-    class LmforgeCallback(TrainerCallback):
-        def __init__(self):
-            self.t0 = None
-            self.tokens0 = 0
+    class StageCallback(TrainerCallback):
+        t0, tokens0 = 0.0, 0
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.t0 = time.perf_counter()
-            self.tokens0 = trainer_ref["trainer"].tokens_seen
+            self.tokens0 = tokens_seen() if tokens_seen is not None else 0
 
         def on_log(self, args, state, control, logs=None, **kwargs):
-            if not logs or sink is None:
-                return
-            trainer = trainer_ref["trainer"]
-            elapsed = time.perf_counter() - self.t0
-            metrics = {k: float(v) for k, v in logs.items() if isinstance(v, (int, float))}
-            metrics["tokens_per_s"] = (trainer.tokens_seen - self.tokens0) / max(elapsed, 1e-9)
-            sink(state.global_step, metrics)
+            logs = logs or {}
+            if logs and sink is not None:
+                elapsed = time.perf_counter() - self.t0
+                metrics = {k: float(v) for k, v in logs.items() if isinstance(v, (int, float))}
+                metrics["elapsed_s"] = elapsed
+                if tokens_seen is not None:
+                    metrics["tokens_per_s"] = (tokens_seen() - self.tokens0) / max(elapsed, 1e-9)
+                sink(state.global_step, metrics)
+            if guard is not None:  # after the sink, so the diverging step's figures are recorded
+                guard(args, state, logs)
 
         def on_save(self, args, state, control, **kwargs):
             # Trainer calls on_save after the checkpoint is fully written: mark it complete.
@@ -109,31 +122,26 @@ def _callback(sink: MetricsSink | None, trainer_ref: dict):
             if ckpt.is_dir():
                 (ckpt / COMPLETE).write_text(str(state.global_step))
 
-    return LmforgeCallback()
+    return StageCallback()
 
 
-def _non_finite_loss_guard():
+def non_finite_guard(args, state, logs: dict) -> None:
     """Stops training at the first logged step whose loss or gradient norm is NaN or infinite, naming the
     step: going on would only write NaN weights into the checkpoints and the adapter. (Trainer logs a
     NaN loss as the previous mean, logging_nan_inf_filter, so the gradient norm is what shows it.)"""
-    from transformers import TrainerCallback
+    bad = {k: v for k, v in logs.items() if k in ("loss", "grad_norm") and not math.isfinite(v)}
+    if args.fp16:
+        bad.pop("grad_norm", None)  # fp16's loss scaler skips steps whose gradients overflow
+    if not bad:
+        return
+    first = max(state.global_step - args.logging_steps + 1, 1)
+    where = (f"step {state.global_step}" if first == state.global_step
+             else f"steps {first}-{state.global_step} (logging_steps={args.logging_steps})")
+    raise FloatingPointError(
+        f"training diverged at {where}: " + ", ".join(f"{k} is {v}" for k, v in bad.items())
+        + "; lower the learning rate or max_grad_norm, check the data for broken rows, or train in fp32"
+    )
 
-    class NonFiniteLossGuard(TrainerCallback):
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            bad = {k: v for k, v in (logs or {}).items() if k in ("loss", "grad_norm") and not math.isfinite(v)}
-            if args.fp16:
-                bad.pop("grad_norm", None)  # fp16's loss scaler skips steps whose gradients overflow
-            if not bad:
-                return
-            first = max(state.global_step - args.logging_steps + 1, 1)
-            where = (f"step {state.global_step}" if first == state.global_step
-                     else f"steps {first}-{state.global_step} (logging_steps={args.logging_steps})")
-            raise FloatingPointError(
-                f"training diverged at {where}: " + ", ".join(f"{k} is {v}" for k, v in bad.items())
-                + "; lower the learning rate or max_grad_norm, check the data for broken rows, or train in fp32"
-            )
-
-    return NonFiniteLossGuard()
 
 def warmup_steps(warmup_ratio: float, max_steps: int) -> int:
     """Warmup length in optimizer steps: warmup_ratio x max_steps, rounded up (as transformers rounds a ratio),
@@ -230,16 +238,15 @@ def run_lora_training(
     if window and longest > window:
         log.warning("rows of up to %d tokens exceed the model's context window of %d: positions beyond it were "
                     "never trained; set model.rope_scaling or lower tokenize.cutoff_len", longest, window)
-    ref: dict = {}
     trainer = _build_trainer_class()(
         model=model,
         args=args,
         train_dataset=train_dataset,
         data_collator=CausalCollator(tokenizer.pad_token_id, packing=cfg.packing),
-        callbacks=[_callback(metrics_sink, ref), _non_finite_loss_guard()],
         optimizer_cls_and_kwargs=loraplus_optimizer(model, cfg, args),
     )
-    ref["trainer"] = trainer
+    trainer.add_callback(training_callback(metrics_sink, tokens_seen=lambda: trainer.tokens_seen,
+                                           guard=non_finite_guard))
     resume = last_complete_checkpoint(ckpt_root)
     if resume is not None:
         log.info("resuming from %s", resume)

@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from components.config import EvaluateConfig
+from components.config import EvaluateConfig, PipelineConfig
+from components.data.chat_render import render_prompt
+from components.evaluation import evaluate
 from components.evaluation.evaluate import perplexity, run_evaluate, score_heldout
 from tests.components.evaluation.test_per_task import FIXTURE
 
@@ -87,3 +90,35 @@ def test_run_evaluate_writes_metrics_samples_and_per_task(tiny, tmp_path: Path):
     assert {"exact_match", "exact_match_ci_low", "exact_match_ci_high", "chance", "n", "task/billable/exact_match",
             "task/billable/chance", "task/billable/n", "task/billable/choice_accuracy_ci_high"} <= set(metrics)
     assert all(isinstance(v, float) and math.isfinite(v) for v in metrics.values())
+
+
+def test_rewards_score_the_whole_conversation_the_answer_was_generated_from(tiny, tmp_path: Path, monkeypatch):
+    """A two-turn held-out row: the reward function gets the rendered prompt with the first turn in it,
+    the same text the answer was generated from, not the last question alone."""
+    from components.alignment import scoring
+
+    model, tokenizer = tiny
+    messages = [{"role": "user", "content": "Which chapter contains C34.1?"},
+                {"role": "assistant", "content": "Neoplasms"},
+                {"role": "user", "content": "And C50.9?"},
+                {"role": "assistant", "content": "Neoplasms"}]
+    aligned = tmp_path / "align"
+    aligned.mkdir()
+    (aligned / "sft_eval.jsonl").write_text(json.dumps({"messages": messages, "task": "code_to_chapter"}) + "\n")
+    cfg = PipelineConfig.model_validate({"alignment": {"reward": {"rule": "recording:reward"}}})
+    run_evaluate(model, tokenizer, tmp_path / "out", tokenized_dir=tmp_path / "no-tokens", aligned_dir=aligned,
+                 cfg=EvaluateConfig(max_new_tokens=2, bootstrap_resamples=0), template_name="auto",
+                 system_prompt=None)
+    seen = []
+
+    def reward(prompts, completions, **columns):
+        seen.extend(prompts)
+        return [1.0] * len(prompts)
+
+    monkeypatch.setattr(scoring, "load_rule", lambda path: reward)
+    no_reward_stage = SimpleNamespace(has=lambda stage: False)
+    metrics = evaluate._answer_rewards(cfg, no_reward_stage, tmp_path / "out", tokenizer, hardware=None)
+
+    assert metrics["verifiable_reward"] == 1.0
+    assert seen == [render_prompt(tokenizer, "auto", messages[:-1], None)]
+    assert all(m["content"] in seen[0] for m in messages[:-1])  # both questions and the first answer

@@ -1,4 +1,4 @@
-"""PPO with one shared model (components/training/ppo.py) on 2-layer random Llamas.
+"""PPO with one shared model (components/training/ppo.py, ppo_rollout.py) on 2-layer random Llamas.
 
 The math (GAE, EOS cut, KL controller) on hand-made tensors; the roles on the shared model (reference =
 adapter-free base, reward adapter = the standalone classifier, adapter switches leave flags alone); then the
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from components.training import ppo
+from components.training import ppo, ppo_rollout
 from components.training.ppo import (
     AlignmentDiverged,
     PPOSettings,
@@ -250,7 +250,7 @@ def test_logprobs_match_the_sampler_on_left_padded_prompts(tiny_model_dir):
     gen = GenerationConfig(do_sample=True, top_k=0, max_new_tokens=5, min_new_tokens=5, pad_token_id=tok.pad_token_id,
                            return_dict_in_generate=True, output_logits=True)
     torch.manual_seed(0)
-    with torch.no_grad(), ppo._plain_sampling(peft_model):
+    with torch.no_grad(), ppo_rollout._plain_sampling(peft_model):
         out = peft_model.generate(input_ids=query, attention_mask=query_mask, generation_config=gen)
     response = out.sequences[:, query.shape[1]:]
     sampled = torch.stack(out.logits, 1).log_softmax(-1).gather(-1, response[..., None])[..., 0]

@@ -1,13 +1,15 @@
 """Register the deployments that prefect.yaml defines, and keep its parameters equal to the presets.
 
-    python -m deployments.deploy                          # register every deployment in prefect.yaml
-    python -m deployments.deploy --name icd10-manual      # only that one
-    python -m deployments.deploy --write-prefect-yaml     # regenerate prefect.yaml's presets from configs/
+    lmforge deploy                          # register every deployment in prefect.yaml
+    lmforge deploy --name icd10-manual      # only that one
+    lmforge deploy --dry-run                # print what would be registered; no server needed
+    lmforge deploy --write-prefect-yaml     # regenerate prefect.yaml's presets from configs/
 
-prefect.yaml is the one definition: `prefect deploy --all` and this module read the same file.
-Each deployment's parameters are a preset from configs/ with every field resolved, written into
-prefect.yaml's `definitions.presets` block (one YAML anchor per preset) by `--write-prefect-yaml`;
-a test fails when a preset changes and the block was not regenerated.
+(`python -m deployments.deploy` takes the same options.) prefect.yaml is the one definition:
+`prefect deploy --all` and this module read the same file. Each deployment's parameters are a preset
+from configs/ with every field resolved, written into prefect.yaml's `definitions.presets` block (one
+YAML anchor per preset) by `--write-prefect-yaml`; a test fails when a preset changes and the block was
+not regenerated.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFECT_YAML = ROOT / "prefect.yaml"
-WRITE_COMMAND = "python -m deployments.deploy --write-prefect-yaml"
+WRITE_COMMAND = "lmforge deploy --write-prefect-yaml"
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,7 @@ def deploy(plans: list[PlannedDeployment]) -> list[str]:
             tags=list(plan.tags),
             description=plan.description,
             print_next_steps=False,
+            ignore_warnings=True,  # the advice to use `.serve` for local development: workers are the point here
         )))
     return ids
 
@@ -139,24 +142,67 @@ def write_prefect_yaml(prefect_yaml: Path = PREFECT_YAML) -> list[str]:
     return presets
 
 
-def main() -> None:
+class PrefectAPIUnreachable(RuntimeError):
+    """The Prefect API that the deployments would be registered with does not answer."""
+
+
+def check_api_reachable() -> None:
+    """Fail in a line, before the flow is loaded (tens of seconds), when the Prefect API does not answer."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        error = client.api_healthcheck()
+        url = client.api_url
+    if error is not None:
+        raise PrefectAPIUnreachable(
+            f"the Prefect API at {url} does not answer ({type(error).__name__}: {error}); start it with "
+            "`prefect server start --host 127.0.0.1` and point PREFECT_API_URL at it "
+            "(`prefect config set PREFECT_API_URL=http://127.0.0.1:4200/api`)")
+
+
+def select(plans: list[PlannedDeployment], names: list[str]) -> list[PlannedDeployment]:
+    """The plans called `names`, all of them when none are given; an unknown name is an error listing the known ones."""
+    unknown = set(names) - {p.name for p in plans}
+    if unknown:
+        raise ValueError(f"not in prefect.yaml: {', '.join(sorted(unknown))}; there: {', '.join(p.name for p in plans)}")
+    return [p for p in plans if p.name in names] if names else plans
+
+
+def describe(plan: PlannedDeployment) -> str:
+    """One line saying what registering `plan` sets up: flow, pool, schedules, the parameters besides the config."""
+    schedules = ", ".join(f"cron '{cron}' ({tz or 'UTC'})" for cron, tz in plan.crons) or "no schedule (runs when triggered)"
+    extra = ", ".join(f"{k}={v}" for k, v in plan.parameters.items() if k != "config")
+    return (f"{plan.name}: {plan.entrypoint} on work pool {plan.work_pool_name}, {schedules}"
+            + (f"; parameters {extra}" if extra else ""))
+
+
+def run_command(prefect_yaml: Path = PREFECT_YAML, names: list[str] | None = None, *,
+                write_presets: bool = False, dry_run: bool = False) -> list[str]:
+    """What `lmforge deploy` and `python -m deployments.deploy` do, as the lines they print: regenerate the
+    presets, print the plan (`dry_run`), or register the deployments with the Prefect API."""
+    if write_presets:
+        return [f"{prefect_yaml.name}: parameters regenerated from {preset}" for preset in write_prefect_yaml(prefect_yaml)]
+    plans = select(planned_deployments(prefect_yaml), names or [])
+    if dry_run:
+        return [f"would register {describe(plan)}" for plan in plans]
+    check_api_reachable()
+    return [f"registered {describe(plan)}: id {dep_id}" for plan, dep_id in zip(plans, deploy(plans), strict=True)]
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--name", action="append", help="Deploy only this deployment (repeatable); default all.")
     parser.add_argument("--write-prefect-yaml", action="store_true",
                         help="Regenerate prefect.yaml's presets from configs/ instead of deploying.")
-    args = parser.parse_args()
-    if args.write_prefect_yaml:
-        for preset in write_prefect_yaml():
-            print(f"prefect.yaml: parameters regenerated from {preset}")
-        return
-    plans = planned_deployments()
-    if args.name:
-        unknown = set(args.name) - {p.name for p in plans}
-        if unknown:
-            parser.error(f"not in prefect.yaml: {', '.join(sorted(unknown))}; there: {', '.join(p.name for p in plans)}")
-        plans = [p for p in plans if p.name in args.name]
-    for plan, dep_id in zip(plans, deploy(plans), strict=True):
-        print(f"{plan.name}: {dep_id}")
+    parser.add_argument("--dry-run", action="store_true", help="Print what would be registered; register nothing.")
+    parser.add_argument("--file", type=Path, default=PREFECT_YAML, help="The prefect.yaml to read (default: the repository's).")
+    args = parser.parse_args(argv)
+    try:
+        lines = run_command(args.file, args.name, write_presets=args.write_prefect_yaml, dry_run=args.dry_run)
+    except (ValueError, PrefectAPIUnreachable) as exc:
+        parser.error(str(exc))
+    for line in lines:
+        print(line)
 
 
 if __name__ == "__main__":

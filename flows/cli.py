@@ -185,6 +185,30 @@ def config_schema() -> None:
 
 
 @app.command()
+def deploy(
+    name: Annotated[list[str], typer.Option("--name", help="Only this deployment of prefect.yaml (repeatable); default: all of them.")] = [],  # noqa: B006
+    write_prefect_yaml: Annotated[bool, typer.Option("--write-prefect-yaml", help="Regenerate prefect.yaml's presets from the configs/ files they name, instead of registering; run it after editing a preset.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print what would be registered (name, flow, work pool, schedule) and register nothing.")] = False,
+    prefect_yaml: Annotated[Optional[Path], typer.Option("--file", help="The deployments file; default: the repository's prefect.yaml (entrypoints are relative to the repository).")] = None,
+) -> None:
+    """Register prefect.yaml's deployments with the Prefect server at PREFECT_API_URL (its work pool must exist).
+
+    Same as `python -m deployments.deploy` and `prefect deploy --all`. Then `prefect worker start --pool
+    lmforge-local` runs what the schedules and the UI trigger.
+    """
+    # Imported here: flows/ does not depend on deployments/ (which imports the flow by its entrypoint).
+    from deployments.deploy import PREFECT_YAML, PrefectAPIUnreachable, run_command
+
+    try:
+        lines = run_command(prefect_yaml or PREFECT_YAML, name, write_presets=write_prefect_yaml, dry_run=dry_run)
+    except (ValueError, FileNotFoundError, PrefectAPIUnreachable) as exc:
+        console.print(f"[red]{exc}[/red]", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    for line in lines:
+        console.print(line, highlight=False, soft_wrap=True, markup=False)
+
+
+@app.command()
 def chat(
     model: Annotated[str, typer.Argument(help="A stage dir (.lmforge/artifacts/sft/<key>), a model dir, "
                                               "embedded:smollm2-135m-instruct, or models:/NAME@alias.")],

@@ -1,23 +1,28 @@
 """prefect.yaml is the one definition of the deployments: its entrypoints load the flow, its parameters
 are the presets it names (fully resolved, so a preset edited without regenerating fails here) and pass
-the flow's own parameter schema, and deployments/deploy.py plans and registers exactly what it says."""
+the flow's own parameter schema, and `lmforge deploy` (deployments/deploy.py) plans and registers exactly
+what it says."""
 
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from typer.testing import CliRunner
 
 from deployments.deploy import (
     PREFECT_YAML,
     PlannedDeployment,
-    deploy,
     planned_deployments,
     preset_parameters,
     write_prefect_yaml,
 )
+from flows.cli import app
+from tests.deployments.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -72,7 +77,7 @@ def test_parameters_are_the_presets_they_name():
     presets = spec["definitions"]["presets"]
     assert list(presets) == ["configs/demo-cpu.yaml"]
     for preset, params in presets.items():
-        assert params == preset_parameters(preset), f"{preset} changed: run python -m deployments.deploy --write-prefect-yaml"
+        assert params == preset_parameters(preset), f"{preset} changed: run lmforge deploy --write-prefect-yaml"
     demo = preset_parameters("configs/demo-cpu.yaml")
     for dep in spec["deployments"]:
         # The preset, plus the stage parameters a deployment sets (the rerun deployment's from_stage).
@@ -83,19 +88,63 @@ def test_parameters_are_the_presets_they_name():
     assert demo["config"] != PipelineConfig().model_dump(mode="json")
 
 
-def test_regenerating_a_stale_prefect_yaml_gives_the_committed_file(tmp_path):
-    # A copy whose preset block is empty, as after adding a preset by hand; regenerating must restore the
-    # committed file byte for byte: comments and deployments kept, the preset resolved.
-    committed = PREFECT_YAML.read_text(encoding="utf-8")
-    lines = committed.splitlines(keepends=True)
+def _stale_copy(tmp_path: Path) -> Path:
+    """A copy of prefect.yaml whose preset block is empty, as after adding a preset by hand."""
+    lines = PREFECT_YAML.read_text(encoding="utf-8").splitlines(keepends=True)
     start = lines.index("definitions:\n")
     end = lines.index("deployments:\n")
     stale = tmp_path / "prefect.yaml"
     stale.write_text("".join(lines[:start]) + "definitions:\n  presets:\n    configs/demo-cpu.yaml: &demo-cpu {}\n\n"
                      + "".join(lines[end:]), encoding="utf-8")
     assert yaml.safe_load(stale.read_text())["deployments"][0]["parameters"] == {}
+    return stale
+
+
+def test_regenerating_a_stale_prefect_yaml_gives_the_committed_file(tmp_path):
+    # Regenerating must restore the committed file byte for byte: comments and deployments kept, the preset resolved.
+    stale = _stale_copy(tmp_path)
     assert write_prefect_yaml(stale) == ["configs/demo-cpu.yaml"]
-    assert stale.read_text(encoding="utf-8") == committed
+    assert stale.read_text(encoding="utf-8") == PREFECT_YAML.read_text(encoding="utf-8")
+
+
+def test_lmforge_deploy_writes_the_presets_and_prints_the_plan(tmp_path):
+    stale = _stale_copy(tmp_path)
+    result = CliRunner().invoke(app, ["deploy", "--write-prefect-yaml", "--file", str(stale)], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == "prefect.yaml: parameters regenerated from configs/demo-cpu.yaml"
+    assert stale.read_text(encoding="utf-8") == PREFECT_YAML.read_text(encoding="utf-8")
+
+    # --dry-run: one line per deployment with what registering it sets up; no server is asked.
+    result = CliRunner().invoke(app, ["deploy", "--dry-run"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.strip().splitlines()
+    assert [line.split(":")[0] for line in lines] == [f"would register {p.name}" for p in planned_deployments()]
+    scheduled, manual, rerun = lines
+    assert "on work pool lmforge-local" in manual and "cron '0 3 * * 1' (UTC)" in scheduled
+    assert "no schedule" in manual and "parameters" not in manual and rerun.endswith("parameters from_stage=evaluate")
+
+    only = CliRunner().invoke(app, ["deploy", "--dry-run", "--name", "icd10-manual"], terminal_width=200)
+    assert only.exit_code == 0 and only.stdout.strip() == manual
+    unknown = CliRunner().invoke(app, ["deploy", "--dry-run", "--name", "icd10-nightly"], terminal_width=200)
+    assert unknown.exit_code == 2
+    assert "not in prefect.yaml: icd10-nightly; there: icd10-scheduled, icd10-manual" in unknown.stdout
+
+
+def test_lmforge_deploy_says_in_a_line_when_no_prefect_server_answers():
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: f"http://127.0.0.1:{free_port()}/api"}):
+        result = CliRunner().invoke(app, ["deploy", "--name", "icd10-manual"], terminal_width=300)
+    assert result.exit_code == 2
+    assert "does not answer" in result.stdout and "prefect server start --host 127.0.0.1" in result.stdout
+    assert "Traceback" not in result.output
+
+
+def test_the_cli_imports_deployments_only_when_deploying():
+    # flows/ must not depend on deployments/ (which loads the flow by its entrypoint): `lmforge run` starts without it.
+    code = "import sys, flows.cli; print(sorted(m for m in sys.modules if m.split('.')[0] == 'deployments'))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.strip() == "[]"
 
 
 def test_flow_parameters_render_as_a_typed_form():
@@ -173,9 +222,12 @@ def test_deploy_registers_what_prefect_yaml_defines(prefect_harness, tmp_path):
             return [await client.read_deployment_by_name(f"domain_adaptation/{n}") for n in names]
 
     asyncio.run(make_pool())
-    ids = deploy(plans)
+    result = CliRunner().invoke(app, ["deploy", "--file", str(path)], terminal_width=300)
+    assert result.exit_code == 0, result.output
     registered = asyncio.run(read([p.name for p in plans]))
-    assert [str(d.id) for d in registered] == ids
+    # Prefect prints its own table as well; ours is a line per deployment.
+    ours = [line for line in result.stdout.splitlines() if line.startswith("registered ")]
+    assert [line.rsplit(": id ", 1)[-1] for line in ours] == [str(d.id) for d in registered]
     for plan, dep in zip(plans, registered, strict=True):
         assert dep.work_pool_name == plan.work_pool_name
         assert dep.parameters == plan.parameters

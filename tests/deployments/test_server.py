@@ -6,68 +6,17 @@ that field only (the rest is the deployment's preset), and only the stages it de
 from __future__ import annotations
 
 import asyncio
-import os
-import socket
 import subprocess
-import sys
-import time
-import urllib.request
-from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import ROOT, tiny_pipeline_config
+from tests.deployments.conftest import PREFECT, api_settings, create_process_pool
 
 pytestmark = pytest.mark.e2e
 
 POOL = "lmforge-server-test"
-PREFECT = str(Path(sys.executable).with_name("prefect"))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def prefect_server(tmp_path_factory):
-    """A `prefect server start` on a free port with its own PREFECT_HOME; yields (api_url, env for its clients)."""
-    home = tmp_path_factory.mktemp("prefect-server")
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_API_URL": url, "PYTHONPATH": str(ROOT)}
-    log = open(home / "server.log", "w")  # noqa: SIM115 (open for the server's lifetime)
-    server = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui"],
-                              env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 240
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"prefect server did not come up:\n{(home / 'server.log').read_text()[-4000:]}")
-            time.sleep(1)
-        yield url, env
-    finally:
-        server.terminate()
-        try:
-            server.wait(30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        log.close()
-
-
-def _api(url: str):
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    return temporary_settings({PREFECT_API_URL: url})
 
 
 def _run_on_worker(url: str, env: dict, name: str, parameters: dict | None = None):
@@ -75,7 +24,7 @@ def _run_on_worker(url: str, env: dict, name: str, parameters: dict | None = Non
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
 
-    with _api(url):
+    with api_settings(url):
         flow_run = run_deployment(name, parameters=parameters or {}, timeout=0)
     worker = subprocess.run([PREFECT, "worker", "start", "--pool", POOL, "--run-once"], env=env, cwd=ROOT,
                             capture_output=True, text=True, timeout=900)
@@ -84,7 +33,7 @@ def _run_on_worker(url: str, env: dict, name: str, parameters: dict | None = Non
         async with get_client() as client:
             return await client.read_flow_run(flow_run.id)
 
-    with _api(url):
+    with api_settings(url):
         final = asyncio.run(read())
     assert final.state.is_completed(), f"{final.state}\n{worker.stdout[-3000:]}\n{worker.stderr[-6000:]}"
     return final
@@ -103,20 +52,12 @@ def _stage_status(cfg, flow_run_id: str):
 
 
 def test_deployment_run_with_one_changed_field_reruns_only_what_it_decides(prefect_server, tiny_model_dir, tmp_path):
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import WorkPoolCreate
-
     from deployments.deploy import PlannedDeployment, deploy
 
     url, env = prefect_server
     cfg = tiny_pipeline_config(tiny_model_dir, tmp_path / "ws")
-
-    async def make_pool():
-        async with get_client() as client:
-            await client.create_work_pool(WorkPoolCreate(name=POOL, type="process"), overwrite=True)
-
-    with _api(url):
-        asyncio.run(make_pool())
+    create_process_pool(url, POOL)
+    with api_settings(url):
         deploy([PlannedDeployment(name="tiny", entrypoint="flows/domain_adaptation.py:domain_adaptation",
                                   work_pool_name=POOL, parameters={"config": cfg.model_dump(mode="json")})])
     name = "domain_adaptation/tiny"

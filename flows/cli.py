@@ -385,6 +385,7 @@ def _plan_questions(request):
 
 def main() -> None:  # pragma: no cover
     logging.basicConfig(level=logging.INFO)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per Prefect API call otherwise
     app()
 
 

@@ -44,7 +44,24 @@ def _preference_rows(method: str, align: Path, tokenizer, cfg) -> tuple[list[dic
     if not rows:
         raise StageInputError(f"alignment.method={method} has no usable preference rows in {align} ({counts}); "
                               "list datasets under data.preference" + (" or data.kto" if method == "kto" else ""))
+    rows, counts["prompt_too_long"] = _with_answer_room(rows, tokenizer, cfg.alignment.max_length)
+    if counts["prompt_too_long"]:
+        log.warning("alignment: %d of %d preference rows dropped: their prompt alone fills alignment.max_length=%d, "
+                    "so no answer token would be trained", counts["prompt_too_long"],
+                    counts["prompt_too_long"] + len(rows), cfg.alignment.max_length)
+    if not rows:
+        raise StageInputError(f"alignment.method={method}: every preference prompt is at least "
+                              f"alignment.max_length={cfg.alignment.max_length} tokens long, leaving no room for the "
+                              "answers; raise alignment.max_length")
     return rows, counts
+
+
+def _with_answer_room(rows: list[dict], tokenizer, max_length: int) -> tuple[list[dict], int]:
+    """The rows whose prompt leaves at least one answer token within `max_length`. TRL truncates a longer
+    row's answers to nothing, and a mean log-probability over no tokens (ORPO, SimPO) is NaN."""
+    lengths = tokenizer([r["prompt"] for r in rows], add_special_tokens=False)["input_ids"]
+    kept = [r for r, ids in zip(rows, lengths) if len(ids) < max_length]
+    return kept, len(rows) - len(kept)
 
 
 def alignment_stage(cfg: PipelineConfig, inputs: StageInputs, out_dir: Path) -> StageResult:

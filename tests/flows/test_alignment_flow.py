@@ -54,3 +54,28 @@ def test_raft_then_ppo_in_the_flow(tiny_model_dir, tmp_path, prefect_harness):
     rerun = {s for s, cached in again.items() if not cached}
     assert rerun == {"alignment", "evaluate-aligned", "quantize", "register"} | ({"promote"} & set(again))
     assert again["reward"] and again["sft"] and again["evaluate-base"]
+
+
+def test_every_trl_method_runs_in_the_flow_on_the_same_sft_model(tiny_model_dir, tmp_path, prefect_harness):
+    """`--set alignment.method=M` for each TRL-backed method: each run reuses everything up to SFT and
+    reruns exactly the alignment stage and what reads it, and quantize merges that method's adapter."""
+    from flows.domain_adaptation import domain_adaptation
+
+    settings = {k: v for k, v in ALIGN.items() if not k.startswith("reward.")}
+    settings["alignment.reward.model_weight"] = 0  # GRPO on the verifiable rule alone: no reward stage
+    cfg = tiny_pipeline_config(tiny_model_dir, tmp_path / "ws", **{"alignment.method": "dpo", **settings})
+    for method in ("dpo", "kto", "orpo", "simpo", "grpo"):
+        run = cfg.model_copy(update={"alignment": cfg.alignment.model_copy(update={"method": method})})
+        summary = domain_adaptation(config=run)
+        status = _status(summary)
+        assert summary["alignment"]["method"] == method
+        assert "reward" not in status  # the rule reward needs no reward model
+        if method != "dpo":
+            rerun = {s for s, cached in status.items() if not cached}
+            assert rerun == {"alignment", "evaluate-aligned", "quantize", "register"} | ({"promote"} & set(status))
+        quantize = json.loads((Path(summary["stages"]["quantize"]) / "manifest.json").read_text())
+        assert quantize["info"]["merged_adapters"][-1] == str(Path(summary["stages"]["alignment"]).resolve() / "adapter")
+        assert summary["comparison"]["verifiable_reward"]["aligned"] is not None
+        if method != "grpo":  # the tiny tokenizer's prompts run 80-197 tokens: the longer ones leave no answer room
+            report = json.loads((Path(summary["stages"]["alignment"]) / "alignment_report.json").read_text())
+            assert report["data"]["prompt_too_long"] > 0, report["data"]

@@ -38,6 +38,7 @@ class PlannedDeployment:
     crons: tuple[tuple[str, str | None], ...] = ()  # (cron, timezone) per schedule
     tags: tuple[str, ...] = ()
     description: str | None = None
+    job_variables: dict[str, Any] | None = None  # the work pool's per-deployment settings (image, env, volumes)
 
 
 def _read(prefect_yaml: Path) -> dict:
@@ -55,6 +56,10 @@ def _planned(entry: dict, where: str) -> PlannedDeployment:
     pool = (entry.get("work_pool") or {}).get("name")
     if not pool or not entry.get("entrypoint"):
         raise ValueError(f"{where}: needs `entrypoint` and `work_pool.name`")
+    if entry.get("pull"):
+        # Ours deploy this checkout's directory; a pull step (code inside an image, a git clone) is Prefect's.
+        raise ValueError(f"{where}: has its own `pull` steps (code in an image or a repository); register it with "
+                         f"`prefect deploy --name {name}`, which runs them (docs/deployments.md)")
     crons = []
     for schedule in entry.get("schedules") or []:
         unsupported = set(schedule) - {"cron", "timezone"}
@@ -69,6 +74,7 @@ def _planned(entry: dict, where: str) -> PlannedDeployment:
         crons=tuple(crons),
         tags=tuple(entry.get("tags") or ()),
         description=entry.get("description"),
+        job_variables=(entry.get("work_pool") or {}).get("job_variables"),
     )
 
 
@@ -92,6 +98,7 @@ def deploy(plans: list[PlannedDeployment]) -> list[str]:
             parameters=plan.parameters,
             tags=list(plan.tags),
             description=plan.description,
+            job_variables=plan.job_variables,
             print_next_steps=False,
             ignore_warnings=True,  # the advice to use `.serve` for local development: workers are the point here
         )))

@@ -22,7 +22,7 @@ from deployments.deploy import (
     write_prefect_yaml,
 )
 from flows.cli import app
-from tests.deployments.conftest import free_port
+from tests.servers import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -196,6 +196,11 @@ def test_planning_rejects_what_deploy_py_cannot_deploy(tmp_path):
     bad.write_text(yaml.safe_dump(spec))
     with pytest.raises(ValueError, match=r"'icd10-manual'.*work_pool\.name"):
         planned_deployments(bad)
+    spec = _spec()
+    spec["deployments"][1]["pull"] = [{"prefect.deployments.steps.set_working_directory": {"directory": "/opt/x"}}]
+    bad.write_text(yaml.safe_dump(spec))
+    with pytest.raises(ValueError, match=r"'icd10-manual'.*prefect deploy --name icd10-manual"):
+        planned_deployments(bad)
 
 
 def test_deploy_registers_what_prefect_yaml_defines(prefect_harness, tmp_path):
@@ -209,6 +214,7 @@ def test_deploy_registers_what_prefect_yaml_defines(prefect_harness, tmp_path):
     for dep in spec["deployments"]:
         dep["name"] = f"test-{dep['name']}"
         dep["work_pool"]["name"] = "lmforge-test-deploy"
+    spec["deployments"][1]["work_pool"]["job_variables"] = {"env": {"HF_HOME": "/srv/hf"}}  # passed through
     path = tmp_path / "prefect.yaml"
     path.write_text(yaml.safe_dump(spec))
     plans = planned_deployments(path)
@@ -235,3 +241,5 @@ def test_deploy_registers_what_prefect_yaml_defines(prefect_harness, tmp_path):
         assert set(dep.tags) == set(plan.tags)
         assert dep.description == plan.description
         assert dep.entrypoint == plan.entrypoint
+        assert (dep.job_variables or None) == plan.job_variables
+    assert plans[1].job_variables == {"env": {"HF_HOME": "/srv/hf"}}

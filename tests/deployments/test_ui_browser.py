@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.deployments.conftest import api_settings, create_process_pool, free_port, running_prefect_server, running_server
+from tests.deployments.conftest import api_settings, create_process_pool, running_prefect_server
+from tests.servers import free_port, running_server
 
 pytestmark = pytest.mark.e2e
 

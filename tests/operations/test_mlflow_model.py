@@ -6,10 +6,7 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -17,6 +14,7 @@ import pytest
 
 from components import tracking
 from components.registry import register_model, resolve_registry_uri, save_mlflow_model, serving_requirements
+from tests.servers import free_port, running_server
 from tests.tiny_model import build_tiny_model
 
 CHAT = {"messages": [{"role": "user", "content": "Is ICD-10-CM code J45 billable?"}], "max_tokens": 4}
@@ -80,45 +78,19 @@ def test_registry_uri_resolves_to_a_checkpoint_with_its_tokenizer(registered, tm
     torch.testing.assert_close(served, original)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_mlflow_models_serve_answers_invocations_on_cpu(registered, tmp_path):
     uri, *_ = registered
-    port = _free_port()
+    port = free_port()
     mlflow_cli = str(Path(sys.executable).with_name("mlflow"))
     # mlflow starts `uvicorn` by name: the venv's bin must be on PATH, as it is in an activated venv.
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri,
            "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
-    log_path = tmp_path / "serve.log"
-    with open(log_path, "w") as log:
-        server = subprocess.Popen(
-            [mlflow_cli, "models", "serve", "-m", "models:/icd10-tiny@challenger", "--env-manager", "local",
-             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"mlflow models serve did not come up:\n{log_path.read_text()[-4000:]}")
-            time.sleep(1)
+    command = [mlflow_cli, "models", "serve", "-m", "models:/icd10-tiny@challenger", "--env-manager", "local",
+               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    with running_server(command, env, f"http://127.0.0.1:{port}/ping", tmp_path / "serve.log"):
         request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(CHAT).encode(),
                                          headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=120) as r:
             body = json.loads(r.read())
-        reply = body[0] if isinstance(body, list) else body
-        assert reply["choices"][0]["message"]["role"] == "assistant", body
-    finally:
-        if server.poll() is None:
-            os.killpg(server.pid, 15)
-            server.wait(30)
+    reply = body[0] if isinstance(body, list) else body
+    assert reply["choices"][0]["message"]["role"] == "assistant", body

@@ -18,13 +18,14 @@ PREFECT = str(Path(sys.executable).with_name("prefect"))
 
 
 @contextlib.contextmanager
-def running_prefect_server(home: Path, *, ui: bool = False) -> Iterator[tuple[str, dict]]:
+def running_prefect_server(home: Path, *, ui: bool = False, env: dict | None = None) -> Iterator[tuple[str, dict]]:
     """Start `prefect server start` under `home` and wait for /api/health; yields (api_url, env for its
-    clients and workers). `ui=False` skips the web UI, which only the browser test needs."""
+    clients and workers). `ui=False` skips the web UI, which only the browser test needs; `env` adds
+    server settings."""
     port = free_port()
     url = f"http://127.0.0.1:{port}/api"
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_API_URL": url, "PYTHONPATH": str(ROOT)}
+           "PREFECT_API_URL": url, "PYTHONPATH": str(ROOT), **(env or {})}
     command = [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port), *([] if ui else ["--no-ui"])]
     with running_server(command, env, f"{url}/health", home / "server.log"):
         yield url, env

@@ -12,7 +12,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import ROOT, tiny_pipeline_config
-from tests.deployments.conftest import PREFECT, api_settings, create_process_pool
+from tests.deployments.conftest import PREFECT, api_settings, create_process_pool, running_prefect_server
 
 pytestmark = pytest.mark.e2e
 
@@ -75,3 +75,67 @@ def test_deployment_run_with_one_changed_field_reruns_only_what_it_decides(prefe
     params = parent.data.params
     assert float(params["sft.learning_rate"]) == 2e-3
     assert params["sft.max_steps"] == str(cfg.sft.max_steps) and params["workspace"] == cfg.workspace
+
+
+def test_a_cron_deployment_gets_scheduled_runs_at_its_times(prefect_server, tiny_model_dir, tmp_path):
+    """The server's scheduler turns the deployment's cron into Scheduled flow runs, at the cron's times."""
+    import time
+    from datetime import datetime, timezone
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    from deployments.deploy import PlannedDeployment, deploy
+
+    url, _ = prefect_server
+    cfg = tiny_pipeline_config(tiny_model_dir, tmp_path / "ws")
+    create_process_pool(url, POOL)
+    with api_settings(url):
+        [deployment_id] = deploy([PlannedDeployment(
+            name="tiny-weekly", entrypoint="flows/domain_adaptation.py:domain_adaptation", work_pool_name=POOL,
+            parameters={"config": cfg.model_dump(mode="json")}, crons=(("0 3 * * 1", "UTC"),))])
+
+    async def scheduled():
+        async with get_client() as client:
+            runs = await client.read_flow_runs(
+                deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])))
+            return [r for r in runs if r.state and r.state.is_scheduled()]
+
+    deadline = time.monotonic() + 180
+    with api_settings(url):
+        while not (runs := asyncio.run(scheduled())) and time.monotonic() < deadline:
+            time.sleep(2)
+    assert runs, "the scheduler made no runs for the cron deployment within 3 minutes"
+    now = datetime.now(timezone.utc)
+    for run in runs:
+        start = run.expected_start_time.astimezone(timezone.utc)
+        assert start > now and (start.weekday(), start.hour, start.minute) == (0, 3, 0), start
+
+
+def test_the_api_refuses_clients_without_the_auth_string(tmp_path):
+    """PREFECT_SERVER_API_AUTH_STRING (README, security): requests without it get 401; a client that sends
+    it (PREFECT_API_AUTH_STRING) is served."""
+    import urllib.error
+    import urllib.request
+    from base64 import b64encode
+
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_AUTH_STRING, temporary_settings
+
+    secret = "admin:test-secret"
+    with running_prefect_server(tmp_path, env={"PREFECT_SERVER_API_AUTH_STRING": secret}) as (url, _):
+        anonymous = urllib.request.Request(f"{url}/flows/filter", data=b"{}", method="POST",
+                                           headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(anonymous, timeout=30)
+        assert refused.value.code == 401
+        anonymous.add_header("Authorization", "Basic " + b64encode(secret.encode()).decode())
+        with urllib.request.urlopen(anonymous, timeout=30) as ok:
+            assert ok.status == 200
+
+        async def flows():
+            async with get_client() as client:
+                return await client.read_flows()
+
+        with api_settings(url), temporary_settings({PREFECT_API_AUTH_STRING: secret}):
+            assert asyncio.run(flows()) == []

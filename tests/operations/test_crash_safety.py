@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -72,7 +73,7 @@ def test_sweep_marks_runs_of_dead_processes_killed(tmp_path):
 
 def test_sigterm_marks_the_flow_runs_killed(tiny_model_dir, tmp_path):
     """A flow run stopped with SIGTERM (a worker cancelling it, `kill`) ends its parent and stage runs
-    KILLED, not RUNNING forever and not FAILED."""
+    KILLED, not RUNNING forever and not FAILED, and Prefect records the flow run cancelled or crashed."""
     workspace = tmp_path / "ws"
     # A long cpt, so the signal lands while a stage runs.
     cfg = tiny_pipeline_config(tiny_model_dir, workspace, **{"cpt.max_steps": 400, "cpt.save_steps": 1000})
@@ -113,6 +114,12 @@ def test_sigterm_marks_the_flow_runs_killed(tiny_model_dir, tmp_path):
     parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
     assert parent.info.status == "KILLED", statuses
     assert "RUNNING" not in statuses.values(), statuses
+    # And Prefect's record of the flow run (its SQLite database under PREFECT_HOME; the run's temporary
+    # API is gone with it) says it was stopped, not that it is still running.
+    flow_run_id = parent.data.tags["prefect.flow_run_id"]
+    with sqlite3.connect(tmp_path / "prefect" / "prefect.db") as db_conn:
+        [(state,)] = db_conn.execute("select state_type from flow_run where id = ?", (flow_run_id,)).fetchall()
+    assert state in ("CANCELLED", "CRASHED"), state
 
 
 def _rows(n=16, seed=0):

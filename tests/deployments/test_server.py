@@ -75,6 +75,12 @@ def test_deployment_run_with_one_changed_field_reruns_only_what_it_decides(prefe
     params = parent.data.params
     assert float(params["sft.learning_rate"]) == 2e-3
     assert params["sft.max_steps"] == str(cfg.sft.max_steps) and params["workspace"] == cfg.workspace
+    # The second run's model is in the registry under the preset's alias, with its lineage.
+    registry = MlflowClient(cfg.tracking_uri(), cfg.tracking_uri())
+    version = registry.get_model_version_by_alias(cfg.registry.model_name, cfg.registry.alias)
+    assert str(version.version) == "2" and version.tags["prefect.flow_run_id"] == str(second.id)
+    assert version.tags["lmforge.config_digest"] and version.tags["lmforge.stage_key.sft"]
+    assert version.tags["lmforge.base_model"] == str(tiny_model_dir)
 
 
 def test_a_cron_deployment_gets_scheduled_runs_at_its_times(prefect_server, tiny_model_dir, tmp_path):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import socket
 import time
 from pathlib import Path
@@ -95,9 +96,16 @@ def log_params(client: MlflowClient, run_id: str, config: dict) -> None:
         client.log_batch(run_id, params=params[i : i + 100])
 
 
+def metric_name(name: str) -> str:
+    """`name` with every character MLflow refuses in a metric name replaced by `_` (a reward named
+    `rule+model`, logged by TRL as `rewards/rule+model/mean`, would fail the whole batch)."""
+    return re.sub(r"[^\w\-. :/]", "_", name)
+
+
 def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
     ts = int(time.time() * 1000)
-    items = [Metric(k, float(v), ts, step) for k, v in metrics.items() if isinstance(v, (int, float)) and v == v]
+    items = [Metric(metric_name(k), float(v), ts, step) for k, v in metrics.items()
+             if isinstance(v, (int, float)) and v == v]
     for i in range(0, len(items), 500):
         client.log_batch(run_id, metrics=items[i : i + 500])
 
@@ -112,7 +120,7 @@ class BatchedMetrics:
 
     def __call__(self, step: int, metrics: dict[str, float]) -> None:
         ts = int(time.time() * 1000)
-        self.buffer.extend(Metric(k, float(v), ts, step) for k, v in metrics.items() if v == v)
+        self.buffer.extend(Metric(metric_name(k), float(v), ts, step) for k, v in metrics.items() if v == v)
         if len(self.buffer) >= self.every:
             self.flush()
 

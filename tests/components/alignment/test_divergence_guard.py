@@ -27,6 +27,12 @@ def test_guard_names_the_step_and_the_cause(logs, what):
 
 def test_guard_lets_healthy_steps_and_fp16_overflow_skips_through():
     guard = divergence_guard(8.0)
-    guard(FP32, STATE, {"loss": 0.7, "grad_norm": 1.0, "kl": 7.9})
-    guard(SimpleNamespace(fp16=True, logging_steps=1), STATE, {"loss": 0.7, "grad_norm": float("inf")})
-    divergence_guard(None)(FP32, STATE, {"loss": 0.7, "kl": 1e6})  # no bound set
+    passed = []
+    for run_guard, args, logs in [
+        (guard, FP32, {"loss": 0.7, "grad_norm": 1.0, "kl": 7.9}),
+        (guard, SimpleNamespace(fp16=True, logging_steps=1), {"loss": 0.7, "grad_norm": float("inf")}),
+        (divergence_guard(None), FP32, {"loss": 0.7, "kl": 1e6}),  # no bound set
+    ]:
+        run_guard(args, STATE, logs)  # raises TrainingDiverged if it wrongly stops
+        passed.append(logs)
+    assert len(passed) == 3

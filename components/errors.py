@@ -55,7 +55,7 @@ class TrainingDiverged(RuntimeError):
     settings; lower the learning rate or raise the bound.
     """
 
-    def __init__(self, step: int, what: str):
-        super().__init__(f"training diverged at step {step}: {what}; the last good checkpoint is kept. "
-                         "Lower the learning rate (or raise the bound) and rerun.")
+    def __init__(self, step: int, what: str,
+                 advice: str = "Lower the learning rate (or raise the bound) and rerun."):
+        super().__init__(f"training diverged at step {step}: {what}; the last good checkpoint is kept. {advice}")
         self.step, self.what = step, what

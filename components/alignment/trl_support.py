@@ -7,12 +7,11 @@ slower) and TRL refuses it outright without a GPU, so precision always comes fro
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 from components.errors import TrainingDiverged
 from components.pipeline import MetricsSink
-from components.training.lora import last_complete_checkpoint, training_arguments, training_callback
+from components.training.lora import last_complete_checkpoint, non_finite_guard, training_arguments, training_callback
 
 
 def common_args(cfg, hardware, out_dir: Path) -> dict:
@@ -29,18 +28,11 @@ def lora_config(lora, task_type: str):
 
 
 def divergence_guard(max_kl: float | None, kl_keys: tuple[str, ...] = ("kl",)):
-    """A guard for lora.training_callback: stop on a NaN loss or gradient norm, or on a logged KL (any of
-    `kl_keys`) beyond `max_kl`, naming the step. Trainer logs a NaN loss as the previous mean
-    (logging_nan_inf_filter), so the gradient norm is what shows it; fp16's loss scaler skips overflowing
-    steps itself."""
+    """A guard for lora.training_callback: lora.non_finite_guard (a NaN loss or gradient norm), then a
+    logged KL (any of `kl_keys`) beyond `max_kl`; either stops the run naming the step."""
 
     def guard(args, state, logs: dict) -> None:
-        for key in ("loss", "grad_norm"):
-            value = logs.get(key)
-            if key == "grad_norm" and args.fp16:
-                continue
-            if isinstance(value, float) and not math.isfinite(value):
-                raise TrainingDiverged(state.global_step, f"{key} is {value}")
+        non_finite_guard(args, state, logs)
         for key in kl_keys:
             kl = logs.get(key)
             if max_kl is not None and isinstance(kl, (int, float)) and kl > max_kl:

@@ -30,6 +30,7 @@ import torch
 from components.artifacts import StageResult
 from components.config import TrainConfig
 from components.data.packing import flatten_batch, pad_causal
+from components.errors import TrainingDiverged
 from components.models.loading import Hardware, count_parameters
 from components.models.loss import labeled_positions_loss
 from components.training.methods import loraplus_optimizer, optimizer_arguments, prepare_trainable, save_trained
@@ -135,12 +136,10 @@ def non_finite_guard(args, state, logs: dict) -> None:
     if not bad:
         return
     first = max(state.global_step - args.logging_steps + 1, 1)
-    where = (f"step {state.global_step}" if first == state.global_step
-             else f"steps {first}-{state.global_step} (logging_steps={args.logging_steps})")
-    raise FloatingPointError(
-        f"training diverged at {where}: " + ", ".join(f"{k} is {v}" for k, v in bad.items())
-        + "; lower the learning rate or max_grad_norm, check the data for broken rows, or train in fp32"
-    )
+    window = "" if first == state.global_step else f" (logged over steps {first}-{state.global_step})"
+    raise TrainingDiverged(
+        state.global_step, ", ".join(f"{k} is {v}" for k, v in bad.items()) + window,
+        advice="Lower the learning rate or max_grad_norm, check the data for broken rows, or train in fp32.")
 
 
 def warmup_steps(warmup_ratio: float, max_steps: int) -> int:

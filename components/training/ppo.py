@@ -38,6 +38,7 @@ import torch
 
 from components.artifacts import atomic_dir, atomic_write_bytes, atomic_write_json
 from components.errors import TrainingDiverged
+from components.training.lora import COMPLETE
 from components.training.ppo_rollout import (  # noqa: F401  (the step's parts, importable from here too)
     POLICY,
     PPOSettings,
@@ -70,7 +71,6 @@ from components.training.ppo_rollout import (  # noqa: F401  (the step's parts, 
 
 log = logging.getLogger(__name__)
 
-COMPLETE = "lmforge-complete"
 MetricsSink = Callable[[int, dict[str, float]], None]
 
 

@@ -19,6 +19,7 @@ from datasets import Dataset
 
 from components import tracking
 from components.config import TrainConfig
+from components.errors import TrainingDiverged
 from components.models.loading import load_model, load_tokenizer, select_hardware
 from components.training.lora import run_lora_training
 from tests.conftest import ROOT, tiny_pipeline_config
@@ -175,7 +176,7 @@ def test_nan_loss_stops_training_naming_the_step(tiny_model_dir, tmp_path):
     model = load_model(str(tiny_model_dir), CPU)
     with torch.no_grad():
         model.get_input_embeddings().weight[:] = float("nan")
-    with pytest.raises(FloatingPointError, match=r"training diverged at step 1: grad_norm is nan; lower the learning rate"):
+    with pytest.raises(TrainingDiverged, match=r"training diverged at step 1: grad_norm is nan; the last good checkpoint is kept. Lower the learning rate"):
         run_lora_training(model, load_tokenizer(str(tiny_model_dir)), Dataset.from_list(_rows()),
                           TrainConfig(**TRAIN), CPU, tmp_path)
     assert not (tmp_path / "adapter").exists()

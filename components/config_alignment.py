@@ -28,6 +28,19 @@ class RewardModelConfig(TrainConfig):
         "warn", description="What a reward model at or below min_accuracy does: warn in the summary, or fail the stage."
     )
 
+    @model_validator(mode="after")
+    def _one_process(self):
+        _refuse_deepspeed(self.deepspeed.stage, "reward")
+        return self
+
+
+def _refuse_deepspeed(stage: int, section: str) -> None:
+    """The reward and alignment stages train in the flow's own process; only cpt and sft launch DeepSpeed."""
+    if stage:
+        raise ValueError(f"{section}.deepspeed.stage is {stage}, but the {section} stage trains in one process "
+                         f"without DeepSpeed (cpt and sft run under it): set {section}.deepspeed.stage to 0, and "
+                         "use finetuning qlora or gradient_checkpointing to fit the memory")
+
 
 class RewardFunctionConfig(Strict):
     """The one reward every method scores completions with: a weighted sum of the backends that are set."""
@@ -102,4 +115,14 @@ class AlignmentConfig(TrainConfig):
         if self.method == "ppo" and self.finetuning != "lora":
             raise ValueError("alignment.method=ppo keeps policy, reference, reward and value on one base model "
                              "through adapters: alignment.finetuning must be lora")
+        if self.method in ("raft", "ppo"):
+            # Their loops step one AdamW per batch themselves (the schedule and weight decay are honoured).
+            unit = "batch_size" if self.method == "raft" else "ppo.mini_batch_size"
+            if self.optimizer != "adamw":
+                raise ValueError(f"alignment.method={self.method} steps its own AdamW: set alignment.optimizer to "
+                                 f"adamw (it is {self.optimizer!r}), or use grpo or a preference method, which take every optimizer")
+            if self.grad_accum != 1:
+                raise ValueError(f"alignment.method={self.method} takes one optimizer step per batch: set "
+                                 f"alignment.grad_accum to 1 (it is {self.grad_accum}) and raise alignment.{unit}")
+        _refuse_deepspeed(self.deepspeed.stage, "alignment")
         return self

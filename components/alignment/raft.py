@@ -6,9 +6,10 @@ pipeline's reward, drops degenerate ones (empty, looping), keeps the best comple
 (or the best fraction of all), and fine-tunes the policy's LoRA adapter on the kept set with the
 loss on the completion only. The reward, the kept set and its reward are logged per iteration.
 
-The fine-tuning loop is a few lines here rather than a Trainer per iteration: one optimizer lives
-across iterations, and sampling and training share the model in memory. After every iteration the
-adapter and optimizer are checkpointed (complete marker), so a crashed run resumes at the next one.
+The fine-tuning loop is a few lines here rather than a Trainer per iteration: one optimizer and one
+learning-rate schedule (alignment.lr_scheduler over iterations x steps_per_iteration) live across
+iterations, and sampling and training share the model in memory. After every iteration the adapter,
+optimizer and schedule are checkpointed (complete marker), so a crashed run resumes at the next one.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from components.data.packing import pad_causal
 from components.data.records import IGNORE
 from components.models.loss import labeled_positions_loss
 from components.pipeline import MetricsSink
-from components.training.lora import COMPLETE
+from components.training.lora import COMPLETE, lr_schedule
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,7 @@ def run_raft(policy, tokenizer, prompts: list[dict], reward: RewardFn, cfg, *, c
     trainable = {name: p for name, p in policy.named_parameters() if p.requires_grad}
     params = list(trainable.values())
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    scheduler = lr_schedule(optimizer, cfg.lr_scheduler, cfg.warmup_ratio, raft.iterations * raft.steps_per_iteration)
     history: list[dict] = []
     start = 0
     done = _checkpoints(ckpt_root)
@@ -80,6 +82,8 @@ def run_raft(policy, tokenizer, prompts: list[dict], reward: RewardFn, cfg, *, c
                              "delete it to start over")
         policy.load_state_dict(saved, strict=False)
         optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+        if (path / "scheduler.pt").is_file():  # checkpoints from before the schedule was honoured have none
+            scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
         history = json.loads((path / "history.json").read_text())
         start = last + 1
         log.info("RAFT resumes after iteration %d", last)
@@ -131,6 +135,7 @@ def run_raft(policy, tokenizer, prompts: list[dict], reward: RewardFn, cfg, *, c
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
+            scheduler.step()
             losses.append(loss.item())
         step += len(losses)
         valid = [s for s, (_, c) in zip(scores, flat) if not is_degenerate(c)]
@@ -151,6 +156,7 @@ def run_raft(policy, tokenizer, prompts: list[dict], reward: RewardFn, cfg, *, c
         with atomic_dir(ckpt_root / f"iteration-{it}") as tmp:
             save_file({k: v.detach().contiguous() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
             (tmp / "history.json").write_text(json.dumps(history))
             (tmp / COMPLETE).write_text(str(it))
         for _, path in _checkpoints(ckpt_root)[:-1]:

@@ -139,7 +139,8 @@ def _run_ppo(model, tokenizer, prompts, reward, reward_adapter, cfg, out_dir, si
     acfg = cfg.alignment
     settings = ppo.PPOSettings(
         steps=acfg.max_steps, batch_size=acfg.batch_size, mini_batch_size=acfg.ppo.mini_batch_size,
-        ppo_epochs=acfg.ppo.ppo_epochs, learning_rate=acfg.learning_rate, kl_coef=acfg.ppo.kl_coef,
+        ppo_epochs=acfg.ppo.ppo_epochs, learning_rate=acfg.learning_rate, weight_decay=acfg.weight_decay,
+        lr_scheduler=acfg.lr_scheduler, warmup_ratio=acfg.warmup_ratio, kl_coef=acfg.ppo.kl_coef,
         adaptive_kl=acfg.ppo.adaptive_kl, target_kl=acfg.ppo.target_kl, kl_horizon=acfg.ppo.kl_horizon,
         gamma=acfg.ppo.gamma, lam=acfg.ppo.lam, cliprange=acfg.ppo.cliprange,
         cliprange_value=acfg.ppo.cliprange_value, vf_coef=acfg.ppo.vf_coef,

@@ -151,6 +151,15 @@ def warmup_steps(warmup_ratio: float, max_steps: int) -> int:
     return math.ceil(round(warmup_ratio * max_steps, 9))
 
 
+def lr_schedule(optimizer, name: str, warmup_ratio: float, total_steps: int):
+    """The learning-rate schedule a TrainConfig names (transformers' own schedules), for the loops that
+    step an optimizer themselves (RAFT, PPO): step it after each optimizer step; checkpoint its state."""
+    from transformers import get_scheduler
+
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps(warmup_ratio, total_steps),
+                         num_training_steps=total_steps)
+
+
 def training_arguments(cfg: TrainConfig, hardware: Hardware, output_dir: Path) -> dict:
     """The TrainingArguments a stage's TrainConfig and the hardware decide; shared by our loop and the TRL
     trainers (whose configs extend TrainingArguments and default to bf16, which CPUs only emulate)."""

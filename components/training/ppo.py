@@ -38,7 +38,7 @@ import torch
 
 from components.artifacts import atomic_dir, atomic_write_bytes, atomic_write_json
 from components.errors import TrainingDiverged
-from components.training.lora import COMPLETE
+from components.training.lora import COMPLETE, lr_schedule
 from components.training.ppo_rollout import (  # noqa: F401  (the step's parts, importable from here too)
     POLICY,
     PPOSettings,
@@ -109,7 +109,7 @@ def _write_adapter(peft_model, state: dict[str, torch.Tensor], target: Path) -> 
               metadata={"format": "pt"})
 
 
-def _snapshot(peft_model, value_head, optimizer, step: int, kl_coef: float, curve: list[dict]) -> dict:
+def _snapshot(peft_model, value_head, optimizer, scheduler, step: int, kl_coef: float, curve: list[dict]) -> dict:
     """The trainable state, copied to CPU: enough to write a checkpoint later (the last good state)."""
     from peft import get_peft_model_state_dict
 
@@ -121,6 +121,7 @@ def _snapshot(peft_model, value_head, optimizer, step: int, kl_coef: float, curv
         "optimizer": {"state": {i: {k: cpu(v) if torch.is_tensor(v) else v for k, v in s.items()}
                                 for i, s in opt["state"].items()},
                       "param_groups": copy.deepcopy(opt["param_groups"])},
+        "scheduler": copy.deepcopy(scheduler.state_dict()),
         "state": {"step": step, "kl_coef": kl_coef, "curve": list(curve)},
     }
 
@@ -134,6 +135,7 @@ def _save_checkpoint(peft_model, snap: dict, ckpt_root: Path, keep: int) -> Path
         _write_adapter(peft_model, snap["adapter"], tmp / "adapter")
         save_file(snap["value_head"], str(tmp / "value_head.safetensors"))
         torch.save(snap["optimizer"], tmp / "optimizer.pt")
+        torch.save(snap["scheduler"], tmp / "scheduler.pt")
         (tmp / "state.json").write_text(json.dumps(snap["state"]))
         (tmp / COMPLETE).write_text(str(snap["state"]["step"]))
     complete = sorted((int(d.name.split("-")[1]), d) for d in ckpt_root.glob("step-*") if (d / COMPLETE).exists())
@@ -142,7 +144,7 @@ def _save_checkpoint(peft_model, snap: dict, ckpt_root: Path, keep: int) -> Path
     return target
 
 
-def _load_checkpoint(peft_model, value_head, optimizer, ckpt: Path) -> dict:
+def _load_checkpoint(peft_model, value_head, optimizer, scheduler, ckpt: Path) -> dict:
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
@@ -151,6 +153,8 @@ def _load_checkpoint(peft_model, value_head, optimizer, ckpt: Path) -> dict:
     set_peft_model_state_dict(peft_model, adapter, adapter_name=POLICY)
     value_head.load_state_dict(load_file(str(ckpt / "value_head.safetensors"), device=str(device)))
     optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True))
+    if (ckpt / "scheduler.pt").is_file():  # checkpoints from before the schedule was honoured have none
+        scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
     return json.loads((ckpt / "state.json").read_text())
 
 
@@ -169,7 +173,7 @@ def _prompt_order(n: int, batch_size: int, step: int, seed: int) -> list[int]:
 
 
 def ppo_update(peft_model, value_head, optimizer, ro: Rollout, advantages, returns, settings: PPOSettings, *,
-               on_nan: Callable[[str], None]) -> dict[str, float]:
+               on_nan: Callable[[str], None], scheduler=None) -> dict[str, float]:
     """`ppo_epochs` passes of clipped policy + value losses over shuffled minibatches; mean diagnostics.
     `on_nan` is called (and must raise) before a non-finite loss reaches the optimizer."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -191,6 +195,8 @@ def ppo_update(peft_model, value_head, optimizer, ro: Rollout, advantages, retur
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
             optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
             for k, v in {"policy_loss": policy_loss.item(), "value_loss": value_loss.item(), **stats}.items():
                 sums[k] = sums.get(k, 0.0) + v
             updates += 1
@@ -245,7 +251,9 @@ def run_ppo(
         p.requires_grad_(f".{POLICY}." in n)
     policy_params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW([{"params": policy_params}, {"params": list(value_head.parameters())}],
-                                  lr=settings.learning_rate, weight_decay=0.0)
+                                  lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    updates_per_step = settings.ppo_epochs * math.ceil(settings.batch_size / settings.mini_batch_size)
+    scheduler = lr_schedule(optimizer, settings.lr_scheduler, settings.warmup_ratio, settings.steps * updates_per_step)
     trainable = sum(p.numel() for p in policy_params) + sum(p.numel() for p in value_head.parameters())
 
     encoded = [tokenizer(r["prompt"], add_special_tokens=False)["input_ids"][-settings.max_prompt_length:]
@@ -256,7 +264,7 @@ def run_ppo(
     step, kl_coef, curve, resumed = 0, settings.kl_coef, [], 0
     ckpt = last_complete_checkpoint(ckpt_root)
     if ckpt is not None:
-        state = _load_checkpoint(peft_model, value_head, optimizer, ckpt)
+        state = _load_checkpoint(peft_model, value_head, optimizer, scheduler, ckpt)
         step = resumed = state["step"]
         kl_coef, curve = state["kl_coef"], state["curve"]
         log.info("resuming PPO from %s (step %d)", ckpt, step)
@@ -316,13 +324,13 @@ def run_ppo(
         if settings.max_kl is not None and kl > settings.max_kl:
             diverged(step, f"KL to the reference {kl:.3f} > max_kl {settings.max_kl}")
         # The model that produced this rollout passed its checks: it is the last good state.
-        good = _snapshot(peft_model, value_head, optimizer, step - 1, kl_coef, curve)
+        good = _snapshot(peft_model, value_head, optimizer, scheduler, step - 1, kl_coef, curve)
 
         advantages, returns = gae(rewards, ro.values, ro.response_mask, settings.gamma, settings.lam)
         if settings.whiten_advantages:
             advantages = masked_whiten(advantages, ro.response_mask)
         losses = ppo_update(peft_model, value_head, optimizer, ro, advantages, returns, settings,
-                            on_nan=lambda what: diverged(step, what))
+                            on_nan=lambda what: diverged(step, what), scheduler=scheduler)
 
         step_s = time.perf_counter() - t0
         tokens = int(query_mask.sum() + n_tokens)
@@ -347,8 +355,8 @@ def run_ppo(
         if metrics_sink is not None:
             metrics_sink(step, metrics)
         if step % settings.save_steps == 0 or step == settings.steps:
-            _save_checkpoint(peft_model, _snapshot(peft_model, value_head, optimizer, step, kl_coef, curve), ckpt_root,
-                             settings.save_total_limit)
+            _save_checkpoint(peft_model, _snapshot(peft_model, value_head, optimizer, scheduler, step, kl_coef, curve),
+                             ckpt_root, settings.save_total_limit)
         bar.update(1)
     bar.close()
     seconds = time.perf_counter() - t_start

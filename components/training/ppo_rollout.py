@@ -35,6 +35,9 @@ class PPOSettings:
     mini_batch_size: int = 4  # rollouts per optimizer step (also the chunk size of no-grad forwards)
     ppo_epochs: int = 2  # passes over each batch of rollouts
     learning_rate: float = 5e-5  # AdamW over the policy LoRA and the value head
+    weight_decay: float = 0.0
+    lr_scheduler: str = "constant"  # a transformers schedule name, over every optimizer step of the run
+    warmup_ratio: float = 0.0
     max_grad_norm: float = 1.0
     kl_coef: float = 0.05  # initial coefficient of the per-token KL penalty to the reference
     adaptive_kl: bool = False  # adapt kl_coef toward target_kl (Ziegler et al. 2019)

@@ -165,3 +165,17 @@ def test_mixing_options_validate():
     cfg = load_config(None, ["data.mix_strategy=interleave_over", "data.sft=[icd10_instructions,identity]",
                              "data.interleave_probs=[0.9,0.1]", "data.identity_name=Coder"])
     assert cfg.data.interleave_probs == [0.9, 0.1] and cfg.data.identity_name == "Coder"
+
+
+@pytest.mark.parametrize(("sets", "message"), [
+    (["alignment.method=ppo", "alignment.optimizer=lion"], "steps its own AdamW: set alignment.optimizer to adamw"),
+    (["alignment.method=raft", "alignment.grad_accum=4"], "set alignment.grad_accum to 1 .* raise alignment.batch_size"),
+    (["alignment.method=ppo", "alignment.grad_accum=2"], "raise alignment.ppo.mini_batch_size"),
+    (["alignment.method=dpo", "alignment.deepspeed.stage=2"], "alignment stage trains in one process without DeepSpeed"),
+    (["reward.deepspeed.stage=3"], "reward stage trains in one process without DeepSpeed"),
+])
+def test_settings_a_training_loop_would_ignore_are_refused(sets, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, sets)
+    # What these loops do honour is accepted.
+    load_config(None, ["alignment.method=raft", "alignment.lr_scheduler=linear", "alignment.weight_decay=0.1"])

@@ -9,6 +9,7 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 
 from components.alignment.data import unpaired
 from components.alignment.raft import run_raft
@@ -58,7 +59,7 @@ def test_raft_raises_a_rule_reward_and_resumes(tiny, tmp_path):
     torch.manual_seed(0)
     model, tokenizer = tiny
     cfg = AlignmentConfig(method="raft", learning_rate=1e-2, batch_size=8, num_generations=4, max_new_tokens=8,
-                          raft={"iterations": 3, "prompts_per_iteration": 8, "steps_per_iteration": 8})
+                          lr_scheduler="constant", warmup_ratio=0.0, raft={"iterations": 3, "prompts_per_iteration": 8, "steps_per_iteration": 8})
     cfg.lora.r = 8
     policy = get_peft_model(model, lora_config(cfg.lora, "CAUSAL_LM"))
     eos = stop_ids(tokenizer, "auto")
@@ -69,6 +70,8 @@ def test_raft_raises_a_rule_reward_and_resumes(tiny, tmp_path):
     # Best-of-4 on a random model is a weak signal: a few points over the run. (Strictly rising every
     # iteration held alone but not after other tests had moved the global RNG: too tight a claim.)
     assert after > before + 0.03, (before, after, history)
+    schedule = torch.load(tmp_path / "checkpoints" / "iteration-2" / "scheduler.pt", weights_only=True)
+    assert schedule["last_epoch"] == sum(h["train_steps"] for h in history) == 24
     assert history[0]["reward_mean"] < history[-1]["reward_mean"], history
     assert [h["iteration"] for h in history] == [0, 1, 2]
     assert all(h["kept"] > 0 and h["kept_reward_mean"] >= h["reward_mean"] for h in history)

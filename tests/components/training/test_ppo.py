@@ -351,7 +351,8 @@ def test_a_crashed_run_resumes_to_the_same_result(small_model_dir, tmp_path):
     from safetensors.torch import load_file
 
     target_id = _load(small_model_dir)[1].convert_tokens_to_ids("w7")
-    settings = _toy_settings(steps=4, save_steps=2)
+    # A schedule too, so the resumed run must restore it to match (4 steps x 2 epochs x 2 minibatches).
+    settings = _toy_settings(steps=4, save_steps=2, lr_scheduler="linear", warmup_ratio=0.25, weight_decay=0.01)
 
     model, tok = _load(small_model_dir)
     straight = []
@@ -385,6 +386,8 @@ def test_a_crashed_run_resumes_to_the_same_result(small_model_dir, tmp_path):
         assert torch.allclose(one[k], two[k], atol=1e-6), k
     curve = json.loads((tmp_path / "crashed" / "ppo_curve.json").read_text())["steps"]
     assert [r["step"] for r in curve] == [1, 2, 3, 4]
+    schedule = torch.load(ckpts / "step-4" / "scheduler.pt", weights_only=True)
+    assert schedule["last_epoch"] == 16 and schedule["_last_lr"] == [0.0, 0.0]  # linear: down to 0 at the end
 
 
 def test_kl_beyond_max_kl_raises_after_keeping_the_last_good_state(small_model_dir, tmp_path):

@@ -26,11 +26,34 @@ ONCE_LOG_MESSAGES: dict[str, tuple[str, ...]] = {
 }
 
 
+log = logging.getLogger("lmforge.runtime")
+_contention_warned = False
+
+
 def configure_threads(threads: int | None) -> None:
-    """Set torch's intra-op CPU threads: `threads` if given, else one per core."""
+    """Set torch's intra-op CPU threads: `threads` if given, else one per core; warn (once per process)
+    when other work already keeps the cores busy."""
     import torch
 
-    torch.set_num_threads(threads or os.cpu_count() or 1)
+    global _contention_warned
+    cores = os.cpu_count() or 1
+    torch.set_num_threads(threads or cores)
+    message = contention_message(os.getloadavg()[0], cores, threads or cores)
+    if message and not _contention_warned:
+        _contention_warned = True
+        log.warning(message)
+
+
+def contention_message(load: float, cores: int, threads: int) -> str | None:
+    """What to say when the 1-minute load average shows other processes competing for the cores, or None.
+
+    Threads that outnumber free cores do not share them gracefully: a training step on 2 cores went from
+    8 s to 130 s while three other 2-thread processes ran, here."""
+    if load <= 1.5 * cores:
+        return None
+    return (f"the machine is busy (load {load:.1f} on {cores} cores): steps may run many times slower than "
+            f"on idle cores. Let other jobs finish, or set compute.threads below {threads} "
+            "for every job that shares these cores.")
 
 
 class OncePerMessage(logging.Filter):

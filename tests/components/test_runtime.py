@@ -39,6 +39,26 @@ def test_configure_threads_uses_the_given_number_or_every_core():
         torch.set_num_threads(before)
 
 
+def test_a_busy_machine_is_reported_once_with_what_to_do(monkeypatch, caplog):
+    from components import runtime
+
+    assert runtime.contention_message(2.9, 2, 2) is None  # our own previous stage keeps ~2 cores busy
+    monkeypatch.setattr(runtime.os, "getloadavg", lambda: (6.3, 5.0, 4.0))
+    monkeypatch.setattr(runtime.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(runtime, "_contention_warned", False)
+    before = torch.get_num_threads()
+    try:
+        with caplog.at_level("WARNING", logger="lmforge.runtime"):
+            configure_threads(None)
+            configure_threads(None)
+    finally:
+        torch.set_num_threads(before)
+    busy = [r.getMessage() for r in caplog.records if "machine is busy" in r.getMessage()]
+    assert busy == ["the machine is busy (load 6.3 on 2 cores): steps may run many times slower than on idle "
+                    "cores. Let other jobs finish, or set compute.threads below 2 for every job that shares "
+                    "these cores."]
+
+
 def _int8_matmul_warnings(tiny_model_dir, caplog) -> int:
     from transformers import BitsAndBytesConfig
 

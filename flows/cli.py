@@ -114,38 +114,58 @@ def run(
     _print_summary(summary)
 
 
+def comparison_rows(comparison: dict[str, dict], columns: list[str]) -> list[list[str]]:
+    """The summary's metric x column table as printed rows: a metric's `_ci_low`/`_ci_high` rows fold into
+    its own cells as "value [low, high]"."""
+    rows = []
+    for key, row in comparison.items():
+        if key.endswith(("_ci_low", "_ci_high")) and key.rsplit("_ci_", 1)[0] in comparison:
+            continue
+        low, high = comparison.get(f"{key}_ci_low", {}), comparison.get(f"{key}_ci_high", {})
+        cells = []
+        for c in columns:
+            cell = _fmt(row.get(c))
+            if low.get(c) is not None and high.get(c) is not None:
+                cell += f" [{low[c]:.3f}, {high[c]:.3f}]"
+            cells.append(cell)
+        rows.append([key, *cells])
+    return rows
+
+
 def _print_summary(summary: dict) -> None:
+    # Piped or logged output has no width to fit: wide enough that no table wraps its cells.
+    out = console if console.is_terminal else Console(width=200)
     table = Table(title="stages")
     for col in ("stage", "status", "stage s", "task s", "peak RSS MB"):
         table.add_column(col)
     for row in summary["timeline"]:
         table.add_row(row["stage"], "cached" if row["cached"] else "ran", f"{row['stage_s']:.1f}", f"{row['task_s']:.2f}",
                       "" if row.get("peak_rss_mb") is None else f"{row['peak_rss_mb']:.0f}")
-    console.print(table)
+    out.print(table)
     if summary["comparison"]:
         columns = summary["columns"]
         comp = Table(title="held-out evaluation: " + " vs ".join(columns))
         for col in ("metric", *columns):
             comp.add_column(col)
-        for k, row in summary["comparison"].items():
-            comp.add_row(k, *(_fmt(row[c]) for c in columns))
-        console.print(comp)
+        for cells in comparison_rows(summary["comparison"], columns):
+            comp.add_row(*cells)
+        out.print(comp)
     if summary.get("per_task_table"):
         from rich.markdown import Markdown
 
-        console.print("[bold]per task[/bold] (95% intervals; chance = always the most common answer)")
-        console.print(Markdown(summary["per_task_table"]))
+        out.print("[bold]per task[/bold] (95% intervals; chance = always the most common answer)")
+        out.print(Markdown(summary["per_task_table"]))
     alignment = summary.get("alignment") or {}
     rm = alignment.get("reward_model")
     if rm:
-        console.print(f"reward model: held-out pair accuracy {_fmt(rm['accuracy'])}, margin {_fmt(rm['margin'])}")
+        out.print(f"reward model: held-out pair accuracy {_fmt(rm['accuracy'])}, margin {_fmt(rm['margin'])}")
     for line in [*(rm or {}).get("warnings", []), *alignment.get("flags", [])]:
-        console.print(f"[yellow]warning:[/yellow] {line}")
+        out.print(f"[yellow]warning:[/yellow] {line}")
     reg = summary.get("registered") or {}
     if reg:
-        console.print(f"registered [bold]{reg['name']}[/bold] version {reg['version']} as @{reg['alias']}")
+        out.print(f"registered [bold]{reg['name']}[/bold] version {reg['version']} as @{reg['alias']}")
     m = summary["metrics"]
-    console.print(f"flow {m['flow_wall_s']:.1f} s, stage compute {m['stage_compute_s']:.1f} s, "
+    out.print(f"flow {m['flow_wall_s']:.1f} s, stage compute {m['stage_compute_s']:.1f} s, "
                   f"orchestration + tracking {m['orchestration_overhead_s']:.1f} s")
 
 
@@ -386,6 +406,7 @@ def _plan_questions(request):
 def main() -> None:  # pragma: no cover
     logging.basicConfig(level=logging.INFO)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per Prefect API call otherwise
+    logging.getLogger("absl").setLevel(logging.WARNING)  # rouge-score: "Using default tokenizer." per scorer
     app()
 
 

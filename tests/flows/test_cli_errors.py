@@ -48,3 +48,15 @@ def test_an_unknown_template_fails_with_the_config_before_anything_runs(tmp_path
     assert result.exit_code == 2
     assert "tokenize.template" in result.output and "unknown chat template 'chatml-typo'" in result.output
     assert not (tmp_path / "ws").exists()
+
+
+def test_summary_folds_interval_rows_into_their_metric():
+    from flows.cli import comparison_rows
+
+    comparison = {"exact_match": {"base": 0.0, "adapted": 0.327}, "exact_match_ci_low": {"base": 0.0, "adapted": 0.276},
+                  "exact_match_ci_high": {"base": 0.0126, "adapted": 0.3816}, "perplexity_cpt_eval": {"base": 7.38,
+                                                                                                       "adapted": None}}
+    assert comparison_rows(comparison, ["base", "adapted"]) == [
+        ["exact_match", "0.0000 [0.000, 0.013]", "0.3270 [0.276, 0.382]"],
+        ["perplexity_cpt_eval", "7.3800", ""],
+    ]

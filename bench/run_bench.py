@@ -243,8 +243,9 @@ def render(demo: dict, rerun_s: float, sft: dict | None, data: dict | None, conf
     if methods.is_file():
         lines += methods_section(json.loads(methods.read_text()))
     # The learning-rate sweep of bench/cpt_learning.py is measured by hand (several CPT runs); kept as written.
-    # So are the alignment figures (bench/alignment.md: the demo's reward + RAFT run, bench/ppo_memory.py).
-    for name in ("cpt_learning.md", "alignment.md"):
+    # So are the alignment figures (bench/alignment.md: the demo's reward + RAFT run, bench/ppo_memory.py)
+    # and the quality preset's run (bench/quality.md).
+    for name in ("cpt_learning.md", "alignment.md", "quality.md"):
         part = ROOT / "bench" / name
         if part.is_file():
             lines += [part.read_text().rstrip(), ""]

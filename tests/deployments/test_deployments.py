@@ -84,7 +84,7 @@ def test_parameters_are_the_presets_they_name():
         assert dep["parameters"]["config"] == demo["config"], dep["name"]
         assert set(dep["parameters"]) - {"config"} <= {"from_stage", "only", "until", "verify"}, dep["name"]
     # The demo preset, not the built-in defaults: the runs a deployment starts are the documented demo.
-    assert demo["config"]["sft"]["max_steps"] == 150
+    assert demo["config"]["sft"]["max_steps"] == yaml.safe_load((ROOT / "configs/demo-cpu.yaml").read_text())["sft"]["max_steps"]
     assert demo["config"] != PipelineConfig().model_dump(mode="json")
 
 

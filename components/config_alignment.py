@@ -120,7 +120,8 @@ class AlignmentConfig(TrainConfig):
             unit = "batch_size" if self.method == "raft" else "ppo.mini_batch_size"
             if self.optimizer != "adamw":
                 raise ValueError(f"alignment.method={self.method} steps its own AdamW: set alignment.optimizer to "
-                                 f"adamw (it is {self.optimizer!r}), or use grpo or a preference method, which take every optimizer")
+                                 f"adamw (it is {self.optimizer!r}), or use grpo or a preference method, which "
+                                 "take every optimizer")
             if self.grad_accum != 1:
                 raise ValueError(f"alignment.method={self.method} takes one optimizer step per batch: set "
                                  f"alignment.grad_accum to 1 (it is {self.grad_accum}) and raise alignment.{unit}")

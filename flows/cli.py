@@ -132,9 +132,14 @@ def comparison_rows(comparison: dict[str, dict], columns: list[str]) -> list[lis
     return rows
 
 
+def _table_console() -> Console:
+    """The terminal's console, or for piped or logged output (no width to fit) one wide enough that no
+    table wraps its cells: one row per line for grep and less."""
+    return console if console.is_terminal else Console(width=200)
+
+
 def _print_summary(summary: dict) -> None:
-    # Piped or logged output has no width to fit: wide enough that no table wraps its cells.
-    out = console if console.is_terminal else Console(width=200)
+    out = _table_console()
     table = Table(title="stages")
     for col in ("stage", "status", "stage s", "task s", "peak RSS MB"):
         table.add_column(col)
@@ -166,7 +171,7 @@ def _print_summary(summary: dict) -> None:
         out.print(f"registered [bold]{reg['name']}[/bold] version {reg['version']} as @{reg['alias']}")
     m = summary["metrics"]
     out.print(f"flow {m['flow_wall_s']:.1f} s, stage compute {m['stage_compute_s']:.1f} s, "
-                  f"orchestration + tracking {m['orchestration_overhead_s']:.1f} s")
+              f"orchestration + tracking {m['orchestration_overhead_s']:.1f} s")
 
 
 @app.command()
@@ -192,8 +197,7 @@ def stages(
     for row in rows:
         table.add_row(row["stage"], row["kind"], row["key"] or "-", "yes" if row["cached"] else "no", row["note"],
                       row["summary"])
-    # Piped output has no width to fit: keep each row on one line for grep and less.
-    (console if console.is_terminal else Console(width=200)).print(table)
+    _table_console().print(table)
 
 
 @app.command("config-schema")

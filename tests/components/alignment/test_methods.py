@@ -59,7 +59,8 @@ def test_raft_raises_a_rule_reward_and_resumes(tiny, tmp_path):
     torch.manual_seed(0)
     model, tokenizer = tiny
     cfg = AlignmentConfig(method="raft", learning_rate=1e-2, batch_size=8, num_generations=4, max_new_tokens=8,
-                          lr_scheduler="constant", warmup_ratio=0.0, raft={"iterations": 3, "prompts_per_iteration": 8, "steps_per_iteration": 8})
+                          lr_scheduler="constant", warmup_ratio=0.0,
+                          raft={"iterations": 3, "prompts_per_iteration": 8, "steps_per_iteration": 8})
     cfg.lora.r = 8
     policy = get_peft_model(model, lora_config(cfg.lora, "CAUSAL_LM"))
     eos = stop_ids(tokenizer, "auto")

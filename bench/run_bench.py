@@ -257,7 +257,9 @@ def render(demo: dict, rerun_s: float, sft: dict | None, data: dict | None, conf
 def methods_section(result: dict) -> list[str]:
     """bench/methods.py's figures (its own run, kept in bench/results_methods.json) as a table."""
     # Before the run the load is other work; after it, this benchmark's own processes account for up to one per core.
-    busy = result["load_average_before"] > 0.5 or result["load_average_after"] > result["cpu_count"] + 0.5
+    # `cores_shared`, written by hand, overrides the guess (a job that ended just before still shows in the average).
+    busy = result.get("cores_shared", result["load_average_before"] > 0.5
+                      or result["load_average_after"] > result["cpu_count"] + 0.5)
     lines = [
         "## Training methods side by side (CPU)",
         "",

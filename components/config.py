@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import Field, ValidationError, ValidationInfo, field_validator
@@ -113,6 +113,12 @@ class DataConfig(Strict):
         None,
         description="Sampling probability of each dataset of a mixed group, in the group's order (sums to 1). "
         "Needs an interleave mix_strategy; null draws round-robin.",
+    )
+    sft_task_weights: dict[str, Annotated[float, Field(ge=0)]] = Field(
+        {},
+        description="Repeat factor per task of the SFT rows (their `task` column), applied after mixing: 2 writes "
+        "a task's rows twice, 0.5 a seeded half, 0 none; unnamed tasks keep their rows once. Balances a task mix "
+        "without editing the data; held-out sets are never reweighted. A name no row carries fails the align stage.",
     )
     identity_name: str = Field(
         "lmforge", description="Fills {{name}} in datasets marked fill_placeholders (identity data)."

@@ -29,7 +29,7 @@ from components.data.dataset_info import DataError, DatasetSpec, load_dataset_in
 from components.data.formats import RowError, get_converter, supported_kinds
 from components.data.jsonl import dumps_line
 from components.data.jsonl import iter_records as iter_records  # evaluation reads aligned files through here
-from components.data.mixing import check_mixing, write_interleaved
+from components.data.mixing import check_mixing, reweight_tasks, write_interleaved
 from components.data.readers import BATCH_ROWS, ParseFailure, Row, data_files, parse_jsonl_line, read_rows, snippet
 from components.data.records import GROUP_KINDS, MIXED_GROUPS
 from components.data.workers import SharedPool, line_chunks
@@ -246,6 +246,7 @@ def run_align(
     bad_row_budget: int = 0,
     mix_strategy: str = "concat",
     interleave_probs: list[float] | None = None,
+    sft_task_weights: dict[str, float] | None = None,
     identity_name: str = "lmforge",
     identity_author: str = "lmforge",
     num_proc: int | None = None,
@@ -258,7 +259,8 @@ def run_align(
     order given, or, for a training group (cpt, sft, preference) under `mix_strategy`
     'interleave_under' / 'interleave_over', interleaved (see `interleave`) with
     `interleave_probs` (one per dataset, in the group's order) or round-robin; the draws are
-    seeded by `seed` and the group. Datasets marked `fill_placeholders` get `{{name}}` and
+    seeded by `seed` and the group. `sft_task_weights` then repeats or samples the SFT group's rows
+    per task (see `reweight_tasks`). Datasets marked `fill_placeholders` get `{{name}}` and
     `{{author}}` replaced by `identity_name` and `identity_author`. A group with no datasets
     writes no file. JSONL files are converted by `num_proc` worker processes (None: one per core
     for files over 32 MB); the output does not depend on it.
@@ -329,6 +331,12 @@ def run_align(
             entries = report[group].values()
             metrics[f"rows_kept_{group}"] = sum(e["rows_kept"] for e in entries)
             metrics[f"rows_written_{group}"] = sum(e["rows_written"] for e in entries)
+            if group == "sft" and sft_task_weights:
+                tasks = reweight_tasks(out_dir / "sft.jsonl", sft_task_weights, random.Random(f"{seed}/tasks/sft"))
+                mixes.setdefault(group, {})["task_weights"] = {"weights": sft_task_weights, "tasks": tasks}
+                metrics["rows_written_sft"] = sum(t["rows_out"] for t in tasks.values())
+                log.info("sft rows per task, in -> out: %s",
+                         ", ".join(f"{t} {c['rows_in']} -> {c['rows_out']}" for t, c in tasks.items()))
             metrics[f"rows_dropped_{group}"] = sum(d["count"] for e in entries for d in e["dropped"].values())
     atomic_write_json(out_dir / "report.json", report)
     files.append("report.json")
@@ -371,5 +379,6 @@ def align_stage(cfg: PipelineConfig, inputs: StageInputs, out_dir: Path) -> Stag
     groups = {g: getattr(data, g) for g in GROUP_KINDS if getattr(data, g)}
     return run_align(inputs.dir("fetch"), groups, out_dir, max_samples=data.max_samples, seed=data.seed,
                      bad_row_budget=data.bad_row_budget, mix_strategy=data.mix_strategy,
-                     interleave_probs=data.interleave_probs, identity_name=data.identity_name,
+                     interleave_probs=data.interleave_probs, sft_task_weights=data.sft_task_weights,
+                     identity_name=data.identity_name,
                      identity_author=data.identity_author, num_proc=data.num_proc)

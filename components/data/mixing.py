@@ -1,4 +1,5 @@
-"""Mixing the datasets of a group: interleaving streams by probability or round-robin.
+"""Mixing the datasets of a group: interleaving streams by probability or round-robin, and
+reweighting the tasks of the SFT group.
 
 Each dataset is first aligned to a part file; `write_interleaved` draws lines from the open part
 files, so mixing streams too (memory bounded by the open files, whatever their size).
@@ -8,11 +9,13 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import json
 import random
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any, Literal, TypeVar
 
+from components.artifacts import atomic_file
 from components.data.dataset_info import DataError
 from components.data.records import interleave_probs_problem
 
@@ -102,3 +105,44 @@ def check_mixing(groups: dict[str, list[str]], mix_strategy: str, interleave_pro
     problem = interleave_probs_problem(groups, mix_strategy, interleave_probs)
     if problem:
         raise DataError(problem)
+
+
+def reweight_tasks(path: Path, weights: dict[str, float], rng: random.Random) -> dict[str, dict[str, int]]:
+    """Rewrite an aligned group file with each task's rows repeated `weights[task]` times, shuffled.
+
+    A row's task is its record's `task` field. A weight of 2 writes every row of the task twice, 0.5 a
+    seeded half of them, 0 none; a task not named in `weights` (and a row without a task, reported as
+    "(none)") keeps its rows once. The lines are shuffled so repeats spread over the epoch. Two passes
+    over the file (line offsets, then seeks), so memory holds 16 bytes per row, not the rows.
+    Returns {task: {"rows_in", "rows_out"}}.
+    """
+    offsets: dict[str, list[int]] = {}
+    with open(path, "rb") as f:
+        while True:
+            start = f.tell()
+            line = f.readline()
+            if not line:
+                break
+            task = json.loads(line).get("task") or "(none)"
+            offsets.setdefault(str(task), []).append(start)
+    unknown = sorted(set(weights) - set(offsets))
+    if unknown:
+        raise DataError(f"data.task_weights names {', '.join(map(repr, unknown))}, but no row of {path.name} has "
+                        f"that task; tasks present: {', '.join(sorted(offsets))}")
+    chosen: list[int] = []
+    counts: dict[str, dict[str, int]] = {}
+    for task in sorted(offsets):
+        rows = offsets[task]
+        weight = weights.get(task, 1.0)
+        whole, fraction = int(weight), weight - int(weight)
+        picked = rows * whole + sorted(rng.sample(rows, round(fraction * len(rows))))
+        chosen += picked
+        counts[task] = {"rows_in": len(rows), "rows_out": len(picked)}
+    if not chosen:
+        raise DataError(f"data.task_weights {weights} leaves no row of {path.name}; give some task a weight above 0")
+    rng.shuffle(chosen)
+    with open(path, "rb") as src, atomic_file(path, "wb") as out:
+        for start in chosen:
+            src.seek(start)
+            out.write(src.readline())
+    return counts

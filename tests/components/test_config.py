@@ -118,6 +118,13 @@ def test_override_parses_types():
     assert cfg.data.max_samples == 10
 
 
+def test_sft_task_weights_parse_from_the_command_line_and_refuse_negatives():
+    cfg = load_config(None, ["data.sft_task_weights={code_to_chapter: 3, description_to_code: 0.5}"])
+    assert cfg.data.sft_task_weights == {"code_to_chapter": 3.0, "description_to_code": 0.5}
+    with pytest.raises(ConfigError, match=r"data\.sft_task_weights\.billable"):
+        load_config(None, ["data.sft_task_weights={billable: -1}"])
+
+
 def test_unknown_key_fails_naming_the_field(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("sft:\n  learning_rat: 0.1\n")

@@ -507,3 +507,38 @@ def test_a_csv_that_is_not_utf8_names_the_line(tmp_path: Path) -> None:
     (root / "raw" / "d.csv").write_bytes(text.encode("latin-1"))
     with pytest.raises(DataError, match=r"^raw/d\.csv:3: not UTF-8 .*iconv"):
         run_align(root, {"sft": ["d"]}, tmp_path / "align")
+
+
+def _tasks_root(tmp_path: Path, sizes: dict[str, int]) -> Path:
+    info = {"qa": {"file_name": "raw/qa.jsonl", "formatting": "alpaca",
+                   "columns": {"prompt": "instruction", "response": "output", "task": "task"}}}
+    rows = [{"instruction": f"{task} question {i}?", "output": f"{task} {i}", "task": task}
+            for task, n in sizes.items() for i in range(n)]
+    return _write(tmp_path, info, {"qa.jsonl": _jsonl(rows)})
+
+
+def test_sft_task_weights_repeat_sample_and_drop_tasks(tmp_path: Path) -> None:
+    root = _tasks_root(tmp_path, {"chapter": 40, "billable": 40, "describe": 40, "code": 40})
+    weights = {"chapter": 2.5, "billable": 0.5, "describe": 0}
+    result = run_align(root, {"sft": ["qa"], "sft_eval": ["qa"]}, tmp_path / "a", sft_task_weights=weights)
+    answers = [r["messages"][1]["content"] for r in iter_records(tmp_path / "a" / "sft.jsonl")]
+    tasks = [a.split()[0] for a in answers]
+    assert {t: tasks.count(t) for t in set(tasks)} == {"chapter": 100, "billable": 20, "code": 40}
+    assert all(answers.count(f"chapter {i}") in (2, 3) for i in range(40))  # every row twice, a seeded half thrice
+    assert len(set(a for a in answers if a.startswith("billable"))) == 20  # half the rows, none repeated
+    assert tasks[:40] != ["chapter"] * 40  # shuffled, not task after task
+    assert result.metrics["rows_written_sft"] == 160
+    assert result.info["mix"]["sft"]["task_weights"]["tasks"]["describe"] == {"rows_in": 40, "rows_out": 0}
+    # Held-out rows are never reweighted; the same seed gives the same file.
+    assert len(list(iter_records(tmp_path / "a" / "sft_eval.jsonl"))) == 160
+    run_align(root, {"sft": ["qa"]}, tmp_path / "b", sft_task_weights=weights)
+    assert (tmp_path / "a" / "sft.jsonl").read_bytes() == (tmp_path / "b" / "sft.jsonl").read_bytes()
+    assert not list((tmp_path / "a").glob(".*"))
+
+
+def test_sft_task_weights_name_a_missing_task(tmp_path: Path) -> None:
+    root = _tasks_root(tmp_path, {"chapter": 5, "billable": 5})
+    with pytest.raises(DataError, match=r"'chaptr'.*no row of sft.jsonl.*tasks present: billable, chapter"):
+        run_align(root, {"sft": ["qa"]}, tmp_path / "out", sft_task_weights={"chaptr": 2})
+    with pytest.raises(DataError, match="leaves no row"):
+        run_align(root, {"sft": ["qa"]}, tmp_path / "out2", sft_task_weights={"chapter": 0, "billable": 0})

@@ -10,6 +10,7 @@ model, DPO and the sampling methods see is exactly what SFT trained on and evalu
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -75,9 +76,20 @@ def render_unpaired(records: list[dict], tokenizer, template: str, system_prompt
 
 def sampling_prompts(path: Path, tokenizer, template: str, system_prompt: str | None, *, limit: int,
                      seed: int) -> list[dict]:
-    """Up to `limit` prompts (seeded sample) from conversation records ending in an assistant turn:
-    {"prompt": rendered text, "messages": prompt messages, "reference": the answer, "task": label or ""}."""
-    records = [r for r in iter_records(Path(path)) if r.get("messages") and r["messages"][-1]["role"] == "assistant"]
+    """Up to `limit` distinct prompts (seeded sample) from conversation records ending in an assistant turn:
+    {"prompt": rendered text, "messages": prompt messages, "reference": the answer, "task": label or ""}.
+
+    A prompt repeated in the file (`data.sft_task_weights` repeats rows, datasets overlap) is kept once, so a
+    round's prompts are all different questions.
+    """
+    records, seen = [], set()
+    for r in iter_records(Path(path)):
+        if not r.get("messages") or r["messages"][-1]["role"] != "assistant":
+            continue
+        key = json.dumps(r["messages"], sort_keys=True, ensure_ascii=False)
+        if key not in seen:
+            seen.add(key)
+            records.append(r)
     if len(records) > limit:
         records = random.Random(seed).sample(records, limit)
     return [{"prompt": render_prompt(tokenizer, template, r["messages"][:-1], system_prompt),

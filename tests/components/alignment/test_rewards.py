@@ -121,3 +121,21 @@ def test_response_metrics_report_diversity_length_and_rewards():
     assert m["verifiable_reward"] == pytest.approx((1.0 + 0.2) / 2)
     assert m["reward_model_mean"] == 3.0
     assert m["response_words_mean"] == 1.0 and m["unique_words"] == 2.0
+
+
+def test_sampling_prompts_keep_a_repeated_question_once(tiny_model_dir, tmp_path):
+    from components.alignment.data import sampling_prompts
+    from components.models.loading import load_tokenizer
+
+    def record(q: str, a: str, task: str) -> dict:
+        return {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}], "task": task}
+
+    rows = [record(f"question {i}?", f"answer {i}", "t") for i in range(5)] * 3  # as sft_task_weights repeats rows
+    rows.append({"messages": [{"role": "user", "content": "no answer"}]})
+    path = tmp_path / "sft.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    prompts = sampling_prompts(path, tokenizer, "auto", None, limit=100, seed=0)
+    assert sorted(p["reference"] for p in prompts) == [f"answer {i}" for i in range(5)]
+    assert len(sampling_prompts(path, tokenizer, "auto", None, limit=3, seed=0)) == 3
+    assert all(p["task"] == "t" and "question" in p["prompt"] for p in prompts)

@@ -335,7 +335,8 @@ def run_align(
                 tasks = reweight_tasks(out_dir / "sft.jsonl", sft_task_weights, random.Random(f"{seed}/tasks/sft"))
                 mixes.setdefault(group, {})["task_weights"] = {"weights": sft_task_weights, "tasks": tasks}
                 metrics["rows_written_sft"] = sum(t["rows_out"] for t in tasks.values())
-                log.info("sft rows per task, in -> out: %s",
+                log.info("data.sft_task_weights: sft.jsonl holds %d rows (the report's `written` counts them before "
+                         "weighting); per task, in -> out: %s", metrics["rows_written_sft"],
                          ", ".join(f"{t} {c['rows_in']} -> {c['rows_out']}" for t, c in tasks.items()))
             metrics[f"rows_dropped_{group}"] = sum(d["count"] for e in entries for d in e["dropped"].values())
     atomic_write_json(out_dir / "report.json", report)

@@ -332,7 +332,8 @@ def run_align(
             metrics[f"rows_kept_{group}"] = sum(e["rows_kept"] for e in entries)
             metrics[f"rows_written_{group}"] = sum(e["rows_written"] for e in entries)
             if group == "sft" and sft_task_weights:
-                tasks = reweight_tasks(out_dir / "sft.jsonl", sft_task_weights, random.Random(f"{seed}/tasks/sft"))
+                tasks = reweight_tasks(out_dir / "sft.jsonl", sft_task_weights, random.Random(f"{seed}/tasks/sft"),
+                                       source=f"data.sft ({', '.join(group_names)})")
                 mixes.setdefault(group, {})["task_weights"] = {"weights": sft_task_weights, "tasks": tasks}
                 metrics["rows_written_sft"] = sum(t["rows_out"] for t in tasks.values())
                 log.info("data.sft_task_weights: sft.jsonl holds %d rows (the report's `written` counts them before "

@@ -107,15 +107,17 @@ def check_mixing(groups: dict[str, list[str]], mix_strategy: str, interleave_pro
         raise DataError(problem)
 
 
-def reweight_tasks(path: Path, weights: dict[str, float], rng: random.Random) -> dict[str, dict[str, int]]:
+def reweight_tasks(path: Path, weights: dict[str, float], rng: random.Random,
+                   source: str = "") -> dict[str, dict[str, int]]:
     """Rewrite an aligned group file with each task's rows repeated `weights[task]` times, shuffled.
 
     A row's task is its record's `task` field. A weight of 2 writes every row of the task twice, 0.5 a
     seeded half of them, 0 none; a task not named in `weights` (and a row without a task, reported as
     "(none)") keeps its rows once. The lines are shuffled so repeats spread over the epoch. Two passes
     over the file (line offsets, then seeks), so memory holds 16 bytes per row, not the rows.
-    Returns {task: {"rows_in", "rows_out"}}.
+    Returns {task: {"rows_in", "rows_out"}}. `source` names the rows' datasets in errors.
     """
+    where = source or path.name
     offsets: dict[str, list[int]] = {}
     with open(path, "rb") as f:
         while True:
@@ -127,8 +129,9 @@ def reweight_tasks(path: Path, weights: dict[str, float], rng: random.Random) ->
             offsets.setdefault(str(task), []).append(start)
     unknown = sorted(set(weights) - set(offsets))
     if unknown:
-        raise DataError(f"data.task_weights names {', '.join(map(repr, unknown))}, but no row of {path.name} has "
-                        f"that task; tasks present: {', '.join(sorted(offsets))}")
+        raise DataError(f"data.sft_task_weights names {', '.join(map(repr, unknown))}, but no row of {where} has "
+                        f"that task; tasks present: {', '.join(sorted(offsets))}. Fix the name, or map the datasets' "
+                        "task column in dataset_info.json")
     chosen: list[int] = []
     counts: dict[str, dict[str, int]] = {}
     for task in sorted(offsets):
@@ -139,7 +142,7 @@ def reweight_tasks(path: Path, weights: dict[str, float], rng: random.Random) ->
         chosen += picked
         counts[task] = {"rows_in": len(rows), "rows_out": len(picked)}
     if not chosen:
-        raise DataError(f"data.task_weights {weights} leaves no row of {path.name}; give some task a weight above 0")
+        raise DataError(f"data.sft_task_weights {weights} leaves no row of {where}; give some task a weight above 0")
     rng.shuffle(chosen)
     with open(path, "rb") as src, atomic_file(path, "wb") as out:
         for start in chosen:

@@ -538,7 +538,7 @@ def test_sft_task_weights_repeat_sample_and_drop_tasks(tmp_path: Path) -> None:
 
 def test_sft_task_weights_name_a_missing_task(tmp_path: Path) -> None:
     root = _tasks_root(tmp_path, {"chapter": 5, "billable": 5})
-    with pytest.raises(DataError, match=r"'chaptr'.*no row of sft.jsonl.*tasks present: billable, chapter"):
+    with pytest.raises(DataError, match=r"sft_task_weights names 'chaptr'.*no row of data.sft \(qa\).*tasks present: billable, chapter"):
         run_align(root, {"sft": ["qa"]}, tmp_path / "out", sft_task_weights={"chaptr": 2})
     with pytest.raises(DataError, match="leaves no row"):
         run_align(root, {"sft": ["qa"]}, tmp_path / "out2", sft_task_weights={"chapter": 0, "billable": 0})

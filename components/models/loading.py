@@ -206,6 +206,26 @@ def load_tokenizer(source: str, *, revision: str | None = None, trust_remote_cod
     return tokenizer
 
 
+def keep_bnb_cpu_layout(model) -> int:
+    """Keep 4-bit layers that bitsandbytes' AVX512-BF16 CPU kernel cannot take on the plain dequantize path.
+
+    On CPUs with AVX512-BF16, bitsandbytes (0.50) repacks a 4-bit weight for that kernel at its first no-grad
+    eval forward, and the repacking fails for a layer whose input width is not a multiple of the quantization
+    block or whose output width is not a multiple of 32 (RuntimeError: shape '[32, 0]' is invalid). Widths of
+    released models are multiples of both; small or pruned ones are not. Returns how many layers it kept back.
+    """
+    kept = 0
+    for module in model.modules():
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        if state is None or not getattr(module, "support_avx512bf16_for_cpu", False):
+            continue
+        out_features, in_features = state.shape[0], state.shape[-1]
+        if in_features % state.blocksize or out_features % 32:
+            module.support_avx512bf16_for_cpu = False
+            kept += 1
+    return kept
+
+
 def load_model(
     source: str,
     hardware: Hardware,
@@ -233,6 +253,8 @@ def load_model(
     if quantization_config is not None:
         kwargs.update(quantization_config=quantization_config, dtype=torch.float32 if hardware.device == "cpu" else hardware.dtype)
         model = AutoModelForCausalLM.from_pretrained(source, device_map=hardware.device, **kwargs)
+        if hardware.device == "cpu":
+            keep_bnb_cpu_layout(model)
     else:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=hardware.dtype, **kwargs).to(hardware.device)
     return model

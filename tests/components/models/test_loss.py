@@ -234,3 +234,24 @@ def test_the_fallback_is_logged_once_per_model_class(caplog):
         labeled_positions_loss(model, batch)
     assert [r.getMessage() for r in caplog.records].count(caplog.records[0].getMessage()) == 1
     assert "Gemma2ForCausalLM (gemma2)" in caplog.records[0].getMessage()
+
+
+def test_4bit_layers_bitsandbytes_cannot_repack_keep_the_plain_cpu_path():
+    # bitsandbytes repacks 4-bit weights for its AVX512-BF16 kernel at the first no-grad eval forward and fails
+    # on widths that are not multiples of its blocks (this tiny model's 32-wide inputs). Whatever the CPU, those
+    # layers are marked off that path at load, and an eval forward runs.
+    import bitsandbytes as bnb
+
+    from components.config import TrainConfig
+    from components.models.loading import keep_bnb_cpu_layout, select_hardware
+    from components.training.methods import prepare_trainable
+
+    model = prepare_trainable(tiny_causal_lm("LlamaConfig"), TrainConfig(finetuning="qlora"),
+                              select_hardware("cpu", "fp32")).eval()
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers and all(not m.support_avx512bf16_for_cpu for m in layers if m.in_features % 64)
+    for m in layers:
+        m.support_avx512bf16_for_cpu = True
+    assert keep_bnb_cpu_layout(model) == sum(1 for m in layers if m.in_features % 64 or m.out_features % 32) > 0
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=torch.tensor([[3, 4, 5]])).logits).all()

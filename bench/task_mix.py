@@ -33,7 +33,7 @@ def main() -> None:
 
     from components.data.chat_render import encode_conversations, prepare_template
     from components.data.records import IGNORE
-    from components.evaluation.choice import answer_token_ids, candidate_logprobs
+    from components.evaluation.choice import choose
     from components.models.loading import load_tokenizer, resolve_base
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -75,11 +75,9 @@ def main() -> None:
         for task in a.tasks.split(","):
             rows = [r for r in held if r["task"] == task]
             candidates = titles if "chapter" in task else ["Yes", "No"]
-            prompt_ids, answer_ids = answer_token_ids(
-                tok, "auto", [[{"role": "user", "content": r["instruction"]}] for r in rows], candidates, None)
-            scores = candidate_logprobs(model, prompt_ids, answer_ids, pad_id=pad, batch_size=32)
-            right = sum(candidates[max(range(len(candidates)), key=s.__getitem__)] == r["output"]
-                        for s, r in zip(scores, rows))
+            picks, _ = choose(tok, model, "auto", [[{"role": "user", "content": r["instruction"]}] for r in rows],
+                              candidates, system_prompt=None)
+            right = sum(pick == r["output"] for pick, r in zip(picks, rows))
             scores_by_task[task] = round(right / len(rows), 3)
         print(json.dumps({"step": step, **scores_by_task}), flush=True)
         model.train()

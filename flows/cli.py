@@ -164,6 +164,10 @@ def _print_summary(summary: dict) -> None:
     rm = alignment.get("reward_model")
     if rm:
         out.print(f"reward model: held-out pair accuracy {_fmt(rm['accuracy'])}, margin {_fmt(rm['margin'])}")
+    if alignment.get("method"):
+        from flows.domain_adaptation import alignment_line
+
+        out.print(alignment_line(alignment))
     for line in [*(rm or {}).get("warnings", []), *alignment.get("flags", [])]:
         out.print(f"[yellow]warning:[/yellow] {line}")
     reg = summary.get("registered") or {}

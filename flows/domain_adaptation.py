@@ -23,6 +23,7 @@ from components import tracking
 from components.artifacts import read_manifest, reset_dir, stage_dir, verify_manifest
 from components.config import PipelineConfig, save_config
 from components.errors import StageInputError
+from components.evaluation.compare import paired_change
 from components.evaluation.per_task import per_task_table
 from components.models.loading import select_hardware
 from components.pipeline import STAGE_KINDS, RunInfo, kind_index, planned_nodes
@@ -174,7 +175,35 @@ def _alignment_summary(manifests: dict[str, dict]) -> dict:
             flags.append(f"possible reward hacking: the reward model's mean score rose {rm[0]:.3f} -> {rm[1]:.3f} "
                          f"while the verifiable reward fell {rule[0]:.3f} -> {rule[1]:.3f}")
         out["flags"] = flags
+        out["kl_to_sft"] = after.get("kl_to_sft")
+        out["kl_to_sft_per_answer"] = after.get("kl_to_sft_per_answer")
+        if "evaluate-adapted" in manifests and "evaluate-aligned" in manifests:
+            out["verifiable_reward_change"] = paired_change(
+                _samples(manifests["evaluate-adapted"]), _samples(manifests["evaluate-aligned"]), "verifiable_reward")
     return out
+
+
+def _samples(manifest: dict) -> list[dict]:
+    path = Path(manifest["dir"]) / "samples.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def alignment_line(alignment: dict) -> str:
+    """What alignment did on the held-out questions, paired against the SFT model's answers to the same ones."""
+    text = f"alignment ({alignment['method']})"
+    change = alignment.get("verifiable_reward_change")
+    if change:
+        c = change["change"]
+        per_task = ", ".join(f"{task} {t['change']['value']:+.3f}" for task, t in change["tasks"].items())
+        text += (f": verifiable reward {change['before']:.3f} -> {change['after']:.3f} on {change['n']} held-out "
+                 f"questions, paired change {c['value']:+.3f} [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}]"
+                 + (f" ({per_task})" if len(change["tasks"]) > 1 else ""))
+    if alignment.get("kl_to_sft") is not None:
+        text += (f"; KL to the SFT model {alignment['kl_to_sft']:.4f} per answer token "
+                 f"({alignment['kl_to_sft_per_answer']:.3f} per answer)")
+    return text
 
 
 def _summary(manifests: dict[str, dict], timeline: list[dict], flow_s: float) -> dict:
@@ -197,10 +226,15 @@ def _summary(manifests: dict[str, dict], timeline: list[dict], flow_s: float) ->
         if report.is_file():
             per_task[label] = json.loads(report.read_text())
     comparison = dict(sorted(comparison.items()))
+    alignment = _alignment_summary(manifests)
+    change = alignment.get("verifiable_reward_change")
+    if change:  # the paired aligned - SFT change: MLflow plots it across runs
+        metrics.update({f"aligned_verifiable_reward_change{suffix}": change["change"][field]
+                        for suffix, field in (("", "value"), ("_ci_low", "ci_low"), ("_ci_high", "ci_high"))})
     registered = manifests.get("register", {}).get("info", {})
     quant = manifests.get("quantize", {}).get("metrics", {})
     return {"metrics": metrics, "columns": columns, "comparison": comparison, "registered": registered,
-            "alignment": _alignment_summary(manifests), "per_task": per_task,
+            "alignment": alignment, "per_task": per_task,
             "per_task_table": per_task_table(per_task) if per_task else "",
             "quantization": quant, "timeline": timeline, "stages": {k: v["dir"] for k, v in manifests.items()}}
 
@@ -236,6 +270,8 @@ def _publish(summary: dict) -> None:
     if summary.get("per_task_table"):
         lines += ["", "### Per task (95% intervals; chance = always the most common answer)", "",
                   summary["per_task_table"]]
+    if (summary.get("alignment") or {}).get("method"):
+        lines += ["", alignment_line(summary["alignment"]) + "."]
     reg = summary.get("registered") or {}
     if reg:
         lines.append(f"\nRegistered **{reg.get('name')}** version {reg.get('version')} as @{reg.get('alias')}.")

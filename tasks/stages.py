@@ -150,6 +150,10 @@ def _retry_if_transient(_task, _task_run, state) -> bool:
     persist_result=True,
     result_serializer="json",
     retry_condition_fn=_retry_if_transient,
+    # Not the flow's log_prints: Prefect's print patch ignores a redirected sys.stdout, so dill's
+    # disassembly (datasets hashes TRL's map functions with it) became ~140 log lines per reward stage
+    # and dill found no globals. Stages log through `logging`; library prints go to the console.
+    log_prints=False,
 )
 def run_node(key: str, node: str, run: RunInfo, cfg: PipelineConfig, stage_config: dict,
              upstream: dict[str, dict], keyed_upstream: dict[str, str]) -> dict:

@@ -8,6 +8,8 @@ Held-out prompts only: the evaluation stage calls this on its generations.
 from __future__ import annotations
 
 from components.alignment.rewards import RewardFn, load_rule
+from components.evaluation.intervals import DEFAULT_RESAMPLES, bootstrap_mean
+from components.evaluation.per_task import UNLABELED
 
 
 def msttr(texts: list[str], segment: int = 50) -> float:
@@ -19,20 +21,34 @@ def msttr(texts: list[str], segment: int = 50) -> float:
 
 
 def response_metrics(prompts: list[str], predictions: list[str], references: list[str], tasks: list[str], *,
-                     rule: str | None, reward_model: RewardFn | None = None) -> dict[str, float]:
-    """Length and diversity of the answers, their verifiable reward, and the reward model's mean score."""
+                     rule: str | None, reward_model: RewardFn | None = None,
+                     resamples: int = DEFAULT_RESAMPLES) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Length and diversity of the answers, their verifiable reward (overall with a bootstrap interval,
+    and per task as `task/<task>/verifiable_reward`), and the reward model's mean score; and the
+    per-answer scores ({"verifiable_reward": [...], "reward_model_score": [...]}, those computed), so
+    two models' answers to the same questions can be compared pairwise."""
     if not predictions:
-        return {}
+        return {}, {}
     words = [p.split() for p in predictions]
     metrics = {
         "response_words_mean": sum(map(len, words)) / len(words),
         "unique_words": float(len({w.lower() for ws in words for w in ws})),
         "msttr_50": msttr(predictions),
     }
+    per_answer: dict[str, list[float]] = {}
     if rule:
-        scores = load_rule(rule)(prompts, predictions, reference=references, task=tasks)
-        metrics["verifiable_reward"] = sum(scores) / len(scores)
+        scores = [float(s) for s in load_rule(rule)(prompts, predictions, reference=references, task=tasks)]
+        per_answer["verifiable_reward"] = scores
+        estimate = bootstrap_mean(scores, resamples=resamples)
+        metrics.update(verifiable_reward=estimate.value, verifiable_reward_ci_low=estimate.low,
+                       verifiable_reward_ci_high=estimate.high)
+        by_task: dict[str, list[float]] = {}
+        for task, score in zip(tasks, scores, strict=True):
+            by_task.setdefault(task or UNLABELED, []).append(score)
+        if len(by_task) > 1:
+            metrics.update({f"task/{task}/verifiable_reward": sum(v) / len(v) for task, v in by_task.items()})
     if reward_model is not None:
-        scores = reward_model(prompts, predictions, reference=references, task=tasks)
+        scores = [float(s) for s in reward_model(prompts, predictions, reference=references, task=tasks)]
+        per_answer["reward_model_score"] = scores
         metrics["reward_model_mean"] = sum(scores) / len(scores)
-    return metrics
+    return metrics, per_answer

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm.auto import tqdm
 
-from components.artifacts import StageResult, atomic_write_json
+from components.artifacts import StageResult, atomic_write_json, atomic_write_text
 from components.config import EvaluateConfig
 from components.data.align import iter_records
 from components.data.packing import pad_causal
@@ -261,10 +261,33 @@ def evaluate_stage(cfg: PipelineConfig, inputs: StageInputs, out_dir: Path) -> S
         model, tokenizer, out_dir, tokenized_dir=inputs.dir("tokenize"), aligned_dir=inputs.dir("align"),
         cfg=cfg.evaluate, template_name=cfg.tokenize.template, system_prompt=cfg.tokenize.system_prompt,
     )
+    if inputs.has("alignment"):
+        result.metrics.update(_kl_to_reference(model, inputs, Path(out_dir), tokenizer, hardware))
     del model
     result.metrics.update(_answer_rewards(cfg, inputs, Path(out_dir), tokenizer, hardware))
     atomic_write_json(Path(out_dir) / "metrics.json", result.metrics)
     return result
+
+
+def _samples(out_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (out_dir / "samples.jsonl").read_text().splitlines() if line.strip()]
+
+
+def _kl_to_reference(model, inputs: StageInputs, out_dir: Path, tokenizer, hardware) -> dict:
+    """KL(aligned || the model it was aligned from) over the aligned model's held-out answers
+    (components.evaluation.divergence): the reference is the adapter stack without its last entry."""
+    from components.evaluation.divergence import answer_kl
+
+    samples = _samples(out_dir)
+    if not samples:
+        return {}
+    base = inputs.base_model
+    reference = load_with_adapters(base.source, inputs.adapter_stack()[:-1], hardware, **base.load_kwargs())
+    try:
+        return answer_kl(model, reference, tokenizer, [s["rendered_prompt"] for s in samples],
+                         [s["prediction"] for s in samples])
+    finally:
+        del reference
 
 
 def _answer_rewards(cfg: PipelineConfig, inputs: StageInputs, out_dir: Path, tokenizer, hardware) -> dict:
@@ -275,7 +298,7 @@ def _answer_rewards(cfg: PipelineConfig, inputs: StageInputs, out_dir: Path, tok
     from components.alignment.rewards import RewardModel
     from components.alignment.scoring import response_metrics
 
-    samples = [json.loads(line) for line in (out_dir / "samples.jsonl").read_text().splitlines() if line.strip()]
+    samples = _samples(out_dir)
     if not samples:
         return {}
     prompts = [s["rendered_prompt"] for s in samples]
@@ -285,6 +308,13 @@ def _answer_rewards(cfg: PipelineConfig, inputs: StageInputs, out_dir: Path, tok
         reward_model = RewardModel(inputs.base_model, [Path(p) for p in reward["reward_below"]],
                                    Path(reward["reward_adapter"]), hardware, tokenizer,
                                    stop=turn_end(tokenizer, cfg.tokenize.template), max_length=cfg.reward.max_length)
-    return response_metrics(prompts, [s["prediction"] for s in samples], [s["reference"] for s in samples],
-                            [s.get("task", "") for s in samples], rule=cfg.alignment.reward.rule,
-                            reward_model=reward_model)
+    metrics, per_answer = response_metrics(
+        prompts, [s["prediction"] for s in samples], [s["reference"] for s in samples],
+        [s.get("task", "") for s in samples], rule=cfg.alignment.reward.rule, reward_model=reward_model,
+        resamples=cfg.evaluate.bootstrap_resamples)
+    if per_answer:  # each answer's scores beside it, so two models' answers compare question by question
+        for i, sample in enumerate(samples):
+            sample.update({name: scores[i] for name, scores in per_answer.items()})
+        atomic_write_text(out_dir / "samples.jsonl",
+                          "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
+    return metrics

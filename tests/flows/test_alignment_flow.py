@@ -45,6 +45,12 @@ def test_raft_then_ppo_in_the_flow(tiny_model_dir, tmp_path, prefect_harness):
     aligned_adapter = str(Path(summary["stages"]["alignment"]).resolve() / "adapter")
     assert quantize["info"]["merged_adapters"][-1] == aligned_adapter
     assert summary["alignment"]["method"] == "raft"
+    # KL to the SFT model on the aligned model's own held-out answers, and the paired change over SFT.
+    assert summary["alignment"]["kl_to_sft"] >= 0 and summary["comparison"]["kl_to_sft"]["adapted"] is None
+    change = summary["alignment"]["verifiable_reward_change"]
+    assert change["n"] > 0 and change["after"] - change["before"] == pytest.approx(change["change"]["value"])
+    assert change["change"]["ci_low"] <= change["change"]["value"] <= change["change"]["ci_high"]
+    assert summary["metrics"]["aligned_verifiable_reward_change"] == change["change"]["value"]
 
     # PPO on the same SFT model, with the reward stage's adapter and score head on its one shared model.
     ppo = cfg.model_copy(update={"alignment": cfg.alignment.model_copy(update={"method": "ppo"})})

@@ -135,3 +135,32 @@ def test_a_failing_task_with_a_permanent_error_runs_once(prefect_harness, tmp_pa
     assert probe("permanent") == "failed" and calls == ["permanent"]
     calls.clear()
     assert probe("transient") == "ok" and len(calls) == 3
+
+
+def _uses_a_global():
+    return STAGES_BY_NAME
+
+
+def test_library_prints_inside_a_stage_task_stay_out_of_the_run_log(prefect_harness, caplog):
+    """Under the flow's log_prints, Prefect's print patch ignored dill's redirected stdout: datasets'
+    hashing of TRL's map functions put their disassembly into the log and dill found no globals. The
+    stage task opts out, so dill sees its own capture again."""
+    import logging
+
+    from dill.detect import nestedglobals
+    from prefect import flow, task
+
+    from tasks.stages import run_node
+
+    @task(log_prints=run_node.log_prints)
+    def like_a_stage() -> list[str]:
+        return nestedglobals(_uses_a_global)
+
+    @flow(log_prints=True)
+    def like_the_flow() -> list[str]:
+        return like_a_stage()
+
+    with caplog.at_level(logging.INFO):
+        found = like_the_flow()
+    assert "STAGES_BY_NAME" in found
+    assert not [r for r in caplog.records if "LOAD_GLOBAL" in r.getMessage()]

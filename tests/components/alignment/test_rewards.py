@@ -115,12 +115,15 @@ def test_response_metrics_report_diversity_length_and_rewards():
 
     assert msttr(["a b"] * 50, segment=50) == pytest.approx(2 / 50)
     assert msttr(["too short"]) != msttr(["too short"])  # NaN: not one full window
-    m = response_metrics(["p", "p"], ["K27.9", "K11"], ["K27.9", "K27.9"], ["t", "t"],
-                         rule="components.alignment.icd10:icd10_reward",
-                         reward_model=lambda p, c, **_: [2.0, 4.0])
-    assert m["verifiable_reward"] == pytest.approx((1.0 + 0.2) / 2)
-    assert m["reward_model_mean"] == 3.0
-    assert m["response_words_mean"] == 1.0 and m["unique_words"] == 2.0
+    m, per_answer = response_metrics(["p", "p", "p"], ["K27.9", "K11", "Yes"], ["K27.9", "K27.9", "No"],
+                                     ["code", "code", "billable"], rule="components.alignment.icd10:icd10_reward",
+                                     reward_model=lambda p, c, **_: [2.0, 4.0, 0.0], resamples=200)
+    assert m["verifiable_reward"] == pytest.approx((1.0 + 0.2 + 0.0) / 3)
+    assert 0.0 <= m["verifiable_reward_ci_low"] < m["verifiable_reward"] < m["verifiable_reward_ci_high"] <= 1.0
+    assert m["task/code/verifiable_reward"] == pytest.approx(0.6) and m["task/billable/verifiable_reward"] == 0.0
+    assert m["reward_model_mean"] == 2.0
+    assert m["response_words_mean"] == 1.0 and m["unique_words"] == 3.0
+    assert per_answer == {"verifiable_reward": [1.0, 0.2, 0.0], "reward_model_score": [2.0, 4.0, 0.0]}
 
 
 def test_sampling_prompts_keep_a_repeated_question_once(tiny_model_dir, tmp_path):

@@ -120,5 +120,6 @@ def test_rewards_score_the_whole_conversation_the_answer_was_generated_from(tiny
     metrics = evaluate._answer_rewards(cfg, no_reward_stage, tmp_path / "out", tokenizer, hardware=None)
 
     assert metrics["verifiable_reward"] == 1.0
+    assert [json.loads(line)["verifiable_reward"] for line in (tmp_path / "out" / "samples.jsonl").open()] == [1.0]
     assert seen == [render_prompt(tokenizer, "auto", messages[:-1], None)]
     assert all(m["content"] in seen[0] for m in messages[:-1])  # both questions and the first answer

@@ -1,0 +1,38 @@
+"""Two evaluations of the same held-out questions, compared question by question.
+
+Two means with overlapping intervals can still differ reliably: most of the spread of a held-out
+score comes from the questions (some are easy for both models), and it cancels in the per-question
+difference. So whether alignment raised the verifiable reward over SFT is judged on the paired
+differences: their mean with a percentile-bootstrap interval, overall and per task.
+"""
+
+from __future__ import annotations
+
+from components.evaluation.intervals import DEFAULT_RESAMPLES, bootstrap_mean
+from components.evaluation.per_task import UNLABELED
+
+
+def _key(sample: dict) -> tuple:
+    return (sample.get("task") or UNLABELED, sample.get("rendered_prompt") or sample.get("prompt"), sample["reference"])
+
+
+def paired_change(before: list[dict], after: list[dict], metric: str, *,
+                  resamples: int = DEFAULT_RESAMPLES) -> dict | None:
+    """The change of a per-answer `metric` (a field of the evaluation's samples) from `before` to `after`
+    on the questions both answered: {"n", "before", "after", "change": {"value", "ci_low", "ci_high",
+    "ci_method"}, "tasks": {task: {"n", "before", "after", "change"}}}. None when no question is shared
+    or the samples do not carry the metric (an evaluation without a verifiable reward rule)."""
+    earlier = {_key(s): s[metric] for s in before if metric in s}
+    pairs = [(_key(s)[0], earlier[_key(s)], s[metric]) for s in after if metric in s and _key(s) in earlier]
+    if not pairs:
+        return None
+
+    def entry(rows: list[tuple[str, float, float]]) -> dict:
+        change = bootstrap_mean([b - a for _, a, b in rows], resamples=resamples)
+        return {"n": len(rows), "before": sum(a for _, a, _ in rows) / len(rows),
+                "after": sum(b for _, _, b in rows) / len(rows), "change": change.as_dict()}
+
+    tasks: dict[str, list] = {}
+    for row in pairs:
+        tasks.setdefault(row[0], []).append(row)
+    return {**entry(pairs), "tasks": {task: entry(rows) for task, rows in tasks.items()}}

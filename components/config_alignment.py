@@ -67,6 +67,10 @@ class RaftSettings(Strict):
         "best_per_prompt", description="Keep each prompt's best completion, or the best fraction of all completions."
     )
     keep_fraction: float = Field(0.25, gt=0, le=1, description="With keep=top_fraction: the share kept.")
+    reward_threshold: float | None = Field(
+        None, description="Keep only completions whose reward is above this. With a verifiable reward, 0 keeps "
+        "no prompt whose every answer failed (fine-tuning on a wrong answer teaches it). Null: no bound."
+    )
     steps_per_iteration: int = Field(20, ge=1, description="Optimizer steps of fine-tuning on each round's kept set.")
 
 

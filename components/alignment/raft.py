@@ -36,10 +36,12 @@ from components.training.lora import COMPLETE, lr_schedule
 log = logging.getLogger(__name__)
 
 
-def select(groups: list[list[tuple[str, float]]], keep: str, fraction: float) -> list[tuple[int, str, float]]:
+def select(groups: list[list[tuple[str, float]]], keep: str, fraction: float,
+           threshold: float | None = None) -> list[tuple[int, str, float]]:
     """The kept (prompt index, completion, reward): each prompt's best non-degenerate completion, or the
-    best `fraction` of all non-degenerate completions."""
-    scored = [(i, text, r) for i, group in enumerate(groups) for text, r in group if not is_degenerate(text)]
+    best `fraction` of all non-degenerate completions; with a `threshold`, only those rewarded above it."""
+    scored = [(i, text, r) for i, group in enumerate(groups) for text, r in group
+              if not is_degenerate(text) and (threshold is None or r > threshold)]
     if keep == "best_per_prompt":
         best: dict[int, tuple[int, str, float]] = {}
         for item in scored:
@@ -105,7 +107,7 @@ def run_raft(policy, tokenizer, prompts: list[dict], reward: RewardFn, cfg, *, c
         groups: list[list[tuple[str, float]]] = [[] for _ in batch]
         for (i, text), score in zip(flat, scores):
             groups[i].append((text, score))
-        kept = select(groups, raft.keep, raft.keep_fraction)
+        kept = select(groups, raft.keep, raft.keep_fraction, raft.reward_threshold)
         sample_s = time.perf_counter() - t0
         (out_dir / "raft").mkdir(parents=True, exist_ok=True)
         (out_dir / "raft" / f"iteration-{it}.jsonl").write_text("".join(
@@ -149,8 +151,8 @@ def run_raft(policy, tokenizer, prompts: list[dict], reward: RewardFn, cfg, *, c
             "sample_tokens_per_s": new_tokens / max(sample_s, 1e-9),
         }
         history.append(entry)
-        log.info("RAFT iteration %d: reward %.3f (max %.3f), kept %d, loss %.3f", it, entry["reward_mean"],
-                 entry["reward_max"], entry["kept"], entry["train_loss"])
+        log.info("RAFT iteration %d: reward %.3f (max %.3f), kept %d at %.3f, loss %.3f", it, entry["reward_mean"],
+                 entry["reward_max"], entry["kept"], entry["kept_reward_mean"], entry["train_loss"])
         if metrics_sink is not None:
             metrics_sink(it, {k: float(v) for k, v in entry.items() if isinstance(v, (int, float))})
         with atomic_dir(ckpt_root / f"iteration-{it}") as tmp:

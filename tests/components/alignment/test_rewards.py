@@ -108,6 +108,9 @@ def test_degenerate_answers_and_raft_selection():
     groups = [[("A00", 0.2), ("A01", 0.9), ("", 5.0)], [("x y x y x y", 3.0), ("B20", 0.1)]]
     assert select(groups, "best_per_prompt", 0.5) == [(0, "A01", 0.9), (1, "B20", 0.1)]
     assert select(groups, "top_fraction", 0.34) == [(0, "A01", 0.9)]
+    # A threshold drops what is not above it: prompt 1's best (0.1) goes, and with it the prompt.
+    assert select(groups, "best_per_prompt", 0.5, threshold=0.1) == [(0, "A01", 0.9)]
+    assert select(groups, "top_fraction", 1.0, threshold=0.0) == [(0, "A01", 0.9), (0, "A00", 0.2), (1, "B20", 0.1)]
 
 
 def test_response_metrics_report_diversity_length_and_rewards():

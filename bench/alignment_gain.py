@@ -30,9 +30,9 @@ sys.path.insert(0, str(ROOT))
 # model learns the answer format and little else (it answers one chapter title to every chapter question,
 # "Yes" to 37 of 40 billable ones), so its samples hardly ever differ in reward and a sampling method has
 # nothing to rank. 40 held-out questions per task (of 60) instead of 10, so a change of a few hundredths
-# is visible; the rule reward alone, so the reward optimised is the one measured (the reward model
+# is visible, each also answered 4 times by sampling (evaluate.sample_k); the rule reward alone, so the reward optimised is the one measured (the reward model
 # still scores every column).
-COMMON = ["sft.max_steps=320", "sft.learning_rate=1e-3", "evaluate.max_samples=40",
+COMMON = ["sft.max_steps=320", "sft.learning_rate=1e-3", "evaluate.max_samples=40", "evaluate.sample_k=4",
           "alignment.reward.rule=components.alignment.icd10:icd10_reward", "alignment.reward.model_weight=0"]
 # Per method: sized to take a few minutes each on 2 cores.
 METHODS = {
@@ -65,6 +65,7 @@ def run(method: str, workspace: Path, extra: list[str]) -> dict:
         "alignment_s": stage_s.get("alignment"),
         "evaluate_aligned_s": stage_s.get("evaluate-aligned"),
         "held_out": summary["alignment"].get("verifiable_reward_change"),
+        "held_out_sampled": summary["alignment"].get("sampled_verifiable_reward_change"),
         "kl_to_sft": summary["alignment"].get("kl_to_sft"),
         "kl_to_sft_per_answer": summary["alignment"].get("kl_to_sft_per_answer"),
         "training": {k: v for k, v in manifest["metrics"].items() if k in TRAIN_KEYS},
@@ -80,17 +81,17 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "bench" / "results_alignment_gain.json"))
     args = parser.parse_args()
     os.environ.setdefault("LMFORGE_NO_PROGRESS", "1")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no network here: no telemetry errors
+    from flows.domain_adaptation import alignment_line
+
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.is_file() else {}
     for method in filter(None, args.methods.split(",")):
         results[method] = run(method, Path(args.workspace), args.extra)
         out.write_text(json.dumps(results, indent=1) + "\n")  # after each method: a crash keeps the others
-        held = results[method]["held_out"] or {}
-        change = held.get("change", {})
-        print(f"{method}: verifiable reward {held.get('before', float('nan')):.3f} -> {held.get('after', float('nan')):.3f}"
-              f", paired change {change.get('value', float('nan')):+.3f} [{change.get('ci_low', float('nan')):+.3f}, "
-              f"{change.get('ci_high', float('nan')):+.3f}], KL to SFT {results[method]['kl_to_sft'] or float('nan'):.4f}"
-              f"/token, alignment {results[method]['alignment_s']:.0f} s", flush=True)
+        print(f"{method}: " + alignment_line({"method": method, **{k: results[method][v] for k, v in (
+            ("verifiable_reward_change", "held_out"), ("sampled_verifiable_reward_change", "held_out_sampled"),
+            ("kl_to_sft", "kl_to_sft"), ("kl_to_sft_per_answer", "kl_to_sft_per_answer"))}}), flush=True)
 
 
 if __name__ == "__main__":

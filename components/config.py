@@ -197,6 +197,12 @@ class EvaluateConfig(Strict):
         1000, ge=0, description="Resamples for the bootstrap intervals of metrics that are not proportions "
         "(BLEU, ROUGE, METEOR, NIST, length); 0: no interval. Proportions use Wilson's interval."
     )
+    sample_k: int = Field(
+        0, ge=0, description="With a verifiable reward rule (alignment.reward.rule): also sample this many answers "
+        "per held-out question and report their mean reward, sampled_verifiable_reward (what RAFT, PPO and GRPO "
+        "optimise; the greedy answer can stay put while the distribution moves). 0: greedy answers only."
+    )
+    sample_temperature: float = Field(0.7, gt=0, description="Temperature of the sample_k answers.")
     harness_tasks: list[str] = Field(
         [], description="lm-evaluation-harness tasks run on the stage's model: local ones shipped in "
         "components/evaluation/harness_tasks (icd10_chapter_mc) or standard ones (pubmedqa, medmcqa, mmlu_*; "

@@ -178,8 +178,9 @@ def _alignment_summary(manifests: dict[str, dict]) -> dict:
         out["kl_to_sft"] = after.get("kl_to_sft")
         out["kl_to_sft_per_answer"] = after.get("kl_to_sft_per_answer")
         if "evaluate-adapted" in manifests and "evaluate-aligned" in manifests:
-            out["verifiable_reward_change"] = paired_change(
-                _samples(manifests["evaluate-adapted"]), _samples(manifests["evaluate-aligned"]), "verifiable_reward")
+            sft, aligned = _samples(manifests["evaluate-adapted"]), _samples(manifests["evaluate-aligned"])
+            for metric in ("verifiable_reward", "sampled_verifiable_reward"):
+                out[f"{metric}_change"] = paired_change(sft, aligned, metric)
     return out
 
 
@@ -193,17 +194,20 @@ def _samples(manifest: dict) -> list[dict]:
 def alignment_line(alignment: dict) -> str:
     """What alignment did on the held-out questions, paired against the SFT model's answers to the same ones."""
     text = f"alignment ({alignment['method']})"
-    change = alignment.get("verifiable_reward_change")
-    if change:
-        c = change["change"]
-        per_task = ", ".join(f"{task} {t['change']['value']:+.3f}" for task, t in change["tasks"].items())
-        text += (f": verifiable reward {change['before']:.3f} -> {change['after']:.3f} on {change['n']} held-out "
-                 f"questions, paired change {c['value']:+.3f} [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}]"
-                 + (f" ({per_task})" if len(change["tasks"]) > 1 else ""))
+    parts = []
+    for metric, what in (("verifiable_reward", "verifiable reward"),
+                         ("sampled_verifiable_reward", "sampled answers' verifiable reward")):
+        change = alignment.get(f"{metric}_change")
+        if change:
+            c = change["change"]
+            per_task = ", ".join(f"{task} {t['change']['value']:+.3f}" for task, t in change["tasks"].items())
+            parts.append(f"{what} {change['before']:.3f} -> {change['after']:.3f} on {change['n']} held-out questions, "
+                         f"paired change {c['value']:+.3f} [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}]"
+                         + (f" ({per_task})" if len(change["tasks"]) > 1 else ""))
     if alignment.get("kl_to_sft") is not None:
-        text += (f"; KL to the SFT model {alignment['kl_to_sft']:.4f} per answer token "
-                 f"({alignment['kl_to_sft_per_answer']:.3f} per answer)")
-    return text
+        parts.append(f"KL to the SFT model {alignment['kl_to_sft']:.4f} per answer token "
+                     f"({alignment['kl_to_sft_per_answer']:.3f} per answer)")
+    return text + (": " + "; ".join(parts) if parts else "")
 
 
 def _summary(manifests: dict[str, dict], timeline: list[dict], flow_s: float) -> dict:
@@ -227,10 +231,11 @@ def _summary(manifests: dict[str, dict], timeline: list[dict], flow_s: float) ->
             per_task[label] = json.loads(report.read_text())
     comparison = dict(sorted(comparison.items()))
     alignment = _alignment_summary(manifests)
-    change = alignment.get("verifiable_reward_change")
-    if change:  # the paired aligned - SFT change: MLflow plots it across runs
-        metrics.update({f"aligned_verifiable_reward_change{suffix}": change["change"][field]
-                        for suffix, field in (("", "value"), ("_ci_low", "ci_low"), ("_ci_high", "ci_high"))})
+    for metric in ("verifiable_reward", "sampled_verifiable_reward"):
+        change = alignment.get(f"{metric}_change")
+        if change:  # the paired aligned - SFT change: MLflow plots it across runs
+            metrics.update({f"aligned_{metric}_change{suffix}": change["change"][field]
+                            for suffix, field in (("", "value"), ("_ci_low", "ci_low"), ("_ci_high", "ci_high"))})
     registered = manifests.get("register", {}).get("info", {})
     quant = manifests.get("quantize", {}).get("metrics", {})
     return {"metrics": metrics, "columns": columns, "comparison": comparison, "registered": registered,

@@ -8,8 +8,8 @@ Held-out prompts only: the evaluation stage calls this on its generations.
 from __future__ import annotations
 
 from components.alignment.rewards import RewardFn, load_rule
-from components.evaluation.intervals import DEFAULT_RESAMPLES, bootstrap_mean
-from components.evaluation.per_task import UNLABELED
+from components.evaluation.compare import mean_by_task
+from components.evaluation.intervals import DEFAULT_RESAMPLES
 
 
 def msttr(texts: list[str], segment: int = 50) -> float:
@@ -39,14 +39,7 @@ def response_metrics(prompts: list[str], predictions: list[str], references: lis
     if rule:
         scores = [float(s) for s in load_rule(rule)(prompts, predictions, reference=references, task=tasks)]
         per_answer["verifiable_reward"] = scores
-        estimate = bootstrap_mean(scores, resamples=resamples)
-        metrics.update(verifiable_reward=estimate.value, verifiable_reward_ci_low=estimate.low,
-                       verifiable_reward_ci_high=estimate.high)
-        by_task: dict[str, list[float]] = {}
-        for task, score in zip(tasks, scores, strict=True):
-            by_task.setdefault(task or UNLABELED, []).append(score)
-        if len(by_task) > 1:
-            metrics.update({f"task/{task}/verifiable_reward": sum(v) / len(v) for task, v in by_task.items()})
+        metrics.update(mean_by_task("verifiable_reward", scores, tasks, resamples=resamples))
     if reward_model is not None:
         scores = [float(s) for s in reward_model(prompts, predictions, reference=references, task=tasks)]
         per_answer["reward_model_score"] = scores

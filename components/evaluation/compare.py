@@ -36,3 +36,16 @@ def paired_change(before: list[dict], after: list[dict], metric: str, *,
     for row in pairs:
         tasks.setdefault(row[0], []).append(row)
     return {**entry(pairs), "tasks": {task: entry(rows) for task, rows in tasks.items()}}
+
+
+def mean_by_task(name: str, values: list[float], tasks: list[str], *, resamples: int = DEFAULT_RESAMPLES) -> dict:
+    """Metrics for per-question `values`: `name` (the mean) with `name_ci_low`/`name_ci_high` (bootstrap),
+    and `task/<task>/name` per task when there is more than one task."""
+    estimate = bootstrap_mean(values, resamples=resamples)
+    metrics = {name: estimate.value, f"{name}_ci_low": estimate.low, f"{name}_ci_high": estimate.high}
+    by_task: dict[str, list[float]] = {}
+    for task, value in zip(tasks, values, strict=True):
+        by_task.setdefault(task or UNLABELED, []).append(value)
+    if len(by_task) > 1:
+        metrics.update({f"task/{task}/{name}": sum(v) / len(v) for task, v in by_task.items()})
+    return metrics

@@ -263,6 +263,8 @@ def evaluate_stage(cfg: PipelineConfig, inputs: StageInputs, out_dir: Path) -> S
     )
     if inputs.has("alignment"):
         result.metrics.update(_kl_to_reference(model, inputs, Path(out_dir), tokenizer, hardware))
+    if cfg.evaluate.sample_k and cfg.alignment.reward.rule:
+        result.metrics.update(_sampled_rewards(model, cfg, Path(out_dir), tokenizer))
     del model
     result.metrics.update(_answer_rewards(cfg, inputs, Path(out_dir), tokenizer, hardware))
     atomic_write_json(Path(out_dir) / "metrics.json", result.metrics)
@@ -288,6 +290,35 @@ def _kl_to_reference(model, inputs: StageInputs, out_dir: Path, tokenizer, hardw
                          [s["prediction"] for s in samples])
     finally:
         del reference
+
+
+def _sampled_rewards(model, cfg: PipelineConfig, out_dir: Path, tokenizer) -> dict:
+    """The mean verifiable reward of `evaluate.sample_k` sampled answers per held-out question (seeded),
+    overall with an interval and per task; each question's mean goes into its sample as
+    `sampled_verifiable_reward` (so columns compare pairwise) and its answers as `sampled`."""
+    from components.alignment.rewards import load_rule
+    from components.alignment.sampling import sample, stop_ids
+    from components.evaluation.compare import mean_by_task
+
+    samples = _samples(out_dir)
+    if not samples:
+        return {}
+    ecfg, prompts = cfg.evaluate, [s["rendered_prompt"] for s in samples]
+    answers, _ = sample(model, tokenizer, prompts, k=ecfg.sample_k, temperature=ecfg.sample_temperature, top_p=1.0,
+                        max_new_tokens=ecfg.max_new_tokens, eos=stop_ids(tokenizer, cfg.tokenize.template),
+                        batch_size=ecfg.batch_size, seed=0)
+    flat = [(i, a) for i, group in enumerate(answers) for a in group]
+    scores = load_rule(cfg.alignment.reward.rule)(
+        [prompts[i] for i, _ in flat], [a for _, a in flat], reference=[samples[i]["reference"] for i, _ in flat],
+        task=[samples[i].get("task", "") for i, _ in flat])
+    per_question = [0.0] * len(samples)
+    for (i, _), score in zip(flat, scores, strict=True):
+        per_question[i] += float(score) / ecfg.sample_k
+    for sample_row, group, mean in zip(samples, answers, per_question):
+        sample_row.update(sampled=group, sampled_verifiable_reward=mean)
+    atomic_write_text(out_dir / "samples.jsonl", "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
+    return mean_by_task("sampled_verifiable_reward", per_question, [s.get("task", "") for s in samples],
+                        resamples=ecfg.bootstrap_resamples)
 
 
 def _answer_rewards(cfg: PipelineConfig, inputs: StageInputs, out_dir: Path, tokenizer, hardware) -> dict:

@@ -18,7 +18,7 @@ ALIGN = dict(**{
     "reward.max_length": 96, "alignment.max_prompts": 8, "alignment.num_generations": 2,
     "alignment.max_new_tokens": 4, "alignment.batch_size": 2, "alignment.max_steps": 2, "alignment.logging_steps": 1,
     "alignment.max_length": 96, "alignment.raft.iterations": 1, "alignment.raft.prompts_per_iteration": 4,
-    "alignment.raft.steps_per_iteration": 2, "alignment.reward.model_weight": 0.5,
+    "alignment.raft.steps_per_iteration": 2, "alignment.reward.model_weight": 0.5, "evaluate.sample_k": 2,
 })
 
 
@@ -51,6 +51,9 @@ def test_raft_then_ppo_in_the_flow(tiny_model_dir, tmp_path, prefect_harness):
     assert change["n"] > 0 and change["after"] - change["before"] == pytest.approx(change["change"]["value"])
     assert change["change"]["ci_low"] <= change["change"]["value"] <= change["change"]["ci_high"]
     assert summary["metrics"]["aligned_verifiable_reward_change"] == change["change"]["value"]
+    sampled = summary["alignment"]["sampled_verifiable_reward_change"]
+    assert sampled["n"] == change["n"] and 0 <= sampled["before"] <= 1
+    assert summary["comparison"]["sampled_verifiable_reward"]["base"] is not None
 
     # PPO on the same SFT model, with the reward stage's adapter and score head on its one shared model.
     ppo = cfg.model_copy(update={"alignment": cfg.alignment.model_copy(update={"method": "ppo"})})

@@ -123,3 +123,36 @@ def test_rewards_score_the_whole_conversation_the_answer_was_generated_from(tiny
     assert [json.loads(line)["verifiable_reward"] for line in (tmp_path / "out" / "samples.jsonl").open()] == [1.0]
     assert seen == [render_prompt(tokenizer, "auto", messages[:-1], None)]
     assert all(m["content"] in seen[0] for m in messages[:-1])  # both questions and the first answer
+
+
+def test_sampled_answers_are_scored_per_question_and_kept_beside_the_greedy_one(tiny, tmp_path: Path, monkeypatch):
+    """evaluate.sample_k answers per held-out question: each question's mean reward, overall and per task."""
+    from components.alignment import rewards
+
+    model, tokenizer = tiny
+    aligned = tmp_path / "align"
+    aligned.mkdir()
+    rows = [{"messages": [{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": "Yes"}],
+             "task": "billable" if i % 2 else "chapter"} for i in range(4)]
+    (aligned / "sft_eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = PipelineConfig.model_validate({"alignment": {"reward": {"rule": "recording:reward"}},
+                                         "evaluate": {"sample_k": 3, "max_new_tokens": 2, "bootstrap_resamples": 50}})
+    run_evaluate(model, tokenizer, tmp_path / "out", tokenized_dir=tmp_path / "no-tokens", aligned_dir=aligned,
+                 cfg=cfg.evaluate, template_name="auto", system_prompt=None)
+    calls = []
+
+    def reward(prompts, completions, reference, **_):
+        calls.append(len(completions))
+        return [1.0 if j % 3 == 0 else 0.0 for j in range(len(completions))]  # one of each question's three
+
+    monkeypatch.setattr(rewards, "load_rule", lambda path: reward)
+    metrics = evaluate._sampled_rewards(model, cfg, tmp_path / "out", tokenizer)
+
+    assert calls == [12]  # 4 questions x 3 answers, scored in one call
+    assert metrics["sampled_verifiable_reward"] == pytest.approx(1 / 3)
+    assert metrics["task/billable/sampled_verifiable_reward"] == pytest.approx(1 / 3)
+    assert metrics["sampled_verifiable_reward_ci_low"] == pytest.approx(1 / 3)  # every question the same
+    saved = [json.loads(line) for line in (tmp_path / "out" / "samples.jsonl").open()]
+    assert [len(s["sampled"]) for s in saved] == [3] * 4
+    assert all(s["sampled_verifiable_reward"] == pytest.approx(1 / 3) for s in saved)
+    assert all("prediction" in s for s in saved)  # the greedy answer stays

@@ -275,6 +275,10 @@ def _samples(out_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (out_dir / "samples.jsonl").read_text().splitlines() if line.strip()]
 
 
+def _write_samples(out_dir: Path, samples: list[dict]) -> None:
+    atomic_write_text(out_dir / "samples.jsonl", "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
+
+
 def _kl_to_reference(model, inputs: StageInputs, out_dir: Path, tokenizer, hardware) -> dict:
     """KL(aligned || the model it was aligned from) over the aligned model's held-out answers
     (components.evaluation.divergence): the reference is the adapter stack without its last entry."""
@@ -316,7 +320,7 @@ def _sampled_rewards(model, cfg: PipelineConfig, out_dir: Path, tokenizer) -> di
         per_question[i] += float(score) / ecfg.sample_k
     for sample_row, group, mean in zip(samples, answers, per_question):
         sample_row.update(sampled=group, sampled_verifiable_reward=mean)
-    atomic_write_text(out_dir / "samples.jsonl", "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
+    _write_samples(out_dir, samples)
     return mean_by_task("sampled_verifiable_reward", per_question, [s.get("task", "") for s in samples],
                         resamples=ecfg.bootstrap_resamples)
 
@@ -346,6 +350,5 @@ def _answer_rewards(cfg: PipelineConfig, inputs: StageInputs, out_dir: Path, tok
     if per_answer:  # each answer's scores beside it, so two models' answers compare question by question
         for i, sample in enumerate(samples):
             sample.update({name: scores[i] for name, scores in per_answer.items()})
-        atomic_write_text(out_dir / "samples.jsonl",
-                          "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
+        _write_samples(out_dir, samples)
     return metrics

@@ -4,8 +4,8 @@ PPO and GRPO report a KL term while they train, on their own training prompts; R
 methods report none. So the evaluation of the aligned model measures one KL for every method, the same
 way: on each held-out prompt, over the tokens of the aligned model's own answer (the greedy answer the
 evaluation generated), the exact KL(aligned || reference) between the two next-token distributions at
-every answer position, summed over the vocabulary. Reported per answer token (`kl_to_sft`) and summed over
-an answer (`kl_to_sft_per_answer`), both averaged over answers that have at least one token.
+every answer position (the end-of-turn token included), summed over the vocabulary. Reported per answer
+token (`kl_to_sft`) and summed over an answer (`kl_to_sft_per_answer`), both averaged over answers.
 
 The answers are greedy, not sampled, so this is the divergence along the path the model actually answers
 with rather than an unbiased estimate of the sequence-level KL; it is the figure that tells whether the
@@ -18,13 +18,16 @@ import torch
 
 
 @torch.no_grad()
-def answer_kl(policy, reference, tokenizer, prompts: list[str], answers: list[str], *,
+def answer_kl(policy, reference, tokenizer, prompts: list[str], answers: list[str], *, end: str = "",
               batch_size: int = 8) -> dict[str, float]:
-    """KL(policy || reference) over the answer tokens of (prompt, answer) pairs (module docstring)."""
+    """KL(policy || reference) over the answer tokens of (prompt, answer) pairs (module docstring), each
+    answer followed by `end` (the template's end of turn: where to stop is part of the answer, and an
+    empty answer is then still one position)."""
+    end_ids = tokenizer(end, add_special_tokens=False)["input_ids"] if end else []
     pairs = []
     for prompt, answer in zip(prompts, answers, strict=True):
         p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        a_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] if answer.strip() else []
+        a_ids = (tokenizer(answer, add_special_tokens=False)["input_ids"] if answer.strip() else []) + end_ids
         if a_ids:
             pairs.append((p_ids, a_ids))
     if not pairs:

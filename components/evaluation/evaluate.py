@@ -262,7 +262,8 @@ def evaluate_stage(cfg: PipelineConfig, inputs: StageInputs, out_dir: Path) -> S
         cfg=cfg.evaluate, template_name=cfg.tokenize.template, system_prompt=cfg.tokenize.system_prompt,
     )
     if inputs.has("alignment"):
-        result.metrics.update(_kl_to_reference(model, inputs, Path(out_dir), tokenizer, hardware))
+        result.metrics.update(_kl_to_reference(model, inputs, Path(out_dir), tokenizer, hardware,
+                                               cfg.tokenize.template))
     if cfg.evaluate.sample_k and cfg.alignment.reward.rule:
         result.metrics.update(_sampled_rewards(model, cfg, Path(out_dir), tokenizer))
     del model
@@ -279,9 +280,10 @@ def _write_samples(out_dir: Path, samples: list[dict]) -> None:
     atomic_write_text(out_dir / "samples.jsonl", "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
 
 
-def _kl_to_reference(model, inputs: StageInputs, out_dir: Path, tokenizer, hardware) -> dict:
+def _kl_to_reference(model, inputs: StageInputs, out_dir: Path, tokenizer, hardware, template: str) -> dict:
     """KL(aligned || the model it was aligned from) over the aligned model's held-out answers
     (components.evaluation.divergence): the reference is the adapter stack without its last entry."""
+    from components.alignment.data import turn_end
     from components.evaluation.divergence import answer_kl
 
     samples = _samples(out_dir)
@@ -291,7 +293,7 @@ def _kl_to_reference(model, inputs: StageInputs, out_dir: Path, tokenizer, hardw
     reference = load_with_adapters(base.source, inputs.adapter_stack()[:-1], hardware, **base.load_kwargs())
     try:
         return answer_kl(model, reference, tokenizer, [s["rendered_prompt"] for s in samples],
-                         [s["prediction"] for s in samples])
+                         [s["prediction"] for s in samples], end=turn_end(tokenizer, template))
     finally:
         del reference
 

@@ -73,4 +73,7 @@ def test_answer_kl_is_zero_against_itself_and_the_exact_kl_over_answer_tokens(ti
     assert answer_kl(moved, model, tokenizer, prompts, answers, batch_size=8)["kl_to_sft"] == pytest.approx(
         got["kl_to_sft"], rel=1e-4)
     assert answer_kl(moved, model, tokenizer, ["p"], [""]) == {}
+    # With the end of turn after each answer, the empty answer counts too: one position, where it stopped.
+    ended = answer_kl(moved, model, tokenizer, prompts, answers, end="</s>")
+    assert ended["kl_to_sft"] > 0 and ended["kl_to_sft_per_answer"] > got["kl_to_sft_per_answer"] * 2 / 3
     assert not math.isnan(got["kl_to_sft_per_answer"])

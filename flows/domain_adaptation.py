@@ -22,6 +22,7 @@ from prefect.context import get_run_context
 from components import tracking
 from components.artifacts import read_manifest, reset_dir, stage_dir, verify_manifest
 from components.config import PipelineConfig, save_config
+from components.data.jsonl import iter_records
 from components.errors import StageInputError
 from components.evaluation.compare import paired_change
 from components.evaluation.per_task import per_task_table
@@ -186,9 +187,7 @@ def _alignment_summary(manifests: dict[str, dict]) -> dict:
 
 def _samples(manifest: dict) -> list[dict]:
     path = Path(manifest["dir"]) / "samples.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return list(iter_records(path)) if path.is_file() else []
 
 
 def alignment_line(alignment: dict) -> str:

@@ -217,8 +217,7 @@ def evaluate_model(model, tokenizer, **kwargs) -> tuple[dict[str, float], list[d
 def write_evaluation(out_dir: Path, evaluation: Evaluation, prefix: str = "") -> list[str]:
     """metrics.json, samples.jsonl and (when there were held-out instructions) per_task.json."""
     atomic_write_json(out_dir / f"{prefix}metrics.json", evaluation.metrics)
-    (out_dir / f"{prefix}samples.jsonl").write_text(
-        "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in evaluation.samples))
+    write_samples(out_dir / f"{prefix}samples.jsonl", evaluation.samples)
     files = [f"{prefix}metrics.json", f"{prefix}samples.jsonl"]
     if evaluation.per_task:
         atomic_write_json(out_dir / f"{prefix}per_task.json", evaluation.per_task)
@@ -273,11 +272,12 @@ def evaluate_stage(cfg: PipelineConfig, inputs: StageInputs, out_dir: Path) -> S
 
 
 def _samples(out_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (out_dir / "samples.jsonl").read_text().splitlines() if line.strip()]
+    return list(iter_records(out_dir / "samples.jsonl"))
 
 
-def _write_samples(out_dir: Path, samples: list[dict]) -> None:
-    atomic_write_text(out_dir / "samples.jsonl", "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
+def write_samples(path: Path, samples: list[dict]) -> None:
+    """An evaluation's samples.jsonl: one scored held-out answer per line (the stdlib keeps NaN, orjson would not)."""
+    atomic_write_text(path, "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
 
 
 def _kl_to_reference(model, inputs: StageInputs, out_dir: Path, tokenizer, hardware, template: str) -> dict:
@@ -322,7 +322,7 @@ def _sampled_rewards(model, cfg: PipelineConfig, out_dir: Path, tokenizer) -> di
         per_question[i] += float(score) / ecfg.sample_k
     for sample_row, group, mean in zip(samples, answers, per_question):
         sample_row.update(sampled=group, sampled_verifiable_reward=mean)
-    _write_samples(out_dir, samples)
+    write_samples(out_dir / "samples.jsonl", samples)
     return mean_by_task("sampled_verifiable_reward", per_question, [s.get("task", "") for s in samples],
                         resamples=ecfg.bootstrap_resamples)
 
@@ -352,5 +352,5 @@ def _answer_rewards(cfg: PipelineConfig, inputs: StageInputs, out_dir: Path, tok
     if per_answer:  # each answer's scores beside it, so two models' answers compare question by question
         for i, sample in enumerate(samples):
             sample.update({name: scores[i] for name, scores in per_answer.items()})
-        _write_samples(out_dir, samples)
+        write_samples(out_dir / "samples.jsonl", samples)
     return metrics

@@ -45,14 +45,18 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--r", type=int, default=16)
     p.add_argument("--tasks", default="code_to_chapter,description_to_chapter,billable", help="tasks scored")
+    p.add_argument("--train", default="sft_train.jsonl", help="data/icd10 files to train on, comma-separated")
+    p.add_argument("--heldout", default="sft_heldout.jsonl", help="data/icd10 files to score, comma-separated")
     a = p.parse_args()
 
     torch.manual_seed(0)
     rng = random.Random(0)
     weights = {k: float(v) for k, v in (kv.split("=") for kv in a.mix.split(","))}
     data = ROOT / "data" / "icd10"
-    train = [json.loads(line) for line in open(data / "sft_train.jsonl", encoding="utf-8")]
-    held = [json.loads(line) for line in open(data / "sft_heldout.jsonl", encoding="utf-8")]
+    def rows_of(names: str) -> list[dict]:
+        return [json.loads(line) for name in names.split(",") for line in open(data / name, encoding="utf-8")]
+
+    train, held = rows_of(a.train), rows_of(a.heldout)
     source = resolve_base("embedded:smollm2-135m-instruct")
     tok = load_tokenizer(source)
     tmpl = prepare_template(tok, "auto")

@@ -14,6 +14,11 @@ Files written (see data/icd10/SOURCE.md):
   cpt_*.jsonl      {"text"}: one document per category, for continued pretraining
   sft_*.jsonl      {"instruction", "input", "output", "task"}: five question types (TASKS), equally many each
   pref_*.jsonl     {"instruction", "input", "chosen", "rejected", "task"}
+  sft_billable_train.jsonl    more billable questions, codes drawn uniformly from the train categories
+  sft_billable_heldout.jsonl  billable questions, codes drawn uniformly from the held-out categories
+                              (task `billable_uniform`)
+  sft_seen_heldout.jsonl      questions no train file asks, about codes of the train categories: held-out
+                              prompts in the usual sense (the alignment benchmark scores them)
   dataset_info.json  LLaMA-Factory dataset registry for the six files (+ data/identity.json); the `task`
                    column is mapped, so aligned records carry it and evaluation reports per task
 """
@@ -43,6 +48,15 @@ SFT_TRAIN_PER_TASK = 800
 SFT_HELDOUT_PER_TASK = 60
 PREF_TRAIN_PER_TASK = 160
 PREF_HELDOUT_PER_TASK = 16
+
+# Extra files, drawn by a second generator (seed SEED + 1) after the files above, so adding them left
+# those byte-identical. Billable questions on codes drawn uniformly from a split's categories: the main
+# files draw round-robin per category (so that small categories are asked about), which makes a third
+# of their billable questions 3-character category headers, whose billability on an unseen category the
+# code does not show. Seen-category questions: new questions about the train categories.
+BILLABLE_EXTRA_TRAIN = 2400
+BILLABLE_UNIFORM_HELDOUT = 300
+SEEN_HELDOUT_PER_TASK = 40
 
 # The 22 ICD-10-CM chapters: (number, first category, last category, title).
 # Public facts of the classification (CDC/NCHS tabular list). Bounds are
@@ -309,6 +323,36 @@ def pref_rows(rng: random.Random, task_codes: dict[str, list[str]], split_cats, 
     return rows
 
 
+def uniform_billable(rng: random.Random, cats: list[str], groups: dict[str, list[str]],
+                     codes: dict[str, tuple[bool, str]], n: int, exclude: set[str]) -> list[str]:
+    """n codes of these categories, half billable, each drawn uniformly from all of their codes."""
+    every = [c for cat in cats for c in groups[cat] if c not in exclude]
+    yes = [c for c in every if codes[c][0]]
+    no = [c for c in every if not codes[c][0]]
+    return rng.sample(yes, n // 2) + rng.sample(no, n - n // 2)
+
+
+def extra_files(train_cats: list[str], heldout_cats: list[str], groups: dict[str, list[str]],
+                codes: dict[str, tuple[bool, str]], unique_desc: set[str], asked: dict[str, set[str]],
+                train_pools: dict[str, list[str]]) -> dict[str, list[dict]]:
+    """The files built by the second generator (see BILLABLE_EXTRA_TRAIN); `asked`: codes per split in any question."""
+    rng = random.Random(SEED + 1)
+    files = {}
+    for name, cats, n, task, split in (
+        ("sft_billable_train.jsonl", train_cats, BILLABLE_EXTRA_TRAIN, "billable", "train"),
+        ("sft_billable_heldout.jsonl", heldout_cats, BILLABLE_UNIFORM_HELDOUT, "billable_uniform", "heldout"),
+    ):
+        picked = uniform_billable(rng, cats, groups, codes, n, asked[split])
+        rows = [dict(zip(("instruction", "output"), question("billable", c, codes))) for c in picked]
+        files[name] = [{"instruction": r["instruction"], "input": "", "output": r["output"], "task": task}
+                       for r in rows]
+        rng.shuffle(files[name])
+    fresh = {cat: [c for c in pool if c not in asked["train"]] for cat, pool in train_pools.items()}
+    files["sft_seen_heldout.jsonl"] = sft_rows(
+        rng, pick_task_codes(rng, fresh, SEEN_HELDOUT_PER_TASK, codes, unique_desc), codes)
+    return files
+
+
 def dataset_info() -> dict:
     """LLaMA-Factory dataset_info.json entries for the six files and the identity data."""
     corpus = {"formatting": "alpaca", "columns": {"prompt": "text"}}
@@ -328,6 +372,9 @@ def dataset_info() -> dict:
         "icd10_instructions_heldout": {"file_name": "sft_heldout.jsonl", **sft},
         "icd10_preferences": {"file_name": "pref_train.jsonl", **pref},
         "icd10_preferences_heldout": {"file_name": "pref_heldout.jsonl", **pref},
+        "icd10_billable": {"file_name": "sft_billable_train.jsonl", **sft},
+        "icd10_billable_heldout": {"file_name": "sft_billable_heldout.jsonl", **sft},
+        "icd10_instructions_seen": {"file_name": "sft_seen_heldout.jsonl", **sft},
         # Self-cognition rows, hand-written in data/identity.json (not built here): {{name}} and
         # {{author}} are filled from data.identity_name / data.identity_author at the align stage.
         "identity": {"file_name": "../identity.json", "formatting": "alpaca", "fill_placeholders": True,
@@ -339,7 +386,7 @@ def check_no_leak(files: dict[str, list[dict]], heldout: list[str]) -> None:
     """Fail if any train row contains a code-shaped token from a held-out category."""
     held = set(heldout)
     for name, rows in files.items():
-        if "_train" not in name:
+        if "_train" not in name and "_seen" not in name:  # seen: questions about train categories
             continue
         for i, row in enumerate(rows):
             for field, value in row.items():
@@ -368,6 +415,8 @@ def build(out: Path) -> dict[str, int]:
     unique_desc = {desc for desc, n in descriptions.items() if n == 1}
 
     files: dict[str, list[dict]] = {}
+    asked: dict[str, set[str]] = {}
+    pools_of: dict[str, dict[str, list[str]]] = {}
     for split, cats, n_sft, n_pref in (
         ("train", train_cats, SFT_TRAIN_PER_TASK, PREF_TRAIN_PER_TASK),
         ("heldout", heldout_cats, SFT_HELDOUT_PER_TASK, PREF_HELDOUT_PER_TASK),
@@ -377,10 +426,13 @@ def build(out: Path) -> dict[str, int]:
             {"text": corpus_document(cat, listed[cat], len(codes_below(cat, groups)), codes)} for cat in cats
         ]
         # Questions ask about the codes the corpus shows, header code included.
-        pools = {cat: sorted({cat, *listed[cat]}) for cat in cats}
-        files[f"sft_{split}.jsonl"] = sft_rows(rng, pick_task_codes(rng, pools, n_sft, codes, unique_desc), codes)
+        pools = pools_of[split] = {cat: sorted({cat, *listed[cat]}) for cat in cats}
+        sft_codes = pick_task_codes(rng, pools, n_sft, codes, unique_desc)
+        files[f"sft_{split}.jsonl"] = sft_rows(rng, sft_codes, codes)
         pref_codes = pick_task_codes(rng, pools, n_pref, codes, unique_desc)
         files[f"pref_{split}.jsonl"] = pref_rows(rng, pref_codes, cats, groups, codes)
+        asked[split] = {c for picked in (*sft_codes.values(), *pref_codes.values()) for c in picked}
+    files.update(extra_files(train_cats, heldout_cats, groups, codes, unique_desc, asked, pools_of["train"]))
 
     check_no_leak(files, heldout_cats)
     out.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,10 @@ FIELDS = {
     "sft": ("instruction", "input", "output", "task"),
     "pref": ("instruction", "input", "chosen", "rejected", "task"),
 }
-JSONL_FILES = [f"{kind}_{split}.jsonl" for kind in FIELDS for split in ("train", "heldout")]
+EXTRA_FILES = ["sft_billable_train.jsonl", "sft_billable_heldout.jsonl", "sft_seen_heldout.jsonl"]
+JSONL_FILES = [f"{kind}_{split}.jsonl" for kind in FIELDS for split in ("train", "heldout")] + EXTRA_FILES
+# Files whose questions are about train categories (and so must not mention a held-out one).
+TRAIN_SIDE = [name for name in JSONL_FILES if "_train" in name or "_seen" in name]
 CHAPTER_QUESTION = re.compile(r"^Which ICD-10-CM chapter contains code (\S+)\?$")
 DESCRIPTION_CHAPTER_QUESTION = re.compile(r"^Which ICD-10-CM chapter does (.+) belong to\?$")
 BILLABLE_QUESTION = re.compile(r"^Is ICD-10-CM code (\S+) billable\?$")
@@ -91,16 +94,14 @@ def test_rows_have_exactly_the_expected_non_empty_fields(files):
 
 def test_no_heldout_code_in_any_train_file(files, heldout_categories):
     assert len(heldout_categories) == len(files["cpt_heldout.jsonl"])
-    for name in JSONL_FILES:
-        if "_train" not in name:
-            continue
+    for name in TRAIN_SIDE:
         for i, row in enumerate(files[name]):
             leaked = {code for code in codes_in(row) if code[:3] in heldout_categories}
             assert not leaked, f"{name} row {i} mentions held-out codes {sorted(leaked)}"
 
 
 def test_heldout_questions_only_ask_about_heldout_categories(files, heldout_categories):
-    for name in ("sft_heldout.jsonl", "pref_heldout.jsonl"):
+    for name in ("sft_heldout.jsonl", "pref_heldout.jsonl", "sft_billable_heldout.jsonl"):
         for i, row in enumerate(files[name]):
             outside = {code for code in codes_in(row) if code[:3] not in heldout_categories}
             assert not outside, f"{name} row {i} mentions train-side codes {sorted(outside)}"
@@ -171,16 +172,55 @@ def test_heldout_chapter_answers_are_not_dominated_by_one_chapter(files):
 
 
 def test_billable_answers_are_yes_or_no(files):
-    for name in ("sft_train.jsonl", "sft_heldout.jsonl"):
+    for name in ("sft_train.jsonl", "sft_heldout.jsonl", "sft_billable_train.jsonl", "sft_billable_heldout.jsonl",
+                 "sft_seen_heldout.jsonl"):
         answers = [row["output"] for row in files[name] if BILLABLE_QUESTION.match(row["instruction"])]
         assert answers and set(answers) == {"Yes", "No"}, name
         assert answers.count("Yes") == answers.count("No"), name
 
 
 def test_no_duplicate_instructions_within_a_file(files):
-    for name in ("sft_train.jsonl", "sft_heldout.jsonl", "pref_train.jsonl", "pref_heldout.jsonl"):
+    for name in ("sft_train.jsonl", "sft_heldout.jsonl", "pref_train.jsonl", "pref_heldout.jsonl", *EXTRA_FILES):
         instructions = [row["instruction"] for row in files[name]]
         assert len(instructions) == len(set(instructions)), name
+
+
+def subject(instruction: str) -> str:
+    """What a question asks about: the code it names, or else the description it quotes."""
+    code = build_icd10.CODE_TOKEN.search(instruction)
+    if code:
+        return code.group(0)
+    return re.sub(r"^Which ICD-10-CM chapter does (.+) belong to\?$|^What is the ICD-10-CM code for: (.+)\?$",
+                  lambda m: m.group(1) or m.group(2), instruction)
+
+
+def test_extra_files_ask_new_questions_with_their_counts(files):
+    asked = {
+        split: {subject(row["instruction"]) for name in (f"sft_{split}.jsonl", f"pref_{split}.jsonl")
+                for row in files[name]}
+        for split in ("train", "heldout")
+    }
+    for name, split, n in (("sft_billable_train.jsonl", "train", 2400), ("sft_billable_heldout.jsonl", "heldout", 300),
+                           ("sft_seen_heldout.jsonl", "train", 200)):
+        rows = files[name]
+        assert len(rows) == n, name
+        for i, row in enumerate(rows):
+            assert subject(row["instruction"]) not in asked[split], f"{name} row {i} asks a question again"
+    assert {row["task"] for row in files["sft_billable_heldout.jsonl"]} == {"billable_uniform"}
+    seen = files["sft_seen_heldout.jsonl"]
+    assert {task: sum(row["task"] == task for row in seen) for task in build_icd10.TASKS} == dict.fromkeys(
+        build_icd10.TASKS, 40)
+
+
+def test_uniform_billable_questions_are_mostly_not_category_headers(files):
+    # Why billable_uniform exists: a third of the round-robin held-out billable questions are 3-character
+    # codes, whose billability on an unseen category the code does not show.
+    def share_of_headers(name: str, task: str) -> float:
+        codes = [BILLABLE_QUESTION.match(r["instruction"]).group(1) for r in files[name] if r["task"] == task]
+        return sum(len(code) == 3 for code in codes) / len(codes)
+
+    assert share_of_headers("sft_heldout.jsonl", "billable") > 0.3
+    assert share_of_headers("sft_billable_heldout.jsonl", "billable_uniform") < 0.1
 
 
 def test_dataset_info_names_point_at_existing_files():
@@ -188,6 +228,7 @@ def test_dataset_info_names_point_at_existing_files():
     assert set(info) == {
         "icd10_corpus", "icd10_corpus_heldout", "icd10_instructions",
         "icd10_instructions_heldout", "icd10_preferences", "icd10_preferences_heldout", "identity",
+        "icd10_billable", "icd10_billable_heldout", "icd10_instructions_seen",
     }
     identity = info.pop("identity")
     rows = json.loads((DATA / identity["file_name"]).read_text(encoding="utf-8"))

@@ -10,6 +10,7 @@ KL the method logged, and the stage's wall time.
 
     python bench/alignment_gain.py                      # all three, ~45 minutes on 2 cores
     python bench/alignment_gain.py --methods raft,ppo   # a subset (upstream reused from the workspace)
+    python bench/alignment_gain.py --heldout seen       # new questions about the train categories instead
 
 Writes bench/results_alignment_gain.json; bench/alignment.md quotes it.
 """
@@ -49,6 +50,12 @@ TRAIN_KEYS = ("raft_reward_first", "raft_reward_last", "reward_first", "reward_l
               "reward_mean_last", "kl_first", "kl_last", "kl_coef_last", "ppo_seconds", "train_seconds")
 
 
+# Which held-out questions the evaluations score: `unseen` (data.sft_eval's default: categories no stage saw)
+# or `seen` (sft_seen_heldout.jsonl: questions no train file asks, about the train categories, where the
+# alignment prompts come from; the usual held-out set for RL).
+HELDOUT = {"unseen": [], "seen": ["data.sft_eval=[icd10_instructions_seen]"]}
+
+
 def run(method: str, workspace: Path, extra: list[str]) -> dict:
     from components.config import load_config
     from flows.domain_adaptation import domain_adaptation
@@ -79,8 +86,12 @@ def main() -> None:
     parser.add_argument("--methods", default="raft,ppo,grpo")
     parser.add_argument("--workspace", default=str(ROOT / ".lmforge-bench-alignment"))
     parser.add_argument("--set", dest="extra", action="append", default=[], help="extra override for every run")
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results_alignment_gain.json"))
+    parser.add_argument("--heldout", choices=sorted(HELDOUT), default="unseen", help="which held-out questions")
+    parser.add_argument("--out", default=None, help="default: bench/results_alignment_gain[_seen].json")
     args = parser.parse_args()
+    suffix = "" if args.heldout == "unseen" else f"_{args.heldout}"
+    args.out = args.out or str(ROOT / "bench" / f"results_alignment_gain{suffix}.json")
+    args.extra = HELDOUT[args.heldout] + args.extra
     os.environ.setdefault("LMFORGE_NO_PROGRESS", "1")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no network here: no telemetry errors
     from flows.domain_adaptation import alignment_line

@@ -105,7 +105,9 @@ def main() -> None:
     raw_path = ROOT / "bench" / "results.json"
     raw = json.loads(raw_path.read_text()) if raw_path.is_file() else {}
     workspace = ROOT / "bench" / "out" / "workspace"
-    env = {**os.environ, "PREFECT_HOME": str(ROOT / "bench" / "out" / "prefect"), "LMFORGE_NO_PROGRESS": "1"}
+    # No network here: Prefect's temporary server would log a telemetry error per run.
+    env = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", **os.environ,
+           "PREFECT_HOME": str(ROOT / "bench" / "out" / "prefect"), "LMFORGE_NO_PROGRESS": "1"}
     os.environ.update(env)
     Path(env["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)  # Prefect does not create a missing parent
 

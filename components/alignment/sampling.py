@@ -27,10 +27,17 @@ def sample(model, tokenizer, prompts: list[str], *, k: int, temperature: float, 
     first stop token (kept: training on them teaches where to stop), so a caller can train on exactly
     what was sampled rather than on a re-encoding of the text.
     """
-    if seed is not None:
-        torch.manual_seed(seed)
-    model.eval()
     device = next(model.parameters()).device
+    # A seed fixes these samples without reseeding the caller: the global RNG state is restored after.
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else [], enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
+        return _sample(model, tokenizer, prompts, k=k, temperature=temperature, top_p=top_p,
+                       max_new_tokens=max_new_tokens, eos=eos, batch_size=batch_size, ids=ids, device=device)
+
+
+def _sample(model, tokenizer, prompts, *, k, temperature, top_p, max_new_tokens, eos, batch_size, ids, device):
+    model.eval()
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     out: list[list[str]] = []
     new_tokens = 0

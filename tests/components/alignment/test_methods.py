@@ -51,6 +51,22 @@ def tiny(tiny_model_dir):
     return load_model(str(tiny_model_dir), CPU), tokenizer
 
 
+def test_seeded_sampling_repeats_and_leaves_the_callers_rng_alone(tiny):
+    model, tokenizer = tiny
+    prompts = [p["prompt"] for p in _prompts(tokenizer, 3)]
+    eos = stop_ids(tokenizer, "auto")
+
+    def draw():
+        return sample(model, tokenizer, prompts, k=3, temperature=1.0, top_p=1.0, max_new_tokens=6, eos=eos, seed=7)
+
+    torch.manual_seed(0)
+    expected_next = torch.rand(4)
+    torch.manual_seed(0)
+    first = draw()
+    assert torch.equal(torch.rand(4), expected_next)  # the caller's random stream goes on as if nothing ran
+    assert draw() == first
+
+
 def test_raft_raises_a_rule_reward_and_resumes(tiny, tmp_path):
     from peft import get_peft_model
 

@@ -19,7 +19,7 @@ Files written (see data/icd10/SOURCE.md):
                               (task `billable_uniform`)
   sft_seen_heldout.jsonl      questions no train file asks, about codes of the train categories: held-out
                               prompts in the usual sense (the alignment benchmark scores them)
-  dataset_info.json  LLaMA-Factory dataset registry for the six files (+ data/identity.json); the `task`
+  dataset_info.json  LLaMA-Factory dataset registry for the nine files (+ data/identity.json); the `task`
                    column is mapped, so aligned records carry it and evaluation reports per task
 """
 
@@ -343,9 +343,8 @@ def extra_files(train_cats: list[str], heldout_cats: list[str], groups: dict[str
         ("sft_billable_heldout.jsonl", heldout_cats, BILLABLE_UNIFORM_HELDOUT, "billable_uniform", "heldout"),
     ):
         picked = uniform_billable(rng, cats, groups, codes, n, asked[split])
-        rows = [dict(zip(("instruction", "output"), question("billable", c, codes))) for c in picked]
-        files[name] = [{"instruction": r["instruction"], "input": "", "output": r["output"], "task": task}
-                       for r in rows]
+        files[name] = [{"instruction": q, "input": "", "output": answer, "task": task}
+                       for q, answer in (question("billable", c, codes) for c in picked)]
         rng.shuffle(files[name])
     fresh = {cat: [c for c in pool if c not in asked["train"]] for cat, pool in train_pools.items()}
     files["sft_seen_heldout.jsonl"] = sft_rows(
@@ -354,7 +353,7 @@ def extra_files(train_cats: list[str], heldout_cats: list[str], groups: dict[str
 
 
 def dataset_info() -> dict:
-    """LLaMA-Factory dataset_info.json entries for the six files and the identity data."""
+    """LLaMA-Factory dataset_info.json entries for the nine files and the identity data."""
     corpus = {"formatting": "alpaca", "columns": {"prompt": "text"}}
     # `task` travels into the aligned records, so evaluation reports every metric per task.
     sft = {"formatting": "alpaca",

@@ -26,6 +26,7 @@ TRAIN_SIDE = [name for name in JSONL_FILES if "_train" in name or "_seen" in nam
 CHAPTER_QUESTION = re.compile(r"^Which ICD-10-CM chapter contains code (\S+)\?$")
 DESCRIPTION_CHAPTER_QUESTION = re.compile(r"^Which ICD-10-CM chapter does (.+) belong to\?$")
 BILLABLE_QUESTION = re.compile(r"^Is ICD-10-CM code (\S+) billable\?$")
+DESCRIPTION_CODE_QUESTION = re.compile(r"^What is the ICD-10-CM code for: (.+)\?$")
 CATEGORY_HEADER = re.compile(r"^ICD-10-CM category ([A-Z][0-9][0-9A-Z]):")
 
 
@@ -152,7 +153,7 @@ def test_task_labels_match_the_questions(files):
         "description_to_chapter": DESCRIPTION_CHAPTER_QUESTION,
         "billable": BILLABLE_QUESTION,
         "code_to_description": re.compile(r"^What does ICD-10-CM code \S+ describe\?$"),
-        "description_to_code": re.compile(r"^What is the ICD-10-CM code for: .+\?$"),
+        "description_to_code": DESCRIPTION_CODE_QUESTION,
     }
     titles = set(build_icd10.CHAPTER_TITLES)
     for name in ("sft_train.jsonl", "sft_heldout.jsonl", "pref_train.jsonl", "pref_heldout.jsonl"):
@@ -190,8 +191,8 @@ def subject(instruction: str) -> str:
     code = build_icd10.CODE_TOKEN.search(instruction)
     if code:
         return code.group(0)
-    return re.sub(r"^Which ICD-10-CM chapter does (.+) belong to\?$|^What is the ICD-10-CM code for: (.+)\?$",
-                  lambda m: m.group(1) or m.group(2), instruction)
+    described = DESCRIPTION_CHAPTER_QUESTION.match(instruction) or DESCRIPTION_CODE_QUESTION.match(instruction)
+    return described.group(1) if described else instruction
 
 
 def test_extra_files_ask_new_questions_with_their_counts(files):

@@ -11,6 +11,7 @@ KL the method logged, and the stage's wall time.
     python bench/alignment_gain.py                      # all three, ~45 minutes on 2 cores
     python bench/alignment_gain.py --methods raft,ppo   # a subset (upstream reused from the workspace)
     python bench/alignment_gain.py --heldout seen       # new questions about the train categories instead
+    python bench/alignment_gain.py --sft quality        # align from configs/icd10-quality.yaml's SFT (~40 min more)
 
 Writes bench/results_alignment_gain.json; bench/alignment.md quotes it.
 """
@@ -33,8 +34,17 @@ sys.path.insert(0, str(ROOT))
 # nothing to rank. 40 held-out questions per task (of 60) instead of 10, so a change of a few hundredths
 # is visible, each also answered 4 times by sampling (evaluate.sample_k); the rule reward alone, so the reward optimised is the one measured (the reward model
 # still scores every column).
-COMMON = ["sft.max_steps=320", "sft.learning_rate=1e-3", "evaluate.max_samples=40", "evaluate.sample_k=4",
+COMMON = ["evaluate.max_samples=40", "evaluate.sample_k=4",
           "alignment.reward.rule=components.alignment.icd10:icd10_reward", "alignment.reward.model_weight=0"]
+# Which SFT model alignment starts from: `demo` (demo-cpu.yaml with the longer SFT above) or `quality`
+# (configs/icd10-quality.yaml as shipped: 700 SFT steps on the reweighted task mix, which answers code -> chapter
+# and description -> chapter on held-out categories; its reward model trained as the demo trains it, so the
+# evaluations carry the same columns).
+SFT = {
+    "demo": ("demo-cpu.yaml", ["sft.max_steps=320", "sft.learning_rate=1e-3"]),
+    "quality": ("icd10-quality.yaml", ["reward.enabled=true", "reward.max_steps=12", "reward.batch_size=8",
+                                       "reward.learning_rate=1e-3", "reward.max_length=128", "reward.save_steps=6"]),
+}
 # Per method: sized to take a few minutes each on 2 cores.
 METHODS = {
     "raft": ["alignment.method=raft", "alignment.learning_rate=3e-4", "alignment.raft.iterations=3",
@@ -56,18 +66,19 @@ TRAIN_KEYS = ("raft_reward_first", "raft_reward_last", "reward_first", "reward_l
 HELDOUT = {"unseen": [], "seen": ["data.sft_eval=[icd10_instructions_seen]"]}
 
 
-def run(method: str, workspace: Path, extra: list[str]) -> dict:
+def run(method: str, workspace: Path, sft: str, extra: list[str]) -> dict:
     from components.config import load_config
     from flows.domain_adaptation import domain_adaptation
 
-    cfg = load_config(str(ROOT / "configs" / "demo-cpu.yaml"), [f"workspace={workspace}", *COMMON, *METHODS[method],
-                                                                 *extra])
+    config, sft_settings = SFT[sft]
+    cfg = load_config(str(ROOT / "configs" / config), [f"workspace={workspace}", *sft_settings, *COMMON,
+                                                       *METHODS[method], *extra])
     t0 = time.perf_counter()
     summary = domain_adaptation(config=cfg, until="evaluate")
     manifests = {node: json.loads((Path(summary["stages"][node]) / "manifest.json").read_text())
                  for node in ("alignment", "evaluate-aligned")}
     return {
-        "settings": METHODS[method] + extra,
+        "settings": sft_settings + METHODS[method] + extra,
         "flow_s": time.perf_counter() - t0,
         # The stages' own wall times: a stage reused from an earlier run shows what it cost then.
         "alignment_s": manifests["alignment"].get("wall_s"),
@@ -84,14 +95,17 @@ def run(method: str, workspace: Path, extra: list[str]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--methods", default="raft,ppo,grpo")
-    parser.add_argument("--workspace", default=str(ROOT / ".lmforge-bench-alignment"))
+    parser.add_argument("--workspace", default=None, help="default: .lmforge-bench-alignment[-quality]")
     parser.add_argument("--set", dest="extra", action="append", default=[], help="extra override for every run")
     parser.add_argument("--heldout", choices=sorted(HELDOUT), default="unseen", help="which held-out questions")
-    parser.add_argument("--out", default=None, help="default: bench/results_alignment_gain[_seen].json")
+    parser.add_argument("--sft", choices=sorted(SFT), default="demo", help="which SFT model alignment starts from")
+    parser.add_argument("--out", default=None, help="default: bench/results_alignment_gain[_quality][_seen].json")
     args = parser.parse_args()
-    suffix = "" if args.heldout == "unseen" else f"_{args.heldout}"
+    suffix = ("" if args.sft == "demo" else f"_{args.sft}") + ("" if args.heldout == "unseen" else f"_{args.heldout}")
     args.out = args.out or str(ROOT / "bench" / f"results_alignment_gain{suffix}.json")
     args.extra = HELDOUT[args.heldout] + args.extra
+    if args.workspace is None:
+        args.workspace = str(ROOT / (".lmforge-bench-alignment" + ("" if args.sft == "demo" else f"-{args.sft}")))
     os.environ.setdefault("LMFORGE_NO_PROGRESS", "1")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no network here: no telemetry errors
     from flows.domain_adaptation import alignment_line
@@ -99,7 +113,7 @@ def main() -> None:
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.is_file() else {}
     for method in filter(None, args.methods.split(",")):
-        results[method] = run(method, Path(args.workspace), args.extra)
+        results[method] = run(method, Path(args.workspace), args.sft, args.extra)
         out.write_text(json.dumps(results, indent=1) + "\n")  # after each method: a crash keeps the others
         print(f"{method}: " + alignment_line({"method": method, **{k: results[method][v] for k, v in (
             ("verifiable_reward_change", "held_out"), ("sampled_verifiable_reward_change", "held_out_sampled"),

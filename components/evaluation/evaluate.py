@@ -228,8 +228,12 @@ def write_evaluation(out_dir: Path, evaluation: Evaluation, prefix: str = "") ->
 def run_evaluate(model, tokenizer, out_dir: Path, **kwargs) -> StageResult:
     """Score `model` (evaluate_heldout's keyword arguments), run the configured harness tasks, write the files."""
     out_dir = Path(out_dir)
+    return _finish(out_dir, *_score(model, tokenizer, out_dir, **kwargs))
+
+
+def _score(model, tokenizer, out_dir: Path, **kwargs) -> tuple[Evaluation, dict]:
+    """evaluate_heldout, then the configured harness tasks (their harness.json written into out_dir)."""
     evaluation = evaluate_heldout(model, tokenizer, **kwargs)
-    files = write_evaluation(out_dir, evaluation)
     info: dict = {}
     cfg: EvaluateConfig = kwargs["cfg"]
     if cfg.harness_tasks:
@@ -242,37 +246,38 @@ def run_evaluate(model, tokenizer, out_dir: Path, **kwargs) -> StageResult:
         )
         evaluation.metrics.update(harness.metrics)
         atomic_write_json(out_dir / "harness.json", harness.as_dict())
-        atomic_write_json(out_dir / "metrics.json", evaluation.metrics)
-        files.append("harness.json")
         info["harness_skipped"] = harness.skipped
+    return evaluation, info
+
+
+def _finish(out_dir: Path, evaluation: Evaluation, info: dict) -> StageResult:
+    """Write the evaluation's files once, all measures in: metrics.json, samples.jsonl, per_task.json."""
+    files = write_evaluation(out_dir, evaluation) + (["harness.json"] if "harness_skipped" in info else [])
     log.info("evaluation: %s", {k: round(v, 4) for k, v in evaluation.metrics.items() if "/" not in k})
     return StageResult(files=files, metrics=evaluation.metrics, info=info)
 
 
 def evaluate_stage(cfg: PipelineConfig, inputs: StageInputs, out_dir: Path) -> StageResult:
     """Stage entry point (see components.pipeline): the base with the adapters among the inputs merged
-    in (none for evaluate-base), scored on the held-out sets."""
+    in (none for evaluate-base), scored on the held-out sets. The alignment measures (KL to the model it
+    was aligned from, sampled and per-answer rewards) annotate the same samples before anything is written."""
     base = inputs.base_model
+    out_dir = Path(out_dir)
     hardware = select_hardware(cfg.compute.device, cfg.compute.precision)
     model = load_with_adapters(base.source, inputs.adapter_stack(), hardware, **base.load_kwargs())
     tokenizer = load_tokenizer(base.source, **base.load_kwargs())
-    result = run_evaluate(
+    evaluation, info = _score(
         model, tokenizer, out_dir, tokenized_dir=inputs.dir("tokenize"), aligned_dir=inputs.dir("align"),
         cfg=cfg.evaluate, template_name=cfg.tokenize.template, system_prompt=cfg.tokenize.system_prompt,
     )
+    samples, metrics = evaluation.samples, evaluation.metrics
     if inputs.has("alignment"):
-        result.metrics.update(_kl_to_reference(model, inputs, Path(out_dir), tokenizer, hardware,
-                                               cfg.tokenize.template))
+        metrics.update(_kl_to_reference(model, inputs, samples, tokenizer, hardware, cfg.tokenize.template))
     if cfg.evaluate.sample_k and cfg.alignment.reward.rule:
-        result.metrics.update(_sampled_rewards(model, cfg, Path(out_dir), tokenizer))
+        metrics.update(_sampled_rewards(model, cfg, samples, tokenizer))
     del model
-    result.metrics.update(_answer_rewards(cfg, inputs, Path(out_dir), tokenizer, hardware))
-    atomic_write_json(Path(out_dir) / "metrics.json", result.metrics)
-    return result
-
-
-def _samples(out_dir: Path) -> list[dict]:
-    return list(iter_records(out_dir / "samples.jsonl"))
+    metrics.update(_answer_rewards(cfg, inputs, samples, tokenizer, hardware))
+    return _finish(out_dir, evaluation, info)
 
 
 def write_samples(path: Path, samples: list[dict]) -> None:
@@ -280,13 +285,12 @@ def write_samples(path: Path, samples: list[dict]) -> None:
     atomic_write_text(path, "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
 
 
-def _kl_to_reference(model, inputs: StageInputs, out_dir: Path, tokenizer, hardware, template: str) -> dict:
+def _kl_to_reference(model, inputs: StageInputs, samples: list[dict], tokenizer, hardware, template: str) -> dict:
     """KL(aligned || the model it was aligned from) over the aligned model's held-out answers
     (components.evaluation.divergence): the reference is the adapter stack without its last entry."""
     from components.alignment.data import turn_end
     from components.evaluation.divergence import answer_kl
 
-    samples = _samples(out_dir)
     if not samples:
         return {}
     base = inputs.base_model
@@ -298,7 +302,7 @@ def _kl_to_reference(model, inputs: StageInputs, out_dir: Path, tokenizer, hardw
         del reference
 
 
-def _sampled_rewards(model, cfg: PipelineConfig, out_dir: Path, tokenizer) -> dict:
+def _sampled_rewards(model, cfg: PipelineConfig, samples: list[dict], tokenizer) -> dict:
     """The mean verifiable reward of `evaluate.sample_k` sampled answers per held-out question (seeded),
     overall with an interval and per task; each question's mean goes into its sample as
     `sampled_verifiable_reward` (so columns compare pairwise) and its answers as `sampled`."""
@@ -306,7 +310,6 @@ def _sampled_rewards(model, cfg: PipelineConfig, out_dir: Path, tokenizer) -> di
     from components.alignment.sampling import sample, stop_ids
     from components.evaluation.compare import mean_by_task
 
-    samples = _samples(out_dir)
     if not samples:
         return {}
     ecfg, prompts = cfg.evaluate, [s["rendered_prompt"] for s in samples]
@@ -322,12 +325,11 @@ def _sampled_rewards(model, cfg: PipelineConfig, out_dir: Path, tokenizer) -> di
         per_question[i] += float(score) / ecfg.sample_k
     for sample_row, group, mean in zip(samples, answers, per_question):
         sample_row.update(sampled=group, sampled_verifiable_reward=mean)
-    write_samples(out_dir / "samples.jsonl", samples)
     return mean_by_task("sampled_verifiable_reward", per_question, [s.get("task", "") for s in samples],
                         resamples=ecfg.bootstrap_resamples)
 
 
-def _answer_rewards(cfg: PipelineConfig, inputs: StageInputs, out_dir: Path, tokenizer, hardware) -> dict:
+def _answer_rewards(cfg: PipelineConfig, inputs: StageInputs, samples: list[dict], tokenizer, hardware) -> dict:
     """The held-out answers' verifiable reward, reward-model score (when the reward stage ran), length and
     diversity (components.alignment.scoring), so base, SFT and aligned models compare on them. Rewards see
     each answer's own generation prompt (the sample's rendered_prompt), earlier turns included."""
@@ -335,7 +337,6 @@ def _answer_rewards(cfg: PipelineConfig, inputs: StageInputs, out_dir: Path, tok
     from components.alignment.rewards import RewardModel
     from components.alignment.scoring import response_metrics
 
-    samples = _samples(out_dir)
     if not samples:
         return {}
     prompts = [s["rendered_prompt"] for s in samples]
@@ -352,5 +353,4 @@ def _answer_rewards(cfg: PipelineConfig, inputs: StageInputs, out_dir: Path, tok
     if per_answer:  # each answer's scores beside it, so two models' answers compare question by question
         for i, sample in enumerate(samples):
             sample.update({name: scores[i] for name, scores in per_answer.items()})
-        write_samples(out_dir / "samples.jsonl", samples)
     return metrics

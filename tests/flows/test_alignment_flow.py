@@ -54,6 +54,10 @@ def test_raft_then_ppo_in_the_flow(tiny_model_dir, tmp_path, prefect_harness):
     sampled = summary["alignment"]["sampled_verifiable_reward_change"]
     assert sampled["n"] == change["n"] and 0 <= sampled["before"] <= 1
     assert summary["comparison"]["sampled_verifiable_reward"]["base"] is not None
+    # samples.jsonl, written once, carries every per-answer measure beside the greedy answer.
+    saved = [json.loads(line) for line in (Path(summary["stages"]["evaluate-aligned"]) / "samples.jsonl").open()]
+    assert saved and all({"prediction", "sampled", "sampled_verifiable_reward", "verifiable_reward",
+                          "reward_model_score"} <= set(s) for s in saved)
 
     # PPO on the same SFT model, with the reward stage's adapter and score head on its one shared model.
     ppo = cfg.model_copy(update={"alignment": cfg.alignment.model_copy(update={"method": "ppo"})})

@@ -117,10 +117,11 @@ def test_rewards_score_the_whole_conversation_the_answer_was_generated_from(tiny
 
     monkeypatch.setattr(scoring, "load_rule", lambda path: reward)
     no_reward_stage = SimpleNamespace(has=lambda stage: False)
-    metrics = evaluate._answer_rewards(cfg, no_reward_stage, tmp_path / "out", tokenizer, hardware=None)
+    samples = [json.loads(line) for line in (tmp_path / "out" / "samples.jsonl").open()]
+    metrics = evaluate._answer_rewards(cfg, no_reward_stage, samples, tokenizer, hardware=None)
 
     assert metrics["verifiable_reward"] == 1.0
-    assert [json.loads(line)["verifiable_reward"] for line in (tmp_path / "out" / "samples.jsonl").open()] == [1.0]
+    assert [s["verifiable_reward"] for s in samples] == [1.0]  # each answer's score beside it
     assert seen == [render_prompt(tokenizer, "auto", messages[:-1], None)]
     assert all(m["content"] in seen[0] for m in messages[:-1])  # both questions and the first answer
 
@@ -146,13 +147,13 @@ def test_sampled_answers_are_scored_per_question_and_kept_beside_the_greedy_one(
         return [1.0 if j % 3 == 0 else 0.0 for j in range(len(completions))]  # one of each question's three
 
     monkeypatch.setattr(rewards, "load_rule", lambda path: reward)
-    metrics = evaluate._sampled_rewards(model, cfg, tmp_path / "out", tokenizer)
+    saved = [json.loads(line) for line in (tmp_path / "out" / "samples.jsonl").open()]
+    metrics = evaluate._sampled_rewards(model, cfg, saved, tokenizer)
 
     assert calls == [12]  # 4 questions x 3 answers, scored in one call
     assert metrics["sampled_verifiable_reward"] == pytest.approx(1 / 3)
     assert metrics["task/billable/sampled_verifiable_reward"] == pytest.approx(1 / 3)
     assert metrics["sampled_verifiable_reward_ci_low"] == pytest.approx(1 / 3)  # every question the same
-    saved = [json.loads(line) for line in (tmp_path / "out" / "samples.jsonl").open()]
     assert [len(s["sampled"]) for s in saved] == [3] * 4
     assert all(s["sampled_verifiable_reward"] == pytest.approx(1 / 3) for s in saved)
     assert all("prediction" in s for s in saved)  # the greedy answer stays

@@ -1,6 +1,7 @@
 """How fast the demo model learns each ICD-10 task under a task mix: held-out accuracy every N steps.
 
     python bench/task_mix.py --mix code_to_chapter=1,description_to_chapter=1 --steps 400 --eval-every 100
+    python bench/task_mix.py --mix code_to_chapter=3,billable=2 --steps 500 --then billable=1:200   # a curriculum
 
 A probe for choosing `data.sft_task_weights`, not lmforge's training path: a plain LoRA loop (r16, alpha 32,
 all linear layers, AdamW at 1e-3, 3% warmup then cosine, batch 8, fp32 on CPU) on the embedded
@@ -40,6 +41,9 @@ def main() -> None:
     p.add_argument("--mix", default="code_to_chapter=1,description_to_chapter=1,billable=1,"
                    "code_to_description=1,description_to_code=1", help="task=weight,... (draw probabilities)")
     p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--then", action="append", default=[], metavar="MIX:STEPS",
+                   help="a later phase (a curriculum): STEPS steps drawing from MIX after the ones before; "
+                        "repeatable, and the learning-rate schedule spans all phases")
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--batch", type=int, default=8)
@@ -51,7 +55,12 @@ def main() -> None:
 
     torch.manual_seed(0)
     rng = random.Random(0)
-    weights = {k: float(v) for k, v in (kv.split("=") for kv in a.mix.split(","))}
+    def mix(text: str) -> dict[str, float]:
+        return {k: float(v) for k, v in (kv.split("=") for kv in text.split(","))}
+
+    phases = [(mix(a.mix), a.steps)] + [(mix(m), int(n)) for m, n in (t.rsplit(":", 1) for t in a.then)]
+    total = sum(n for _, n in phases)
+    all_tasks = {task for weights_of, _ in phases for task in weights_of}
     data = ROOT / "data" / "icd10"
     def rows_of(names: str) -> list[dict]:
         return [json.loads(line) for name in names.split(",") for line in open(data / name, encoding="utf-8")]
@@ -68,9 +77,14 @@ def main() -> None:
             tok, tmpl, [([{"role": "user", "content": r["instruction"]}, {"role": "assistant", "content": r["output"]}],
                          None) for r in train if r["task"] == task],
             system_prompt=None, train_on_prompt=False, mask_history=True)
-        for task in weights
+        for task in all_tasks
     }
-    tasks, draw = list(weights), [weights[t] for t in weights]
+    ends = [sum(n for _, n in phases[: i + 1]) for i in range(len(phases))]  # last step of each phase
+
+    def phase_at(step: int) -> tuple[list[str], list[float]]:
+        weights_of = phases[next(i for i, end in enumerate(ends) if step <= end)][0]
+        return list(weights_of), list(weights_of.values())
+
     titles = sorted({r["output"] for r in train if r["task"] == "code_to_chapter"})
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
@@ -87,12 +101,13 @@ def main() -> None:
         model.train()
 
     opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=a.lr)
-    warm = max(1, int(0.03 * a.steps))
+    warm = max(1, int(0.03 * total))
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1, s / a.steps))))
+        opt, lambda s: min(1, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1, s / total))))
     model.train()
     t0, losses = time.time(), []
-    for step in range(1, a.steps + 1):
+    for step in range(1, total + 1):
+        tasks, draw = phase_at(step)
         batch = [rng.choice(encoded[rng.choices(tasks, draw)[0]]) for _ in range(a.batch)]
         width = max(len(ids) for ids, _ in batch)
         ids = torch.tensor([i + [pad] * (width - len(i)) for i, _ in batch])

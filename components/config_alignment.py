@@ -72,6 +72,11 @@ class RaftSettings(Strict):
         "no prompt whose every answer failed (fine-tuning on a wrong answer teaches it). Null: no bound."
     )
     steps_per_iteration: int = Field(20, ge=1, description="Optimizer steps of fine-tuning on each round's kept set.")
+    contested_only: bool = Field(
+        False, description="Keep only prompts whose K completions did not all score the same: a prompt the policy "
+        "always gets right (or always wrong) has nothing to rank, and fine-tuning on it repeats what the policy "
+        "already does (the filter of Xiong et al. 2025, 'A Minimalist Approach to LLM Reasoning')."
+    )
 
 
 class PPOConfig(Strict):

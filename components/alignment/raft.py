@@ -37,11 +37,13 @@ log = logging.getLogger(__name__)
 
 
 def select(groups: list[list[tuple[str, float]]], keep: str, fraction: float,
-           threshold: float | None = None) -> list[tuple[int, str, float]]:
+           threshold: float | None = None, contested_only: bool = False) -> list[tuple[int, str, float]]:
     """The kept (prompt index, completion, reward): each prompt's best non-degenerate completion, or the
-    best `fraction` of all non-degenerate completions; with a `threshold`, only those rewarded above it."""
+    best `fraction` of all non-degenerate completions; with a `threshold`, only those rewarded above it;
+    with `contested_only`, only from prompts whose completions did not all score the same."""
     scored = [(i, text, r) for i, group in enumerate(groups) for text, r in group
-              if not is_degenerate(text) and (threshold is None or r > threshold)]
+              if not is_degenerate(text) and (threshold is None or r > threshold)
+              and not (contested_only and len({score for _, score in group}) == 1)]
     if keep == "best_per_prompt":
         best: dict[int, tuple[int, str, float]] = {}
         for item in scored:
@@ -107,7 +109,7 @@ def run_raft(policy, tokenizer, prompts: list[dict], reward: RewardFn, cfg, *, c
         groups: list[list[tuple[str, float]]] = [[] for _ in batch]
         for (i, text), score in zip(flat, scores):
             groups[i].append((text, score))
-        kept = select(groups, raft.keep, raft.keep_fraction, raft.reward_threshold)
+        kept = select(groups, raft.keep, raft.keep_fraction, raft.reward_threshold, raft.contested_only)
         sample_s = time.perf_counter() - t0
         (out_dir / "raft").mkdir(parents=True, exist_ok=True)
         (out_dir / "raft" / f"iteration-{it}.jsonl").write_text("".join(
@@ -146,6 +148,7 @@ def run_raft(policy, tokenizer, prompts: list[dict], reward: RewardFn, cfg, *, c
             "reward_mean": sum(scores) / len(scores), "reward_max": max(scores), "reward_min": min(scores),
             "degenerate_fraction": 1 - len(valid) / len(scores), "kept": len(kept),
             "kept_reward_mean": sum(r for _, _, r in kept) / len(kept) if kept else float("nan"),
+            "contested_prompts": sum(len({score for _, score in group}) > 1 for group in groups),
             "train_loss": sum(losses) / len(losses) if losses else float("nan"), "train_steps": len(losses),
             "sample_seconds": sample_s, "train_seconds": time.perf_counter() - t1,
             "sample_tokens_per_s": new_tokens / max(sample_s, 1e-9),

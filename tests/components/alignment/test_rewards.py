@@ -111,6 +111,11 @@ def test_degenerate_answers_and_raft_selection():
     # A threshold drops what is not above it: prompt 1's best (0.1) goes, and with it the prompt.
     assert select(groups, "best_per_prompt", 0.5, threshold=0.1) == [(0, "A01", 0.9)]
     assert select(groups, "top_fraction", 1.0, threshold=0.0) == [(0, "A01", 0.9), (0, "A00", 0.2), (1, "B20", 0.1)]
+    # Contested prompts only: a prompt whose answers all scored the same has nothing to rank.
+    solved = [[("Yes", 1.0), ("Yes", 1.0)], [("No", 0.0), ("Yes", 1.0)], [("No", 0.0), ("No", 0.0)]]
+    assert select(solved, "best_per_prompt", 0.5) == [(0, "Yes", 1.0), (1, "Yes", 1.0), (2, "No", 0.0)]
+    assert select(solved, "best_per_prompt", 0.5, contested_only=True) == [(1, "Yes", 1.0)]
+    assert select(solved, "top_fraction", 1.0, threshold=0.0, contested_only=True) == [(1, "Yes", 1.0)]
 
 
 def test_response_metrics_report_diversity_length_and_rewards():

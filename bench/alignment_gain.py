@@ -28,19 +28,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# What every run shares. SFT trains 320 steps at 1e-3 instead of the demo's 80 at 3e-4: the demo's SFT
-# model learns the answer format and little else (it answers one chapter title to every chapter question,
-# "Yes" to 37 of 40 billable ones), so its samples hardly ever differ in reward and a sampling method has
-# nothing to rank. 40 held-out questions per task (of 60) instead of 10, so a change of a few hundredths
-# is visible, each also answered 4 times by sampling (evaluate.sample_k); the rule reward alone, so the reward optimised is the one measured (the reward model
-# still scores every column).
+# What every run shares: 40 held-out questions per task (of 60) instead of 10, so a change of a few
+# hundredths is visible, each also answered 4 times by sampling (evaluate.sample_k); the rule reward alone,
+# so the reward optimised is the one measured (the reward model still scores every column).
 COMMON = ["evaluate.max_samples=40", "evaluate.sample_k=4",
           "alignment.reward.rule=components.alignment.icd10:icd10_reward", "alignment.reward.model_weight=0"]
-# Which SFT model alignment starts from: `demo` (demo-cpu.yaml with the longer SFT above) or `quality`
+# Which SFT model alignment starts from: `demo` (demo-cpu.yaml with a longer SFT) or `quality`
 # (configs/icd10-quality.yaml as shipped: 700 SFT steps on the reweighted task mix, which answers code -> chapter
 # and description -> chapter on held-out categories; its reward model trained as the demo trains it, so the
 # evaluations carry the same columns).
 SFT = {
+    # 320 SFT steps at 1e-3 instead of the demo's 80 at 3e-4: the demo's SFT model learns the answer format and
+    # little else (one chapter title to every chapter question, "Yes" to 37 of 40 billable ones), so its
+    # samples hardly ever differ in reward and a sampling method has nothing to rank.
     "demo": ("demo-cpu.yaml", ["sft.max_steps=320", "sft.learning_rate=1e-3"]),
     "quality": ("icd10-quality.yaml", ["reward.enabled=true", "reward.max_steps=12", "reward.batch_size=8",
                                        "reward.learning_rate=1e-3", "reward.max_length=128", "reward.save_steps=6"]),
@@ -50,14 +50,19 @@ METHODS = {
     "raft": ["alignment.method=raft", "alignment.learning_rate=3e-4", "alignment.raft.iterations=3",
              "alignment.raft.prompts_per_iteration=64", "alignment.raft.steps_per_iteration=16",
              "alignment.raft.reward_threshold=0"],
+    # RAFT on contested prompts only (raft.contested_only): twice the prompts per round, since most are dropped.
+    "raft_contested": ["alignment.method=raft", "alignment.learning_rate=3e-4", "alignment.raft.iterations=3",
+                       "alignment.raft.prompts_per_iteration=128", "alignment.raft.steps_per_iteration=8",
+                       "alignment.raft.reward_threshold=0", "alignment.raft.contested_only=true"],
     "ppo": ["alignment.method=ppo", "alignment.learning_rate=2e-4", "alignment.max_steps=24",
             "alignment.batch_size=16", "alignment.ppo.mini_batch_size=8"],
     "grpo": ["alignment.method=grpo", "alignment.learning_rate=5e-4", "alignment.max_steps=24",
              "alignment.batch_size=4", "alignment.beta=0.04"],
 }
 # What the alignment stage logged while it trained, where the method logs it.
-TRAIN_KEYS = ("raft_reward_first", "raft_reward_last", "reward_first", "reward_last", "reward_mean_first",
-              "reward_mean_last", "kl_first", "kl_last", "kl_coef_last", "ppo_seconds", "train_seconds")
+TRAIN_KEYS = ("raft_reward_first", "raft_reward_last", "raft_kept", "raft_contested_prompts", "reward_first",
+              "reward_last", "reward_mean_first", "reward_mean_last", "kl_first", "kl_last", "kl_coef_last",
+              "ppo_seconds", "train_seconds")
 
 
 # Which held-out questions the evaluations score: `unseen` (data.sft_eval's default: categories no stage saw)

@@ -169,5 +169,7 @@ def run_raft(policy, tokenizer, prompts: list[dict], reward: RewardFn, cfg, *, c
     first, last = history[0], history[-1]
     metrics = {"raft_reward_first": first["reward_mean"], "raft_reward_last": last["reward_mean"],
                "raft_kept_reward_last": last["kept_reward_mean"], "raft_iterations": float(len(history)),
+               "raft_kept": float(sum(h["kept"] for h in history)),
+               "raft_contested_prompts": float(sum(h.get("contested_prompts", 0) for h in history)),
                "train_steps": float(step)}
     return metrics, history

@@ -93,11 +93,13 @@ def test_raft_raises_a_rule_reward_and_resumes(tiny, tmp_path):
     assert [h["iteration"] for h in history] == [0, 1, 2]
     assert all(h["kept"] > 0 and h["kept_reward_mean"] >= h["reward_mean"] for h in history)
     assert (tmp_path / "raft" / "iteration-2.jsonl").is_file()
-    # A rerun finds every iteration checkpointed and trains nothing more.
-    cfg_more = cfg.model_copy(update={"raft": cfg.raft.model_copy(update={"iterations": 4})})
+    # A rerun finds every iteration checkpointed and trains only the new one, here on contested prompts
+    # alone: at most one kept answer per prompt whose samples disagreed.
+    cfg_more = cfg.model_copy(update={"raft": cfg.raft.model_copy(update={"iterations": 4, "contested_only": True})})
     _, history2 = run_raft(policy, tokenizer, prompts, short_reward, cfg_more, cutoff_len=64, eos=eos, out_dir=tmp_path)
     assert [h["iteration"] for h in history2] == [0, 1, 2, 3]
     assert history2[:3] == history
+    assert 0 < history2[3]["kept"] <= history2[3]["contested_prompts"] <= history2[3]["prompts"], history2[3]
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")

@@ -99,6 +99,11 @@ class DataConfig(Strict):
     preference_eval: list[str] = Field(["icd10_preferences_heldout"],
                                        description="Held-out preference pairs: the reward model's pairwise accuracy.")
     kto: list[str] = Field([], description="Unpaired preference datasets (LlamaFactory kto_tag) for alignment.method=kto.")
+    prompts: list[str] = Field(
+        [], description="Prompts for the sampling alignment methods (raft, ppo, grpo): conversation datasets whose "
+        "last assistant turn is the reference the rule reward checks. Empty: the SFT rows' prompts, whose answers "
+        "SFT has already taught; new prompts are where a verifiable reward can teach more."
+    )
     max_samples: int | None = Field(None, ge=1, description="Keep at most this many rows per dataset (seeded sample).")
     bad_row_budget: int = Field(0, ge=0, description="Rows that may fail to parse or align before the stage fails.")
     seed: int = 42

@@ -3,8 +3,8 @@ over the SFT model and stacked like cpt's and sft's, so evaluation, quantization
 take the aligned model without knowing how it was made.
 
 - raft, ppo, grpo sample from the policy and score with the pipeline's reward (rule, reward model,
-  endpoint: components.alignment.rewards), on prompts from data.sft (their answers are the references
-  a verifiable reward checks);
+  endpoint: components.alignment.rewards), on prompts from data.prompts, else data.sft (their answers are
+  the references a verifiable reward checks);
 - dpo, kto, orpo, simpo learn from data.preference pairs (kto also from data.kto unpaired rows).
 """
 
@@ -84,12 +84,15 @@ def alignment_stage(cfg: PipelineConfig, inputs: StageInputs, out_dir: Path) -> 
         policy, history, metrics = train_preference(method, model, tokenizer, rows, acfg, hardware, out_dir,
                                                     metrics_sink=inputs.metrics)
     elif method in SAMPLING_METHODS:
-        prompts = sampling_prompts(align / "sft.jsonl", tokenizer, cfg.tokenize.template, cfg.tokenize.system_prompt,
-                                   limit=acfg.max_prompts, seed=acfg.seed)
+        group = "prompts" if cfg.data.prompts else "sft"
+        prompts = sampling_prompts(align / f"{group}.jsonl", tokenizer, cfg.tokenize.template,
+                                   cfg.tokenize.system_prompt, limit=acfg.max_prompts, seed=acfg.seed)
         if not prompts:
-            raise StageInputError(f"alignment.method={method} needs prompts: {align / 'sft.jsonl'} has no "
-                                  "conversation ending in an assistant turn")
+            raise StageInputError(f"alignment.method={method} needs prompts: data.{group} "
+                                  f"({', '.join(getattr(cfg.data, group))}) has no conversation ending in an "
+                                  "assistant turn (the reference answer)")
         report["prompts"] = len(prompts)
+        report["prompts_from"] = f"data.{group}"
         stop = turn_end(tokenizer, cfg.tokenize.template)
         model_reward = None
         if acfg.reward.model_weight > 0 and method != "ppo":  # PPO carries the reward adapter on its own model

@@ -13,7 +13,7 @@ They follow TRL's named dataset types, so TRL trainers take our aligned data as 
 Any record may also carry row metadata mapped in dataset_info.json's `columns`: `"task": str` (a label
 evaluation groups its metrics by). Consumers read the keys they know and ignore the rest.
 
-Aligned data is written as JSONL, one record per line, per group (cpt, cpt_eval, sft, sft_eval, preference, kto).
+Aligned data is written as JSONL, one record per line, per group (cpt, cpt_eval, sft, sft_eval, preference, kto, prompts).
 """
 
 from __future__ import annotations
@@ -35,7 +35,10 @@ GROUP_KINDS: dict[str, Kind] = {
     "preference": "preference",
     "preference_eval": "preference",
     "kto": "unpaired_preference",
+    "prompts": "conversation",
 }
+# Groups no stage trains on token by token: the sampling alignment methods render their prompts themselves.
+UNTOKENIZED_GROUPS = ("prompts",)
 
 # Groups whose datasets are merged by `data.mix_strategy`; evaluation groups are always concatenated,
 # so held-out sets are scored whole.

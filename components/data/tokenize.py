@@ -31,7 +31,7 @@ from components.data.conversation_encoder import ConversationEncoder, gc_paused
 from components.data.dataset_info import DataError
 from components.data.jsonl import BadLine, parse_line, read_jsonl
 from components.data.packing import tokenize_text_corpus
-from components.data.records import GROUP_KINDS, IGNORE
+from components.data.records import GROUP_KINDS, IGNORE, UNTOKENIZED_GROUPS
 from components.data.workers import line_chunks, ordered_map, resolve_num_proc, spawn_pool
 
 if TYPE_CHECKING:
@@ -386,5 +386,5 @@ def tokenize_stage(cfg: PipelineConfig, inputs: StageInputs, out_dir: Path) -> S
 
     base = inputs.base_model
     tokenizer = load_tokenizer(base.source, **base.load_kwargs())
-    groups = {g: GROUP_KINDS[g] for g in GROUP_KINDS if getattr(cfg.data, g)}
+    groups = {g: GROUP_KINDS[g] for g in GROUP_KINDS if getattr(cfg.data, g) and g not in UNTOKENIZED_GROUPS}
     return run_tokenize(inputs.dir("align"), tokenizer, cfg.tokenize, out_dir, groups=groups)

@@ -29,7 +29,9 @@ def _status(summary):
 def test_raft_then_ppo_in_the_flow(tiny_model_dir, tmp_path, prefect_harness):
     from flows.domain_adaptation import domain_adaptation
 
-    cfg = tiny_pipeline_config(tiny_model_dir, tmp_path / "ws", **{"alignment.method": "raft", **ALIGN})
+    # Sampling prompts of their own (data.prompts): billable questions the SFT rows do not ask.
+    cfg = tiny_pipeline_config(tiny_model_dir, tmp_path / "ws", **{"alignment.method": "raft", **ALIGN,
+                                                                   "data.prompts": "[icd10_billable]"})
     summary = domain_adaptation(config=cfg)
     status = _status(summary)
     assert ["sft", "reward", "alignment", "evaluate-base"] == [s for s in status if s in
@@ -45,6 +47,11 @@ def test_raft_then_ppo_in_the_flow(tiny_model_dir, tmp_path, prefect_harness):
     aligned_adapter = str(Path(summary["stages"]["alignment"]).resolve() / "adapter")
     assert quantize["info"]["merged_adapters"][-1] == aligned_adapter
     assert summary["alignment"]["method"] == "raft"
+    report = json.loads((Path(summary["stages"]["alignment"]) / "alignment_report.json").read_text())
+    assert report["prompts_from"] == "data.prompts" and report["prompts"] > 0
+    kept = [json.loads(line) for line in (Path(summary["stages"]["alignment"]) / "raft" / "iteration-0.jsonl").open()]
+    assert kept and all(row["prompt"].endswith("billable?") and row["reference"] in ("Yes", "No") for row in kept)
+    assert not (Path(summary["stages"]["tokenize"]) / "prompts.parquet").exists()  # rendered when sampled
     # KL to the SFT model on the aligned model's own held-out answers, and the paired change over SFT.
     assert summary["alignment"]["kl_to_sft"] >= 0 and summary["comparison"]["kl_to_sft"]["adapted"] is None
     change = summary["alignment"]["verifiable_reward_change"]

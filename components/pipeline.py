@@ -16,12 +16,14 @@ No prefect here, and nothing heavy at import time: `lmforge stages` reads this t
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from components.config import PipelineConfig
+from components.config import PipelineConfig, hash_json
+from components.data.records import GROUP_KINDS, UNTOKENIZED_GROUPS
 
 if TYPE_CHECKING:
     from components.artifacts import StageResult
@@ -63,11 +65,27 @@ class StageInputs:
     upstream: dict[str, dict]
     metrics: MetricsSink = field(default=lambda step, values: None)
     run: RunInfo | None = None
+    reads: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # the row's StageSpec.reads
 
-    def dir(self, node: str) -> Path:
+    def dir(self, node: str, reading: Iterable[str] = ()) -> Path:
+        """The output directory of upstream `node`. Where the stage table keys this stage on some of that
+        node's files only (StageSpec.reads), name the files read from it in `reading`: any other is
+        refused, since its changes would not reach the key."""
         if node not in self.upstream:
             raise KeyError(f"stage {self.node} has no input {node!r}; its inputs: {', '.join(self.upstream) or 'none'}")
+        patterns = self.reads.get(node)
+        if patterns is not None:
+            names = list(reading)
+            unkeyed = [n for n in names if not reads_file(patterns, n)] or ([] if names else ["(files not named)"])
+            if unkeyed:
+                raise KeyError(f"stage {self.node} reads {', '.join(unkeyed)} of {node}, but its row of the stage "
+                               f"table keys it on {', '.join(patterns)} of {node} only: add the file to the row's "
+                               "`reads`")
         return Path(self.upstream[node]["dir"])
+
+    def file(self, node: str, name: str) -> Path:
+        """The path of the upstream file `name` of `node` (checked against StageSpec.reads, as in `dir`)."""
+        return self.dir(node, reading=[name]) / name
 
     def has(self, node: str) -> bool:
         return node in self.upstream
@@ -98,6 +116,17 @@ class KeyFacts:
 Slice = Callable[[PipelineConfig, KeyFacts], dict]
 
 
+def reads_file(patterns: tuple[str, ...], name: str) -> bool:
+    return any(fnmatch(name, p) for p in patterns)
+
+
+def files_digest(manifest: dict, patterns: tuple[str, ...]) -> str:
+    """The digest of a manifest's files that match `patterns`: their names and contents, nothing else (not
+    the node's key: the same files from a differently keyed run are the same input)."""
+    files = {rel: m["sha256"] for rel, m in manifest["files"].items() if reads_file(patterns, rel)}
+    return hash_json({"stage": manifest["stage"], "files": files})
+
+
 @dataclass(frozen=True)
 class StageSpec:
     name: str  # node name, unique: "evaluate-base"
@@ -108,6 +137,11 @@ class StageSpec:
     # Upstream nodes whose digests go into the key (None: all). Tokenize reads the tokenizer through
     # `prepare` but is keyed on the tokenizer's own digest, so new weights do not re-tokenize.
     keyed_upstream: tuple[str, ...] | None = None
+    # The files read from an upstream node, as glob patterns, where the stage reads only some of them: the
+    # key then holds the digest of those files alone (upstream_digest), so a new held-out set beside the
+    # training rows does not retrain. StageInputs.file refuses any other file of that node. An upstream
+    # node not named here is keyed on its whole manifest digest.
+    reads: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     enabled: Callable[[PipelineConfig], bool] = lambda cfg: True
     retries: int = 0  # transient failures only (components.errors.is_transient)
     retry_delay_s: tuple[int, ...] = (5, 30)
@@ -118,6 +152,12 @@ class StageSpec:
     @property
     def module(self) -> str:
         return self.entry.split(":", 1)[0]
+
+    def upstream_digest(self, node: str, manifest: dict) -> str:
+        """What this stage's key holds of upstream `node`: the digest of the files it reads from it (their
+        content alone), or the node's whole manifest digest."""
+        patterns = self.reads.get(node)
+        return manifest["digest"] if patterns is None else files_digest(manifest, patterns)
 
     def function(self) -> Callable[..., StageResult]:
         module, name = self.entry.split(":", 1)
@@ -187,6 +227,12 @@ def _alignment(cfg: PipelineConfig, facts: KeyFacts) -> dict:
 
 _MODEL_INPUTS = ("prepare", "tokenize", "align")
 
+# What stages read of `align` and `tokenize` (StageSpec.reads). A new held-out set, prompt set or
+# preference set then reruns the stages that read it and no training stage that does not.
+TOKENIZED_GROUP_FILES = tuple(f"{g}.jsonl" for g in GROUP_KINDS if g not in UNTOKENIZED_GROUPS)
+HELDOUT_READS: dict[str, tuple[str, ...]] = {"align": ("sft_eval.jsonl",),
+                                             "tokenize": ("cpt_eval.parquet", "sft_eval.parquet")}
+
 STAGE_TABLE: tuple[StageSpec, ...] = (
     StageSpec(
         "prepare", "prepare", "components.models.prepare:prepare_stage",
@@ -209,7 +255,7 @@ STAGE_TABLE: tuple[StageSpec, ...] = (
     ),
     StageSpec(
         "tokenize", "tokenize", "components.data.tokenize:tokenize_stage", upstream=("prepare", "align"),
-        keyed_upstream=("align",),
+        keyed_upstream=("align",), reads={"align": TOKENIZED_GROUP_FILES},
         # num_proc changes how fast, not what: left out so it does not invalidate the data and training.
         keyed_on=lambda cfg, facts: {"tokenize": cfg.tokenize.model_dump(mode="json", exclude={"num_proc"}),
                                      "tokenizer": facts.tokenizer_digest,
@@ -218,47 +264,54 @@ STAGE_TABLE: tuple[StageSpec, ...] = (
     ),
     StageSpec(
         "cpt", "cpt", "components.training.sft:train_stage", upstream=("prepare", "tokenize"),
-        keyed_on=_train("cpt"), enabled=lambda cfg: cfg.cpt.enabled, resumable=True,
+        keyed_on=_train("cpt"), reads={"tokenize": ("cpt.parquet",)}, enabled=lambda cfg: cfg.cpt.enabled,
+        resumable=True,
         summary="continued pretraining (LoRA) on the plain-text corpus",
     ),
     StageSpec(
         "sft", "sft", "components.training.sft:train_stage", upstream=("prepare", "tokenize", "cpt"),
-        keyed_on=_train("sft"), enabled=lambda cfg: cfg.sft.enabled, resumable=True,
+        keyed_on=_train("sft"), reads={"tokenize": ("sft.parquet",)}, enabled=lambda cfg: cfg.sft.enabled,
+        resumable=True,
         summary="supervised fine-tuning (LoRA) on conversations, loss on answers",
     ),
     StageSpec(
         "reward", "reward", "components.alignment.reward_model:reward_stage", upstream=("prepare", "align", "cpt", "sft"),
-        keyed_on=_reward, enabled=needs_reward_model, resumable=True,
+        keyed_on=_reward, reads={"align": ("preference.jsonl", "preference_eval.jsonl")}, enabled=needs_reward_model,
+        resumable=True,
         summary="reward model (LoRA + score head on the SFT model) on preference pairs; held-out pair accuracy",
     ),
     StageSpec(
         "alignment", "alignment", "components.alignment.stage:alignment_stage",
         upstream=("prepare", "align", "cpt", "sft", "reward"), keyed_on=_alignment, enabled=_aligned, resumable=True,
+        reads={"align": ("sft.jsonl", "prompts.jsonl", "preference.jsonl", "kto.jsonl")},
         summary="alignment.method after SFT: raft, ppo, grpo (reward) or dpo, kto, orpo, simpo (pairs)",
     ),
     # Evaluations read the reward stage, when it runs, to score answers with the reward model too.
     StageSpec(
         "evaluate-base", "evaluate", "components.evaluation.evaluate:evaluate_stage",
-        upstream=(*_MODEL_INPUTS, "reward"), keyed_on=_evaluate, summary="held-out evaluation of the base model",
+        upstream=(*_MODEL_INPUTS, "reward"), keyed_on=_evaluate, reads=HELDOUT_READS,
+        summary="held-out evaluation of the base model",
     ),
     StageSpec(
         "evaluate-cpt", "evaluate", "components.evaluation.evaluate:evaluate_stage",
-        upstream=(*_MODEL_INPUTS, "cpt", "reward"), keyed_on=_evaluate, enabled=_both_adapters,
+        upstream=(*_MODEL_INPUTS, "cpt", "reward"), keyed_on=_evaluate, reads=HELDOUT_READS, enabled=_both_adapters,
         summary="held-out evaluation after cpt alone",
     ),
     StageSpec(
         "evaluate-adapted", "evaluate", "components.evaluation.evaluate:evaluate_stage",
-        upstream=(*_MODEL_INPUTS, "cpt", "sft", "reward"), keyed_on=_evaluate,
+        upstream=(*_MODEL_INPUTS, "cpt", "sft", "reward"), keyed_on=_evaluate, reads=HELDOUT_READS,
         summary="held-out evaluation of the adapted model (cpt + sft)",
     ),
     StageSpec(
         "evaluate-aligned", "evaluate", "components.evaluation.evaluate:evaluate_stage",
-        upstream=(*_MODEL_INPUTS, "cpt", "sft", "reward", "alignment"), keyed_on=_evaluate, enabled=_aligned,
+        upstream=(*_MODEL_INPUTS, "cpt", "sft", "reward", "alignment"), keyed_on=_evaluate, reads=HELDOUT_READS,
+        enabled=_aligned,
         summary="held-out evaluation of the aligned model",
     ),
     StageSpec(
         "quantize", "quantize", "components.quantization.quantize:quantize_stage",
         upstream=(*_MODEL_INPUTS, "cpt", "sft", "alignment"), enabled=lambda cfg: cfg.quantize.enabled,
+        reads=HELDOUT_READS,
         keyed_on=lambda cfg, facts: {"quantize": cfg.quantize.model_dump(mode="json"),
                                      "evaluate": cfg.evaluate.model_dump(mode="json"), "model": _model(cfg),
                                      **_template(cfg)},

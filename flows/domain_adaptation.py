@@ -29,7 +29,7 @@ from components.evaluation.per_task import per_task_table
 from components.models.loading import select_hardware
 from components.pipeline import STAGE_KINDS, RunInfo, kind_index, planned_nodes
 from flows.deployment_config import config_for_run
-from flows.plan import key_facts, node_key
+from flows.plan import key_facts, keyed_digests, node_key
 from tasks import stages as t
 
 log = logging.getLogger("lmforge.flow")
@@ -99,7 +99,7 @@ def domain_adaptation(
             kind = kind_index(node.spec.kind)
             if (until and kind > kind_index(until)) or (only and kind > kind_index(only)):
                 continue
-            key, sc = node_key(node, cfg, facts, {n: m["digest"] for n, m in manifests.items()})
+            key, sc = node_key(node, cfg, facts, manifests)
             out = stage_dir(cfg.workspace, node.name, key)
             if only and node.spec.kind != only:
                 # Upstream of --only: must be on disk already.
@@ -123,7 +123,7 @@ def domain_adaptation(
             upstream = {u: manifests[u] for u in node.upstream}
             started = time.perf_counter()
             state = t.stage_task(node.spec).with_options(refresh_cache=refresh)(
-                key, node.name, run, cfg, sc, upstream, {u: manifests[u]["digest"] for u in node.keyed_upstream},
+                key, node.name, run, cfg, sc, upstream, keyed_digests(node, manifests),
                 return_state=True,
             )
             manifest = state.result()

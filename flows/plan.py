@@ -20,26 +20,32 @@ def key_facts(cfg: PipelineConfig, precision: str) -> KeyFacts:
     return KeyFacts(precision=precision, tokenizer_digest=identity.tokenizer_digest, model_digest=identity.model_digest)
 
 
-def node_key(node: PlannedNode, cfg: PipelineConfig, facts: KeyFacts, digests: dict[str, str]) -> tuple[str, dict]:
-    """(cache key, config slice) of a node once its keyed upstream digests are known."""
+def keyed_digests(node: PlannedNode, manifests: dict[str, dict]) -> dict[str, str]:
+    """What the node's key holds of each keyed upstream node: the digest of the files it reads from it
+    (StageSpec.reads) or the whole manifest digest."""
+    return {u: node.spec.upstream_digest(u, manifests[u]) for u in node.keyed_upstream}
+
+
+def node_key(node: PlannedNode, cfg: PipelineConfig, facts: KeyFacts, manifests: dict[str, dict]) -> tuple[str, dict]:
+    """(cache key, config slice) of a node once its keyed upstream manifests are known."""
     config = node.spec.keyed_on(cfg, facts)
-    return stage_key(node.name, config, {u: digests[u] for u in node.keyed_upstream}), config
+    return stage_key(node.name, config, keyed_digests(node, manifests)), config
 
 
 def describe_plan(cfg: PipelineConfig, precision: str, deep: bool = False) -> list[dict]:
     """Each node with its key (when its upstream is on disk) and whether a valid manifest exists."""
     facts = key_facts(cfg, precision)
-    digests: dict[str, str] = {}
+    manifests: dict[str, dict] = {}
     rows = []
     for node in planned_nodes(cfg):
         row = {"stage": node.name, "kind": node.spec.kind, "summary": node.spec.summary}
-        if any(u not in digests for u in node.upstream):
+        if any(u not in manifests for u in node.upstream):
             rows.append({**row, "key": None, "cached": False, "note": "after its upstream runs"})
             continue
-        key, _ = node_key(node, cfg, facts, digests)
+        key, _ = node_key(node, cfg, facts, manifests)
         manifest = read_manifest(stage_dir(cfg.workspace, node.name, key))
         ok = verify_manifest(manifest, deep=deep)
         if ok:
-            digests[node.name] = manifest["digest"]
+            manifests[node.name] = manifest
         rows.append({**row, "key": key, "cached": ok, "note": "" if ok else "will run"})
     return rows

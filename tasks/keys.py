@@ -1,12 +1,14 @@
-"""Cache keys: hash(stage, resolved stage config, upstream manifest digests, stage code version).
+"""Cache keys: hash(stage, resolved stage config, upstream digests, stage code version).
 
 The base model's content reaches every model stage through the `prepare` stage's digest, and
-tokenization through the tokenizer's own digest (components.models.prepare).
+tokenization through the tokenizer's own digest (components.models.prepare). An upstream digest is the
+digest of the files the stage reads from that node where its row lists them (StageSpec.reads), else the
+node's whole manifest digest.
 
 No run id goes in: an unchanged stage is reused across runs and days. The code version is a hash of
 the source of every component module the stage's code can reach, found by following `components.*`
 imports from its entry module, so editing any code a stage runs invalidates its cache (and, through
-the manifest digests, everything downstream).
+the upstream digests, every later stage that reads a file whose content changed).
 """
 
 from __future__ import annotations

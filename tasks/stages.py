@@ -163,7 +163,7 @@ def run_node(key: str, node: str, run: RunInfo, cfg: PipelineConfig, stage_confi
     def body(out: Path, sink) -> StageResult:
         configure_threads(cfg.compute.threads)
         quiet_library_warnings()
-        inputs = StageInputs(node=node, kind=spec.kind, upstream=upstream, metrics=sink, run=run)
+        inputs = StageInputs(node=node, kind=spec.kind, upstream=upstream, metrics=sink, run=run, reads=spec.reads)
         return spec.function()(cfg, inputs, out)
 
     return run_stage(spec, key, run, cfg, stage_config, body, upstream=keyed_upstream)

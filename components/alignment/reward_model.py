@@ -72,7 +72,7 @@ def reward_stage(cfg: PipelineConfig, inputs: StageInputs, out_dir: Path) -> Sta
     base, below = inputs.base_model, inputs.adapter_stack()
     hardware = select_hardware(cfg.compute.device, cfg.compute.precision)
     tokenizer = load_tokenizer(base.source, **base.load_kwargs())
-    align = inputs.dir("align")
+    align = inputs.dir("align", reading=("preference.jsonl", "preference_eval.jsonl"))
     pairs, counts = preference_pairs(align / "preference.jsonl")
     held, held_counts = preference_pairs(align / "preference_eval.jsonl")
     if not pairs:

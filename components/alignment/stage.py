@@ -73,19 +73,19 @@ def alignment_stage(cfg: PipelineConfig, inputs: StageInputs, out_dir: Path) -> 
     base, below = inputs.base_model, inputs.adapter_stack()
     hardware = select_hardware(cfg.compute.device, cfg.compute.precision)
     tokenizer = load_tokenizer(base.source, **base.load_kwargs())
-    align = inputs.dir("align")
     model = load_with_adapters(base.source, below, hardware, **base.load_kwargs(),
                                attn_implementation=cfg.model.attn_implementation)
     report: dict = {"method": method}
     reward_adapter = Path(inputs.upstream["reward"]["info"]["reward_adapter"]) if inputs.has("reward") else None
 
     if method in PREFERENCE_METHODS:
+        align = inputs.dir("align", reading=("preference.jsonl", "kto.jsonl"))
         rows, report["data"] = _preference_rows(method, align, tokenizer, cfg)
         policy, history, metrics = train_preference(method, model, tokenizer, rows, acfg, hardware, out_dir,
                                                     metrics_sink=inputs.metrics)
     elif method in SAMPLING_METHODS:
         group = "prompts" if cfg.data.prompts else "sft"
-        prompts = sampling_prompts(align / f"{group}.jsonl", tokenizer, cfg.tokenize.template,
+        prompts = sampling_prompts(inputs.file("align", f"{group}.jsonl"), tokenizer, cfg.tokenize.template,
                                    cfg.tokenize.system_prompt, limit=acfg.max_prompts, seed=acfg.seed)
         if not prompts:
             raise StageInputError(f"alignment.method={method} needs prompts: data.{group} "

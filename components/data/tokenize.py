@@ -387,4 +387,5 @@ def tokenize_stage(cfg: PipelineConfig, inputs: StageInputs, out_dir: Path) -> S
     base = inputs.base_model
     tokenizer = load_tokenizer(base.source, **base.load_kwargs())
     groups = {g: GROUP_KINDS[g] for g in GROUP_KINDS if getattr(cfg.data, g) and g not in UNTOKENIZED_GROUPS}
-    return run_tokenize(inputs.dir("align"), tokenizer, cfg.tokenize, out_dir, groups=groups)
+    align_dir = inputs.dir("align", reading=[f"{g}.jsonl" for g in groups])
+    return run_tokenize(align_dir, tokenizer, cfg.tokenize, out_dir, groups=groups)

@@ -34,6 +34,7 @@ from components.evaluation.metrics import normalize_answer, text_scores
 from components.evaluation.per_task import answer_set, flatten_report, group_by_task, majority_rate, task_entry
 from components.models.loading import load_tokenizer, load_with_adapters, select_hardware
 from components.models.loss import labeled_positions_loss
+from components.pipeline import HELDOUT_READS
 
 if TYPE_CHECKING:
     from components.config import PipelineConfig
@@ -267,7 +268,8 @@ def evaluate_stage(cfg: PipelineConfig, inputs: StageInputs, out_dir: Path) -> S
     model = load_with_adapters(base.source, inputs.adapter_stack(), hardware, **base.load_kwargs())
     tokenizer = load_tokenizer(base.source, **base.load_kwargs())
     evaluation, info = _score(
-        model, tokenizer, out_dir, tokenized_dir=inputs.dir("tokenize"), aligned_dir=inputs.dir("align"),
+        model, tokenizer, out_dir, tokenized_dir=inputs.dir("tokenize", reading=HELDOUT_READS["tokenize"]),
+        aligned_dir=inputs.dir("align", reading=HELDOUT_READS["align"]),
         cfg=cfg.evaluate, template_name=cfg.tokenize.template, system_prompt=cfg.tokenize.system_prompt,
     )
     samples, metrics = evaluation.samples, evaluation.metrics

@@ -16,7 +16,7 @@ from components.artifacts import StageResult, atomic_dir, atomic_write_json
 from components.config import EvaluateConfig, QuantizeConfig
 from components.evaluation.evaluate import evaluate_model
 from components.models.loading import Hardware, load_model, load_tokenizer, load_with_adapters, select_hardware
-from components.pipeline import BaseModelRef
+from components.pipeline import HELDOUT_READS, BaseModelRef
 
 if TYPE_CHECKING:
     from components.config import PipelineConfig
@@ -121,7 +121,8 @@ def quantize_stage(cfg: PipelineConfig, inputs: StageInputs, out_dir: Path) -> S
     result = run_quantize(
         inputs.base_model, stack, cfg.quantize, cfg.evaluate,
         select_hardware(cfg.compute.device, cfg.compute.precision), out_dir,
-        tokenized_dir=inputs.dir("tokenize"), aligned_dir=inputs.dir("align"),
+        tokenized_dir=inputs.dir("tokenize", reading=HELDOUT_READS["tokenize"]),
+        aligned_dir=inputs.dir("align", reading=HELDOUT_READS["align"]),
         template_name=cfg.tokenize.template, system_prompt=cfg.tokenize.system_prompt,
     )
     result.info["merged_adapters"] = [str(p) for p in stack]  # lineage: what the merged model is made of

@@ -64,7 +64,7 @@ def train_stage(cfg: PipelineConfig, inputs: StageInputs, out_dir: Path) -> Stag
     below = inputs.adapter_stack()
     hardware = select_hardware(cfg.compute.device, cfg.compute.precision)
     train_cfg: TrainConfig = getattr(cfg, inputs.kind)
-    train_file = inputs.dir("tokenize") / f"{TRAIN_GROUP[inputs.kind]}.parquet"
+    train_file = inputs.file("tokenize", f"{TRAIN_GROUP[inputs.kind]}.parquet")
     if train_cfg.deepspeed.stage > 0:
         result = _launch_deepspeed(cfg, inputs, base, below, train_file, train_cfg, hardware, Path(out_dir))
     else:

@@ -70,3 +70,34 @@ def test_flow_parameters_offer_exactly_the_stage_kinds():
     text = str(schema)
     for kind in STAGE_KINDS:
         assert f"'{kind}'" in text
+
+
+def test_a_stage_keyed_on_some_files_of_an_input_may_open_only_those(tmp_path):
+    inputs = StageInputs(node="sft", kind="sft", upstream={"tokenize": {"dir": str(tmp_path)}, "prepare": {"dir": "p"}},
+                         reads=STAGES_BY_NAME["sft"].reads)
+    assert inputs.file("tokenize", "sft.parquet") == tmp_path / "sft.parquet"
+    with pytest.raises(KeyError, match=r"sft_eval.parquet of tokenize.*add the file to the row's `reads`"):
+        inputs.file("tokenize", "sft_eval.parquet")
+    with pytest.raises(KeyError, match="files not named"):
+        inputs.dir("tokenize")  # a bare directory would let the stage read anything in it
+    assert str(inputs.dir("prepare")) == "p"  # keyed on the whole node: any file
+
+
+def test_the_key_holds_the_digest_of_the_files_a_stage_reads_and_of_no_other():
+    sft = STAGES_BY_NAME["sft"]
+    tokenized = {"stage": "tokenize", "digest": "whole-1", "cache_key": "k1",
+                 "files": {"sft.parquet": {"sha256": "a"}, "sft_eval.parquet": {"sha256": "b"}}}
+    digest = sft.upstream_digest("tokenize", tokenized)
+    new_heldout = {**tokenized, "digest": "whole-2", "cache_key": "k2",
+                   "files": {**tokenized["files"], "sft_eval.parquet": {"sha256": "c"}}}
+    assert sft.upstream_digest("tokenize", new_heldout) == digest
+    new_rows = {**tokenized, "files": {**tokenized["files"], "sft.parquet": {"sha256": "d"}}}
+    assert sft.upstream_digest("tokenize", new_rows) != digest
+    assert sft.upstream_digest("prepare", tokenized) == "whole-1"  # not in `reads`: the whole manifest
+
+
+def test_tokenize_reads_every_group_it_tokenizes_and_no_prompts():
+    from components.data.records import GROUP_KINDS, UNTOKENIZED_GROUPS
+
+    reads = STAGES_BY_NAME["tokenize"].reads["align"]
+    assert set(reads) == {f"{g}.jsonl" for g in GROUP_KINDS} - {f"{g}.jsonl" for g in UNTOKENIZED_GROUPS}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -48,7 +49,7 @@ def test_first_run_runs_every_stage_and_registers(first_run):
     ppl = summary["comparison"]["perplexity_cpt_eval"]
     assert all(ppl[c] is not None for c in summary["columns"]) and ppl["+cpt"] != ppl["base"]
     for stage, path in summary["stages"].items():
-        manifest = json.loads((__import__("pathlib").Path(path) / "manifest.json").read_text())
+        manifest = json.loads((Path(path) / "manifest.json").read_text())
         assert manifest["stage"] == stage and manifest["files"]
         assert manifest["peak_rss_mb"] > 100  # the process's own peak while the stage ran (torch alone is more)
     rss = {row["stage"]: row["peak_rss_mb"] for row in summary["timeline"]}
@@ -95,9 +96,38 @@ def test_changed_sft_learning_rate_reruns_exactly_sft_and_after(settled):
                       "register": False, "promote": False}
 
 
-def test_lost_artifacts_are_recomputed_and_downstream_stays_cached(settled):
-    from pathlib import Path
+def test_a_new_prompt_set_reruns_only_the_data_stages_that_read_it(settled):
+    """data.prompts is read by the sampling alignment methods alone: with none of them on, the new
+    prompts.jsonl reaches fetch and align and nothing else (tokenize, training, evaluation and the
+    registered version are reused, since no stage reads that file)."""
+    from flows.domain_adaptation import domain_adaptation
 
+    cfg, _, _ = settled
+    changed = cfg.model_copy(update={"data": cfg.data.model_copy(update={"prompts": ["icd10_billable"]})})
+    summary = domain_adaptation(config=changed)
+    assert (Path(summary["stages"]["align"]) / "prompts.jsonl").is_file()
+    assert {s for s, cached in _status(summary).items() if not cached} == {"fetch", "align"}
+
+
+def test_a_new_heldout_set_reruns_evaluation_but_no_training(settled):
+    """Only the stages that read the held-out files rerun: tokenize (it tokenizes them), every evaluation
+    and quantize (they score them), and register/promote (the scores changed). cpt and sft read their
+    own training files, which came out byte for byte the same, so they are reused."""
+    from flows.domain_adaptation import domain_adaptation
+
+    cfg, before, _ = settled
+    changed = cfg.model_copy(update={"data": cfg.data.model_copy(update={"sft_eval": ["icd10_billable_heldout"]})})
+    summary = domain_adaptation(config=changed)
+    status = _status(summary)
+    assert status == {"prepare": True, "fetch": False, "align": False, "tokenize": False, "cpt": True, "sft": True,
+                      "evaluate-base": False, "evaluate-cpt": False, "evaluate-adapted": False, "quantize": False,
+                      "register": False, "promote": False}
+    assert summary["stages"]["sft"] == before["stages"]["sft"]
+    tasks = {json.loads(line)["task"] for line in open(Path(summary["stages"]["evaluate-adapted"]) / "samples.jsonl")}
+    assert tasks == {"billable_uniform"}
+
+
+def test_lost_artifacts_are_recomputed_and_downstream_stays_cached(settled):
     from flows.domain_adaptation import domain_adaptation
 
     cfg, summary, _ = settled
@@ -126,8 +156,6 @@ def test_from_stage_forces_recompute_and_only_runs_one(settled):
 def test_a_tampered_output_is_caught_by_deep_verification(settled):
     """Same size, same mtime, other bytes: the fast check trusts it, --verify deep recomputes it."""
     import os
-    from pathlib import Path
-
     from flows.domain_adaptation import domain_adaptation
 
     cfg, summary, _ = settled
@@ -142,8 +170,6 @@ def test_a_tampered_output_is_caught_by_deep_verification(settled):
 
 def test_crashed_training_resumes_from_last_complete_checkpoint(settled):
     """kill -9 during sft leaves checkpoints and no manifest: the rerun resumes instead of restarting."""
-    from pathlib import Path
-
     from flows.domain_adaptation import domain_adaptation
 
     cfg, summary, _ = settled

@@ -12,9 +12,9 @@ SFT with its 95% bootstrap interval.
     python bench/alignment_prompts.py                    # all three, ~75 minutes on 2 cores (SFT ~25)
     python bench/alignment_prompts.py --methods raft     # one (upstream reused from the workspace)
 
-Writes bench/results_alignment_prompts.json; bench/alignment.md quotes it. The scoring is here rather
-than in the flow's evaluation because the flow's held-out set is keyed into every stage (data.sft_eval):
-scoring other sets there would retrain SFT.
+Writes bench/results_alignment_prompts.json (with every question's 1/0, so the figures can be
+recomputed); bench/alignment.md quotes it. The script scores three held-out sets in one pass per model;
+the flow's own evaluation scores one (data.sft_eval), as in bench/alignment.md's demo-preset runs.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import sys
 import time
 from pathlib import Path
@@ -79,13 +78,13 @@ def score(source: str, stack: list[str], rows: dict[str, list[dict]]) -> dict[st
     return out
 
 
-def paired(before: list[int], after: list[int], resamples: int = 2000) -> dict:
-    rng = random.Random(0)
-    diff = [b - a for a, b in zip(before, after, strict=True)]
-    means = sorted(sum(diff[rng.randrange(len(diff))] for _ in diff) / len(diff) for _ in range(resamples))
-    return {"n": len(diff), "before": sum(before) / len(before), "after": sum(after) / len(after),
-            "change": sum(diff) / len(diff), "ci_low": means[int(0.025 * resamples)],
-            "ci_high": means[int(0.975 * resamples) - 1]}
+def paired(before: list[int], after: list[int]) -> dict:
+    """Accuracy before and after, and the mean per-question change with its 95% bootstrap interval."""
+    from components.evaluation.intervals import bootstrap_mean
+
+    change = bootstrap_mean([b - a for a, b in zip(before, after, strict=True)])
+    return {"n": len(before), "before": sum(before) / len(before), "after": sum(after) / len(after),
+            "change": change.value, "ci_low": change.low, "ci_high": change.high}
 
 
 def main() -> None:
@@ -112,6 +111,7 @@ def main() -> None:
             "alignment_s": run["manifests"]["alignment"].get("wall_s"),
             "training": run["manifests"]["alignment"]["metrics"],
             "held_out": {name: paired(sft_scores[name], aligned[name]) for name in rows},
+            "per_question": {"sft": sft_scores, "aligned": aligned},
         }
         out.write_text(json.dumps(results, indent=1) + "\n")  # after each method: a crash keeps the others
         print(method, json.dumps({n: {k: round(v, 3) for k, v in r.items()} for n, r in

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
 from collections.abc import Callable
 
@@ -102,3 +103,18 @@ def quiet_library_warnings() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, OncePerMessage) for f in logger.filters):
             logger.addFilter(OncePerMessage(prefixes))
+    if not progress_bars():  # the libraries' own bars too (transformers' "Loading weights", datasets' maps)
+        import datasets
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        datasets.disable_progress_bars()
+
+
+def progress_bars() -> bool:
+    """Whether to draw progress bars: on a terminal, not into a log (a worker's, CI's, a redirected run's),
+    where every redraw is a line of noise. LMFORGE_NO_PROGRESS=1 turns them off, =0 on."""
+    setting = os.environ.get("LMFORGE_NO_PROGRESS")
+    if setting in ("0", "1"):
+        return setting == "0"
+    return sys.stderr is not None and sys.stderr.isatty()

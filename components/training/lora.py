@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -30,6 +29,7 @@ import torch
 from components.artifacts import StageResult
 from components.config import TrainConfig
 from components.data.packing import flatten_batch, pad_causal
+from components.runtime import progress_bars
 from components.errors import TrainingDiverged
 from components.models.loading import Hardware, count_parameters
 from components.models.loss import labeled_positions_loss
@@ -184,7 +184,7 @@ def training_arguments(cfg: TrainConfig, hardware: Hardware, output_dir: Path) -
         use_cpu=hardware.device == "cpu",
         dataloader_num_workers=0,
         report_to="none",
-        disable_tqdm=os.environ.get("LMFORGE_NO_PROGRESS") == "1",
+        disable_tqdm=not progress_bars(),
         activation_checkpointing=cfg.gradient_checkpointing,  # transformers 5's name for it
         # Non-reentrant: works with frozen base weights (no enable_input_require_grads) and keeps
         # the dropout masks of the recomputed forward identical to the first.

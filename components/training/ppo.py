@@ -27,7 +27,6 @@ import copy
 import json
 import logging
 import math
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -37,6 +36,7 @@ from pathlib import Path
 import torch
 
 from components.artifacts import atomic_dir, atomic_write_bytes, atomic_write_json
+from components.runtime import progress_bars
 from components.errors import TrainingDiverged
 from components.training.lora import COMPLETE, lr_schedule
 from components.training.ppo_rollout import (  # noqa: F401  (the step's parts, importable from here too)
@@ -286,7 +286,7 @@ def run_ppo(
         log.error("PPO diverged at step %d: %s; last good state: %s", at, what, path)
         raise AlignmentDiverged(at, what, path)
 
-    bar = tqdm(total=settings.steps, initial=step, desc="ppo", disable=os.environ.get("LMFORGE_NO_PROGRESS") == "1")
+    bar = tqdm(total=settings.steps, initial=step, desc="ppo", disable=not progress_bars())
     while step < settings.steps:
         step += 1
         torch.manual_seed(settings.seed * 1_000_003 + step)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import warnings
@@ -9,7 +10,8 @@ import warnings
 import pytest
 import torch
 
-from components.runtime import ONCE_LOG_MESSAGES, OncePerMessage, ShowOnce, configure_threads, quiet_library_warnings
+from components.runtime import (ONCE_LOG_MESSAGES, OncePerMessage, ShowOnce, configure_threads, progress_bars,
+                                quiet_library_warnings)
 
 BNB_LOGGER = "bitsandbytes.autograd._functions"
 
@@ -124,3 +126,23 @@ def test_once_per_message_lets_other_messages_through():
 
     assert [passes("MatMul8bitLt: a"), passes("MatMul8bitLt: a"), passes("MatMul8bitLt: b")] == [True, False, True]
     assert passes("something else") and passes("something else")
+
+
+def test_no_progress_turns_off_the_libraries_bars_too(monkeypatch):
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    monkeypatch.setenv("LMFORGE_NO_PROGRESS", "1")
+    assert not progress_bars()
+    try:
+        quiet_library_warnings()
+        assert not hf_logging.is_progress_bar_enabled()  # transformers 5's "Loading weights" bar
+        assert not datasets.is_progress_bar_enabled()
+    finally:
+        hf_logging.enable_progress_bar()
+        datasets.enable_progress_bars()
+    monkeypatch.setenv("LMFORGE_NO_PROGRESS", "0")
+    assert progress_bars()
+    monkeypatch.delenv("LMFORGE_NO_PROGRESS")
+    monkeypatch.setattr("sys.stderr", io.StringIO())  # a log file, not a terminal
+    assert not progress_bars()

@@ -106,7 +106,8 @@ class AlignmentConfig(TrainConfig):
     beta: float = Field(0.1, ge=0, description="Strength of the anchor to the SFT model (DPO/KTO/ORPO/SimPO beta; "
                         "GRPO's KL coefficient: > 0 keeps a KL anchor).")
     simpo_gamma: float = Field(0.5, ge=0, description="SimPO's target reward margin.")
-    max_prompts: int = Field(256, ge=1, description="Prompts (from data.sft) the sampling methods draw from.")
+    max_prompts: int = Field(256, ge=1,
+                             description="Prompts the sampling methods draw from (data.prompts, else data.sft).")
     num_generations: int = Field(4, ge=2, description="Completions sampled per prompt (RAFT's K, GRPO's group).")
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)

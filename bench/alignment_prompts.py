@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -87,6 +88,13 @@ def paired(before: list[int], after: list[int]) -> dict:
             "change": change.value, "ci_low": change.low, "ci_high": change.high}
 
 
+def dump(results: dict) -> str:
+    """Indented JSON with each list of per-question 1/0 on one line."""
+    text = json.dumps(results, indent=1)
+    return re.sub(r"\[\s*((?:[01],\s*)*[01])\s*\]", lambda m: "[" + ",".join(re.findall("[01]", m.group(1))) + "]",
+                  text) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--methods", default="raft,ppo,grpo")
@@ -113,7 +121,7 @@ def main() -> None:
             "held_out": {name: paired(sft_scores[name], aligned[name]) for name in rows},
             "per_question": {"sft": sft_scores, "aligned": aligned},
         }
-        out.write_text(json.dumps(results, indent=1) + "\n")  # after each method: a crash keeps the others
+        out.write_text(dump(results))  # after each method: a crash keeps the others
         print(method, json.dumps({n: {k: round(v, 3) for k, v in r.items()} for n, r in
                                   results[method]["held_out"].items()}), flush=True)
 

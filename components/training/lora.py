@@ -29,10 +29,10 @@ import torch
 from components.artifacts import StageResult
 from components.config import TrainConfig
 from components.data.packing import flatten_batch, pad_causal
-from components.runtime import progress_bars
 from components.errors import TrainingDiverged
 from components.models.loading import Hardware, count_parameters
 from components.models.loss import labeled_positions_loss
+from components.runtime import progress_bars
 from components.training.methods import loraplus_optimizer, optimizer_arguments, prepare_trainable, save_trained
 
 log = logging.getLogger(__name__)

@@ -36,8 +36,8 @@ from pathlib import Path
 import torch
 
 from components.artifacts import atomic_dir, atomic_write_bytes, atomic_write_json
-from components.runtime import progress_bars
 from components.errors import TrainingDiverged
+from components.runtime import progress_bars
 from components.training.lora import COMPLETE, lr_schedule
 from components.training.ppo_rollout import (  # noqa: F401  (the step's parts, importable from here too)
     POLICY,

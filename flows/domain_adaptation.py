@@ -245,24 +245,29 @@ def _summary(manifests: dict[str, dict], timeline: list[dict], flow_s: float) ->
 
 def _pictures(summary: dict, manifests: dict[str, dict], run_dir: Path, client, parent: str) -> None:
     """Training curves of every training stage and the per-task comparison, as PNGs in the run
-    directory and the run's MLflow artifacts (plots/). A picture is a convenience: never fail a run for it."""
-    try:
-        from components.evaluation.plots import plot_per_task, plot_training_curves
+    directory and the run's MLflow artifacts (plots/). A picture is a convenience: never fail a run for it,
+    and one that cannot be drawn does not keep the others from being drawn."""
+    from components.evaluation.plots import plot_per_task, plot_training_curves
 
-        out = run_dir / "plots"
-        pngs = []
-        for node, manifest in manifests.items():
-            curve = Path(manifest["dir"]) / "training_curve.json"
-            history = json.loads(curve.read_text()) if curve.is_file() else None
-            if isinstance(history, list) and history:
-                pngs.append(plot_training_curves(history, out / f"{node}-training.png", title=node))
-        if summary["per_task"]:
-            pngs.append(plot_per_task(summary["per_task"], out / "per-task-exact-match.png"))
-        for png in pngs:
+    out = run_dir / "plots"
+    drawings = []
+    for node, manifest in manifests.items():
+        curve = Path(manifest["dir"]) / "training_curve.json"
+        if curve.is_file():
+            drawings.append((f"{node} training curves", lambda c=curve, n=node: plot_training_curves(
+                c, out / f"{n}-training.png", title=n)))
+    if summary["per_task"]:
+        drawings.append(("per-task comparison", lambda: plot_per_task(summary["per_task"],
+                                                                      out / "per-task-exact-match.png")))
+    pngs = []
+    for what, draw in drawings:
+        try:
+            png = draw()
             client.log_artifact(parent, str(png), "plots")
-        summary["plots"] = [str(p) for p in pngs]
-    except Exception as exc:
-        log.warning("could not draw the plots: %s", exc)
+            pngs.append(png)
+        except Exception as exc:
+            log.warning("could not draw the %s: %s", what, exc)
+    summary["plots"] = [str(p) for p in pngs]
 
 
 def _publish(summary: dict) -> None:

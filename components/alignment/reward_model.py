@@ -9,7 +9,6 @@ fails, by config) before anything relies on it.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -102,7 +101,7 @@ def reward_stage(cfg: PipelineConfig, inputs: StageInputs, out_dir: Path) -> Sta
     report = {"train": counts, "held_out": held_counts, "judged_on": judged_on, "quality": quality,
               "warnings": warnings}
     atomic_write_json(out_dir / "reward_report.json", report)
-    (out_dir / "training_curve.json").write_text(json.dumps(history, indent=1))
+    atomic_write_json(out_dir / "training_curve.json", history)
     metrics.update({f"reward_{k}": v for k, v in quality.items()})
     metrics.update({"pairs_kept": float(counts["kept"]), "pairs_dropped_identical": float(counts["dropped_identical"]),
                     "pairs_dropped_empty": float(counts["dropped_empty"])})

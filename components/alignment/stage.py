@@ -124,7 +124,7 @@ def alignment_stage(cfg: PipelineConfig, inputs: StageInputs, out_dir: Path) -> 
         from components.training.methods import save_trained
 
         save_trained(policy, out_dir / "adapter")
-    (out_dir / "training_curve.json").write_text(json.dumps(history, indent=1))
+    atomic_write_json(out_dir / "training_curve.json", history)
     atomic_write_json(out_dir / "alignment_report.json", report)
     metrics.update({f"data_{k}": float(v) for k, v in report.get("data", {}).items()})
     files = [str(p.relative_to(out_dir)) for p in (out_dir / "adapter").rglob("*") if p.is_file()]
@@ -162,5 +162,5 @@ def _run_ppo(model, tokenizer, prompts, reward, reward_adapter, cfg, out_dir, si
     metrics = ppo.run_ppo(model, tokenizer, rows, settings, Path(out_dir), reward_fn=reward,
                           reward_adapter=reward_adapter if use_model else None,
                           reward_weights=(acfg.reward.model_weight, 1.0), metrics_sink=sink)
-    history = json.loads((Path(out_dir) / "ppo_curve.json").read_text())
+    history = json.loads((Path(out_dir) / "ppo_curve.json").read_text())["steps"]  # its settings stay in ppo_curve.json
     return None, history, metrics  # run_ppo wrote out_dir/adapter (the policy adapter alone) itself

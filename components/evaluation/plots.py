@@ -1,8 +1,8 @@
 """Pictures of a run (PNG, matplotlib without a display): training curves and a per-task comparison.
 
-`plot_training_curves` draws a stage's training_curve.json (transformers' `log_history`: one dict per
-logging step); `plot_per_task` draws per-task reports (per_task.json) side by side as grouped bars with
-their 95% intervals and each task's chance level.
+`plot_training_curves` draws a stage's training_curve.json (transformers' `log_history`, one dict per
+logging step; PPO's steps; RAFT's iterations); `plot_per_task` draws per-task reports (per_task.json)
+side by side as grouped bars with their 95% intervals and each task's chance level.
 """
 
 from __future__ import annotations
@@ -11,12 +11,17 @@ import json
 import math
 from pathlib import Path
 
-# Panels of the training curves: (title, keys that may hold the series, first found is drawn).
+# Panels of the training curves: (title, the series drawn when present, the series drawn only when none of
+# those is: PPO logs its two losses, RAFT one fine-tuning loss per iteration).
 CURVE_PANELS = (
-    ("loss", ("loss", "eval_loss")),
-    ("learning rate", ("learning_rate",)),
-    ("tokens/s", ("tokens_per_s", "tokens_per_second", "train_tokens_per_second")),
+    ("loss", ("loss", "eval_loss"), ("policy_loss", "value_loss", "train_loss")),
+    ("learning rate", ("learning_rate",), ()),
+    ("tokens/s", ("tokens_per_s", "tokens_per_second", "train_tokens_per_second"), ("sample_tokens_per_s",)),
+    ("reward", ("reward_mean", "reward"), ()),
+    ("KL to the reference", ("kl",), ()),
 )
+# The x axis: the optimizer step, or RAFT's iteration.
+X_KEYS = ("step", "iteration")
 
 
 def _figure(width: float, height: float):
@@ -26,24 +31,22 @@ def _figure(width: float, height: float):
 
 
 def plot_training_curves(history: list[dict] | str | Path, out_png: str | Path, *, title: str | None = None) -> Path:
-    """Loss, learning rate and tokens/s against the step, one panel each for the series present.
+    """Loss, learning rate, tokens/s, reward and KL against the step (or RAFT's iteration), one panel each
+    for the series present.
 
     `history` is the list or the path of a training_curve.json. Raises ValueError when it has none of them.
     """
     if not isinstance(history, list):
         history = json.loads(Path(history).read_text(encoding="utf-8"))
+    x_key = next((k for k in X_KEYS if any(k in h for h in history)), None)
     panels = []
-    for name, keys in CURVE_PANELS:
-        series = {}
-        for key in keys:
-            points = [(h["step"], h[key]) for h in history if key in h and "step" in h and _finite(h[key])]
-            if points:
-                series[key] = points
+    for name, keys, fallback in CURVE_PANELS:
+        series = _series(history, x_key, keys) or _series(history, x_key, fallback)
         if series:
             panels.append((name, series))
     if not panels:
-        raise ValueError(f"no training curve to draw: no {', '.join(k for _, ks in CURVE_PANELS for k in ks)} "
-                         "in the log history")
+        known = ", ".join(k for _, keys, fallback in CURVE_PANELS for k in keys + fallback)
+        raise ValueError(f"no training curve to draw: no {known} against {' or '.join(X_KEYS)} in the log history")
     fig = _figure(4.2 * len(panels), 3.2)
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, (name, series) in zip(axes, panels):
@@ -51,7 +54,7 @@ def plot_training_curves(history: list[dict] | str | Path, out_png: str | Path, 
             steps, values = zip(*points)
             ax.plot(steps, values, marker="." if len(points) < 30 else None, label=key)
         ax.set_title(name)
-        ax.set_xlabel("step")
+        ax.set_xlabel(x_key)
         ax.grid(alpha=0.3)
         if len(series) > 1:
             ax.legend()
@@ -102,6 +105,15 @@ def plot_per_task(per_task_by_column: dict[str, dict], out_png: str | Path, *, m
     ax.legend(fontsize="small")
     ax.set_title(title or f"{metric.replace('_', ' ')} per task (95% intervals; dashed: chance)")
     return _save(fig, out_png)
+
+
+def _series(history: list[dict], x_key: str | None, keys: tuple[str, ...]) -> dict[str, list[tuple]]:
+    series = {}
+    for key in keys:
+        points = [(h[x_key], h[key]) for h in history if key in h and x_key in h and _finite(h[key])]
+        if points:
+            series[key] = points
+    return series
 
 
 def _finite(value) -> bool:

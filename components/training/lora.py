@@ -15,7 +15,6 @@ Checkpoints get a complete marker after they are written; a rerun resumes from t
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import shutil
@@ -26,7 +25,7 @@ from typing import Any
 
 import torch
 
-from components.artifacts import StageResult
+from components.artifacts import StageResult, atomic_write_json
 from components.config import TrainConfig
 from components.data.packing import flatten_batch, pad_causal
 from components.errors import TrainingDiverged
@@ -270,7 +269,7 @@ def run_lora_training(
     saved = save_trained(model, out_dir / "adapter", tokenizer, state_dict=state)
 
     history = trainer.state.log_history
-    (out_dir / "training_curve.json").write_text(json.dumps(history, indent=1))
+    atomic_write_json(out_dir / "training_curve.json", history)
     losses = [h["loss"] for h in history if "loss" in h]
     metrics = {
         "train_loss_first": float(losses[0]) if losses else float("nan"),

@@ -65,6 +65,10 @@ def test_raft_then_ppo_in_the_flow(tiny_model_dir, tmp_path, prefect_harness):
     saved = [json.loads(line) for line in (Path(summary["stages"]["evaluate-aligned"]) / "samples.jsonl").open()]
     assert saved and all({"prediction", "sampled", "sampled_verifiable_reward", "verifiable_reward",
                           "reward_model_score"} <= set(s) for s in saved)
+    # Every training stage's curves are drawn, RAFT's per iteration among them, beside the per-task bars.
+    drawn = {Path(p).name for p in summary["plots"]}
+    assert {"cpt-training.png", "sft-training.png", "reward-training.png", "alignment-training.png",
+            "per-task-exact-match.png"} <= drawn
 
     # PPO on the same SFT model, with the reward stage's adapter and score head on its one shared model.
     ppo = cfg.model_copy(update={"alignment": cfg.alignment.model_copy(update={"method": "ppo"})})
@@ -74,6 +78,7 @@ def test_raft_then_ppo_in_the_flow(tiny_model_dir, tmp_path, prefect_harness):
     rerun = {s for s, cached in again.items() if not cached}
     assert rerun == {"alignment", "evaluate-aligned", "quantize", "register"} | ({"promote"} & set(again))
     assert again["reward"] and again["sft"] and again["evaluate-base"]
+    assert "alignment-training.png" in {Path(p).name for p in second["plots"]}  # PPO's steps
 
 
 def test_every_trl_method_runs_in_the_flow_on_the_same_sft_model(tiny_model_dir, tmp_path, prefect_harness):

@@ -24,6 +24,18 @@ def test_training_curves_png(tmp_path: Path):
         plot_training_curves([{"step": 1, "epoch": 0.1}], tmp_path / "none.png")
 
 
+def test_alignment_curves_png(tmp_path: Path):
+    """PPO's steps (two losses, reward, KL) and RAFT's iterations (no optimizer step) are drawn too."""
+    ppo = [{"step": s, "policy_loss": -0.01 * s, "value_loss": 0.2 / s, "reward_mean": 0.3 + 0.05 * s, "kl": 0.01 * s,
+            "tokens_per_s": 60.0} for s in range(1, 6)]
+    out = plot_training_curves(ppo, tmp_path / "ppo.png", title="alignment")
+    assert out.read_bytes().startswith(PNG) and out.stat().st_size > 5000
+    raft = [{"iteration": i, "reward_mean": 0.2 + 0.1 * i, "kept_reward_mean": 0.9, "train_loss": 1.4 - 0.3 * i,
+             "sample_tokens_per_s": 40.0} for i in range(3)]
+    out = plot_training_curves(raft, tmp_path / "raft.png", title="alignment")
+    assert out.read_bytes().startswith(PNG) and out.stat().st_size > 5000
+
+
 def test_per_task_bars_png(tmp_path: Path):
     base, adapted = _report(), _report()
     adapted["tasks"]["billable"]["metrics"]["exact_match"]["value"] = 0.6

@@ -49,8 +49,10 @@ def answer_token_ids(tokenizer, template: str, prompts: list[list[dict]], candid
 
 
 def _cache_argument(model) -> str:
-    """transformers renamed `past_key_values` to `cache` during v5; take the name this model's forward has."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    """transformers renamed `past_key_values` to `cache` during v5; take the name this model's forward has.
+    A PEFT wrapper's forward takes **kwargs, so ask the model inside it."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
 
 
 def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -77,6 +77,26 @@ def test_the_rigged_answer_is_chosen(tiny, favourite):
         assert max(s) == s[CANDIDATES.index(favourite)]
 
 
+def test_adapters_score_alike_without_deprecation_warnings(tiny):
+    # A PeftModel's forward takes **kwargs; the cache must still go by the name the model inside takes,
+    # or transformers warns about `past_key_values` once per evaluation.
+    import copy
+    import warnings
+
+    from peft import LoraConfig, get_peft_model
+
+    model, tokenizer = tiny
+    prompts, answers = answer_token_ids(tokenizer, "auto", PROMPTS, CANDIDATES, SYSTEM)
+    plain = candidate_logprobs(model, prompts, answers, pad_id=tokenizer.pad_token_id, batch_size=8)
+
+    wrapped = get_peft_model(copy.deepcopy(model), LoraConfig(r=2, target_modules=["q_proj"])).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        adapted = candidate_logprobs(wrapped, prompts, answers, pad_id=tokenizer.pad_token_id, batch_size=8)
+    # LoRA's B starts at zero, so the adapted model is the plain one.
+    assert sum(adapted, []) == pytest.approx(sum(plain, []), abs=1e-4)
+
+
 def test_docstring_examples_run():
     import doctest
 

@@ -125,6 +125,14 @@ class DataConfig(Strict):
         "a task's rows twice, 0.5 a seeded half, 0 none; unnamed tasks keep their rows once. Balances a task mix "
         "without editing the data; held-out sets are never reweighted. A name no row carries fails the align stage.",
     )
+    sft_phases: list[dict[str, Annotated[float, Field(ge=0)]]] = Field(
+        [],
+        description="A curriculum: later SFT phases, each a task -> repeat factor map like sft_task_weights, "
+        "except that a task it does not name gets 0. sft.jsonl holds the rows of sft_task_weights, then those of "
+        "each phase, each phase shuffled within itself, and SFT trains them in that order, once: sft.max_steps "
+        "must cover the rows exactly (the SFT stage names the number). [{billable: 2.5}] ends SFT on billable "
+        "questions.",
+    )
     identity_name: str = Field(
         "lmforge", description="Fills {{name}} in datasets marked fill_placeholders (identity data)."
     )

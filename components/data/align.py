@@ -29,7 +29,7 @@ from components.data.dataset_info import DataError, DatasetSpec, load_dataset_in
 from components.data.formats import RowError, get_converter, supported_kinds
 from components.data.jsonl import dumps_line
 from components.data.jsonl import iter_records as iter_records  # evaluation reads aligned files through here
-from components.data.mixing import check_mixing, reweight_tasks, write_interleaved
+from components.data.mixing import check_mixing, phase_tasks, write_interleaved
 from components.data.readers import BATCH_ROWS, ParseFailure, Row, data_files, parse_jsonl_line, read_rows, snippet
 from components.data.records import GROUP_KINDS, MIXED_GROUPS
 from components.data.workers import SharedPool, line_chunks
@@ -247,6 +247,7 @@ def run_align(
     mix_strategy: str = "concat",
     interleave_probs: list[float] | None = None,
     sft_task_weights: dict[str, float] | None = None,
+    sft_phases: list[dict[str, float]] | None = None,
     identity_name: str = "lmforge",
     identity_author: str = "lmforge",
     num_proc: int | None = None,
@@ -260,7 +261,7 @@ def run_align(
     'interleave_under' / 'interleave_over', interleaved (see `interleave`) with
     `interleave_probs` (one per dataset, in the group's order) or round-robin; the draws are
     seeded by `seed` and the group. `sft_task_weights` then repeats or samples the SFT group's rows
-    per task (see `reweight_tasks`). Datasets marked `fill_placeholders` get `{{name}}` and
+    per task, and `sft_phases` appends later phases of them, a curriculum (see `phase_tasks`). Datasets marked `fill_placeholders` get `{{name}}` and
     `{{author}}` replaced by `identity_name` and `identity_author`. A group with no datasets
     writes no file. JSONL files are converted by `num_proc` worker processes (None: one per core
     for files over 32 MB); the output does not depend on it.
@@ -331,14 +332,20 @@ def run_align(
             entries = report[group].values()
             metrics[f"rows_kept_{group}"] = sum(e["rows_kept"] for e in entries)
             metrics[f"rows_written_{group}"] = sum(e["rows_written"] for e in entries)
-            if group == "sft" and sft_task_weights:
-                tasks = reweight_tasks(out_dir / "sft.jsonl", sft_task_weights, random.Random(f"{seed}/tasks/sft"),
-                                       source=f"data.sft ({', '.join(group_names)})")
-                mixes.setdefault(group, {})["task_weights"] = {"weights": sft_task_weights, "tasks": tasks}
-                metrics["rows_written_sft"] = sum(t["rows_out"] for t in tasks.values())
-                log.info("data.sft_task_weights: sft.jsonl holds %d rows (the report's `written` counts them before "
-                         "weighting); per task, in -> out: %s", metrics["rows_written_sft"],
-                         ", ".join(f"{t} {c['rows_in']} -> {c['rows_out']}" for t, c in tasks.items()))
+            if group == "sft" and (sft_task_weights or sft_phases):
+                phases = phase_tasks(out_dir / "sft.jsonl", sft_task_weights or {}, sft_phases or [],
+                                     random.Random(f"{seed}/tasks/sft"), source=f"data.sft ({', '.join(group_names)})")
+                mixes.setdefault(group, {})["task_weights"] = {"weights": sft_task_weights or {}, "tasks": phases[0]}
+                if sft_phases:
+                    mixes[group]["phases"] = [{"weights": w, "tasks": t} for w, t in zip(sft_phases, phases[1:])]
+                rows = [sum(t["rows_out"] for t in phase.values()) for phase in phases]
+                metrics["rows_written_sft"] = sum(rows)
+                log.info("sft.jsonl holds %d rows (the report's `written` counts them before task weights and "
+                         "phases)%s; per task, in -> out: %s", sum(rows),
+                         f", in {len(rows)} phases of {' + '.join(map(str, rows))} rows, trained in that order"
+                         if len(rows) > 1 else "",
+                         "; then ".join(", ".join(f"{t} {c['rows_in']} -> {c['rows_out']}" for t, c in phase.items())
+                                        for phase in phases))
             metrics[f"rows_dropped_{group}"] = sum(d["count"] for e in entries for d in e["dropped"].values())
     atomic_write_json(out_dir / "report.json", report)
     files.append("report.json")
@@ -382,5 +389,5 @@ def align_stage(cfg: PipelineConfig, inputs: StageInputs, out_dir: Path) -> Stag
     return run_align(inputs.dir("fetch"), groups, out_dir, max_samples=data.max_samples, seed=data.seed,
                      bad_row_budget=data.bad_row_budget, mix_strategy=data.mix_strategy,
                      interleave_probs=data.interleave_probs, sft_task_weights=data.sft_task_weights,
-                     identity_name=data.identity_name,
+                     sft_phases=data.sft_phases, identity_name=data.identity_name,
                      identity_author=data.identity_author, num_proc=data.num_proc)

@@ -113,9 +113,19 @@ def reweight_tasks(path: Path, weights: dict[str, float], rng: random.Random,
 
     A row's task is its record's `task` field. A weight of 2 writes every row of the task twice, 0.5 a
     seeded half of them, 0 none; a task not named in `weights` (and a row without a task, reported as
-    "(none)") keeps its rows once. The lines are shuffled so repeats spread over the epoch. Two passes
-    over the file (line offsets, then seeks), so memory holds 16 bytes per row, not the rows.
+    "(none)") keeps its rows once. The lines are shuffled so repeats spread over the epoch.
     Returns {task: {"rows_in", "rows_out"}}. `source` names the rows' datasets in errors.
+    """
+    return phase_tasks(path, weights, [], rng, source)[0]
+
+
+def phase_tasks(path: Path, weights: dict[str, float], phases: list[dict[str, float]], rng: random.Random,
+                source: str = "") -> list[dict[str, dict[str, int]]]:
+    """Rewrite an aligned group file as a curriculum: the rows `weights` picks (see `reweight_tasks`), then,
+    for each map of `phases`, the rows it picks, where a task it does not name gets 0. Each phase is
+    shuffled within itself and the phases follow each other, so a trainer reading the file in order sees
+    them in turn (data.sft_phases). Two passes over the file (line offsets, then seeks), so memory holds
+    16 bytes per written row, not the rows. Returns each phase's {task: {"rows_in", "rows_out"}}.
     """
     where = source or path.name
     offsets: dict[str, list[int]] = {}
@@ -127,23 +137,29 @@ def reweight_tasks(path: Path, weights: dict[str, float], rng: random.Random,
                 break
             task = json.loads(line).get("task") or "(none)"
             offsets.setdefault(str(task), []).append(start)
-    unknown = sorted(set(weights) - set(offsets))
-    if unknown:
-        raise DataError(f"data.sft_task_weights names {', '.join(map(repr, unknown))}, but no row of {where} has "
-                        f"that task; tasks present: {', '.join(sorted(offsets))}. Fix the name, or map the datasets' "
-                        "task column in dataset_info.json")
     chosen: list[int] = []
-    counts: dict[str, dict[str, int]] = {}
-    for task in sorted(offsets):
-        rows = offsets[task]
-        weight = weights.get(task, 1.0)
-        whole, fraction = int(weight), weight - int(weight)
-        picked = rows * whole + sorted(rng.sample(rows, round(fraction * len(rows))))
+    counts: list[dict[str, dict[str, int]]] = []
+    for k, (phase, unnamed) in enumerate([(weights, 1.0)] + [(p, 0.0) for p in phases]):
+        option = "data.sft_task_weights" if k == 0 else f"data.sft_phases[{k - 1}]"
+        unknown = sorted(set(phase) - set(offsets))
+        if unknown:
+            raise DataError(f"{option} names {', '.join(map(repr, unknown))}, but no row of {where} has that "
+                            f"task; tasks present: {', '.join(sorted(offsets))}. Fix the name, or map the datasets' "
+                            "task column in dataset_info.json")
+        picked: list[int] = []
+        counts.append({})
+        for task in sorted(offsets):
+            rows = offsets[task]
+            weight = phase.get(task, unnamed)
+            whole, fraction = int(weight), weight - int(weight)
+            taken = rows * whole + sorted(rng.sample(rows, round(fraction * len(rows))))
+            picked += taken
+            if taken or k == 0:
+                counts[-1][task] = {"rows_in": len(rows), "rows_out": len(taken)}
+        if not picked:
+            raise DataError(f"{option} {phase} leaves no row of {where}; give some task a weight above 0")
+        rng.shuffle(picked)
         chosen += picked
-        counts[task] = {"rows_in": len(rows), "rows_out": len(picked)}
-    if not chosen:
-        raise DataError(f"data.sft_task_weights {weights} leaves no row of {where}; give some task a weight above 0")
-    rng.shuffle(chosen)
     with open(path, "rb") as src, atomic_file(path, "wb") as out:
         for start in chosen:
             src.seek(start)

@@ -54,6 +54,7 @@ class TrainingJob(BaseModel):
     out_dir: str
     device: str = "auto"
     precision: str = "auto"
+    ordered: bool = Field(False, description="Read the rows in file order (a curriculum, data.sft_phases).")
     deepspeed: dict | str | None = Field(None, description="DeepSpeed config dict or path; None trains without it.")
 
 
@@ -218,7 +219,7 @@ def run_job(job: TrainingJob) -> StageResult:
     dataset = load_tokenized(Path(job.train_file))
     sink = _mlflow_sink(rank)
     result = run_lora_training(model, tokenizer, dataset, cfg, hardware, Path(job.out_dir),
-                               metrics_sink=sink, deepspeed=ds_config)
+                               metrics_sink=sink, deepspeed=ds_config, ordered=job.ordered)
     if sink is not None:
         sink.flush()
     result.metrics["train_rows"] = float(len(dataset))

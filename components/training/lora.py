@@ -216,11 +216,13 @@ def run_lora_training(
     *,
     metrics_sink: MetricsSink | None = None,
     deepspeed: dict | None = None,
+    ordered: bool = False,
 ) -> StageResult:
     """Train `model` as `cfg.finetuning` says over tokenized rows (input_ids, labels[, position_ids]).
 
     Writes `adapter/` (a PEFT adapter for lora/qlora, the whole model for full/freeze, with the
     tokenizer; see methods.save_trained), `training_curve.json`; checkpoints under `checkpoints/`.
+    `ordered` reads the rows in their order (a curriculum), else in length-grouped random batches.
     """
     from transformers import TrainingArguments
 
@@ -235,7 +237,7 @@ def run_lora_training(
         remove_unused_columns=False,
         deepspeed=deepspeed,  # a ZeRO config (components.training.deepspeed); the process runs under its launcher
         # Batches of similar lengths: right padding then costs little (the sampler reads `length`).
-        train_sampling_strategy="group_by_length",
+        train_sampling_strategy="sequential" if ordered else "group_by_length",
         length_column_name="length",
     )
     if "length" not in train_dataset.column_names:

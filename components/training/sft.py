@@ -8,11 +8,12 @@ CPT trains a LoRA adapter on plain-text blocks (every token labeled). SFT merges
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from components.artifacts import StageResult
-from components.config import ModelConfig, TrainConfig
+from components.config import ConfigError, ModelConfig, TrainConfig
 from components.data.tokenize import load_tokenized
 from components.models.loading import Hardware, load_tokenizer, load_with_adapters, select_hardware
 from components.pipeline import BaseModelRef
@@ -35,8 +36,10 @@ def run_adapter_stage(
     out_dir: Path,
     *,
     metrics_sink: MetricsSink | None = None,
+    ordered: bool = False,
 ) -> StageResult:
-    """Train one LoRA adapter on `train_file` over the base with the adapters in `below` merged in."""
+    """Train one LoRA adapter on `train_file` over the base with the adapters in `below` merged in;
+    `ordered` reads the rows in file order (a curriculum) instead of shuffled."""
     if not train_file.is_file():
         raise FileNotFoundError(f"tokenized training data {train_file} is missing; rerun the tokenize stage")
     dataset = load_tokenized(train_file)
@@ -46,7 +49,8 @@ def run_adapter_stage(
     model = load_with_adapters(base.source, below, hardware, **base.load_kwargs(),
                                attn_implementation=model_cfg.attn_implementation)
     log.info("training on %d rows from %s", len(dataset), train_file.name)
-    result = run_lora_training(model, tokenizer, dataset, cfg, hardware, out_dir, metrics_sink=metrics_sink)
+    result = run_lora_training(model, tokenizer, dataset, cfg, hardware, out_dir, metrics_sink=metrics_sink,
+                               ordered=ordered)
     result.metrics["train_rows"] = float(len(dataset))
     return result
 
@@ -65,19 +69,52 @@ def train_stage(cfg: PipelineConfig, inputs: StageInputs, out_dir: Path) -> Stag
     hardware = select_hardware(cfg.compute.device, cfg.compute.precision)
     train_cfg: TrainConfig = getattr(cfg, inputs.kind)
     train_file = inputs.file("tokenize", f"{TRAIN_GROUP[inputs.kind]}.parquet")
-    if train_cfg.deepspeed.stage > 0:
-        result = _launch_deepspeed(cfg, inputs, base, below, train_file, train_cfg, hardware, Path(out_dir))
+    # A curriculum lives in the order of sft.parquet's rows, which its digest (this stage's key) covers.
+    ordered = inputs.kind == "sft" and bool(cfg.data.sft_phases)
+    distributed = train_cfg.deepspeed.stage > 0
+    if ordered:
+        ranks = (cfg.compute.num_gpus or _visible_gpus()) * (cfg.compute.num_nodes or 1) if distributed else 1
+        check_curriculum_steps(_row_count(train_file), train_cfg, ranks)
+    if distributed:
+        result = _launch_deepspeed(cfg, inputs, base, below, train_file, train_cfg, hardware, Path(out_dir),
+                                   ordered=ordered)
     else:
         result = run_adapter_stage(cfg.model, base, below, train_file, train_cfg, hardware, Path(out_dir),
-                                   metrics_sink=inputs.metrics)
+                                   metrics_sink=inputs.metrics, ordered=ordered)
     # Enough for `lmforge chat <stage dir>` and later stages to rebuild the model: base plus adapters.
     result.info.update(base_source=base.source, base_revision=base.revision,
                        adapter_stack=[*map(str, below), str(Path(out_dir).resolve() / "adapter")])
     return result
 
 
+def check_curriculum_steps(rows: int, cfg: TrainConfig, ranks: int = 1) -> None:
+    """A curriculum (data.sft_phases) is one pass over rows in order: fewer steps would never reach the
+    last phase's rows, more would start again at the first phase. Fail before training, with the number."""
+    per_step = cfg.batch_size * cfg.grad_accum * ranks
+    needed = math.ceil(rows / per_step)
+    if cfg.max_steps != needed:
+        what = ("stops before the last phase's rows" if cfg.max_steps < needed
+                else "would start over at the first phase after the last")
+        raise ConfigError(f"data.sft_phases trains sft.parquet's {rows} rows once, in order, at {per_step} rows a "
+                          f"step (batch_size x grad_accum{' x GPUs' if ranks > 1 else ''}); sft.max_steps="
+                          f"{cfg.max_steps} {what}. Set sft.max_steps={needed}, or change the phases' weights")
+
+
+def _row_count(path: Path) -> int:
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(path).metadata.num_rows
+
+
+def _visible_gpus() -> int:
+    import torch
+
+    return max(torch.cuda.device_count(), 1)
+
+
 def _launch_deepspeed(cfg: PipelineConfig, inputs: StageInputs, base: BaseModelRef, below: list[Path],
-                      train_file: Path, train_cfg: TrainConfig, hardware: Hardware, out_dir: Path) -> StageResult:
+                      train_file: Path, train_cfg: TrainConfig, hardware: Hardware, out_dir: Path,
+                      *, ordered: bool = False) -> StageResult:
     """The same training under the DeepSpeed launcher (ZeRO-2/3), in its own process group: one GPU,
     several, or several nodes (compute.num_gpus / num_nodes / hostfile)."""
     from components.training.deepspeed import stage_deepspeed_config
@@ -87,7 +124,7 @@ def _launch_deepspeed(cfg: PipelineConfig, inputs: StageInputs, base: BaseModelR
         base_model=base.source, revision=base.revision, trust_remote_code=base.trust_remote_code,
         attn_implementation=cfg.model.attn_implementation, adapters_below=[str(p) for p in below],
         train_file=str(train_file), train_config=train_cfg.model_dump(mode="json"), out_dir=str(out_dir),
-        device=cfg.compute.device, precision=cfg.compute.precision,
+        device=cfg.compute.device, precision=cfg.compute.precision, ordered=ordered,
         deepspeed=stage_deepspeed_config(train_cfg, hardware),
     )
     run = inputs.run

@@ -255,3 +255,29 @@ def test_cli_chat_streams_from_a_stage_dir_and_a_registry_alias(first_run, tmp_p
         expected = greedy_reply(model_obj, tokenizer, messages, 4)
         assert expected and question not in expected
         assert f"model> {expected}\n" in result.output
+
+
+def test_a_curriculum_trains_its_phases_in_order_for_exactly_one_pass(settled):
+    """data.sft_phases appends a billable-only phase to sft.jsonl. SFT trains the rows once, in order, so a
+    step count that would cut the last phase short fails before training, naming the count that fits;
+    with that count the flow runs, and align's report says what each phase holds."""
+    import re
+
+    from flows.domain_adaptation import domain_adaptation
+
+    cfg, before, _ = settled
+    data = cfg.data.model_copy(update={"sft_phases": [{"billable": 2}]})
+    changed = cfg.model_copy(update={"data": data})
+    with pytest.raises(Exception, match=r"data\.sft_phases trains sft\.parquet's \d+ rows once") as failed:
+        domain_adaptation(config=changed)
+    steps = int(re.search(r"Set sft\.max_steps=(\d+)", str(failed.value)).group(1))
+    assert steps > cfg.sft.max_steps
+    summary = domain_adaptation(config=changed.model_copy(update={"sft": cfg.sft.model_copy(update={"max_steps": steps})}))
+    assert _status(summary)["sft"] is False
+    phase = json.loads((Path(summary["stages"]["align"]) / "manifest.json").read_text())["info"]["mix"]["sft"]["phases"][0]
+    billable = phase["tasks"]["billable"]
+    assert list(phase["tasks"]) == ["billable"] and billable["rows_out"] == 2 * billable["rows_in"] > 0
+    rows = [json.loads(line) for line in open(Path(summary["stages"]["align"]) / "sft.jsonl")]
+    assert {r.get("task") for r in rows[-billable["rows_out"]:]} == {"billable"}
+    curve = json.loads((Path(summary["stages"]["sft"]) / "training_curve.json").read_text())
+    assert max(h["step"] for h in curve) == steps

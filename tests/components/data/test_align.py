@@ -542,3 +542,23 @@ def test_sft_task_weights_name_a_missing_task(tmp_path: Path) -> None:
         run_align(root, {"sft": ["qa"]}, tmp_path / "out", sft_task_weights={"chaptr": 2})
     with pytest.raises(DataError, match="leaves no row"):
         run_align(root, {"sft": ["qa"]}, tmp_path / "out2", sft_task_weights={"chapter": 0, "billable": 0})
+
+
+def test_sft_phases_follow_each_other_in_the_file(tmp_path: Path) -> None:
+    # A curriculum: the weighted mix first, then only the tasks each later phase names, in that order.
+    root = _tasks_root(tmp_path, {"chapter": 30, "billable": 20, "code": 10})
+    result = run_align(root, {"sft": ["qa"]}, tmp_path / "a", sft_task_weights={"code": 0},
+                       sft_phases=[{"billable": 1.5}, {"chapter": 1, "billable": 0.5}])
+    tasks = [r["messages"][1]["content"].split()[0] for r in iter_records(tmp_path / "a" / "sft.jsonl")]
+    assert len(tasks) == 50 + 30 + 40
+    assert sorted(tasks[:50]) == ["billable"] * 20 + ["chapter"] * 30 and tasks[:50] != sorted(tasks[:50])
+    assert tasks[50:80] == ["billable"] * 30
+    assert sorted(tasks[80:]) == ["billable"] * 10 + ["chapter"] * 30 and tasks[80:] != sorted(tasks[80:])
+    mix = result.info["mix"]["sft"]
+    assert mix["phases"][0] == {"weights": {"billable": 1.5}, "tasks": {"billable": {"rows_in": 20, "rows_out": 30}}}
+    assert mix["phases"][1]["tasks"]["chapter"] == {"rows_in": 30, "rows_out": 30}
+    assert result.metrics["rows_written_sft"] == 120
+    with pytest.raises(DataError, match=r"^data\.sft_phases\[1\] names 'billabel'"):
+        run_align(root, {"sft": ["qa"]}, tmp_path / "b", sft_phases=[{"code": 1}, {"billabel": 1}])
+    with pytest.raises(DataError, match=r"^data\.sft_phases\[0\] \{'code': 0\.0\} leaves no row"):
+        run_align(root, {"sft": ["qa"]}, tmp_path / "c", sft_phases=[{"code": 0.0}])

@@ -125,3 +125,25 @@ def test_full_warmup_ratio_warms_up_over_every_step(tiny_model_dir, tmp_path, sc
     rates = [h["learning_rate"] for h in curve if "learning_rate" in h]
     assert len(rates) == 4
     assert all(a < b for a, b in zip(rates, rates[1:])), rates
+
+
+@pytest.mark.parametrize("ordered", [True, False])
+def test_ordered_training_reads_the_rows_in_file_order(tiny_model_dir, tmp_path, monkeypatch, ordered):
+    # A curriculum (data.sft_phases) is the row order of sft.parquet: ordered training keeps it; the default
+    # draws length-grouped random batches.
+    import components.training.lora as lora
+
+    seen = []
+
+    class Spy(lora.CausalCollator):
+        def __call__(self, features):
+            seen.extend(len(f["input_ids"]) for f in features)
+            return super().__call__(features)
+
+    monkeypatch.setattr(lora, "CausalCollator", Spy)
+    rows = [{"input_ids": list(range(5, 5 + n)), "labels": list(range(5, 5 + n))} for n in range(6, 14)]
+    cfg = TrainConfig(max_steps=4, batch_size=2, learning_rate=1e-3, logging_steps=1, save_steps=100)
+    run_lora_training(load_model(str(tiny_model_dir), CPU), load_tokenizer(str(tiny_model_dir)),
+                      Dataset.from_list(rows), cfg, CPU, tmp_path, ordered=ordered)
+    assert sorted(seen) == list(range(6, 14))
+    assert (seen == list(range(6, 14))) == ordered

@@ -3,7 +3,8 @@
 A failing stage makes Prefect log the same exception several times (task run, its final state,
 flow run, its final state), each with a full traceback: hundreds of lines on the terminal. While a
 CLI run lasts, console records keep their first line only, and a file under <workspace>/logs gets
-every record with its traceback.
+every record with its traceback. Our own packages log at INFO into the file (what align kept, how
+many rows a stage trained on, which checkpoint it resumed from); the terminal shows their warnings.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 _MAX_CONSOLE_CHARS = 300
+OURS = ("components", "tasks", "flows")  # the packages whose INFO records go to the file only
 FAILURE_RECORD = "run failed"  # logged with the traceback by the CLI, for the file
 
 
@@ -28,6 +30,8 @@ class _ConsoleQuiet(logging.Filter):
                                                   or message.startswith("Finished in state Failed")):
             return False
         if record.name == "lmforge" and message == FAILURE_RECORD:
+            return False
+        if record.levelno < logging.WARNING and record.name.split(".")[0] in OURS:
             return False
         if record.exc_info or record.exc_text or record.levelno >= logging.ERROR:
             lines = message.strip().splitlines()
@@ -62,9 +66,14 @@ def run_log(workspace: Path) -> Iterator[Path]:
     consoles = _console_handlers()
     for handler in consoles:
         handler.addFilter(quiet)
+    levels = {name: logging.getLogger(name).level for name in OURS}
+    for name in OURS:  # the root logger passes WARNING and up only (Prefect's default)
+        logging.getLogger(name).setLevel(logging.INFO)
     try:
         yield path
     finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
         for handler in consoles:
             handler.removeFilter(quiet)
         root.removeHandler(file_handler)

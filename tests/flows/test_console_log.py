@@ -1,0 +1,33 @@
+"""A CLI run's log file keeps our packages' INFO records and every traceback; the terminal gets a few lines."""
+
+from __future__ import annotations
+
+import io
+import logging
+
+from flows.console_log import run_log
+
+
+def test_info_goes_to_the_file_warnings_to_both_and_tracebacks_to_the_file_only(tmp_path):
+    terminal = io.StringIO()
+    console = logging.StreamHandler(terminal)
+    root = logging.getLogger()
+    root.addHandler(console)
+    try:
+        with run_log(tmp_path) as path:
+            stage = logging.getLogger("components.training.sft")
+            stage.info("resuming from checkpoint-200")
+            stage.warning("rows of up to 300 tokens exceed the context window")
+            try:
+                raise ValueError("bad row 7\nsecond line")
+            except ValueError:
+                logging.getLogger("prefect.flow_runs").warning("stage failed", exc_info=True)
+        assert logging.getLogger("components").level == logging.NOTSET  # put back after the run
+    finally:
+        root.removeHandler(console)
+    file_text = path.read_text()
+    assert "INFO components.training.sft: resuming from checkpoint-200" in file_text
+    assert "exceed the context window" in file_text and "Traceback" in file_text and "second line" in file_text
+    shown = terminal.getvalue()
+    assert "resuming from" not in shown and "exceed the context window" in shown
+    assert "stage failed" in shown and "Traceback" not in shown

@@ -33,6 +33,7 @@ from components.data.mixing import check_mixing, phase_tasks, write_interleaved
 from components.data.readers import BATCH_ROWS, ParseFailure, Row, data_files, parse_jsonl_line, read_rows, snippet
 from components.data.records import GROUP_KINDS, MIXED_GROUPS
 from components.data.workers import SharedPool, line_chunks
+from components.runtime import progress_bars
 
 if TYPE_CHECKING:
     from components.config import PipelineConfig
@@ -188,7 +189,7 @@ def _align_dataset(spec: DatasetSpec, kind: str, fetch_dir: Path, source: str | 
     kept_total = 0
     for path in data_files(root, spec.name):
         where_file = _user_name(path, root, fetch_dir, source)
-        with tqdm(desc=spec.name, unit=" rows", disable=None, leave=False) as bar:
+        with tqdm(desc=spec.name, unit=" rows", disable=not progress_bars(), leave=False) as bar:
             for outcomes, columns in _file_outcomes(path, where_file, spec, kind, placeholders, workers):
                 bar.update(len(outcomes))
                 seen_columns |= columns

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from components.data.chat_render import encode_conversations, prepare_template
 from components.data.records import IGNORE
+from components.runtime import progress_bars
 
 
 def answer_token_ids(tokenizer, template: str, prompts: list[list[dict]], candidates: list[str],
@@ -147,7 +148,7 @@ def candidate_logprobs(model, prompts: list[list[int]], answers: list[list[list[
     if group:
         groups.append(group)
     scores: list[list[float]] = [[] for _ in prompts]
-    for group in tqdm(groups, desc="choice", leave=False, disable=None):
+    for group in tqdm(groups, desc="choice", leave=False, disable=not progress_bars()):
         for i, s in zip(group, _score_group(model, [prompts[i] for i in group], [answers[i] for i in group], pad_id)):
             scores[i] = s
     return scores

@@ -157,3 +157,12 @@ def test_sampled_answers_are_scored_per_question_and_kept_beside_the_greedy_one(
     assert [len(s["sampled"]) for s in saved] == [3] * 4
     assert all(s["sampled_verifiable_reward"] == pytest.approx(1 / 3) for s in saved)
     assert all("prediction" in s for s in saved)  # the greedy answer stays
+
+
+@pytest.mark.parametrize("setting", ["1", "0"])
+def test_the_generate_bar_follows_lmforge_no_progress(tiny, monkeypatch, capsys, setting):
+    # A log (a worker's, CI's) got one "generate: 10%|..." redraw per batch of every evaluation.
+    model, tokenizer = tiny
+    monkeypatch.setenv("LMFORGE_NO_PROGRESS", setting)
+    evaluate.generate(model, tokenizer, ["a", "b", "c"], max_new_tokens=2, batch_size=1)
+    assert ("generate:" in capsys.readouterr().err) == (setting == "0")

@@ -121,7 +121,8 @@ def convert_gguf(gguf: Path, target: Path) -> Path:
 
     log.info("converting %s to safetensors at %s", gguf.name, target)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    with _gguf_bar_follows_progress_bars():
+        gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -133,6 +134,22 @@ def convert_gguf(gguf: Path, target: Path) -> Path:
         tokenizer.save_pretrained(tmp)
         (tmp / _COMPLETE).write_text(gguf.name + "\n")
     return target
+
+
+def _gguf_bar_follows_progress_bars():
+    """transformers' GGUF reader draws a tqdm.auto bar of its own, which transformers' progress-bar switch
+    does not reach: into a log it wrote ~270 redraws. Off with the other bars (components.runtime)."""
+    import contextlib
+    import functools
+    from unittest import mock
+
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    from components.runtime import progress_bars
+
+    if progress_bars():
+        return contextlib.nullcontext()
+    return mock.patch.object(gguf_utils, "tqdm", functools.partial(gguf_utils.tqdm, disable=True))
 
 
 def convert_embedded(name: str) -> Path:

@@ -95,3 +95,18 @@ def test_the_embedded_model_is_keyed_by_its_gguf_digest():
 
     identity = identify_base(ModelConfig(base="embedded:smollm2-135m-instruct"))
     assert identity.model_digest == f"gguf:{sha256_file(embedded_gguf('smollm2-135m-instruct'))}"
+
+
+def test_the_embedded_gguf_converts_to_a_loadable_checkpoint_without_a_bar_in_logs(tmp_path, capsys, monkeypatch):
+    # The demo's first stage: dequantize the shipped GGUF to safetensors. In a log, transformers' own GGUF
+    # bar used to write ~270 redraws; it follows LMFORGE_NO_PROGRESS like the other bars.
+    from transformers import AutoModelForCausalLM
+
+    from components.models.loading import convert_gguf, embedded_gguf
+
+    monkeypatch.setenv("LMFORGE_NO_PROGRESS", "1")
+    target = convert_gguf(embedded_gguf("smollm2-135m-instruct"), tmp_path / "smollm2")
+    assert "GGUF tensors" not in capsys.readouterr().err
+    assert (target / "model.safetensors").is_file() and not list(target.glob("*.gguf"))
+    model = AutoModelForCausalLM.from_pretrained(target)
+    assert model.config.num_hidden_layers == 30 and model.num_parameters() > 100_000_000

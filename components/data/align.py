@@ -262,8 +262,8 @@ def run_align(
     'interleave_under' / 'interleave_over', interleaved (see `interleave`) with
     `interleave_probs` (one per dataset, in the group's order) or round-robin; the draws are
     seeded by `seed` and the group. `sft_task_weights` then repeats or samples the SFT group's rows
-    per task, and `sft_phases` appends later phases of them, a curriculum (see `phase_tasks`). Datasets marked `fill_placeholders` get `{{name}}` and
-    `{{author}}` replaced by `identity_name` and `identity_author`. A group with no datasets
+    per task, and `sft_phases` appends later phases of them, a curriculum (see `phase_tasks`).
+    Datasets marked `fill_placeholders` get `{{name}}` and `{{author}}` replaced by `identity_name` and `identity_author`. A group with no datasets
     writes no file. JSONL files are converted by `num_proc` worker processes (None: one per core
     for files over 32 MB); the output does not depend on it.
     """

@@ -141,7 +141,8 @@ def _download_http(url: str, dest: Path, expected: str | None, retries: int) -> 
                 total = None if encoded else int(r.headers.get("Content-Length") or 0) or None
 
                 def chunks(out: IO[bytes]) -> None:
-                    with tqdm(total=total, unit="B", unit_scale=True, desc=dest.name, disable=not progress_bars(), leave=False) as bar:
+                    with tqdm(total=total, unit="B", unit_scale=True, desc=dest.name, disable=not progress_bars(),
+                              leave=False) as bar:
                         for block in r.iter_content(_CHUNK):
                             out.write(block)
                             bar.update(len(block))
@@ -237,7 +238,8 @@ def _stream_rows(name: str, rows: Iterable[dict], dest: Path) -> None:
     row_no = 0
     try:
         with atomic_file(dest, "wb") as f:
-            for row_no, row in enumerate(tqdm(rows, desc=f"stream {name}", unit=" rows", disable=not progress_bars(), leave=False), 1):
+            bar = tqdm(rows, desc=f"stream {name}", unit=" rows", disable=not progress_bars(), leave=False)
+            for row_no, row in enumerate(bar, 1):
                 f.write(orjson.dumps(row, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_APPEND_NEWLINE))
     except orjson.JSONEncodeError as e:
         raise DataError(f"dataset '{name}': row {row_no} of the stream: {e}. Streaming writes JSONL, which holds "

@@ -107,25 +107,18 @@ def check_mixing(groups: dict[str, list[str]], mix_strategy: str, interleave_pro
         raise DataError(problem)
 
 
-def reweight_tasks(path: Path, weights: dict[str, float], rng: random.Random,
-                   source: str = "") -> dict[str, dict[str, int]]:
-    """Rewrite an aligned group file with each task's rows repeated `weights[task]` times, shuffled.
-
-    A row's task is its record's `task` field. A weight of 2 writes every row of the task twice, 0.5 a
-    seeded half of them, 0 none; a task not named in `weights` (and a row without a task, reported as
-    "(none)") keeps its rows once. The lines are shuffled so repeats spread over the epoch.
-    Returns {task: {"rows_in", "rows_out"}}. `source` names the rows' datasets in errors.
-    """
-    return phase_tasks(path, weights, [], rng, source)[0]
-
-
 def phase_tasks(path: Path, weights: dict[str, float], phases: list[dict[str, float]], rng: random.Random,
                 source: str = "") -> list[dict[str, dict[str, int]]]:
-    """Rewrite an aligned group file as a curriculum: the rows `weights` picks (see `reweight_tasks`), then,
-    for each map of `phases`, the rows it picks, where a task it does not name gets 0. Each phase is
-    shuffled within itself and the phases follow each other, so a trainer reading the file in order sees
-    them in turn (data.sft_phases). Two passes over the file (line offsets, then seeks), so memory holds
-    16 bytes per written row, not the rows. Returns each phase's {task: {"rows_in", "rows_out"}}.
+    """Rewrite an aligned group file with each task's rows repeated `weights[task]` times, then the rows of
+    each later phase of a curriculum (data.sft_task_weights, data.sft_phases).
+
+    A row's task is its record's `task` field. A weight of 2 writes every row of the task twice, 0.5 a
+    seeded half of them, 0 none. A task `weights` does not name (and a row without a task, reported as
+    "(none)") keeps its rows once; a task a phase does not name gets 0 there. Each phase is shuffled
+    within itself, so repeats spread over it, and the phases follow each other, so a trainer reading the
+    file in order sees them in turn. Two passes over the file (line offsets, then seeks), so memory holds
+    16 bytes per written row, not the rows. Returns each phase's {task: {"rows_in", "rows_out"}};
+    `source` names the rows' datasets in errors.
     """
     where = source or path.name
     offsets: dict[str, list[int]] = {}

@@ -272,9 +272,11 @@ def test_a_curriculum_trains_its_phases_in_order_for_exactly_one_pass(settled):
         domain_adaptation(config=changed)
     steps = int(re.search(r"Set sft\.max_steps=(\d+)", str(failed.value)).group(1))
     assert steps > cfg.sft.max_steps
-    summary = domain_adaptation(config=changed.model_copy(update={"sft": cfg.sft.model_copy(update={"max_steps": steps})}))
+    fitted = changed.model_copy(update={"sft": cfg.sft.model_copy(update={"max_steps": steps})})
+    summary = domain_adaptation(config=fitted)
     assert _status(summary)["sft"] is False
-    phase = json.loads((Path(summary["stages"]["align"]) / "manifest.json").read_text())["info"]["mix"]["sft"]["phases"][0]
+    align = json.loads((Path(summary["stages"]["align"]) / "manifest.json").read_text())
+    phase = align["info"]["mix"]["sft"]["phases"][0]
     billable = phase["tasks"]["billable"]
     assert list(phase["tasks"]) == ["billable"] and billable["rows_out"] == 2 * billable["rows_in"] > 0
     rows = [json.loads(line) for line in open(Path(summary["stages"]["align"]) / "sft.jsonl")]

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from components.errors import TrainingDiverged
 from components.pipeline import MetricsSink
-from components.training.lora import last_complete_checkpoint, non_finite_guard, training_arguments, training_callback
+from components.training.lora import (last_complete_checkpoint, non_finite_guard, plain_progress, training_arguments,
+                                     training_callback)
 
 
 def common_args(cfg, hardware, out_dir: Path) -> dict:
@@ -49,6 +50,7 @@ def stage_callback(sink: MetricsSink | None, *, max_kl: float | None = None, kl_
 def train_resuming(trainer, out_dir: Path) -> tuple[object, int]:
     """trainer.train() from the newest complete checkpoint under out_dir/checkpoints, if any."""
     resume = last_complete_checkpoint(Path(out_dir) / "checkpoints")
+    plain_progress(trainer)
     output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     return output, int(resume.name.split("-")[1]) if resume else 0
 

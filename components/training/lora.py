@@ -98,11 +98,12 @@ def training_callback(sink: MetricsSink | None, *, tokens_seen: Callable[[], int
     from transformers import TrainerCallback
 
     class StageCallback(TrainerCallback):
-        t0, tokens0 = 0.0, 0
+        t0, tokens0, step0 = 0.0, 0, 0
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.t0 = time.perf_counter()
             self.tokens0 = tokens_seen() if tokens_seen is not None else 0
+            self.step0 = state.global_step  # past a resumed checkpoint's steps
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             logs = logs or {}
@@ -113,6 +114,9 @@ def training_callback(sink: MetricsSink | None, *, tokens_seen: Callable[[], int
                 if tokens_seen is not None:
                     metrics["tokens_per_s"] = (tokens_seen() - self.tokens0) / max(elapsed, 1e-9)
                 sink(state.global_step, metrics)
+            if not progress_bars() and any(k in logs for k in ("loss", "reward")):
+                print(progress_line(state.global_step, state.max_steps, logs, time.perf_counter() - self.t0,
+                                    state.global_step - self.step0), flush=True)
             if guard is not None:  # after the sink, so the diverging step's figures are recorded
                 guard(args, state, logs)
 
@@ -123,6 +127,39 @@ def training_callback(sink: MetricsSink | None, *, tokens_seen: Callable[[], int
                 (ckpt / COMPLETE).write_text(str(state.global_step))
 
     return StageCallback()
+
+
+# What a progress line shows of a log, when the log has it: (key, label, format).
+PROGRESS_KEYS = (("loss", "loss", ".4g"), ("reward", "reward", ".3f"), ("kl", "kl", ".3g"),
+                 ("learning_rate", "lr", ".2e"), ("grad_norm", "grad", ".3g"))
+
+
+def progress_line(step: int, max_steps: int, logs: dict, elapsed: float, steps_done: int) -> str:
+    """The line a training stage prints per log where no bar is drawn (a worker's log, CI): the step, the
+    figures of PROGRESS_KEYS and the time left, in place of Trainer's raw log dicts.
+
+    >>> progress_line(40, 80, {"loss": 1.3641, "learning_rate": 8.645e-05, "epoch": 0.06}, 90.0, 40)
+    'step 40/80  loss 1.364  lr 8.65e-05  |  2.2 s/step, 1.5 min left'
+    """
+    parts = [f"step {step}/{max_steps}"]
+    parts += [f"{label} {logs[key]:{fmt}}" for key, label, fmt in PROGRESS_KEYS
+              if isinstance(logs.get(key), (int, float))]
+    line = "  ".join(parts)
+    if steps_done > 0:
+        per_step = elapsed / steps_done
+        left = per_step * max(max_steps - step, 0)
+        line += f"  |  {per_step:.1f} s/step, " + (f"{left / 60:.1f} min left" if left >= 60 else f"{left:.0f} s left")
+    return line
+
+
+def plain_progress(trainer):
+    """Without bars, Trainer prints every log as a raw dict (its PrinterCallback); training_callback prints a
+    progress line instead (see progress_line)."""
+    from transformers.trainer_callback import PrinterCallback
+
+    if not progress_bars():
+        trainer.remove_callback(PrinterCallback)
+    return trainer
 
 
 def non_finite_guard(args, state, logs: dict) -> None:
@@ -256,6 +293,7 @@ def run_lora_training(
     )
     trainer.add_callback(training_callback(metrics_sink, tokens_seen=lambda: trainer.tokens_seen,
                                            guard=non_finite_guard))
+    plain_progress(trainer)
     resume = last_complete_checkpoint(ckpt_root)
     if resume is not None:
         log.info("resuming from %s", resume)

@@ -147,3 +147,21 @@ def test_ordered_training_reads_the_rows_in_file_order(tiny_model_dir, tmp_path,
                       Dataset.from_list(rows), cfg, CPU, tmp_path, ordered=ordered)
     assert sorted(seen) == list(range(6, 14))
     assert (seen == list(range(6, 14))) == ordered
+
+
+def test_without_bars_each_log_is_one_progress_line_not_a_raw_dict(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    import doctest
+
+    import components.training.lora as lora
+
+    assert doctest.testmod(lora).failed == 0
+    monkeypatch.setenv("LMFORGE_NO_PROGRESS", "1")
+    cfg = TrainConfig(max_steps=4, batch_size=4, learning_rate=1e-3, logging_steps=2, save_steps=100)
+    run_lora_training(load_model(str(tiny_model_dir), CPU), load_tokenizer(str(tiny_model_dir)),
+                      Dataset.from_list(_rows()), cfg, CPU, tmp_path)
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith("step ")]
+    assert [line.split()[1] for line in lines] == ["2/4", "4/4"]
+    assert all(" loss " in line and " lr " in line for line in lines)
+    assert "s/step" in lines[0] and lines[-1].endswith("0 s left")
+    assert "{'loss'" not in out and "'train_runtime'" not in out

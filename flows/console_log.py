@@ -5,6 +5,7 @@ flow run, its final state), each with a full traceback: hundreds of lines on the
 CLI run lasts, console records keep their first line only, and a file under <workspace>/logs gets
 every record with its traceback. Our own packages log at INFO into the file (what align kept, how
 many rows a stage trained on, which checkpoint it resumed from); the terminal shows their warnings.
+While a flow runs, those INFO records also go to its Prefect run log (logs_to_flow_run).
 """
 
 from __future__ import annotations
@@ -78,3 +79,49 @@ def run_log(workspace: Path) -> Iterator[Path]:
             handler.removeFilter(quiet)
         root.removeHandler(file_handler)
         file_handler.close()
+
+
+def _to_flow_run_handler() -> logging.Handler:
+    from prefect.exceptions import MissingContextError
+    from prefect.logging.handlers import APILogHandler
+
+    class ToFlowRun(APILogHandler):
+        """Prefect's API log handler, quiet about records made outside a run (a library's own thread):
+        Prefect would warn once per such record."""
+
+        def handleError(self, record: logging.LogRecord) -> None:
+            import sys
+
+            if not isinstance(sys.exc_info()[1], MissingContextError):
+                super().handleError(record)
+
+    return ToFlowRun(level=logging.INFO)
+
+
+@contextlib.contextmanager
+def logs_to_flow_run() -> Iterator[None]:
+    """While a flow runs, our packages' INFO records also go to its Prefect run log (the UI's Logs tab).
+
+    Prefect sends only its own loggers' records to the API, so a run started from the UI or a
+    deployment showed none of what the stages report (rows kept per task, rows trained on, the
+    checkpoint resumed from). A logger that already has Prefect's API handler
+    (PREFECT_LOGGING_EXTRA_LOGGERS) is left as it is, so nothing is sent twice.
+    """
+    from prefect.logging.handlers import APILogHandler
+
+    handler = _to_flow_run_handler()
+    changed: dict[str, int] = {}
+    for name in OURS:
+        logger = logging.getLogger(name)
+        if any(isinstance(h, APILogHandler) for h in logger.handlers):
+            continue
+        changed[name] = logger.level
+        if logger.getEffectiveLevel() > logging.INFO:
+            logger.setLevel(logging.INFO)
+        logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        for name, level in changed.items():
+            logging.getLogger(name).removeHandler(handler)
+            logging.getLogger(name).setLevel(level)

@@ -28,6 +28,7 @@ from components.evaluation.compare import paired_change
 from components.evaluation.per_task import per_task_table
 from components.models.loading import select_hardware
 from components.pipeline import STAGE_KINDS, RunInfo, kind_index, planned_nodes
+from flows.console_log import logs_to_flow_run
 from flows.deployment_config import config_for_run
 from flows.plan import key_facts, keyed_digests, node_key
 from tasks import stages as t
@@ -64,6 +65,12 @@ def domain_adaptation(
     verify: how a cached output is checked before reuse: `fast` (sizes and mtimes; a file whose
     mtime moved is rehashed) or `deep` (every file rehashed against its manifest digest).
     """
+    with logs_to_flow_run():
+        return _adapt(config, from_stage, only, until, verify)
+
+
+def _adapt(config: PipelineConfig, from_stage: StageName | None, only: StageName | None,
+           until: StageName | None, verify: Literal["fast", "deep"]) -> dict:
     for name in (from_stage, only, until):
         if name is not None:
             kind_index(name)

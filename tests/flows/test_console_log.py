@@ -31,3 +31,22 @@ def test_info_goes_to_the_file_warnings_to_both_and_tracebacks_to_the_file_only(
     shown = terminal.getvalue()
     assert "resuming from" not in shown and "exceed the context window" in shown
     assert "stage failed" in shown and "Traceback" not in shown
+
+
+def test_outside_a_flow_run_our_records_are_not_sent_and_not_warned_about():
+    """A record made where there is no Prefect run (a library's own thread) is dropped quietly: Prefect's
+    handler would warn once per record."""
+    import logging
+    import warnings
+
+    from flows.console_log import logs_to_flow_run
+
+    logger = logging.getLogger("components.example")
+    before = logging.getLogger("components").level
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with logs_to_flow_run():
+            assert logger.isEnabledFor(logging.INFO)
+            logger.info("no run here")
+    assert logging.getLogger("components").level == before
+    assert not [h for h in logging.getLogger("components").handlers if type(h).__name__ == "ToFlowRun"]

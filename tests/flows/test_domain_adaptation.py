@@ -76,6 +76,24 @@ def test_first_run_runs_every_stage_and_registers(first_run):
     assert inputs and all(len(json.loads(d.dataset.source)["sha256"]) == 64 for d in inputs)
 
 
+def test_the_stages_own_log_lines_reach_the_prefect_flow_run(first_run):
+    """What a stage reports (rows aligned, rows trained on) shows in the run's Prefect log, under its task."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogHandler
+
+    cfg, summary = first_run
+    manifest = json.loads((Path(summary["stages"]["sft"]) / "manifest.json").read_text())
+    APILogHandler().flush()  # the records still queued for the API
+    with get_client(sync_client=True) as prefect:
+        logs = prefect.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[manifest["flow_run_id"]])))
+    ours = {(log.name, log.message.split("\n")[0]): log for log in logs if log.name.split(".")[0] in ("components", "tasks")}
+    trained = [log for (name, line), log in ours.items()
+               if name == "components.training.sft" and line.startswith("training on ")]
+    assert trained and trained[0].task_run_id is not None  # filed under the sft task run, not only the flow
+    assert ("components.data.align", "aligned data") in ours
+    assert len([log for log in logs if log.name == "components.training.sft"]) == len(trained)  # sent once
+
 def test_unchanged_rerun_is_fully_cached(settled):
     from flows.domain_adaptation import domain_adaptation
 

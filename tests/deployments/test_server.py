@@ -39,6 +39,19 @@ def _run_on_worker(url: str, env: dict, name: str, parameters: dict | None = Non
     return final
 
 
+def _logger_names(url: str, flow_run_id) -> set[str]:
+    """The loggers whose records the flow run's Prefect log holds (what the UI's Logs tab shows)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+
+    with api_settings(url):
+        return {log.name for log in asyncio.run(read())}
+
+
 def _stage_status(cfg, flow_run_id: str):
     """(stage -> cached, parent run) of a flow run, from its MLflow runs (the parent is tagged with the flow run)."""
     client = MlflowClient(cfg.tracking_uri(), cfg.tracking_uri())
@@ -65,6 +78,8 @@ def test_deployment_run_with_one_changed_field_reruns_only_what_it_decides(prefe
     first = _run_on_worker(url, env, name)
     status, _ = _stage_status(cfg, str(first.id))
     assert status and not any(status.values()), status
+    # What the stages report in the worker's process reaches the run's log in the UI.
+    assert {"components.data.align", "components.training.sft", "components.registry"} <= _logger_names(url, first.id)
 
     # One field from the command line or the API: the rest stays the deployment's preset.
     second = _run_on_worker(url, env, name, {"config": {"sft": {"learning_rate": 2e-3}}})

@@ -6,7 +6,12 @@ every int8 matmul (LLM.int8() quantizes activations from fp16; our CPU activatio
 fp16 elsewhere would be emulated and slow): ~2,900 lines in the demo. peft 0.21 reads transformers'
 deprecated `is_gradient_checkpointing` in every get_peft_model; Python's filters would show that
 once, but any change to the filters (Prefect makes some) clears their memory, "once" included (it
-is kept per calling module), so it comes back every stage. Each of these is shown once per process.
+is kept per calling module), so it comes back every stage.
+
+Repeats are shown once per process. Notices that say nothing a user can act on (that peft
+deprecation; DeepSpeed saying it found no GPU; bitsandbytes missing an optional kernel that is
+fetched from the Hub; a model card without metadata) go once to the run's log file (logger components.runtime, INFO) and not to
+the terminal, where a new user would take them for a problem.
 """
 
 from __future__ import annotations
@@ -17,17 +22,28 @@ import sys
 import warnings
 from collections.abc import Callable
 
-# (category, start of the message) of Python warnings shown once per process; each distinct message once.
-ONCE_WARNINGS: tuple[tuple[type[Warning], str], ...] = (
+# (category, start of the message) of Python warnings a user cannot act on (one library reading
+# another's deprecated API): each distinct message goes once to the log file, none to the terminal.
+LOGGED_WARNINGS: tuple[tuple[type[Warning], str], ...] = (
     (FutureWarning, "`is_gradient_checkpointing` is deprecated"),
 )
 # Logger name -> starts of messages that logger emits repeatedly; each distinct message is shown once.
 ONCE_LOG_MESSAGES: dict[str, tuple[str, ...]] = {
     "bitsandbytes.autograd._functions": ("MatMul8bitLt: inputs will be cast",),
 }
+# Logger name -> starts of notices a user cannot act on: each distinct one goes once to the log file.
+LOGGED_MESSAGES: dict[str, tuple[str, ...]] = {
+    "DeepSpeed": ("Setting accelerator to CPU",),  # no GPU here; each stage's device is in its own log
+    # An optional CPU kernel that the `kernels` package fetches from the Hugging Face Hub at run time;
+    # bitsandbytes' own CPU path runs instead.
+    "bitsandbytes.backends.cpu.ops": ("Failed to load CPU gemm_4bit_forward",),
+    # peft reading back the model card it wrote itself, which has no metadata block.
+    "huggingface_hub.repocard": ("Repo card metadata block was not found",),
+}
 
 
 log = logging.getLogger("lmforge.runtime")
+notes = logging.getLogger(__name__)  # INFO: the run's log file only (flows.console_log)
 _contention_warned = False
 
 
@@ -58,11 +74,12 @@ def contention_message(load: float, cores: int, threads: int) -> str | None:
 
 
 class OncePerMessage(logging.Filter):
-    """Lets each distinct message that starts with one of `prefixes` through once; others pass untouched."""
+    """Lets each distinct message that starts with one of `prefixes` through once; others pass untouched.
+    With to_log, that once goes to `notes` (the log file) instead of through the library's logger."""
 
-    def __init__(self, prefixes: tuple[str, ...]):
+    def __init__(self, prefixes: tuple[str, ...], to_log: bool = False):
         super().__init__()
-        self.prefixes = prefixes
+        self.prefixes, self.to_log = prefixes, to_log
         self.seen: set[str] = set()
 
     def filter(self, record: logging.LogRecord) -> bool:
@@ -72,37 +89,45 @@ class OncePerMessage(logging.Filter):
         if message in self.seen:
             return False
         self.seen.add(message)
+        if self.to_log:
+            notes.info("%s: %s", record.name, message)
+            return False
         return True
 
 
-class ShowOnce:
-    """A `warnings.showwarning` that drops repeats of the messages in ONCE_WARNINGS and shows the rest."""
+class WarningsToLog:
+    """A `warnings.showwarning` that sends the first of each LOGGED_WARNINGS message to `notes` (the log
+    file), drops its repeats, and shows every other warning as before."""
 
     def __init__(self, show: Callable[..., None]):
         self.show = show
-        self.shown: set[tuple[type[Warning], str]] = set()
+        self.logged: set[tuple[type[Warning], str]] = set()
 
     def __call__(self, message, category, filename, lineno, file=None, line=None) -> None:
         text = str(message)
-        if any(issubclass(category, kind) and text.startswith(start) for kind, start in ONCE_WARNINGS):
-            if (category, text) in self.shown:
-                return
-            self.shown.add((category, text))
+        if any(issubclass(category, kind) and text.startswith(start) for kind, start in LOGGED_WARNINGS):
+            if (category, text) not in self.logged:
+                self.logged.add((category, text))
+                notes.info("%s (%s:%s): %s", category.__name__, filename, lineno, text)
+            return
         self.show(message, category, filename, lineno, file, line)
 
 
 def quiet_library_warnings() -> None:
-    """Show each known repetitive library warning once per process (see the module docstring).
+    """Show each known repetitive library warning once per process, and send the notices a user cannot
+    act on to the log file (see the module docstring).
 
     Idempotent: a second call installs nothing more. Call it outside `warnings.catch_warnings()`
-    blocks, which put the previous `warnings.showwarning` back when they end.
+    blocks, which put the previous `warnings.showwarning` back when they end. A library logger named
+    here need not exist yet: its filter waits on the logger object the library will get.
     """
-    if not isinstance(warnings.showwarning, ShowOnce):
-        warnings.showwarning = ShowOnce(warnings.showwarning)
-    for name, prefixes in ONCE_LOG_MESSAGES.items():
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, OncePerMessage) for f in logger.filters):
-            logger.addFilter(OncePerMessage(prefixes))
+    if not isinstance(warnings.showwarning, WarningsToLog):
+        warnings.showwarning = WarningsToLog(warnings.showwarning)
+    for table, to_log in ((ONCE_LOG_MESSAGES, False), (LOGGED_MESSAGES, True)):
+        for name, prefixes in table.items():
+            logger = logging.getLogger(name)
+            if not any(isinstance(f, OncePerMessage) for f in logger.filters):
+                logger.addFilter(OncePerMessage(prefixes, to_log=to_log))
     if not progress_bars():  # the libraries' own bars too (transformers' "Loading weights", datasets' maps)
         import datasets
         from transformers.utils import logging as hf_logging

@@ -1,4 +1,5 @@
-"""Runtime settings: torch threads, and repetitive library warnings shown once (a real int8 model on CPU)."""
+"""Runtime settings: torch threads, repetitive library warnings shown once (a real int8 model on CPU), and
+notices a user cannot act on sent to the log file instead of the terminal."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ import warnings
 import pytest
 import torch
 
-from components.runtime import (ONCE_LOG_MESSAGES, OncePerMessage, ShowOnce, configure_threads, progress_bars,
-                                quiet_library_warnings)
+from components.runtime import (LOGGED_MESSAGES, ONCE_LOG_MESSAGES, OncePerMessage, WarningsToLog, configure_threads,
+                                progress_bars, quiet_library_warnings)
 
 BNB_LOGGER = "bitsandbytes.autograd._functions"
 
@@ -20,7 +21,7 @@ BNB_LOGGER = "bitsandbytes.autograd._functions"
 def restored_warning_state():
     """Start without quiet_library_warnings' hooks and put the process-wide state back afterwards
     (catch_warnings restores the filters and warnings.showwarning)."""
-    loggers = {name: logging.getLogger(name) for name in ONCE_LOG_MESSAGES}
+    loggers = {name: logging.getLogger(name) for name in [*ONCE_LOG_MESSAGES, *LOGGED_MESSAGES]}
     saved_filters = {name: list(logger.filters) for name, logger in loggers.items()}
     for logger in loggers.values():
         logger.filters[:] = [f for f in logger.filters if not isinstance(f, OncePerMessage)]
@@ -84,8 +85,9 @@ def test_int8_cast_warning_is_logged_once(tiny_model_dir, caplog, restored_warni
     assert _int8_matmul_warnings(tiny_model_dir, caplog) == 0
 
 
-def test_peft_deprecation_is_shown_once_even_after_filter_changes(tiny_model_dir, restored_warning_state):
-    """Python's filters forget what they showed whenever the filters change ("once" included); ShowOnce does not."""
+def test_peft_deprecation_goes_once_to_the_log_not_the_terminal(tiny_model_dir, restored_warning_state, caplog):
+    """Python's filters forget what they showed whenever the filters change ("once" included); the
+    deprecation peft triggers in transformers is logged once all the same, and never shown."""
     from peft import LoraConfig, get_peft_model
 
     from components.models.loading import load_model, select_hardware
@@ -103,18 +105,54 @@ def test_peft_deprecation_is_shown_once_even_after_filter_changes(tiny_model_dir
     warnings.simplefilter("default")
     assert wrap_twice_with_a_filter_change_between() == 2
     quiet_library_warnings()
-    assert wrap_twice_with_a_filter_change_between() == 1
+    with caplog.at_level(logging.INFO, logger="components.runtime"):
+        assert wrap_twice_with_a_filter_change_between() == 0
+    logged = [r for r in caplog.records if r.name == "components.runtime" and "is_gradient_checkpointing" in r.getMessage()]
+    assert len(logged) == 1 and logged[0].levelno == logging.INFO
     warnings.warn("an unrelated warning", UserWarning)
     assert shown[-1] == "an unrelated warning"
 
 
+class _Collect(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+@pytest.mark.parametrize(("name", "notice"), [
+    ("DeepSpeed", "Setting accelerator to CPU. If you have GPU or other accelerator, we were unable to detect it."),
+    ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward from kernels-community: No module named "
+                                      "'kernels'. Please make sure you already `pip install kernels`"),
+    ("huggingface_hub.repocard", "Repo card metadata block was not found. Setting CardData to empty."),
+])
+def test_notices_a_user_cannot_act_on_go_once_to_the_log_file(name, notice, restored_warning_state, caplog):
+    library = logging.getLogger(name)  # DeepSpeed's does not propagate: its own handler prints it
+    collect = _Collect()
+    library.addHandler(collect)
+    try:
+        quiet_library_warnings()
+        with caplog.at_level(logging.INFO, logger="components.runtime"):
+            library.warning(notice)
+            library.warning(notice)
+            library.warning("something else went wrong")
+    finally:
+        library.removeHandler(collect)
+    assert collect.messages == ["something else went wrong"]  # the library's own output: only what matters
+    ours = [r.getMessage() for r in caplog.records if r.name == "components.runtime"]
+    assert ours == [f"{name}: {notice}"]
+
+
 def test_quiet_library_warnings_is_idempotent(restored_warning_state):
+    names = [*ONCE_LOG_MESSAGES, *LOGGED_MESSAGES]
     quiet_library_warnings()
     show = warnings.showwarning
-    log_filters = {name: list(logging.getLogger(name).filters) for name in ONCE_LOG_MESSAGES}
+    log_filters = {name: list(logging.getLogger(name).filters) for name in names}
     quiet_library_warnings()
-    assert warnings.showwarning is show and isinstance(show, ShowOnce) and not isinstance(show.show, ShowOnce)
-    assert {name: logging.getLogger(name).filters for name in ONCE_LOG_MESSAGES} == log_filters
+    assert warnings.showwarning is show and isinstance(show, WarningsToLog) and not isinstance(show.show, WarningsToLog)
+    assert {name: logging.getLogger(name).filters for name in names} == log_filters
     assert all(sum(isinstance(f, OncePerMessage) for f in fs) == 1 for fs in log_filters.values())
 
 

@@ -9,6 +9,8 @@ playwright downloads none here). Skipped when either is missing. Screenshots lan
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import re
 import shutil
@@ -66,7 +68,10 @@ def browser(chromium):
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
-        launched = playwright.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        # No background traffic: on a machine without outside network, Chromium's own calls home hang.
+        launched = playwright.chromium.launch(executable_path=chromium, args=[
+            "--no-sandbox", "--disable-background-networking", "--disable-component-update", "--disable-sync",
+            "--no-first-run", "--disable-quic"])
         yield launched
         launched.close()
 
@@ -159,6 +164,9 @@ def expected_form_inputs(schema: dict, definitions: dict, value) -> dict[tuple, 
         values = field_value if isinstance(field_value, list) else [field_value]
         if isinstance(field_value, list):
             resolved = _resolve(resolved.get("items", {}), definitions)
+        if isinstance(field_value, dict) and "properties" not in resolved:  # a free-form map: a JSON editor
+            out[labels].append(field_value)
+            continue
         scalars = [v for v in values if isinstance(v, (str, int, float))]
         if scalars and "enum" not in resolved and "const" not in resolved:
             out[labels] += scalars
@@ -167,9 +175,14 @@ def expected_form_inputs(schema: dict, definitions: dict, value) -> dict[tuple, 
 
 def _comparable(value) -> float | str:
     """A preset value and an input's text made comparable: a number input shows 3e-4 as 0.0003, so numbers
-    compare as numbers; a toggle reads "true"/"false"."""
+    compare as numbers; a toggle reads "true"/"false"; a map and a JSON editor's text compare as JSON."""
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, dict):
+        return json.dumps(value, sort_keys=True)
+    if isinstance(value, str) and value.lstrip().startswith("{"):
+        with contextlib.suppress(ValueError):
+            return json.dumps(json.loads(value), sort_keys=True)
     try:
         return float(value)
     except ValueError:
@@ -264,7 +277,8 @@ def test_registered_version_page_shows_the_lineage_tags(chromium, mlflow_ui, bro
     base, name, version, tags = mlflow_ui
     page = browser.new_page(viewport={"width": 1400, "height": 1200})
     page.set_default_timeout(PAGE_TIMEOUT_MS)
-    page.goto(f"{base}/#/models/{name}/versions/{version}", wait_until="networkidle")
+    # Not "networkidle": MLflow's UI keeps requests going; the test waits for what it reads instead.
+    page.goto(f"{base}/#/models/{name}/versions/{version}", wait_until="domcontentloaded")
     page.get_by_text("lmforge.config_digest", exact=True).first.wait_for()
     page.screenshot(path=str(tmp_path / "mlflow-model-version.png"), full_page=True)
     text = page.inner_text("body")

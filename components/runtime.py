@@ -1,4 +1,4 @@
-"""Process settings a stage run starts with: torch's CPU threads, and library warnings shown once.
+"""Process settings a stage run starts with: torch's CPU threads, and library warnings kept quiet.
 
 Some library warnings repeat on every call and cannot be avoided from lmforge. Evaluating the int8
 bitsandbytes model on CPU logs "MatMul8bitLt: inputs will be cast from torch.float32 to float16" on
@@ -10,8 +10,8 @@ is kept per calling module), so it comes back every stage.
 
 Repeats are shown once per process. Notices that say nothing a user can act on (that peft
 deprecation; DeepSpeed saying it found no GPU; bitsandbytes missing an optional kernel that is
-fetched from the Hub; a model card without metadata) go once to the run's log file (logger components.runtime, INFO) and not to
-the terminal, where a new user would take them for a problem.
+fetched from the Hub; a model card without metadata) go once to the run's log file (logger
+components.runtime, INFO) and not to the terminal, where a new user would take them for a problem.
 """
 
 from __future__ import annotations

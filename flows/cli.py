@@ -412,9 +412,7 @@ def _plan_questions(request):
 
 
 def main() -> None:  # pragma: no cover
-    logging.basicConfig(level=logging.INFO)
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per Prefect API call otherwise
-    logging.getLogger("absl").setLevel(logging.WARNING)  # rouge-score: "Using default tokenizer." per scorer
+    """`python -m flows.cli`: the same as the installed `lmforge` script (logging set up as Prefect does)."""
     app()
 
 

@@ -83,8 +83,9 @@ def early_local_api() -> Iterator[Callable[[], None]]:
         preexec_fn=_die_with_parent if sys.platform == "linux" else None,
     )
     url = f"http://127.0.0.1:{port}/api"
-    previous = os.environ.get("PREFECT_API_URL")
-    os.environ["PREFECT_API_URL"] = url
+    # No UI URL: this server has no UI, so Prefect's "View at <url>" line would be a dead link.
+    previous = {name: os.environ.get(name) for name in ("PREFECT_API_URL", "PREFECT_UI_URL")}
+    os.environ.update(PREFECT_API_URL=url, PREFECT_UI_URL="")
     prefect.context.refresh_global_settings_context()  # every thread of this process now sees the URL
     # Prefect's 20 s default is short for a first start (database migrations) on a busy 2-core machine.
     timeout = max(settings.server.ephemeral.startup_timeout_seconds, 60)
@@ -118,8 +119,9 @@ def early_local_api() -> Iterator[Callable[[], None]]:
             server.kill()
             server.wait()
         log_file.close()
-        if previous is None:
-            os.environ.pop("PREFECT_API_URL", None)
-        else:
-            os.environ["PREFECT_API_URL"] = previous
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
         prefect.context.refresh_global_settings_context()

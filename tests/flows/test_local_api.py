@@ -20,13 +20,16 @@ with early_local_api() as wait_ready:
     from prefect.client.orchestration import get_client
     with get_client(sync_client=True) as client:
         healthy = client.api_healthcheck() is None
-    seen = {"url": url, "settings_url": get_current_settings().api.url, "healthy": healthy}
+    from prefect.utilities.urls import url_for
+    seen = {"url": url, "settings_url": get_current_settings().api.url, "healthy": healthy,
+            "ui_link": url_for("flow-run", obj_id="00000000-0000-0000-0000-000000000001")}
 try:
     httpx.get(seen["url"] + "/health", timeout=2)
     seen["after_exit"] = "still answering"
 except httpx.HTTPError:
     seen["after_exit"] = "stopped"
 seen["env_after"] = os.environ.get("PREFECT_API_URL")
+seen["ui_env_after"] = os.environ.get("PREFECT_UI_URL")
 print(json.dumps(seen))
 """
 
@@ -45,7 +48,8 @@ def test_starts_a_local_api_that_this_process_uses_and_stops_it(tmp_path):
     seen = _probe(env)
     assert seen["url"].startswith("http://127.0.0.1:") and seen["url"].endswith("/api")
     assert seen["settings_url"] == seen["url"] and seen["healthy"]
-    assert seen["after_exit"] == "stopped" and seen["env_after"] is None
+    assert seen["after_exit"] == "stopped" and seen["env_after"] is None and seen["ui_env_after"] is None
+    assert seen["ui_link"] is None  # no UI on this server: no "View at" link to nowhere
     assert (tmp_path / "prefect" / "prefect.db").is_file()  # the server kept its state in PREFECT_HOME
 
 

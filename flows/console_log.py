@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -90,8 +91,6 @@ def _to_flow_run_handler() -> logging.Handler:
         Prefect would warn once per such record."""
 
         def handleError(self, record: logging.LogRecord) -> None:
-            import sys
-
             if not isinstance(sys.exc_info()[1], MissingContextError):
                 super().handleError(record)
 

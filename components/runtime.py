@@ -42,8 +42,7 @@ LOGGED_MESSAGES: dict[str, tuple[str, ...]] = {
 }
 
 
-log = logging.getLogger("lmforge.runtime")
-notes = logging.getLogger(__name__)  # INFO: the run's log file only (flows.console_log)
+log = logging.getLogger(__name__)  # its INFO goes to the run's log file only, its warnings to the terminal too
 _contention_warned = False
 
 
@@ -75,7 +74,7 @@ def contention_message(load: float, cores: int, threads: int) -> str | None:
 
 class OncePerMessage(logging.Filter):
     """Lets each distinct message that starts with one of `prefixes` through once; others pass untouched.
-    With to_log, that once goes to `notes` (the log file) instead of through the library's logger."""
+    With to_log, that once goes to `log` (the log file) instead of through the library's logger."""
 
     def __init__(self, prefixes: tuple[str, ...], to_log: bool = False):
         super().__init__()
@@ -90,13 +89,13 @@ class OncePerMessage(logging.Filter):
             return False
         self.seen.add(message)
         if self.to_log:
-            notes.info("%s: %s", record.name, message)
+            log.info("%s: %s", record.name, message)
             return False
         return True
 
 
 class WarningsToLog:
-    """A `warnings.showwarning` that sends the first of each LOGGED_WARNINGS message to `notes` (the log
+    """A `warnings.showwarning` that sends the first of each LOGGED_WARNINGS message to `log` (the log
     file), drops its repeats, and shows every other warning as before."""
 
     def __init__(self, show: Callable[..., None]):
@@ -108,7 +107,7 @@ class WarningsToLog:
         if any(issubclass(category, kind) and text.startswith(start) for kind, start in LOGGED_WARNINGS):
             if (category, text) not in self.logged:
                 self.logged.add((category, text))
-                notes.info("%s (%s:%s): %s", category.__name__, filename, lineno, text)
+                log.info("%s (%s:%s): %s", category.__name__, filename, lineno, text)
             return
         self.show(message, category, filename, lineno, file, line)
 
@@ -134,6 +133,13 @@ def quiet_library_warnings() -> None:
 
         hf_logging.disable_progress_bar()
         datasets.disable_progress_bars()
+
+
+def progress(iterable=None, **kwargs):
+    """A tqdm bar over `iterable` (or updated by hand), drawn only where progress_bars() says: every bar of ours."""
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, disable=not progress_bars(), **kwargs)
 
 
 def progress_bars() -> bool:

@@ -22,7 +22,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from tqdm import tqdm
 
 from components.artifacts import StageResult, atomic_file, atomic_write_json
 from components.data.dataset_info import DataError, DatasetSpec, load_dataset_info
@@ -33,7 +32,7 @@ from components.data.mixing import check_mixing, phase_tasks, write_interleaved
 from components.data.readers import BATCH_ROWS, ParseFailure, Row, data_files, parse_jsonl_line, read_rows, snippet
 from components.data.records import GROUP_KINDS, MIXED_GROUPS
 from components.data.workers import SharedPool, line_chunks
-from components.runtime import progress_bars
+from components.runtime import progress
 
 if TYPE_CHECKING:
     from components.config import PipelineConfig
@@ -189,7 +188,7 @@ def _align_dataset(spec: DatasetSpec, kind: str, fetch_dir: Path, source: str | 
     kept_total = 0
     for path in data_files(root, spec.name):
         where_file = _user_name(path, root, fetch_dir, source)
-        with tqdm(desc=spec.name, unit=" rows", disable=not progress_bars(), leave=False) as bar:
+        with progress(desc=spec.name, unit=" rows", leave=False) as bar:
             for outcomes, columns in _file_outcomes(path, where_file, spec, kind, placeholders, workers):
                 bar.update(len(outcomes))
                 seen_columns |= columns

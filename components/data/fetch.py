@@ -32,13 +32,12 @@ from typing import IO, TYPE_CHECKING, TypeVar
 from urllib.parse import urlparse
 
 import orjson
-from tqdm import tqdm
 
 from components.artifacts import StageResult, atomic_dir, atomic_file, atomic_write_json, sha256_file
 from components.data.dataset_info import DataError, DatasetSpec, load_dataset_info
 from components.data.records import GROUP_KINDS
 from components.errors import TransientError
-from components.runtime import progress_bars
+from components.runtime import progress
 
 if TYPE_CHECKING:
     from components.config import PipelineConfig
@@ -141,8 +140,7 @@ def _download_http(url: str, dest: Path, expected: str | None, retries: int) -> 
                 total = None if encoded else int(r.headers.get("Content-Length") or 0) or None
 
                 def chunks(out: IO[bytes]) -> None:
-                    with tqdm(total=total, unit="B", unit_scale=True, desc=dest.name, disable=not progress_bars(),
-                              leave=False) as bar:
+                    with progress(total=total, unit="B", unit_scale=True, desc=dest.name, leave=False) as bar:
                         for block in r.iter_content(_CHUNK):
                             out.write(block)
                             bar.update(len(block))
@@ -238,7 +236,7 @@ def _stream_rows(name: str, rows: Iterable[dict], dest: Path) -> None:
     row_no = 0
     try:
         with atomic_file(dest, "wb") as f:
-            bar = tqdm(rows, desc=f"stream {name}", unit=" rows", disable=not progress_bars(), leave=False)
+            bar = progress(rows, desc=f"stream {name}", unit=" rows", leave=False)
             for row_no, row in enumerate(bar, 1):
                 f.write(orjson.dumps(row, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_APPEND_NEWLINE))
     except orjson.JSONEncodeError as e:

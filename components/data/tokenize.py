@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from tqdm.auto import tqdm
 
 from components.artifacts import StageResult, atomic_write_json, atomic_write_text
 from components.config import TokenizeConfig
@@ -33,7 +32,7 @@ from components.data.jsonl import BadLine, parse_line, read_jsonl
 from components.data.packing import tokenize_text_corpus
 from components.data.records import GROUP_KINDS, IGNORE, UNTOKENIZED_GROUPS
 from components.data.workers import line_chunks, ordered_map, resolve_num_proc, spawn_pool
-from components.runtime import progress_bars
+from components.runtime import progress
 
 if TYPE_CHECKING:
     import datasets
@@ -149,7 +148,7 @@ def _texts(path: Path) -> Iterator[str]:
 
 
 def _tokenize_text_group(path: Path, tokenizer, cfg: TokenizeConfig, out: _ParquetOut, stats: _GroupStats) -> None:
-    texts = tqdm(_texts(path), desc=f"tokenize {path.stem}", unit=" docs", disable=not progress_bars(), leave=False)
+    texts = progress(_texts(path), desc=f"tokenize {path.stem}", unit=" docs", leave=False)
     for block in tokenize_text_corpus(tokenizer, texts, cfg.cpt_block_size):
         stats.add(len(block["input_ids"]), sum(label != IGNORE for label in block["labels"]))
         out.add(block)
@@ -268,7 +267,7 @@ def _collect(results: Iterable[_ChunkResult], out: _ParquetOut, stats: _GroupSta
              bar_desc: str) -> int:
     """Write chunk results in order, fold their stats; returns the rows that took the fast path."""
     fast = 0
-    with tqdm(desc=bar_desc, unit=" rows", disable=not progress_bars(), leave=False) as bar:
+    with progress(desc=bar_desc, unit=" rows", leave=False) as bar:
         for result in results:
             out.write_table(result.table)
             stats.add_many(result.lengths, result.trained)

@@ -16,11 +16,10 @@ import copy
 import inspect
 
 import torch
-from tqdm.auto import tqdm
 
 from components.data.chat_render import encode_conversations, prepare_template
 from components.data.records import IGNORE
-from components.runtime import progress_bars
+from components.runtime import progress
 
 
 def answer_token_ids(tokenizer, template: str, prompts: list[list[dict]], candidates: list[str],
@@ -148,7 +147,7 @@ def candidate_logprobs(model, prompts: list[list[int]], answers: list[list[list[
     if group:
         groups.append(group)
     scores: list[list[float]] = [[] for _ in prompts]
-    for group in tqdm(groups, desc="choice", leave=False, disable=not progress_bars()):
+    for group in progress(groups, desc="choice", leave=False):
         for i, s in zip(group, _score_group(model, [prompts[i] for i in group], [answers[i] for i in group], pad_id)):
             scores[i] = s
     return scores

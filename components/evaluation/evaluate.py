@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from tqdm.auto import tqdm
 
 from components.artifacts import StageResult, atomic_write_json, atomic_write_text
 from components.config import EvaluateConfig
@@ -35,7 +34,7 @@ from components.evaluation.per_task import answer_set, flatten_report, group_by_
 from components.models.loading import load_tokenizer, load_with_adapters, select_hardware
 from components.models.loss import labeled_positions_loss
 from components.pipeline import HELDOUT_READS
-from components.runtime import progress_bars
+from components.runtime import progress
 
 if TYPE_CHECKING:
     from components.config import PipelineConfig
@@ -76,7 +75,7 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     encoded = encode_texts(tokenizer, prompts)
     answers: list[str] = []
-    for i in tqdm(range(0, len(prompts), batch_size), desc="generate", leave=False, disable=not progress_bars()):
+    for i in progress(range(0, len(prompts), batch_size), desc="generate", leave=False):
         ids, mask = left_pad(encoded[i : i + batch_size], pad_id)
         out = model.generate(
             input_ids=ids.to(device),

@@ -37,7 +37,7 @@ import torch
 
 from components.artifacts import atomic_dir, atomic_write_bytes, atomic_write_json
 from components.errors import TrainingDiverged
-from components.runtime import progress_bars
+from components.runtime import progress
 from components.training.lora import COMPLETE, lr_schedule
 from components.training.ppo_rollout import (  # noqa: F401  (the step's parts, importable from here too)
     POLICY,
@@ -225,8 +225,6 @@ def run_ppo(
     Raises AlignmentDiverged (after saving the last good state) on a NaN or a KL beyond settings.max_kl.
     Returns summary metrics.
     """
-    from tqdm.auto import tqdm
-
     if reward_fn is None and reward_adapter is None:
         raise ValueError("run_ppo needs a reward: reward_fn, reward_adapter, or both")
     if not prompts:
@@ -286,7 +284,7 @@ def run_ppo(
         log.error("PPO diverged at step %d: %s; last good state: %s", at, what, path)
         raise AlignmentDiverged(at, what, path)
 
-    bar = tqdm(total=settings.steps, initial=step, desc="ppo", disable=not progress_bars())
+    bar = progress(total=settings.steps, initial=step, desc="ppo")
     while step < settings.steps:
         step += 1
         torch.manual_seed(settings.seed * 1_000_003 + step)

@@ -51,7 +51,7 @@ def test_a_busy_machine_is_reported_once_with_what_to_do(monkeypatch, caplog):
     monkeypatch.setattr(runtime, "_contention_warned", False)
     before = torch.get_num_threads()
     try:
-        with caplog.at_level("WARNING", logger="lmforge.runtime"):
+        with caplog.at_level("WARNING", logger="components.runtime"):
             configure_threads(None)
             configure_threads(None)
     finally:

@@ -192,11 +192,15 @@ class TokenizeConfig(Strict):
 
 
 class EvaluateConfig(Strict):
-    """Held-out evaluation, reported per task (the `task` label of each row) with chance levels and 95% intervals."""
+    """Held-out evaluation, reported per task (the `task` label of each row) with majority baselines and 95% intervals."""
 
     max_samples: int = Field(
         60, ge=1, description="Held-out instructions scored per task: every row of each task up to this many "
         "(greedy generation, and constrained choice for fixed-answer tasks)."
+    )
+    tasks: list[str] = Field(
+        [], description="Held-out tasks (the rows' `task` label) to score; empty: every task of data.sft_eval. "
+        "A name no held-out row carries fails the evaluate stage with the tasks there are."
     )
     max_new_tokens: int = Field(24, ge=1)
     batch_size: int = Field(16, ge=1, description="Prompts per generate call; candidate answers per forward pass.")
@@ -265,14 +269,38 @@ class PromotionRule(Strict):
 
 
 class PromotionConfig(Strict):
-    """The gate after registration: alias `champion` moves to the new version only when it beats the base
-    model and the current champion on every rule, and is strictly better on at least one."""
+    """The gate after registration: alias `champion` moves to the new version only when (1) on every gated
+    task the low end of its 95% interval lies above the task's majority baseline, (2) it beats the base model
+    on every rule, and (3) it beats the current champion on the same held-out questions: every rule, and a
+    paired per-question change whose interval (or point value) clears a margin."""
 
     enabled: bool = Field(True, description="Run the gate after registration (the `promote` stage).")
     rules: list[PromotionRule] = Field(
         default_factory=lambda: [PromotionRule(metric="perplexity_sft_eval", direction="lower"),
                                  PromotionRule(metric="exact_match", direction="higher")],
-        min_length=1, description="Every rule must pass against the base and against the current champion.",
+        min_length=1, description="Every rule must pass against the base and against the current champion "
+        "(the champion's figures count only when they were measured on the same held-out questions).",
+    )
+    baseline_tasks: list[str] | None = Field(
+        None, description="Held-out tasks on which the challenger must beat the majority baseline (always giving "
+        "the task's most common answer): the low end of the 95% interval of baseline_metric must lie above it. "
+        "null: every task whose majority baseline is below 1; []: no baseline check.",
+    )
+    baseline_metric: str = Field("exact_match", description="The per-task metric held against the majority baseline "
+                                 "(exact_match or choice_accuracy).")
+    champion_metric: str = Field(
+        "exact_match", description="The per-question score compared with the champion's on the same questions "
+        "(exact_match, choice_accuracy, or a per-answer field of the samples such as verifiable_reward).",
+    )
+    champion_rule: Literal["interval", "point"] = Field(
+        "interval", description="interval: the low end of the paired change's 95% bootstrap interval must exceed "
+        "champion_margin (a noise-level gain is rejected); point: the mean paired change must exceed it.",
+    )
+    champion_margin: float = Field(0.0, description="How much the paired change must exceed, in the metric's units.")
+    on_other_questions: Literal["rescore", "refuse"] = Field(
+        "rescore", description="When the champion was scored on another held-out set (its recorded digest differs): "
+        "rescore: the gate has the champion answer the challenger's questions (greedy, exact_match only); "
+        "refuse: keep the champion and say why. Figures from different question sets are never compared.",
     )
 
 

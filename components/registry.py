@@ -5,6 +5,7 @@ Stages are deprecated in MLflow; aliases (`challenger`, `champion`) are the prom
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import tempfile
@@ -16,6 +17,7 @@ from mlflow.tracking import MlflowClient
 
 from components import tracking
 from components.artifacts import StageResult, atomic_write_json
+from components.evaluation.compare import heldout_digest
 from components.tracking import log_artifact_files
 
 if TYPE_CHECKING:
@@ -23,6 +25,11 @@ if TYPE_CHECKING:
     from components.pipeline import StageInputs
 
 log = logging.getLogger(__name__)
+
+# What the promotion gate compares a version on: the questions it was scored on (their digest, a tag) and
+# its answer to each (an artifact of its model run).
+HELDOUT_DIGEST_TAG = "lmforge.heldout_digest"
+SAMPLES_ARTIFACT = "evaluation/samples.jsonl"
 
 
 def register_model(
@@ -51,6 +58,19 @@ def register_model(
     client.set_registered_model_alias(name, alias, version.version)
     log.info("registered %s version %s as @%s", name, version.version, alias)
     return version.version
+
+
+def log_heldout_answers(client: MlflowClient, run_id: str, samples_file: Path) -> dict[str, str]:
+    """Log an evaluation's per-question answers (samples.jsonl) to a model run, for the promotion gate to pair
+    the next challenger's answers with; returns the version tag holding the digest of those questions."""
+    if not samples_file.is_file():
+        return {}
+    folder, name = SAMPLES_ARTIFACT.rsplit("/", 1)
+    with tempfile.TemporaryDirectory(prefix="lmforge-answers-") as tmp:  # uploaded under the name the gate reads
+        shutil.copyfile(samples_file, Path(tmp) / name)
+        client.log_artifact(run_id, str(Path(tmp) / name), artifact_path=folder)
+    samples = [json.loads(line) for line in samples_file.read_text().splitlines() if line.strip()]
+    return {HELDOUT_DIGEST_TAG: heldout_digest(samples)} if samples else {}
 
 
 def save_mlflow_model(model_dir: Path, dest: Path, *, metadata: dict[str, str]) -> Path:
@@ -154,6 +174,7 @@ def register_stage(cfg: PipelineConfig, inputs: StageInputs, out_dir: Path) -> S
     tracking.log_metrics(client, run_id, metrics)
     lineage = lineage_tags(inputs, cfg.model.base)
     tags = {**lineage, **{k: f"{v:.6g}" for k, v in metrics.items()}}
+    tags.update(log_heldout_answers(client, run_id, Path(registered_evaluation(inputs)["dir"]) / "samples.jsonl"))
     name, alias = cfg.registry.model_name, cfg.registry.alias
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".mlflow-model.") as tmp:
         model_dir = save_mlflow_model(merged, Path(tmp) / "model", metadata=lineage)

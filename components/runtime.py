@@ -133,6 +133,7 @@ def quiet_library_warnings() -> None:
 
         hf_logging.disable_progress_bar()
         datasets.disable_progress_bars()
+        os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"  # its upload/download bars
 
 
 def progress(iterable=None, **kwargs):

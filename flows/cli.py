@@ -147,6 +147,8 @@ def _print_summary(summary: dict) -> None:
         table.add_row(row["stage"], "cached" if row["cached"] else "ran", f"{row['stage_s']:.1f}", f"{row['task_s']:.2f}",
                       "" if row.get("peak_rss_mb") is None else f"{row['peak_rss_mb']:.0f}")
     out.print(table)
+    for line in summary.get("data_changes", []):
+        out.print(line, markup=False, highlight=False)
     if summary["comparison"]:
         columns = summary["columns"]
         comp = Table(title="held-out evaluation: " + " vs ".join(columns))
@@ -158,7 +160,7 @@ def _print_summary(summary: dict) -> None:
     if summary.get("per_task_table"):
         from rich.markdown import Markdown
 
-        out.print("[bold]per task[/bold] (95% intervals; chance = always the most common answer)")
+        out.print("[bold]per task[/bold] (95% intervals; majority baseline = always the most common answer)")
         out.print(Markdown(summary["per_task_table"]))
     alignment = summary.get("alignment") or {}
     rm = alignment.get("reward_model")
@@ -173,6 +175,11 @@ def _print_summary(summary: dict) -> None:
     reg = summary.get("registered") or {}
     if reg:
         out.print(f"registered [bold]{reg['name']}[/bold] version {reg['version']} as @{reg['alias']}")
+    if summary.get("promotion"):
+        from flows.domain_adaptation import promotion_line
+
+        colour = "green" if summary["promotion"].get("outcome") in ("promoted", "kept") else "yellow"
+        out.print(f"[{colour}]{promotion_line(summary['promotion'])}[/{colour}]", highlight=False, soft_wrap=True)
     m = summary["metrics"]
     out.print(f"flow {m['flow_wall_s']:.1f} s, stage compute {m['stage_compute_s']:.1f} s, "
               f"orchestration + tracking {m['orchestration_overhead_s']:.1f} s")
@@ -281,11 +288,11 @@ def _print_decision(decision) -> None:
     for comparison in decision.comparisons:
         against = comparison.against + (f" version {comparison.version}" if comparison.version else "")
         table = Table(title=f"{decision.model_name} version {decision.version} vs {against}")
-        for col in ("metric", "better", "margin", "challenger", comparison.against, "passes"):
+        for col in ("metric", "better", "margin", "challenger", comparison.against, "passes", "interval"):
             table.add_column(col)
         for ch in comparison.checks:
             table.add_row(ch.metric, ch.direction, f"{ch.margin:g}", _fmt(ch.challenger), _fmt(ch.reference),
-                          "yes" if ch.passed else "no")
+                          "yes" if ch.passed else "no", ch.note)
         console.print(table)
     colour = "green" if decision.promoted or decision.outcome == "rolled_back" else "yellow"
     console.print(f"[{colour}]{decision.outcome}[/{colour}]: {decision.reason}", highlight=False, soft_wrap=True)
@@ -300,11 +307,12 @@ def promote(
     set_: SetOpt = [],  # noqa: B006
 ) -> None:
     """Run the promotion gate for one version: @champion moves only if it beats the base and the champion."""
-    from components.promotion import PromotionError, promote_if_better
+    from components.promotion import PromotionError, champion_rescorer, promote_if_better
 
     cfg, client = _registry_client(config, set_)
     try:
-        decision = promote_if_better(client, name, version, cfg.promotion.rules, force=force)
+        decision = promote_if_better(client, name, version, cfg.promotion, force=force,
+                                     rescore=champion_rescorer(client, cfg, Path(cfg.workspace) / "registry-cache"))
     except PromotionError as exc:
         console.print(f"[red]{exc}[/red]", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None

@@ -8,7 +8,12 @@ differences: their mean with a percentile-bootstrap interval, overall and per ta
 
 from __future__ import annotations
 
+import hashlib
+import json
+from collections.abc import Callable
+
 from components.evaluation.intervals import DEFAULT_RESAMPLES, bootstrap_mean
+from components.evaluation.metrics import normalize_answer
 from components.evaluation.per_task import UNLABELED
 
 
@@ -16,14 +21,41 @@ def _key(sample: dict) -> tuple:
     return (sample.get("task") or UNLABELED, sample.get("rendered_prompt") or sample.get("prompt"), sample["reference"])
 
 
+def question_key(sample: dict) -> tuple:
+    """A held-out question as asked, whatever template or system prompt rendered it: (task, question, reference)."""
+    return (sample.get("task") or UNLABELED, sample.get("prompt"), sample["reference"])
+
+
+def heldout_digest(samples: list[dict]) -> str:
+    """sha256 of the set of questions an evaluation scored (question_key of each sample, sorted): two
+    evaluations with the same digest answered the same questions, so their figures compare."""
+    keys = sorted(json.dumps(question_key(s), ensure_ascii=False) for s in samples)
+    return hashlib.sha256("\n".join(keys).encode()).hexdigest()
+
+
+def with_scores(samples: list[dict], metric: str) -> list[dict]:
+    """The samples with a per-question `metric` field: exact_match and choice_accuracy are computed from the
+    answer (as the evaluation scores them), any other metric must already be a numeric field of the sample."""
+    def score(s: dict) -> float | None:
+        if metric == "exact_match":
+            return float(normalize_answer(s.get("prediction", "")) == normalize_answer(s["reference"]))
+        if metric == "choice_accuracy":
+            return float(normalize_answer(s["choice"]) == normalize_answer(s["reference"])) if "choice" in s else None
+        value = s.get(metric)
+        return float(value) if isinstance(value, (int, float)) else None
+
+    return [{**s, metric: value} for s in samples if (value := score(s)) is not None]
+
+
 def paired_change(before: list[dict], after: list[dict], metric: str, *,
-                  resamples: int = DEFAULT_RESAMPLES) -> dict | None:
+                  resamples: int = DEFAULT_RESAMPLES, key: Callable[[dict], tuple] = _key) -> dict | None:
     """The change of a per-answer `metric` (a field of the evaluation's samples) from `before` to `after`
-    on the questions both answered: {"n", "before", "after", "change": {"value", "ci_low", "ci_high",
+    on the questions both answered (matched by `key`: the rendered prompt by default, `question_key` to
+    match across templates): {"n", "before", "after", "change": {"value", "ci_low", "ci_high",
     "ci_method"}, "tasks": {task: {"n", "before", "after", "change"}}}. None when no question is shared
     or the samples do not carry the metric (an evaluation without a verifiable reward rule)."""
-    earlier = {_key(s): s[metric] for s in before if metric in s}
-    pairs = [(_key(s)[0], earlier[_key(s)], s[metric]) for s in after if metric in s and _key(s) in earlier]
+    earlier = {key(s): s[metric] for s in before if metric in s}
+    pairs = [(key(s)[0], earlier[key(s)], s[metric]) for s in after if metric in s and key(s) in earlier]
     if not pairs:
         return None
 

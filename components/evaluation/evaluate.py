@@ -1,5 +1,5 @@
 """Evaluate a model on the held-out sets: perplexity by likelihood, answers by greedy generation and,
-for fixed-answer tasks, by constrained choice; every figure per task with its chance level and 95% interval.
+for fixed-answer tasks, by constrained choice; every figure per task with its majority baseline and 95% interval.
 
 Perplexity uses the training loss on length-sorted, causally padded batches (labeled tokens only).
 Generation batches prompts with left padding (on a CPU one prompt at a time costs nearly as much per
@@ -125,6 +125,12 @@ def score_heldout(
     conversation records. Each task keeps its first `cfg.max_samples` rows; `max_samples` caps the total,
     split evenly over the tasks. A task's candidate answers come from all its rows."""
     all_rows = group_by_task(records)
+    if cfg.tasks:
+        unknown = sorted(set(cfg.tasks) - set(all_rows))
+        if unknown:
+            raise ValueError(f"evaluate.tasks names {unknown}, which no held-out row carries; the held-out tasks "
+                             f"are {sorted(all_rows)}. Fix evaluate.tasks in the config.")
+        all_rows = {task: rows for task, rows in all_rows.items() if task in cfg.tasks}
     cap = cfg.max_samples
     if max_samples is not None and all_rows:
         cap = min(cap, max(1, math.ceil(max_samples / len(all_rows))))
@@ -170,8 +176,8 @@ def score_heldout(
         overall["choice_accuracy"] = proportion(
             [normalize_answer(picks[i]) == normalize_answer(refs[i]) for i in chosen_rows])
     n = len(rows)
-    chance = sum(t["n"] * t["chance"] for t in tasks.values()) / n if n else math.nan
-    report = {"overall": task_entry(n, chance, overall), "tasks": tasks}
+    baseline = sum(t["n"] * t["majority_baseline"] for t in tasks.values()) / n if n else math.nan
+    report = {"overall": task_entry(n, baseline, overall), "tasks": tasks}
     samples = []
     for i, ((task, _), (messages, ref)) in enumerate(zip(rows, pairs)):
         # `prompt` is the question for readers; `rendered_prompt` the exact text the answer was generated

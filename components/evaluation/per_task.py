@@ -1,19 +1,20 @@
-"""Per-task reporting: held-out rows grouped by their `task` label, each task scored beside its chance level.
+"""Per-task reporting: held-out rows grouped by their `task` label, each task scored beside its majority baseline.
 
 A pooled exact match hides what a model learned: on the ICD-10 data most early hits are Yes/No
 coin flips. So every metric is reported per task and overall, each with a 95% interval, next to the
-task's chance level: the score of always giving its most frequent reference answer (the majority
-class; 0.5 for a balanced Yes/No task, about 1/n for open answers).
+task's majority baseline: the score of always giving its most frequent reference answer (0.5 for a
+balanced Yes/No task, about 1/n for open answers). It is not chance: a model that learned only the
+answer format and the commonest answer scores exactly this.
 
 A task whose references take few distinct values that repeat (Yes/No, chapter titles) is a
 classification task: it is also scored by constrained choice over those values
 (components/evaluation/choice.py).
 
 The report (`per_task.json`) is {"overall": entry, "tasks": {task: entry}} with
-entry = {"n", "chance", "answers" (candidate count, classification tasks only), "metrics": {name:
+entry = {"n", "majority_baseline", "answers" (candidate count, classification tasks only), "metrics": {name:
 {"value", "ci_low", "ci_high", "ci_method"}}}; `flatten_report` turns it into MLflow metric keys:
 `exact_match`, `exact_match_ci_low`, ... for the overall entry and `task/<task>/exact_match`, ...,
-`task/<task>/n`, `task/<task>/chance` per task.
+`task/<task>/n`, `task/<task>/majority_baseline` per task.
 """
 
 from __future__ import annotations
@@ -69,9 +70,9 @@ def majority_rate(references: list[str]) -> float:
     return max(Counter(normalize_answer(r) for r in references).values()) / len(references)
 
 
-def task_entry(n: int, chance: float, scores: dict[str, Estimate], answers: int | None = None) -> dict:
+def task_entry(n: int, majority_baseline: float, scores: dict[str, Estimate], answers: int | None = None) -> dict:
     """One task's (or the overall) entry of the report."""
-    entry = {"n": n, "chance": chance, "metrics": {k: _finite(e.as_dict()) for k, e in scores.items()}}
+    entry = {"n": n, "majority_baseline": majority_baseline, "metrics": {k: _finite(e.as_dict()) for k, e in scores.items()}}
     if answers is not None:
         entry["answers"] = answers
     return entry
@@ -93,8 +94,8 @@ def flatten_report(report: dict) -> dict[str, float]:
 
     def put(prefix: str, entry: dict) -> None:
         out[f"{prefix}n"] = float(entry["n"])
-        if entry.get("chance") is not None and not math.isnan(entry["chance"]):
-            out[f"{prefix}chance"] = float(entry["chance"])
+        if entry.get("majority_baseline") is not None and not math.isnan(entry["majority_baseline"]):
+            out[f"{prefix}majority_baseline"] = float(entry["majority_baseline"])
         if "answers" in entry:
             out[f"{prefix}answers"] = float(entry["answers"])
         for name, m in entry["metrics"].items():
@@ -120,7 +121,7 @@ def _cell(metric: dict | None) -> str:
 def per_task_table(per_task_by_column: dict[str, dict], metrics: tuple[str, ...] = TABLE_METRICS) -> str:
     """A markdown table of per-task reports side by side (columns such as base, +cpt, adapted).
 
-    One row per task and metric: n, chance level, then each column's value with its 95% interval.
+    One row per task and metric: n, majority baseline, then each column's value with its 95% interval.
     A metric no column has for a task (choice accuracy of an open-answer task) is left out.
     """
     columns = list(per_task_by_column)
@@ -128,7 +129,7 @@ def per_task_table(per_task_by_column: dict[str, dict], metrics: tuple[str, ...]
     for report in per_task_by_column.values():
         for task, entry in report.get("tasks", {}).items():
             tasks.setdefault(task, entry)
-    header = ["task", "n", "chance", "metric", *columns]
+    header = ["task", "n", "majority baseline", "metric", *columns]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     rows = [*((task, entry, lambda r, t=task: r.get("tasks", {}).get(t)) for task, entry in tasks.items())]
     overall = next((r["overall"] for r in per_task_by_column.values() if "overall" in r), None)
@@ -139,7 +140,7 @@ def per_task_table(per_task_by_column: dict[str, dict], metrics: tuple[str, ...]
             cells = [_cell((pick(report) or {}).get("metrics", {}).get(metric)) for report in per_task_by_column.values()]
             if not any(cells):
                 continue
-            chance = entry.get("chance")
-            shown = "" if chance is None or math.isnan(chance) else f"{chance:.3f}"
+            baseline = entry.get("majority_baseline")
+            shown = "" if baseline is None or math.isnan(baseline) else f"{baseline:.3f}"
             lines.append(f"| {task} | {entry['n']} | {shown} | {metric} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

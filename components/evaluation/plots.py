@@ -2,7 +2,7 @@
 
 `plot_training_curves` draws a stage's training_curve.json (transformers' `log_history`, one dict per
 logging step; PPO's steps; RAFT's iterations); `plot_per_task` draws per-task reports (per_task.json)
-side by side as grouped bars with their 95% intervals and each task's chance level.
+side by side as grouped bars with their 95% intervals and each task's majority baseline.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def plot_training_curves(history: list[dict] | str | Path, out_png: str | Path, 
 def plot_per_task(per_task_by_column: dict[str, dict], out_png: str | Path, *, metric: str = "exact_match",
                   title: str | None = None) -> Path:
     """Grouped bars of `metric` per task (and overall), one bar per column (base, +cpt, adapted, ...), with
-    95% interval error bars and a dashed line at each task's chance level."""
+    95% interval error bars and a dashed line at each task's majority baseline."""
     columns = list(per_task_by_column)
     groups: dict[str, dict] = {}
     for report in per_task_by_column.values():
@@ -94,16 +94,16 @@ def plot_per_task(per_task_by_column: dict[str, dict], out_png: str | Path, *, m
         ax.bar(xs, values, width, yerr=[low_err, high_err], capsize=3, label=column)
     for i, name in enumerate(names):
         entry = next((e for r in per_task_by_column.values() if (e := entry_of(r, name))), None)
-        chance = (entry or {}).get("chance")
-        if chance is not None and _finite(chance):
-            ax.hlines(chance, i - 0.45, i + 0.45, colors="black", linestyles="dashed",
-                      label="chance" if i == 0 else None)
+        baseline = (entry or {}).get("majority_baseline")
+        if baseline is not None and _finite(baseline):
+            ax.hlines(baseline, i - 0.45, i + 0.45, colors="black", linestyles="dashed",
+                      label="majority baseline" if i == 0 else None)
     ax.set_xticks(range(len(names)), [n.replace("_", " ") for n in names], rotation=20, ha="right")
     ax.set_ylabel(metric.replace("_", " "))
     ax.set_ylim(0, 1.05 if metric in ("exact_match", "choice_accuracy") else None)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize="small")
-    ax.set_title(title or f"{metric.replace('_', ' ')} per task (95% intervals; dashed: chance)")
+    ax.set_title(title or f"{metric.replace('_', ' ')} per task (95% intervals; dashed: majority baseline)")
     return _save(fig, out_png)
 
 

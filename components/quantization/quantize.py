@@ -53,11 +53,11 @@ def bnb_config(method: str):
 
 def metric_deltas(metrics: dict[str, float], reference: dict[str, float]) -> dict[str, float]:
     """Quantized minus merged, for the metrics a difference means something for: not the interval bounds
-    (a difference of two bounds is no bound of the difference) and not the row counts or chance levels."""
+    (a difference of two bounds is no bound of the difference) and not the row counts or majority baselines."""
 
     def comparable(key: str) -> bool:
         name = key.rsplit("/", 1)[-1]
-        return not name.endswith(("_ci_low", "_ci_high")) and name not in ("n", "chance")
+        return not name.endswith(("_ci_low", "_ci_high")) and name not in ("n", "majority_baseline")
 
     return {k: metrics[k] - reference[k] for k in metrics if k in reference and comparable(k)}
 

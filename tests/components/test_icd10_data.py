@@ -165,7 +165,7 @@ def test_task_labels_match_the_questions(files):
 
 
 def test_heldout_chapter_answers_are_not_dominated_by_one_chapter(files):
-    # Majority-class level of the held-out chapter tasks: always answering one title stays near chance.
+    # Majority-class level of the held-out chapter tasks: always answering one title stays near the majority baseline.
     for task in ("code_to_chapter", "description_to_chapter"):
         answers = [row["output"] for row in files["sft_heldout.jsonl"] if row["task"] == task]
         top = max(answers.count(a) for a in set(answers))

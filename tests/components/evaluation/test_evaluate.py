@@ -34,7 +34,7 @@ def test_perplexity_of_a_uniform_model_is_the_vocabulary_size(tiny_model_dir):
     assert perplexity(model, rows, pad_token_id=0) == pytest.approx(model.config.vocab_size, rel=1e-4)
 
 
-def test_score_heldout_reports_every_task_with_chance_and_intervals(tiny):
+def test_score_heldout_reports_every_task_with_majority_baseline_and_intervals(tiny):
     model, tokenizer = tiny
     cfg = EvaluateConfig(max_samples=4, max_new_tokens=3, batch_size=8, bootstrap_resamples=50)
     report, samples = score_heldout(model, tokenizer, FIXTURE, cfg=cfg, template_name="auto", system_prompt=None)
@@ -42,8 +42,8 @@ def test_score_heldout_reports_every_task_with_chance_and_intervals(tiny):
     assert list(tasks) == ["billable", "code_to_chapter", "description_to_code", "unlabeled"]
     assert {t: e["n"] for t, e in tasks.items()} == {
         "billable": 4, "code_to_chapter": 4, "description_to_code": 2, "unlabeled": 1}  # capped at 4 per task
-    assert tasks["billable"]["chance"] == 0.5 and tasks["billable"]["answers"] == 2
-    assert tasks["code_to_chapter"]["chance"] == 0.75  # 3 of its first 4 rows answer Neoplasms
+    assert tasks["billable"]["majority_baseline"] == 0.5 and tasks["billable"]["answers"] == 2
+    assert tasks["code_to_chapter"]["majority_baseline"] == 0.75  # 3 of its first 4 rows answer Neoplasms
     assert "answers" not in tasks["description_to_code"]
     assert "choice_accuracy" in tasks["billable"]["metrics"]
     assert "choice_accuracy" not in tasks["description_to_code"]["metrics"]
@@ -54,7 +54,7 @@ def test_score_heldout_reports_every_task_with_chance_and_intervals(tiny):
                                          "distinct_1", "distinct_2", "mean_length"}
     overall = report["overall"]
     assert overall["n"] == 11
-    assert overall["chance"] == pytest.approx((4 * 0.5 + 4 * 0.75 + 2 * 0.5 + 1 * 1.0) / 11)
+    assert overall["majority_baseline"] == pytest.approx((4 * 0.5 + 4 * 0.75 + 2 * 0.5 + 1 * 1.0) / 11)
     assert len(samples) == 11 and {s["task"] for s in samples} == set(tasks)
     choices = [s["choice"] for s in samples if s["task"] == "billable"]
     assert len(choices) == 4 and set(choices) <= {"Yes", "No"}
@@ -87,8 +87,8 @@ def test_run_evaluate_writes_metrics_samples_and_per_task(tiny, tmp_path: Path):
     assert set(per_task) == {"overall", "tasks"} and per_task["tasks"]["billable"]["n"] == 2
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics == result.metrics
-    assert {"exact_match", "exact_match_ci_low", "exact_match_ci_high", "chance", "n", "task/billable/exact_match",
-            "task/billable/chance", "task/billable/n", "task/billable/choice_accuracy_ci_high"} <= set(metrics)
+    assert {"exact_match", "exact_match_ci_low", "exact_match_ci_high", "majority_baseline", "n", "task/billable/exact_match",
+            "task/billable/majority_baseline", "task/billable/n", "task/billable/choice_accuracy_ci_high"} <= set(metrics)
     assert all(isinstance(v, float) and math.isfinite(v) for v in metrics.values())
 
 

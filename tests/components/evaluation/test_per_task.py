@@ -1,4 +1,4 @@
-"""Per-task grouping, chance levels, the flat metric keys and the summary table."""
+"""Per-task grouping, majority baselines, the flat metric keys and the summary table."""
 
 import doctest
 import json
@@ -56,7 +56,7 @@ def test_rows_group_by_task_in_file_order_with_a_cap():
     assert all(len(rows) <= 2 for rows in capped.values())
 
 
-def test_chance_levels_and_answer_sets_per_task():
+def test_majority_baselines_and_answer_sets_per_task():
     groups = group_by_task(FIXTURE)
     refs = {t: [r["messages"][-1]["content"] for r in rows] for t, rows in groups.items()}
     assert majority_rate(refs["billable"]) == 0.5  # "No" and "no" are one answer
@@ -82,13 +82,13 @@ def _report() -> dict:
 def test_flat_metric_keys():
     flat = flatten_report(_report())
     assert flat == {
-        "n": 6.0, "chance": 0.5, "exact_match": 0.5, "exact_match_ci_low": 0.19, "exact_match_ci_high": 0.81,
-        "task/billable/n": 4.0, "task/billable/chance": 0.5, "task/billable/answers": 2.0,
+        "n": 6.0, "majority_baseline": 0.5, "exact_match": 0.5, "exact_match_ci_low": 0.19, "exact_match_ci_high": 0.81,
+        "task/billable/n": 4.0, "task/billable/majority_baseline": 0.5, "task/billable/answers": 2.0,
         "task/billable/exact_match": 0.25, "task/billable/exact_match_ci_low": 0.05,
         "task/billable/exact_match_ci_high": 0.7, "task/billable/choice_accuracy": 0.75,
         "task/billable/choice_accuracy_ci_low": 0.3, "task/billable/choice_accuracy_ci_high": 0.95,
         "task/billable/distinct_1": 0.5,  # no interval, no interval keys
-        "task/open task_v2/n": 2.0, "task/open task_v2/chance": 0.5, "task/open task_v2/exact_match": 1.0,
+        "task/open task_v2/n": 2.0, "task/open task_v2/majority_baseline": 0.5, "task/open task_v2/exact_match": 1.0,
         "task/open task_v2/exact_match_ci_low": 0.34, "task/open task_v2/exact_match_ci_high": 1.0,
     }
     json.dumps(_report(), allow_nan=False)  # the report is valid JSON: NaN became None
@@ -99,7 +99,7 @@ def test_per_task_table_puts_columns_side_by_side():
     adapted["tasks"]["billable"]["metrics"]["exact_match"]["value"] = 0.9
     table = per_task_table({"base": base, "adapted": adapted})
     assert table.splitlines() == [
-        "| task | n | chance | metric | base | adapted |",
+        "| task | n | majority baseline | metric | base | adapted |",
         "|---|---|---|---|---|---|",
         "| billable | 4 | 0.500 | exact_match | 0.250 [0.05, 0.70] | 0.900 [0.05, 0.70] |",
         "| billable | 4 | 0.500 | choice_accuracy | 0.750 [0.30, 0.95] | 0.750 [0.30, 0.95] |",

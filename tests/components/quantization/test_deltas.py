@@ -1,4 +1,4 @@
-"""Quantized-minus-merged deltas: point metrics only (bounds, row counts and chance levels have no delta)."""
+"""Quantized-minus-merged deltas: point metrics only (bounds, row counts and majority baselines have no delta)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import pytest
 from components.quantization.quantize import metric_deltas
 
 
-def test_deltas_cover_point_metrics_and_skip_bounds_counts_and_chance():
+def test_deltas_cover_point_metrics_and_skip_bounds_counts_and_baselines():
     merged = {"exact_match": 0.40, "exact_match_ci_low": 0.25, "exact_match_ci_high": 0.55, "n": 35.0,
-              "chance": 0.34, "perplexity_cpt_eval": 4.07, "task/billable/exact_match": 0.6,
-              "task/billable/exact_match_ci_low": 0.3, "task/billable/n": 10.0, "task/billable/chance": 0.5}
+              "majority_baseline": 0.34, "perplexity_cpt_eval": 4.07, "task/billable/exact_match": 0.6,
+              "task/billable/exact_match_ci_low": 0.3, "task/billable/n": 10.0, "task/billable/majority_baseline": 0.5}
     nf4 = {**merged, "exact_match": 0.37, "exact_match_ci_low": 0.23, "perplexity_cpt_eval": 4.64,
            "task/billable/exact_match": 0.5, "only_here": 1.0}
     assert metric_deltas(nf4, merged) == pytest.approx(

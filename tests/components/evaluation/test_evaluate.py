@@ -166,3 +166,14 @@ def test_the_generate_bar_follows_lmforge_no_progress(tiny, monkeypatch, capsys,
     monkeypatch.setenv("LMFORGE_NO_PROGRESS", setting)
     evaluate.generate(model, tokenizer, ["a", "b", "c"], max_new_tokens=2, batch_size=1)
     assert ("generate:" in capsys.readouterr().err) == (setting == "0")
+
+
+def test_evaluate_tasks_scores_only_the_named_tasks_and_names_the_ones_there_are(tiny):
+    model, tokenizer = tiny
+    cfg = EvaluateConfig(tasks=["billable"], max_samples=4, max_new_tokens=2, batch_size=8, bootstrap_resamples=0)
+    report, samples = score_heldout(model, tokenizer, FIXTURE, cfg=cfg, template_name="auto", system_prompt=None)
+    assert list(report["tasks"]) == ["billable"] and report["overall"]["n"] == 4
+    assert {s["task"] for s in samples} == {"billable"}
+    with pytest.raises(ValueError, match=r"evaluate.tasks names \['coding'\].*held-out tasks are \['billable', "):
+        score_heldout(model, tokenizer, FIXTURE, cfg=cfg.model_copy(update={"tasks": ["billable", "coding"]}),
+                      template_name="auto", system_prompt=None)

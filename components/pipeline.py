@@ -105,12 +105,14 @@ class StageInputs:
 
 @dataclass(frozen=True)
 class KeyFacts:
-    """Facts from outside the config that decide outputs: the precision the hardware gives, and the
-    content identity of the base model (tokenizer files alone, and the whole model)."""
+    """Facts from outside the config that decide outputs: the precision the hardware gives, the
+    content identity of the base model (tokenizer files alone, and the whole model), and what each
+    remote data source holds now (components.data.source_versions; asked once per run)."""
 
     precision: str
     tokenizer_digest: str
     model_digest: str
+    source_versions: Mapping[str, str] = field(default_factory=dict)  # dataset name -> ETag, checksum, commit
 
 
 Slice = Callable[[PipelineConfig, KeyFacts], dict]
@@ -230,6 +232,7 @@ _MODEL_INPUTS = ("prepare", "tokenize", "align")
 # What stages read of `align` and `tokenize` (StageSpec.reads). A new held-out set, prompt set or
 # preference set then reruns the stages that read it and no training stage that does not.
 TOKENIZED_GROUP_FILES = tuple(f"{g}.jsonl" for g in GROUP_KINDS if g not in UNTOKENIZED_GROUPS)
+FETCHED_FILES = ("dataset_info.json", "provenance.json", "raw/*")  # every file the fetch stage writes
 HELDOUT_READS: dict[str, tuple[str, ...]] = {"align": ("sft_eval.jsonl",),
                                              "tokenize": ("cpt_eval.parquet", "sft_eval.parquet")}
 
@@ -244,11 +247,14 @@ STAGE_TABLE: tuple[StageSpec, ...] = (
     ),
     StageSpec(
         "fetch", "fetch", "components.data.fetch:fetch_stage",
-        keyed_on=lambda cfg, facts: {"sources": source_fingerprints(cfg)},
+        keyed_on=lambda cfg, facts: {"sources": source_fingerprints(cfg, facts.source_versions)},
         summary="copy or download every dataset with provenance (retries transient errors itself)",
     ),
     StageSpec(
+        # Keyed on the fetched files, not fetch's key: a refetch that brings the same bytes (a new ETag over
+        # an unchanged file) reruns nothing below fetch.
         "align", "align", "components.data.align:align_stage", upstream=("fetch",), logs_datasets=True,
+        reads={"fetch": FETCHED_FILES},
         keyed_on=lambda cfg, facts: {"data": cfg.data.model_dump(mode="json", exclude={"dataset_info", "num_proc",
                                                                                          "streaming"})},
         summary="convert every format to the standard records; report dropped rows",
@@ -379,8 +385,10 @@ def _shown(path: Path, base: Path) -> str:
     return str(path.relative_to(base)) if path.is_relative_to(base) else str(path)
 
 
-def source_fingerprints(cfg: PipelineConfig) -> dict:
-    """What the fetch key depends on: the description file and the content of every local source."""
+def source_fingerprints(cfg: PipelineConfig, versions: Mapping[str, str] | None = None) -> dict:
+    """What the fetch key depends on: the description file, the content of every local source, and the
+    current version of every remote one (`versions`, KeyFacts.source_versions; a pinned or unreachable
+    source has none and is keyed on its description)."""
     from components.artifacts import file_fingerprint
     from components.data.dataset_info import load_dataset_info
     from components.data.records import GROUP_KINDS
@@ -397,5 +405,7 @@ def source_fingerprints(cfg: PipelineConfig) -> dict:
             base = info_path.parent / spec.file_name
             paths = sorted(p for p in base.rglob("*") if p.is_file()) if base.is_dir() else [base]
             entry["content"] = {_shown(p, info_path.parent): file_fingerprint(p) for p in paths if p.exists()}
+        if versions and name in versions:
+            entry["version"] = versions[name]
         out[name] = entry
     return out

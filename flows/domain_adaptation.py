@@ -22,6 +22,7 @@ from prefect.context import get_run_context
 from components import tracking
 from components.artifacts import read_manifest, reset_dir, stage_dir, verify_manifest
 from components.config import PipelineConfig, save_config
+from components.data.data_changes import change_lines, compare_with_last_run
 from components.data.jsonl import iter_records
 from components.errors import StageInputError
 from components.evaluation.compare import paired_change
@@ -152,6 +153,7 @@ def _adapt(config: PipelineConfig, from_stage: StageName | None, only: StageName
     finally:
         flow_s = time.perf_counter() - t_flow
         summary = _summary(manifests, timeline, flow_s)
+        summary["data_changes"] = _data_changes(cfg, manifests, flow_run_id, logger)
         tracking.log_metrics(client, parent, {k: v for k, v in summary["metrics"].items()})
         _pictures(summary, manifests, run_dir, client, parent)
         tracking.end_run(client, parent, status)
@@ -250,6 +252,22 @@ def _summary(manifests: dict[str, dict], timeline: list[dict], flow_s: float) ->
             "quantization": quant, "timeline": timeline, "stages": {k: v["dir"] for k, v in manifests.items()}}
 
 
+def _data_changes(cfg: PipelineConfig, manifests: dict[str, dict], flow_run_id: str, logger) -> list[str]:
+    """Which sources changed since the last run of this data config (components.data.data_changes), logged
+    and returned as the summary's lines. A convenience: never fail a run for it."""
+    if "fetch" not in manifests:
+        return []
+    try:
+        changes = compare_with_last_run(cfg, manifests["fetch"], manifests.get("align"), flow_run_id)
+    except Exception as exc:
+        log.warning("could not compare the data with the last run: %s", exc)
+        return []
+    lines = change_lines(changes)
+    for line in lines:
+        logger.info(line)
+    return lines
+
+
 def _pictures(summary: dict, manifests: dict[str, dict], run_dir: Path, client, parent: str) -> None:
     """Training curves of every training stage and the per-task comparison, as PNGs in the run
     directory and the run's MLflow artifacts (plots/). A picture is a convenience: never fail a run for it,
@@ -288,6 +306,8 @@ def _publish(summary: dict) -> None:
                   summary["per_task_table"]]
     if (summary.get("alignment") or {}).get("method"):
         lines += ["", alignment_line(summary["alignment"]) + "."]
+    if summary.get("data_changes"):
+        lines += ["", *summary["data_changes"]]
     reg = summary.get("registered") or {}
     if reg:
         lines.append(f"\nRegistered **{reg.get('name')}** version {reg.get('version')} as @{reg.get('alias')}.")

@@ -9,15 +9,18 @@ from __future__ import annotations
 
 from components.artifacts import read_manifest, stage_dir, verify_manifest
 from components.config import PipelineConfig
+from components.data.source_versions import current_source_versions
 from components.models.prepare import identify_base
 from components.pipeline import KeyFacts, PlannedNode, planned_nodes
 from tasks.keys import stage_key
 
 
 def key_facts(cfg: PipelineConfig, precision: str) -> KeyFacts:
-    """The facts outside the config that keys depend on: precision and the base model's content."""
+    """The facts outside the config that keys depend on: precision, the base model's content and what the
+    remote data sources hold now."""
     identity = identify_base(cfg.model)
-    return KeyFacts(precision=precision, tokenizer_digest=identity.tokenizer_digest, model_digest=identity.model_digest)
+    return KeyFacts(precision=precision, tokenizer_digest=identity.tokenizer_digest, model_digest=identity.model_digest,
+                    source_versions=current_source_versions(cfg))
 
 
 def keyed_digests(node: PlannedNode, manifests: dict[str, dict]) -> dict[str, str]:

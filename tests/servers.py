@@ -48,3 +48,53 @@ def running_server(command: list[str], env: dict, health_url: str, log_path: Pat
                     os.killpg(server.pid, sig)
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     server.wait(30)
+
+
+@contextlib.contextmanager
+def serving_directory(root: Path, validators: str = "etag") -> Iterator[tuple[str, type]]:
+    """An HTTP server in a thread serving the files under `root`: yields (base URL, handler class).
+
+    `validators` says what a response carries to tell versions apart: "etag" (from the file's mtime and
+    size, as nginx makes it), "last-modified", or "none". Set `handler.head_status` (e.g. 405) to refuse
+    HEAD; `handler.requests` records (method, path) of every request."""
+    import functools
+    import http.server
+    import threading
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        requests: list[tuple[str, str]] = []
+        head_status: int | None = None
+
+        def do_HEAD(self) -> None:  # noqa: N802 (http.server's naming)
+            type(self).requests.append(("HEAD", self.path))
+            if self.head_status is not None:
+                self.send_error(self.head_status)
+                return
+            super().do_HEAD()
+
+        def do_GET(self) -> None:  # noqa: N802
+            type(self).requests.append(("GET", self.path))
+            super().do_GET()
+
+        def send_header(self, keyword: str, value: str) -> None:
+            if keyword == "Last-Modified":  # SimpleHTTPRequestHandler sends it for every file
+                if validators == "last-modified":
+                    super().send_header(keyword, value)
+                elif validators == "etag":
+                    st = os.stat(self.translate_path(self.path))
+                    super().send_header("ETag", f'"{st.st_mtime_ns:x}-{st.st_size:x}"')
+                return
+            super().send_header(keyword, value)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    Handler.requests = []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(root)))
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", Handler
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -386,7 +386,8 @@ def align_stage(cfg: PipelineConfig, inputs: StageInputs, out_dir: Path) -> Stag
     """The pipeline's align stage: every data group of `cfg.data` from the `fetch` stage's copies."""
     data = cfg.data
     groups = {g: getattr(data, g) for g in GROUP_KINDS if getattr(data, g)}
-    return run_align(inputs.dir("fetch"), groups, out_dir, max_samples=data.max_samples, seed=data.seed,
+    fetched = inputs.dir("fetch", reading=("dataset_info.json", "provenance.json", "raw/*"))
+    return run_align(fetched, groups, out_dir, max_samples=data.max_samples, seed=data.seed,
                      bad_row_budget=data.bad_row_budget, mix_strategy=data.mix_strategy,
                      interleave_probs=data.interleave_probs, sft_task_weights=data.sft_task_weights,
                      sft_phases=data.sft_phases, identity_name=data.identity_name,

@@ -3,6 +3,7 @@
 An existing LLaMA-Factory `dataset_info.json` is read as is. Our extensions:
 
 - `url` (+ `sha256` pin): an http(s) URL or any fsspec URI (s3://, gs://, memory://, ...).
+- `revision` on a hub dataset: the commit, tag or branch to load (a pin: its current commit is not asked for).
 - `formatting` also takes `openai`, `lmflow`, `text` and `prompt_completion` (see docs/data_formats.md).
 - `sample_by` (`line` | `paragraph` | `file`): how a `.txt` file is split into text records.
 - `tags.license`: a license note carried into the fetch provenance.
@@ -62,6 +63,7 @@ class DatasetSpec(BaseModel):
     subset: str | None = Field(None, description="Hub dataset config name.")
     split: str = "train"
     folder: str | None = Field(None, description="Folder inside the hub dataset repository.")
+    revision: str | None = Field(None, description="Hub dataset commit, tag or branch to load (our extension).")
     num_samples: int | None = Field(None, ge=1, description="Keep at most this many rows (seeded sample).")
     columns: dict[str, str] = Field(default_factory=dict, description="Our column name -> the file's column name.")
     tags: dict[str, str] = Field(default_factory=dict, description="Message keys and role values (sharegpt).")
@@ -115,6 +117,8 @@ class DatasetSpec(BaseModel):
             raise ValueError("no source: give file_name, url or hf_hub_url")
         if self.sha256 and not self.url:
             raise ValueError("sha256 pins a `url`; this entry has none")
+        if self.revision and not self.hf_hub_url:
+            raise ValueError("revision pins a hub dataset (`hf_hub_url`); this entry has none")
         if "kto_tag" in self.columns and self.ranking:
             raise ValueError("columns.kto_tag labels single answers (unpaired preference); a ranking dataset "
                              "holds pairs: drop `ranking` or the kto_tag column")

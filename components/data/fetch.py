@@ -3,9 +3,12 @@
 Sources, one per dataset_info.json entry: a local `file_name` (file or directory, next to the
 dataset_info.json), a `url` (http(s), verified against its `sha256` pin when given), any other
 fsspec URI in `url` (s3://, gs://, memory://, ...), or a hub dataset id in
-`hf_hub_url` (loaded with `datasets.load_dataset` and saved as parquet; with `streaming=True`
-read as a stream and written row by row as JSONL, so no second copy lands in the datasets cache
-and memory stays bounded however large the split is).
+`hf_hub_url` (loaded with `datasets.load_dataset`, at `revision` when given, and saved as parquet;
+with `streaming=True` read as a stream and written row by row as JSONL, so no second copy lands in
+the datasets cache and memory stays bounded however large the split is).
+
+What a remote source holds now (ETag, checksum, hub commit) is asked before the run, for this stage's
+cache key (components.data.source_versions), not here.
 
 Only what can recover is retried, here and nowhere else: connection trouble, timeouts, HTTP
 408/425/429/5xx and short reads, waiting as the server's Retry-After says (capped) or backing off.
@@ -53,7 +56,7 @@ MAX_RETRY_AFTER_S = 60.0  # a server asking for a longer wait gets this; the sta
 _RETRY_STATUS = {408, 425, 429, 500, 502, 503, 504}
 # Entry fields that name a remote source: the fetched copy is described by file_name alone.
 _SOURCE_FIELDS = {"url", "sha256", "hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name",
-                  "file_sha1", "subset", "split", "folder"}
+                  "file_sha1", "subset", "split", "folder", "revision"}
 T = TypeVar("T")
 
 
@@ -217,8 +220,11 @@ def _fetch_hub(spec: DatasetSpec, dest_dir: Path, streaming: bool, retries: int)
     the hub states, if any."""
     import datasets  # heavy import, only for hub sources
 
-    what = f"{spec.hf_hub_url!r} (subset={spec.subset}, split={spec.split})"
+    pin = f", revision={spec.revision}" if spec.revision else ""
+    what = f"{spec.hf_hub_url!r} (subset={spec.subset}, split={spec.split}{pin})"
     kwargs = {"streaming": True} if streaming else {}
+    if spec.revision:
+        kwargs["revision"] = spec.revision
     try:
         ds = datasets.load_dataset(spec.hf_hub_url, name=spec.subset, data_dir=spec.folder, split=spec.split, **kwargs)
     except Exception as e:  # the hub client raises many types; say which dataset, keep the cause

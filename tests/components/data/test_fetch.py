@@ -316,3 +316,18 @@ def test_streaming_keys_only_the_fetch_of_hub_datasets(tiny_model_dir: Path, tmp
     off, on = keyed(False, **hub), keyed(True, **hub)
     assert off["align"] == on["align"] and off["fetch"] != on["fetch"]
     assert on["fetch"]["sources"]["hub_rows"]["streaming"] is True
+
+
+def test_a_pinned_hub_revision_is_what_is_loaded(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import datasets
+
+    calls = _stand_in_hub(monkeypatch, lambda **_: datasets.Dataset.from_list([{"text": "I10"}]))
+    info = _info(tmp_path, {"d": {"hf_hub_url": "org/icd10", "revision": "c" * 40, "formatting": "text"},
+                            "bad": {"url": "https://example.org/x.jsonl", "revision": "main"}})
+    out = tmp_path / "fetch"
+    run_fetch(info, ["d"], out)
+    assert calls == [("org/icd10", {"name": None, "data_dir": None, "split": "train", "revision": "c" * 40})]
+    assert json.loads((out / "dataset_info.json").read_text())["d"] == {"file_name": "raw/d/train.parquet",
+                                                                        "formatting": "text"}
+    with pytest.raises(DataError, match=r"dataset 'bad': field '\(entry\)'.*revision pins a hub dataset"):
+        run_fetch(info, ["bad"], tmp_path / "fetch2")

@@ -218,6 +218,18 @@ def alignment_line(alignment: dict) -> str:
     return text + (": " + "; ".join(parts) if parts else "")
 
 
+def promotion_line(promotion: dict) -> str:
+    """The gate's decision in one sentence: promoted to @champion, or kept as @challenger and why."""
+    name, version, outcome = promotion.get("name"), promotion.get("version"), promotion.get("outcome")
+    if outcome == "promoted":
+        return f"promoted {name} version {version} to @champion: {promotion.get('reason')}"
+    if outcome == "kept":
+        return f"{name} version {version} already is @champion"
+    champion = promotion.get("champion")
+    stays = f"@champion stays version {champion}" if champion else "no version is @champion"
+    return f"kept {name} version {version} as @challenger ({stays}): it {promotion.get('reason')}"
+
+
 def _summary(manifests: dict[str, dict], timeline: list[dict], flow_s: float) -> dict:
     """Metrics, the stage-by-stage comparison and the timings of a run."""
     stage_s = sum(r["stage_s"] for r in timeline)
@@ -245,8 +257,10 @@ def _summary(manifests: dict[str, dict], timeline: list[dict], flow_s: float) ->
             metrics.update({f"aligned_{metric}_change{suffix}": change["change"][field]
                             for suffix, field in (("", "value"), ("_ci_low", "ci_low"), ("_ci_high", "ci_high"))})
     registered = manifests.get("register", {}).get("info", {})
+    promotion = manifests.get("promote", {}).get("info", {})
     quant = manifests.get("quantize", {}).get("metrics", {})
     return {"metrics": metrics, "columns": columns, "comparison": comparison, "registered": registered,
+            "promotion": promotion,
             "alignment": alignment, "per_task": per_task,
             "per_task_table": per_task_table(per_task) if per_task else "",
             "quantization": quant, "timeline": timeline, "stages": {k: v["dir"] for k, v in manifests.items()}}
@@ -302,7 +316,7 @@ def _publish(summary: dict) -> None:
     for k, row in summary["comparison"].items():
         lines.append(f"| {k} | " + " | ".join("" if row[c] is None else f"{row[c]:.4f}" for c in columns) + " |")
     if summary.get("per_task_table"):
-        lines += ["", "### Per task (95% intervals; chance = always the most common answer)", "",
+        lines += ["", "### Per task (95% intervals; majority baseline = always the most common answer)", "",
                   summary["per_task_table"]]
     if (summary.get("alignment") or {}).get("method"):
         lines += ["", alignment_line(summary["alignment"]) + "."]
@@ -311,6 +325,8 @@ def _publish(summary: dict) -> None:
     reg = summary.get("registered") or {}
     if reg:
         lines.append(f"\nRegistered **{reg.get('name')}** version {reg.get('version')} as @{reg.get('alias')}.")
+    if summary.get("promotion"):
+        lines.append(f"\n{promotion_line(summary['promotion'])}.")
     try:
         create_markdown_artifact("\n".join(lines), key="evaluation", description="Held-out evaluation")
     except Exception as exc:  # an artifact is a convenience; never fail a finished run for it

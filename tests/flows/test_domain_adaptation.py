@@ -60,8 +60,23 @@ def test_first_run_runs_every_stage_and_registers(first_run):
     mv = client.get_model_version_by_alias(cfg.registry.model_name, "challenger")
     assert mv.version == reg["version"]
     for tag in ("lmforge.config_digest", "lmforge.git_commit", "prefect.flow_run_id", "lmforge.data_digest.align",
-                "lmforge.base_model_digest", "lmforge.stage_key.prepare", "lmforge.stage_key.fetch"):
+                "lmforge.base_model_digest", "lmforge.stage_key.prepare", "lmforge.stage_key.fetch",
+                "lmforge.heldout_digest"):
         assert mv.tags.get(tag), tag
+    # What the gate pairs the next challenger with: the answers, and the digest of the questions they answer.
+    from components.evaluation.compare import heldout_digest
+    from components.promotion import registered_samples
+
+    answers = registered_samples(client, mv)
+    assert answers and heldout_digest(answers) == mv.tags["lmforge.heldout_digest"]
+    # The random tiny model is at its tasks' majority baselines: the gate keeps it as challenger and says why.
+    from flows.domain_adaptation import promotion_line
+
+    promotion = summary["promotion"]
+    assert promotion["outcome"] == "rejected" and promotion["champion"] is None
+    line = promotion_line(promotion)
+    assert line.startswith(f"kept {cfg.registry.model_name} version {reg['version']} as @challenger "
+                           "(no version is @champion): it does not beat the majority baseline"), line
     # Parent run with nested stage runs; datasets logged with our full sha256.
     runs = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id])
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]

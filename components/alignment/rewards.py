@@ -161,7 +161,7 @@ class RewardModel:
 
     def __init__(self, base, below: list[Path], reward_adapter: Path, hardware, tokenizer, *, stop: str | None,
                  max_length: int = 256, batch_size: int = 8):
-        self.model = load_reward_model(base, below, reward_adapter, hardware, tokenizer.pad_token_id)
+        self.model = shared_reward_model(base, below, reward_adapter, hardware, tokenizer.pad_token_id)
         self.tokenizer, self.stop, self.max_length, self.batch_size = tokenizer, stop or "", max_length, batch_size
         self.device = hardware.device
 
@@ -187,6 +187,23 @@ def load_classifier(base, below: list[Path], hardware, pad_token_id: int | None)
     body.load_state_dict(getattr(causal, causal.base_model_prefix).state_dict())
     del causal
     return model.to(hardware.device)
+
+
+_LAST_REWARD_MODEL: dict[tuple, object] = {}
+
+
+def shared_reward_model(base, below: list[Path], reward_adapter: Path, hardware, pad_token_id: int | None):
+    """load_reward_model, kept for the next caller in this process: the four evaluate nodes of a run score
+    with the same reward model, and loading it (base, merges, score head) cost each of them seconds. One
+    model is kept; it is only ever used for inference. Stage outputs are content-addressed directories, and
+    the key also holds the adapter files' mtimes, so a rewritten adapter is loaded afresh."""
+    stamps = tuple(sorted((p.name, p.stat().st_mtime_ns) for p in Path(reward_adapter).glob("*") if p.is_file()))
+    key = (str(base.source), tuple(str(p) for p in below), str(reward_adapter), stamps, str(hardware.device),
+           str(hardware.dtype), pad_token_id)
+    if key not in _LAST_REWARD_MODEL:
+        _LAST_REWARD_MODEL.clear()
+        _LAST_REWARD_MODEL[key] = load_reward_model(base, below, reward_adapter, hardware, pad_token_id)
+    return _LAST_REWARD_MODEL[key]
 
 
 def load_reward_model(base, below: list[Path], reward_adapter: Path, hardware, pad_token_id: int | None = None):

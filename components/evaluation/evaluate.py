@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -120,6 +122,7 @@ def score_heldout(
     template_name: str,
     system_prompt: str | None,
     max_samples: int | None = None,
+    phases: PhaseTimer | None = None,
 ) -> tuple[dict, list[dict]]:
     """The per-task report (see components/evaluation/per_task.py) and the sample answers for held-out
     conversation records. Each task keeps its first `cfg.max_samples` rows; `max_samples` caps the total,
@@ -143,8 +146,10 @@ def score_heldout(
     # One task at a time (answers of one length stop together), shortest prompts first within it.
     task_index = {task: i for i, task in enumerate(groups)}
     order = sorted(range(len(rows)), key=lambda i: (task_index[rows[i][0]], len(prompts[i])))
-    generated = generate(model, tokenizer, [prompts[i] for i in order], max_new_tokens=cfg.max_new_tokens,
-                         batch_size=cfg.batch_size)
+    phase = phases or (lambda _: nullcontext())
+    with phase("generate"):
+        generated = generate(model, tokenizer, [prompts[i] for i in order], max_new_tokens=cfg.max_new_tokens,
+                             batch_size=cfg.batch_size)
     preds = [""] * len(rows)
     for i, answer in zip(order, generated):
         preds[i] = answer
@@ -162,8 +167,9 @@ def score_heldout(
         if cfg.choice_max_answers:
             candidates = answer_set([split_prompt(r["messages"])[1] for r in all_rows[task]], cfg.choice_max_answers)
         if candidates:
-            chosen, _ = choose(tokenizer, model, template_name, [pairs[i][0] for i in span], candidates,
-                               system_prompt=system_prompt, batch_size=cfg.batch_size)
+            with phase("choice"):
+                chosen, _ = choose(tokenizer, model, template_name, [pairs[i][0] for i in span], candidates,
+                                   system_prompt=system_prompt, batch_size=cfg.batch_size)
             for i, pick in zip(span, chosen):
                 picks[i] = pick
             scores["choice_accuracy"] = proportion(
@@ -200,17 +206,20 @@ def evaluate_heldout(
     template_name: str,
     system_prompt: str | None,
     max_samples: int | None = None,
+    phases: PhaseTimer | None = None,
 ) -> Evaluation:
     """Score one loaded model on the held-out sets: perplexities and the per-task report, flattened."""
+    phase = phases or (lambda _: nullcontext())
     n_ppl = min(cfg.perplexity_max_samples, max_samples or cfg.perplexity_max_samples)
-    result = Evaluation(metrics=_perplexities(model, tokenizer, tokenized_dir, n_ppl))
+    with phase("perplexity"):
+        result = Evaluation(metrics=_perplexities(model, tokenizer, tokenized_dir, n_ppl))
     eval_file = Path(aligned_dir) / "sft_eval.jsonl"
     if eval_file.is_file():
         records = list(iter_records(eval_file))
         if records:
             result.per_task, result.samples = score_heldout(
                 model, tokenizer, records, cfg=cfg, template_name=template_name, system_prompt=system_prompt,
-                max_samples=max_samples)
+                max_samples=max_samples, phases=phases)
             result.metrics.update(flatten_report(result.per_task))
     return result
 
@@ -240,7 +249,8 @@ def run_evaluate(model, tokenizer, out_dir: Path, **kwargs) -> StageResult:
 
 def _score(model, tokenizer, out_dir: Path, **kwargs) -> tuple[Evaluation, dict]:
     """evaluate_heldout, then the configured harness tasks (their harness.json written into out_dir)."""
-    evaluation = evaluate_heldout(model, tokenizer, **kwargs)
+    phases = kwargs.pop("phases", None)
+    evaluation = evaluate_heldout(model, tokenizer, phases=phases, **kwargs)
     info: dict = {}
     cfg: EvaluateConfig = kwargs["cfg"]
     if cfg.harness_tasks:
@@ -271,21 +281,45 @@ def evaluate_stage(cfg: PipelineConfig, inputs: StageInputs, out_dir: Path) -> S
     base = inputs.base_model
     out_dir = Path(out_dir)
     hardware = select_hardware(cfg.compute.device, cfg.compute.precision)
-    model = load_with_adapters(base.source, inputs.adapter_stack(), hardware, **base.load_kwargs())
-    tokenizer = load_tokenizer(base.source, **base.load_kwargs())
+    phases = PhaseTimer()
+    with phases("load"):
+        model = load_with_adapters(base.source, inputs.adapter_stack(), hardware, **base.load_kwargs())
+        tokenizer = load_tokenizer(base.source, **base.load_kwargs())
     evaluation, info = _score(
         model, tokenizer, out_dir, tokenized_dir=inputs.dir("tokenize", reading=HELDOUT_READS["tokenize"]),
         aligned_dir=inputs.dir("align", reading=HELDOUT_READS["align"]),
         cfg=cfg.evaluate, template_name=cfg.tokenize.template, system_prompt=cfg.tokenize.system_prompt,
+        phases=phases,
     )
     samples, metrics = evaluation.samples, evaluation.metrics
     if inputs.has("alignment"):
-        metrics.update(_kl_to_reference(model, inputs, samples, tokenizer, hardware, cfg.tokenize.template))
+        with phases("kl_to_reference"):
+            metrics.update(_kl_to_reference(model, inputs, samples, tokenizer, hardware, cfg.tokenize.template))
     if cfg.evaluate.sample_k and cfg.alignment.reward.rule:
-        metrics.update(_sampled_rewards(model, cfg, samples, tokenizer))
+        with phases("sampled_rewards"):
+            metrics.update(_sampled_rewards(model, cfg, samples, tokenizer))
     del model
-    metrics.update(_answer_rewards(cfg, inputs, samples, tokenizer, hardware))
+    with phases("answer_rewards"):
+        metrics.update(_answer_rewards(cfg, inputs, samples, tokenizer, hardware))
+    info["phase_s"] = phases.seconds
+    log.info("evaluation phases (s): %s", {k: round(v, 1) for k, v in phases.seconds.items()})
     return _finish(out_dir, evaluation, info)
+
+
+class PhaseTimer:
+    """Wall seconds per named phase of an evaluation (summed over repeats), for the manifest's info and
+    bench/eval_profile.py: where an evaluate node's time goes."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
 
 def write_samples(path: Path, samples: list[dict]) -> None:

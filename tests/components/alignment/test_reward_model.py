@@ -41,3 +41,33 @@ def test_reward_model_separates_a_separable_preference_set(tiny_model_dir, tmp_p
     assert metrics["train_loss_last"] < metrics["train_loss_first"]
     # The checkpoint the trainer wrote is marked complete, so a rerun would resume from it.
     assert any((p / "lmforge-complete").exists() for p in (tmp_path / "checkpoints").glob("checkpoint-*"))
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_reward_model_is_loaded_once_for_the_evaluate_nodes_of_a_run(tiny_model_dir, tmp_path):
+    """The four evaluate nodes of a run build a RewardModel each: the second finds the loaded one, scores alike,
+    and an adapter written anew is loaded afresh."""
+    import os
+
+    from peft import LoraConfig, get_peft_model
+
+    from components.alignment.rewards import RewardModel, load_reward_model
+
+    base = BaseModelRef(str(tiny_model_dir))
+    hardware = select_hardware("cpu", "fp32")
+    tokenizer = load_tokenizer(base.source)
+    adapter = tmp_path / "reward"
+    peft_model = get_peft_model(load_classifier(base, [], hardware, tokenizer.pad_token_id),
+                                LoraConfig(r=4, target_modules="all-linear", modules_to_save=["score"],
+                                           task_type="SEQ_CLS"))
+    peft_model.save_pretrained(adapter)
+    first = RewardModel(base, [], adapter, hardware, tokenizer, stop="<|im_end|>", max_length=64)
+    second = RewardModel(base, [], adapter, hardware, tokenizer, stop="<|im_end|>", max_length=64)
+    assert second.model is first.model
+    prompts, answers = ["<|im_start|>user\nI10?<|im_end|>\n<|im_start|>assistant\n"] * 2, GOOD[:2]
+    fresh = RewardModel.__new__(RewardModel)
+    fresh.__dict__.update(first.__dict__, model=load_reward_model(base, [], adapter, hardware, tokenizer.pad_token_id))
+    assert second(prompts, answers) == pytest.approx(fresh(prompts, answers), abs=1e-5)
+    weights = next(adapter.glob("*.safetensors"))
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # rewritten
+    assert RewardModel(base, [], adapter, hardware, tokenizer, stop="<|im_end|>", max_length=64).model is not first.model

@@ -125,6 +125,12 @@ class DataConfig(Strict):
         "a task's rows twice, 0.5 a seeded half, 0 none; unnamed tasks keep their rows once. Balances a task mix "
         "without editing the data; held-out sets are never reweighted. A name no row carries fails the align stage.",
     )
+    rule_baselines: dict[str, str] = Field(
+        {}, description="Per held-out task, a feature of the question (module:function, question -> key): the "
+        "align stage fits the commonest answer per key on the task's SFT rows and the evaluation shows that rule's "
+        "score beside the model's, the ceiling of what the question shows (components/evaluation/rule_baseline.py). "
+        "billable: components.evaluation.rule_baseline:code_shape (a code's length and letter).",
+    )
     sft_phases: list[dict[str, Annotated[float, Field(ge=0)]]] = Field(
         [],
         description="A curriculum: later SFT phases, each a task -> repeat factor map like sft_task_weights, "

@@ -32,6 +32,7 @@ from components.data.mixing import check_mixing, phase_tasks, write_interleaved
 from components.data.readers import BATCH_ROWS, ParseFailure, Row, data_files, parse_jsonl_line, read_rows, snippet
 from components.data.records import GROUP_KINDS, MIXED_GROUPS
 from components.data.workers import SharedPool, line_chunks
+from components.errors import StageInputError
 from components.runtime import progress
 
 if TYPE_CHECKING:
@@ -387,8 +388,17 @@ def align_stage(cfg: PipelineConfig, inputs: StageInputs, out_dir: Path) -> Stag
     data = cfg.data
     groups = {g: getattr(data, g) for g in GROUP_KINDS if getattr(data, g)}
     fetched = inputs.dir("fetch", reading=("dataset_info.json", "provenance.json", "raw/*"))
-    return run_align(fetched, groups, out_dir, max_samples=data.max_samples, seed=data.seed,
+    result = run_align(fetched, groups, out_dir, max_samples=data.max_samples, seed=data.seed,
                      bad_row_budget=data.bad_row_budget, mix_strategy=data.mix_strategy,
                      interleave_probs=data.interleave_probs, sft_task_weights=data.sft_task_weights,
                      sft_phases=data.sft_phases, identity_name=data.identity_name,
                      identity_author=data.identity_author, num_proc=data.num_proc)
+    if data.rule_baselines:
+        from components.evaluation.rule_baseline import attach_rule_answers
+
+        if not (out_dir / "sft.jsonl").is_file() or not (out_dir / "sft_eval.jsonl").is_file():
+            raise StageInputError("data.rule_baselines needs SFT rows to fit on (data.sft) and held-out rows to "
+                                  "answer (data.sft_eval)")
+        result.info["rule_baselines"] = attach_rule_answers(out_dir / "sft.jsonl", out_dir / "sft_eval.jsonl",
+                                                            data.rule_baselines)
+    return result

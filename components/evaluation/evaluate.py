@@ -32,7 +32,14 @@ from components.data.encoding import encode_texts
 from components.evaluation.choice import choose, left_pad
 from components.evaluation.intervals import proportion
 from components.evaluation.metrics import normalize_answer, text_scores
-from components.evaluation.per_task import answer_set, flatten_report, group_by_task, majority_rate, task_entry
+from components.evaluation.per_task import (
+    answer_set,
+    finite_values as _finite_dict,
+    flatten_report,
+    group_by_task,
+    majority_rate,
+    task_entry,
+)
 from components.models.loading import load_tokenizer, load_with_adapters, select_hardware
 from components.models.loss import labeled_positions_loss
 from components.pipeline import HELDOUT_READS
@@ -175,6 +182,10 @@ def score_heldout(
             scores["choice_accuracy"] = proportion(
                 [normalize_answer(p) == normalize_answer(r) for p, r in zip(chosen, task_refs)])
         tasks[task] = task_entry(len(recs), majority_rate(task_refs), scores, len(candidates) if candidates else None)
+        rule = [rec["rule_answer"] for _, rec in (rows[i] for i in span) if "rule_answer" in rec]
+        if len(rule) == len(recs):  # data.rule_baselines: the lookup rule's score on the same questions
+            tasks[task]["rule_baseline"] = _finite_dict(
+                proportion([normalize_answer(a) == normalize_answer(r) for a, r in zip(rule, task_refs)]).as_dict())
 
     overall = text_scores(preds, refs, resamples=cfg.bootstrap_resamples)
     chosen_rows = [i for i, p in enumerate(picks) if p is not None]

@@ -14,7 +14,9 @@ The report (`per_task.json`) is {"overall": entry, "tasks": {task: entry}} with
 entry = {"n", "majority_baseline", "answers" (candidate count, classification tasks only), "metrics": {name:
 {"value", "ci_low", "ci_high", "ci_method"}}}; `flatten_report` turns it into MLflow metric keys:
 `exact_match`, `exact_match_ci_low`, ... for the overall entry and `task/<task>/exact_match`, ...,
-`task/<task>/n`, `task/<task>/majority_baseline` per task.
+`task/<task>/n`, `task/<task>/majority_baseline` per task. A task with a fitted lookup rule
+(data.rule_baselines, components/evaluation/rule_baseline.py) also has "rule_baseline": that rule's score
+on the same questions, with its interval (`task/<task>/rule_baseline`).
 """
 
 from __future__ import annotations
@@ -72,13 +74,13 @@ def majority_rate(references: list[str]) -> float:
 
 def task_entry(n: int, majority_baseline: float, scores: dict[str, Estimate], answers: int | None = None) -> dict:
     """One task's (or the overall) entry of the report."""
-    entry = {"n": n, "majority_baseline": majority_baseline, "metrics": {k: _finite(e.as_dict()) for k, e in scores.items()}}
+    entry = {"n": n, "majority_baseline": majority_baseline, "metrics": {k: finite_values(e.as_dict()) for k, e in scores.items()}}
     if answers is not None:
         entry["answers"] = answers
     return entry
 
 
-def _finite(d: dict) -> dict:
+def finite_values(d: dict) -> dict:
     """NaN (no interval) as None, so the report stays valid JSON."""
     return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in d.items()}
 
@@ -98,6 +100,12 @@ def flatten_report(report: dict) -> dict[str, float]:
             out[f"{prefix}majority_baseline"] = float(entry["majority_baseline"])
         if "answers" in entry:
             out[f"{prefix}answers"] = float(entry["answers"])
+        if entry.get("rule_baseline"):
+            rule = entry["rule_baseline"]
+            out[f"{prefix}rule_baseline"] = float(rule["value"])
+            for side in ("ci_low", "ci_high"):
+                if rule.get(side) is not None:
+                    out[f"{prefix}rule_baseline_{side}"] = float(rule[side])
         for name, m in entry["metrics"].items():
             out[f"{prefix}{name}"] = float(m["value"])
             for side in ("ci_low", "ci_high"):
@@ -129,7 +137,8 @@ def per_task_table(per_task_by_column: dict[str, dict], metrics: tuple[str, ...]
     for report in per_task_by_column.values():
         for task, entry in report.get("tasks", {}).items():
             tasks.setdefault(task, entry)
-    header = ["task", "n", "majority baseline", "metric", *columns]
+    rules = any(entry.get("rule_baseline") for entry in tasks.values())
+    header = ["task", "n", "majority baseline", *(["rule baseline"] if rules else []), "metric", *columns]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     rows = [*((task, entry, lambda r, t=task: r.get("tasks", {}).get(t)) for task, entry in tasks.items())]
     overall = next((r["overall"] for r in per_task_by_column.values() if "overall" in r), None)
@@ -142,5 +151,6 @@ def per_task_table(per_task_by_column: dict[str, dict], metrics: tuple[str, ...]
                 continue
             baseline = entry.get("majority_baseline")
             shown = "" if baseline is None or math.isnan(baseline) else f"{baseline:.3f}"
-            lines.append(f"| {task} | {entry['n']} | {shown} | {metric} | " + " | ".join(cells) + " |")
+            rule = [_cell(entry.get("rule_baseline"))] if rules else []
+            lines.append("| " + " | ".join([task, str(entry["n"]), shown, *rule, metric, *cells]) + " |")
     return "\n".join(lines)

@@ -342,3 +342,36 @@ def test_promote_stage_judges_the_aligned_model_when_alignment_ran(registry, tmp
     }
     result = promote_stage(cfg, StageInputs("promote", "promote", upstream, run=run), tmp_path)
     assert result.info["outcome"] == "promoted" and _champion(client, name) == version
+
+
+def test_the_gate_rescores_a_registered_champion_with_its_own_weights(store, tiny_model_dir, tmp_path):
+    """champion_rescorer downloads the champion from the registry, loads it and answers the challenger's questions
+    greedily; the random tiny model answers none of them right, so a challenger at 0.95 wins by a clear margin."""
+    from components.promotion import champion_rescorer
+
+    cfg, client, exp, _ = store
+    name = "rescored-for-real"
+    files = sorted(str(p.relative_to(tiny_model_dir)) for p in tiny_model_dir.rglob("*") if p.is_file())
+
+    def register(samples: list[dict]) -> str:
+        run_id = tracking.start_run(client, exp, "model")
+        tracking.log_metrics(client, run_id, {"eval_perplexity_sft_eval": 10.0,
+                                              **{f"eval_{k}": v for k, v in evaluation_metrics(samples).items()},
+                                              **{f"base_{k}": v for k, v in BASE.items()}})
+        write_samples(tmp_path / "samples.jsonl", samples)
+        version = register_model(client, name=name, run_id=run_id, model_dir=tiny_model_dir, files=files,
+                                 tags=log_heldout_answers(client, run_id, tmp_path / "samples.jsonl"), alias="challenger")
+        tracking.end_run(client, run_id)
+        return str(version)
+
+    first = register(answers(GOOD))
+    assert promote_if_better(client, name, first, GATE).promoted
+    challenger = answers(BETTER, offset=100)
+    second = register(challenger)
+    rescore = champion_rescorer(client, cfg.model_copy(update={"evaluate": cfg.evaluate.model_copy(
+        update={"max_new_tokens": 3})}), tmp_path / "registry-cache")
+    champion_answers = rescore(client.get_model_version(name, first), challenger)
+    assert [a["prompt"] for a in champion_answers] == [s["prompt"] for s in challenger]
+    assert all(isinstance(a["prediction"], str) and a["prediction"] != a["reference"] for a in champion_answers)
+    decision = promote_if_better(client, name, second, GATE, rescore=rescore)
+    assert decision.outcome == "promoted" and decision.paired["rescored"] and decision.paired["before"] == 0.0

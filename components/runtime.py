@@ -10,8 +10,9 @@ is kept per calling module), so it comes back every stage.
 
 Repeats are shown once per process. Notices that say nothing a user can act on (that peft
 deprecation; DeepSpeed saying it found no GPU; bitsandbytes missing an optional kernel that is
-fetched from the Hub; a model card without metadata) go once to the run's log file (logger
-components.runtime, INFO) and not to the terminal, where a new user would take them for a problem.
+fetched from the Hub; a model card without metadata; MLflow creating its database on a first run)
+go once to the run's log file (logger components.runtime, INFO) and not to the terminal, where a
+new user would take them for a problem.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ LOGGED_MESSAGES: dict[str, tuple[str, ...]] = {
     "bitsandbytes.backends.cpu.ops": ("Failed to load CPU gemm_4bit_forward",),
     # peft reading back the model card it wrote itself, which has no metadata block.
     "huggingface_hub.repocard": ("Repo card metadata block was not found",),
+    # A first run's new tracking database (components.tracking.client_for); MLflow's own handler prints it.
+    "mlflow.store.db.utils": ("Creating initial MLflow database tables", "Updating database tables"),
 }
 
 
@@ -112,9 +115,9 @@ class WarningsToLog:
         self.show(message, category, filename, lineno, file, line)
 
 
-def quiet_library_warnings() -> None:
+def route_library_notices() -> None:
     """Show each known repetitive library warning once per process, and send the notices a user cannot
-    act on to the log file (see the module docstring).
+    act on to the log file (see the module docstring). Imports no library.
 
     Idempotent: a second call installs nothing more. Call it outside `warnings.catch_warnings()`
     blocks, which put the previous `warnings.showwarning` back when they end. A library logger named
@@ -127,6 +130,12 @@ def quiet_library_warnings() -> None:
             logger = logging.getLogger(name)
             if not any(isinstance(f, OncePerMessage) for f in logger.filters):
                 logger.addFilter(OncePerMessage(prefixes, to_log=to_log))
+
+
+def quiet_library_warnings() -> None:
+    """What a stage run starts with: route_library_notices(), and no library progress bars where ours
+    are off (progress_bars())."""
+    route_library_notices()
     if not progress_bars():  # the libraries' own bars too (transformers' "Loading weights", datasets' maps)
         import datasets
         from transformers.utils import logging as hf_logging

@@ -20,6 +20,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from components.redact import mask_secrets
+from components.runtime import route_library_notices
 
 log = logging.getLogger(__name__)
 
@@ -29,9 +30,11 @@ _MAX_PARAM = 6000
 def client_for(uri: str) -> MlflowClient:
     """A client for tracking and registry at `uri`. A SQLite database is created (or migrated) under a
     file lock: two processes creating one database at once otherwise race in MLflow's schema migration
-    (`table _alembic_tmp_experiments already exists`)."""
+    (`table _alembic_tmp_experiments already exists`). MLflow's notices that it is creating the tables
+    go to the run's log file (components.runtime), not the terminal."""
     if not uri.startswith("sqlite:///"):
         return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    route_library_notices()
     db = Path(uri[len("sqlite:///") :])
     db.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(db) + ".lock"):

@@ -127,6 +127,7 @@ class _Collect(logging.Handler):
     ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward from kernels-community: No module named "
                                       "'kernels'. Please make sure you already `pip install kernels`"),
     ("huggingface_hub.repocard", "Repo card metadata block was not found. Setting CardData to empty."),
+    ("mlflow.store.db.utils", "Creating initial MLflow database tables..."),
 ])
 def test_notices_a_user_cannot_act_on_go_once_to_the_log_file(name, notice, restored_warning_state, caplog):
     library = logging.getLogger(name)  # DeepSpeed's does not propagate: its own handler prints it

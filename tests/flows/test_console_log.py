@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import io
 import logging
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 from flows.console_log import run_log
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_info_goes_to_the_file_warnings_to_both_and_tracebacks_to_the_file_only(tmp_path):
@@ -50,3 +57,24 @@ def test_outside_a_flow_run_our_records_are_not_sent_and_not_warned_about():
             logger.info("no run here")
     assert logging.getLogger("components").level == before
     assert not [h for h in logging.getLogger("components").handlers if type(h).__name__ == "ToFlowRun"]
+
+
+def test_a_first_cli_run_on_a_fresh_machine_prints_only_log_records(tiny_model_dir, tmp_path):
+    """A new Prefect home and workspace (the MLflow database is created): the terminal shows Prefect's
+    records and our summary, not MLflow's 'Creating initial MLflow database tables' (the log file has it)."""
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect")
+    (tmp_path / "prefect").mkdir()
+    workspace = tmp_path / "ws"
+    done = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "run", "configs/demo-cpu.yaml", "--until", "fetch",
+         "--set", f"workspace={workspace}", "--set", f"model.base={tiny_model_dir}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    terminal = done.stdout + done.stderr
+    assert "database tables" not in terminal, terminal
+    record = re.compile(r"^\d\d:\d\d:\d\d\.\d{3} \| [A-Z]+ +\| ")  # Prefect's console format
+    assert [line for line in done.stderr.splitlines() if not record.match(line)] == []
+    (log_file,) = (workspace / "logs").glob("run-*.log")
+    assert "Creating initial MLflow database tables" in log_file.read_text()

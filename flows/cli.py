@@ -107,8 +107,12 @@ def run(
     from flows.local_api import early_local_api
 
     with early_local_api() as wait_ready, failures_reported(cfg.workspace):
-        from flows.domain_adaptation import domain_adaptation  # torch, mlflow...: while the API boots
+        # While the API boots (a second process): import prefect and mlflow, and open (on a first run,
+        # create) the tracking database, which the flow's first MLflow call would otherwise do.
+        from components.tracking import client_for
+        from flows.domain_adaptation import domain_adaptation
 
+        client_for(cfg.tracking_uri())
         wait_ready()
         summary = domain_adaptation(config=cfg, from_stage=from_stage, only=only, until=until, verify=verify)
     _print_summary(summary)

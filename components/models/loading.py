@@ -15,16 +15,18 @@ against a table of what each model family's rotary embedding supports.
 
 from __future__ import annotations
 
+import glob
 import importlib.util
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-
 if TYPE_CHECKING:
+    import torch
+
     from components.config import RopeScalingSettings
 
 log = logging.getLogger(__name__)
@@ -55,29 +57,55 @@ def cache_root() -> Path:
     return Path(os.environ.get("LMFORGE_CACHE", Path.home() / ".cache" / "lmforge"))
 
 
+_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
 @dataclass(frozen=True)
 class Hardware:
     device: str
-    dtype: torch.dtype
+    precision: str  # fp32, bf16 or fp16
+
+    def __post_init__(self):
+        if self.precision not in _DTYPES:
+            raise ValueError(f"precision must be one of {', '.join(_DTYPES)}, not {self.precision!r}")
 
     @property
-    def precision(self) -> str:
-        return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
+    def dtype(self) -> torch.dtype:
+        import torch
+
+        return getattr(torch, _DTYPES[self.precision])
+
+
+def gpu_device_nodes() -> list[str]:
+    """The GPU device files of this Linux machine: NVIDIA's /dev/nvidia*, ROCm's /dev/kfd, WSL2's /dev/dxg."""
+    return glob.glob("/dev/nvidia*") + [p for p in ("/dev/kfd", "/dev/dxg") if os.path.exists(p)]
+
+
+def cuda_available() -> bool:
+    """torch.cuda.is_available(), without importing torch (~3 s) on a Linux machine with no GPU device file:
+    CUDA (and ROCm, which torch reports as CUDA) cannot see a GPU it has no device file for. A cached
+    rerun decides its precision, part of every cache key, without loading torch."""
+    if sys.platform == "linux" and "torch" not in sys.modules and not gpu_device_nodes():
+        return False
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def select_hardware(device: str = "auto", precision: str = "auto") -> Hardware:
     """Pick device and dtype from what the machine can do: CPUs here only emulate bf16, so fp32 there."""
     if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
+        device = "cuda" if cuda_available() else "cpu"
+    if device == "cuda" and not cuda_available():
         raise RuntimeError("compute.device is 'cuda' but no CUDA device is visible; set compute.device=auto or cpu")
     if precision == "auto":
         if device == "cuda":
+            import torch
+
             precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         else:
             precision = "fp32"
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    return Hardware(device=device, dtype=dtype)
+    return Hardware(device=device, precision=precision)
 
 
 class BaseModelError(ValueError):
@@ -115,6 +143,7 @@ def classify_base(base: str) -> tuple[str, str]:
 
 def convert_gguf(gguf: Path, target: Path) -> Path:
     """Dequantize a GGUF checkpoint into a safetensors checkpoint (with its tokenizer) at `target`."""
+    import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from components.artifacts import atomic_dir
@@ -254,6 +283,7 @@ def load_model(
     rope_scaling: RopeScalingSettings | None = None,
 ):
     """A causal LM on `hardware`, optionally 4/8-bit (`quantization_config`) or with RoPE scaling applied."""
+    import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     check_attention(attn_implementation, hardware.device)

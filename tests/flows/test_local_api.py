@@ -62,6 +62,23 @@ def test_a_configured_api_is_used_as_is(tmp_path):
     assert done.stdout.strip() == "http://127.0.0.1:9/api"
 
 
+def test_a_server_started_before_the_settings_are_read_stops_when_they_name_an_api(tmp_path):
+    # The CLI starts the server before importing prefect; an API named where it did not look (here a
+    # prefect.toml in the working directory) must still win, and that server must go at once.
+    (tmp_path / "prefect.toml").write_text('[api]\nurl = "http://127.0.0.1:9/api"\n')
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update(PREFECT_HOME=str(tmp_path / "home"), PYTHONPATH=str(ROOT))
+    probe = ("import json, os, psutil\nfrom flows.local_api import early_local_api\n"
+             "with early_local_api() as wait_ready:\n    wait_ready()\n"
+             "    from prefect.settings import get_current_settings\n"
+             "    print(json.dumps([get_current_settings().api.url, os.environ.get('PREFECT_API_URL'),\n"
+             "                      [p.cmdline() for p in psutil.Process().children(recursive=True)]]))\n")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == ["http://127.0.0.1:9/api", None, []]
+
+
 def test_the_server_does_not_outlive_a_killed_run(tmp_path):
     # kill -9 skips every cleanup handler; the server must still go (Linux: parent-death signal).
     import signal

@@ -20,9 +20,9 @@ from components.training.launch import LaunchError, TrainingJob, launch_training
 
 pytest.importorskip("deepspeed", reason="install the `deepspeed` extra: pip install -e '.[deepspeed]'")
 
-CPU = Hardware(device="cpu", dtype=torch.float32)
-GPU_BF16 = Hardware(device="cuda", dtype=torch.bfloat16)
-GPU_FP16 = Hardware(device="cuda", dtype=torch.float16)
+CPU = Hardware(device="cpu", precision="fp32")
+GPU_BF16 = Hardware(device="cuda", precision="bf16")
+GPU_FP16 = Hardware(device="cuda", precision="fp16")
 
 
 def _trainer_args(cfg: TrainConfig, hardware: Hardware, world_size: int):

@@ -196,7 +196,7 @@ def test_every_configurable_optimizer_has_a_transformers_name():
 
 
 def test_fp16_keeps_trainable_weights_in_fp32_for_the_loss_scaler(tiny_model_dir):
-    fp16 = Hardware("cpu", torch.float16)
+    fp16 = Hardware("cpu", "fp16")
     model = prepare_trainable(load_model(str(tiny_model_dir), fp16), TrainConfig(finetuning="freeze"), fp16)
     dtypes = {p.requires_grad: p.dtype for p in model.parameters()}
     assert dtypes == {True: torch.float32, False: torch.float16}

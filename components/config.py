@@ -86,18 +86,21 @@ class ModelConfig(Strict):
 
 
 class DataConfig(Strict):
+    """Which datasets each stage reads. Every group starts empty: a config names its own datasets (the
+    shipped presets name the ICD-10 demo's), and a stage whose training group is empty has nothing to learn."""
+
     dataset_info: str = Field(
-        "data/icd10/dataset_info.json",
-        description="Dataset description file in LLaMA-Factory's dataset_info.json schema; files are resolved next to it.",
+        "data/dataset_info.json",
+        description="Dataset description file in LLaMA-Factory's dataset_info.json schema (its default place, "
+        "data/dataset_info.json); files are resolved next to it.",
     )
-    cpt: list[str] = Field(["icd10_corpus"], description="Plain-text datasets for continued pretraining.")
-    cpt_eval: list[str] = Field(["icd10_corpus_heldout"], description="Held-out plain text for perplexity.")
-    sft: list[str] = Field(["icd10_instructions"], description="Instruction/conversation datasets for SFT.")
-    sft_eval: list[str] = Field(["icd10_instructions_heldout"], description="Held-out instructions for evaluation.")
-    preference: list[str] = Field(["icd10_preferences"], description="Preference pairs (chosen/rejected): the "
+    cpt: list[str] = Field([], description="Plain-text datasets for continued pretraining.")
+    cpt_eval: list[str] = Field([], description="Held-out plain text for perplexity.")
+    sft: list[str] = Field([], description="Instruction/conversation datasets for SFT.")
+    sft_eval: list[str] = Field([], description="Held-out instructions for evaluation.")
+    preference: list[str] = Field([], description="Preference pairs (chosen/rejected): the "
                                   "reward model and the preference methods (dpo, kto, orpo, simpo) train on them.")
-    preference_eval: list[str] = Field(["icd10_preferences_heldout"],
-                                       description="Held-out preference pairs: the reward model's pairwise accuracy.")
+    preference_eval: list[str] = Field([], description="Held-out preference pairs: the reward model's pairwise accuracy.")
     kto: list[str] = Field([], description="Unpaired preference datasets (LlamaFactory kto_tag) for alignment.method=kto.")
     prompts: list[str] = Field(
         [], description="Prompts for the sampling alignment methods (raft, ppo, grpo): conversation datasets whose "

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from components.artifacts import StageResult
 from components.config import ConfigError, ModelConfig, TrainConfig
 from components.data.tokenize import load_tokenized
+from components.errors import StageInputError
 from components.models.loading import Hardware, load_tokenizer, load_with_adapters, select_hardware
 from components.pipeline import BaseModelRef
 from components.training.lora import MetricsSink, run_lora_training
@@ -57,6 +58,7 @@ def run_adapter_stage(
 
 # The tokenized group each training kind learns from.
 TRAIN_GROUP = {"cpt": "cpt", "sft": "sft"}
+GROUP_WHAT = {"cpt": "plain-text", "sft": "instruction or conversation"}
 
 
 def train_stage(cfg: PipelineConfig, inputs: StageInputs, out_dir: Path) -> StageResult:
@@ -64,11 +66,15 @@ def train_stage(cfg: PipelineConfig, inputs: StageInputs, out_dir: Path) -> Stag
 
     A rerun after a crash resumes from the last complete checkpoint in `out_dir`.
     """
+    group = TRAIN_GROUP[inputs.kind]
+    if not getattr(cfg.data, group):  # the data groups start empty: a stage left on needs its own datasets
+        raise StageInputError(f"{inputs.kind} is enabled but data.{group} names no dataset: list your "
+                              f"{GROUP_WHAT[group]} datasets under data.{group}, or set {inputs.kind}.enabled: false")
     base = inputs.base_model
     below = inputs.adapter_stack()
     hardware = select_hardware(cfg.compute.device, cfg.compute.precision)
     train_cfg: TrainConfig = getattr(cfg, inputs.kind)
-    train_file = inputs.file("tokenize", f"{TRAIN_GROUP[inputs.kind]}.parquet")
+    train_file = inputs.file("tokenize", f"{group}.parquet")
     # A curriculum lives in the order of sft.parquet's rows, which its digest (this stage's key) covers.
     ordered = inputs.kind == "sft" and bool(cfg.data.sft_phases)
     distributed = train_cfg.deepspeed.stage > 0

@@ -76,14 +76,22 @@ def _changed(a: PipelineConfig, b: PipelineConfig) -> set[str]:
 
 
 def test_builtin_defaults_do_not_speak_for_the_icd_demo():
-    # The defaults are what a user's own config falls back to: no ICD system prompt, no ICD model name.
-    # `data` is left out on purpose: its defaults name the shipped example datasets, so that a config
-    # without a data section has something to run on.
+    # The defaults are what a user's own config falls back to: no ICD dataset, system prompt or model name.
     defaults = dict(_leaves(load_config(None).model_dump(mode="json")))
     assert defaults["tokenize.system_prompt"] is None
-    domain = {k: v for k, v in defaults.items()
-              if not k.startswith("data.") and any(w in str(v).lower() for w in ("icd", "medical"))}
+    domain = {k: v for k, v in defaults.items() if any(w in str(v).lower() for w in ("icd", "medical"))}
     assert domain == {}
+
+
+def test_a_config_naming_only_its_sft_data_reads_no_other_dataset(tmp_path):
+    # A user's dataset_info.json holds only their own datasets: no group may fall back to the demo's names.
+    p = tmp_path / "mine.yaml"
+    p.write_text("data:\n  dataset_info: my/dataset_info.json\n  sft: [my_chats]\n")
+    data = load_config(p).data
+    assert data.sft == ["my_chats"]
+    others = {g: getattr(data, g) for g in ("cpt", "cpt_eval", "sft_eval", "preference", "preference_eval", "kto",
+                                            "prompts")}
+    assert others == dict.fromkeys(others, [])
 
 
 def test_demo_preset_keeps_its_own_system_prompt():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from pathlib import Path
 
 import pytest
 
@@ -10,6 +11,7 @@ from components.config import load_config
 from components.pipeline import STAGE_KINDS, STAGE_TABLE, STAGES_BY_NAME, KeyFacts, StageInputs, planned_nodes
 
 FACTS = KeyFacts(precision="fp32", tokenizer_digest="tok", model_digest="model")
+DEMO = Path(__file__).resolve().parents[2] / "configs/demo-cpu.yaml"
 
 
 def test_every_entry_point_exists_with_the_stage_signature():
@@ -28,7 +30,7 @@ def test_upstream_nodes_come_earlier_in_the_table():
 
 
 def test_every_key_slice_is_json_and_a_model_stage_is_keyed_on_the_base_model():
-    cfg = load_config(None)
+    cfg = load_config(DEMO)  # names datasets for every group (the built-in defaults name none)
     keyed_by: dict[str, set[str]] = {}  # node -> every node whose digest reaches its key
     for node in planned_nodes(cfg):
         assert isinstance(node.spec.keyed_on(cfg, FACTS), dict)

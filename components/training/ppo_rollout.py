@@ -416,11 +416,14 @@ def rollout(peft_model, value_head, query, query_mask, settings: PPOSettings, *,
 # ---------------------------------------------------------------- PPO math
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of `x` over the positions where `mask` is set (0 when none is)."""
     mask = mask.to(x.dtype)
     return (x * mask).sum() / mask.sum().clamp(min=1)
 
 
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(x - mean) / sqrt(var + 1e-8), mean and (population) variance over the masked positions of the whole
+    batch; the mean is not added back (whitened advantages have mean 0). Masked-out positions become 0."""
     mean = masked_mean(x, mask)
     var = masked_mean((x - mean) ** 2, mask)
     return torch.where(mask.bool(), (x - mean) * torch.rsqrt(var + 1e-8), 0.0)
@@ -437,9 +440,13 @@ def token_rewards(scores, logprobs, ref_logprobs, mask, kl_coef: float) -> tuple
 
 
 def gae(rewards, values, mask, gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Generalized advantage estimation over response tokens (values past the end count as 0).
-    Returns (advantages, returns)."""
+    """Generalized advantage estimation over response tokens (Schulman et al. 2016), right-padded rows.
+
+    A response is a finished episode: the value after its last token is 0 (no bootstrap), whatever
+    `values` holds on the padding. Rewards and values at padded positions are ignored, and padded
+    positions get advantage 0. Returns (advantages, returns = advantages + values)."""
     values = torch.where(mask.bool(), values, 0.0)
+    rewards = torch.where(mask.bool(), rewards, 0.0)
     advantages = torch.zeros_like(rewards)
     last_gae = torch.zeros_like(rewards[:, 0])
     for t in reversed(range(rewards.shape[1])):

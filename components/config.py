@@ -94,6 +94,13 @@ class DataConfig(Strict):
         description="Dataset description file in LLaMA-Factory's dataset_info.json schema (its default place, "
         "data/dataset_info.json); files are resolved next to it.",
     )
+    allow_outside_paths: bool = Field(
+        False,
+        description="Let a dataset's file_name point outside the dataset_info.json's directory (an absolute path, "
+        "'..', or a symlink leading out). Off: such an entry fails naming the dataset, so a shared or downloaded "
+        "description cannot make the pipeline read (and log) any file on the machine. Turn on for your own "
+        "files kept elsewhere.",
+    )
     cpt: list[str] = Field([], description="Plain-text datasets for continued pretraining.")
     cpt_eval: list[str] = Field([], description="Held-out plain text for perplexity.")
     sft: list[str] = Field([], description="Instruction/conversation datasets for SFT.")

@@ -255,8 +255,8 @@ STAGE_TABLE: tuple[StageSpec, ...] = (
         # an unchanged file) reruns nothing below fetch.
         "align", "align", "components.data.align:align_stage", upstream=("fetch",), logs_datasets=True,
         reads={"fetch": FETCHED_FILES},
-        keyed_on=lambda cfg, facts: {"data": cfg.data.model_dump(mode="json", exclude={"dataset_info", "num_proc",
-                                                                                         "streaming"})},
+        keyed_on=lambda cfg, facts: {"data": cfg.data.model_dump(mode="json", exclude={
+            "dataset_info", "num_proc", "streaming", "allow_outside_paths"})},
         summary="convert every format to the standard records; report dropped rows",
     ),
     StageSpec(
@@ -390,21 +390,21 @@ def source_fingerprints(cfg: PipelineConfig, versions: Mapping[str, str] | None 
     current version of every remote one (`versions`, KeyFacts.source_versions; a pinned or unreachable
     source has none and is keyed on its description)."""
     from components.artifacts import file_fingerprint
-    from components.data.dataset_info import load_dataset_info
+    from components.data.dataset_info import load_dataset_info, local_files
     from components.data.records import GROUP_KINDS
 
     info_path = Path(cfg.data.dataset_info)
     names = sorted({n for g in GROUP_KINDS for n in getattr(cfg.data, g)})
-    specs = load_dataset_info(info_path, names)
+    outside = cfg.data.allow_outside_paths
+    specs = load_dataset_info(info_path, names, allow_outside=outside)
     out: dict[str, object] = {"dataset_info": file_fingerprint(info_path)}
     for name, spec in specs.items():
         entry = spec.model_dump(mode="json")
         if spec.load_from == "hf_hub":  # how a hub dataset is saved (parquet, or JSONL when streamed)
             entry["streaming"] = cfg.data.streaming
-        if spec.file_name:
-            base = info_path.parent / spec.file_name
-            paths = sorted(p for p in base.rglob("*") if p.is_file()) if base.is_dir() else [base]
-            entry["content"] = {_shown(p, info_path.parent): file_fingerprint(p) for p in paths if p.exists()}
+        if spec.file_name:  # the files fetch copies (a directory's hidden files are not)
+            paths = local_files(spec, info_path, allow_outside=outside)
+            entry["content"] = {_shown(p, info_path.parent): file_fingerprint(p) for p in paths}
         if versions and name in versions:
             entry["version"] = versions[name]
         out[name] = entry

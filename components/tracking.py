@@ -4,6 +4,7 @@ from any process or thread it runs in: the parent run id travels with the call.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -25,6 +26,7 @@ from components.runtime import route_library_notices
 log = logging.getLogger(__name__)
 
 _MAX_PARAM = 6000
+_MAX_KEY = 250  # MLflow's longest param or metric key
 
 
 def client_for(uri: str) -> MlflowClient:
@@ -68,11 +70,34 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def safe_params(config: dict) -> list[Param]:
+    """`config` flattened to MLflow params; keys made valid and kept distinct (see mlflow_key)."""
     params = []
+    taken: set[str] = set()
     for k, v in flatten(mask_secrets(config)).items():
+        key = mlflow_key(k)
+        if key in taken:  # two names that differ only in refused characters: tell them apart by a digest
+            key = mlflow_key(f"{key[:_MAX_KEY - 9]}-{hashlib.sha256(k.encode()).hexdigest()[:8]}")
+        taken.add(key)
         value = json.dumps(v) if isinstance(v, (list, dict)) else str(v)
-        params.append(Param(k, value[:_MAX_PARAM]))
+        params.append(Param(key, value[:_MAX_PARAM]))
     return params
+
+
+def mlflow_key(name: str) -> str:
+    """`name` as a valid MLflow param or metric key, whatever a user called a dataset, task or file in it.
+
+    MLflow takes ASCII letters, digits and `_ - . space /`, at most 250 characters, and a key that is a
+    normalised relative path (no empty, `.` or `..` segment, no leading `/` or `..`): anything else fails
+    the whole batch. Those characters become `_`; a key that had to be shortened ends in a digest of
+    the full name, so two long names stay apart.
+    """
+    key = re.sub(r"[^A-Za-z0-9_\-. /]", "_", name)
+    key = "/".join("_" if part in ("", ".", "..") else part for part in key.split("/"))
+    if key.startswith(".."):
+        key = "_" + key
+    if len(key) > _MAX_KEY:
+        key = f"{key[:_MAX_KEY - 9]}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+    return key
 
 
 # Run tags naming the process that owns a run, so a later sweep can tell a live run from one whose
@@ -100,9 +125,9 @@ def log_params(client: MlflowClient, run_id: str, config: dict) -> None:
 
 
 def metric_name(name: str) -> str:
-    """`name` with every character MLflow refuses in a metric name replaced by `_` (a reward named
-    `rule+model`, logged by TRL as `rewards/rule+model/mean`, would fail the whole batch)."""
-    return re.sub(r"[^\w\-. :/]", "_", name)
+    """`name` as a valid MLflow metric key (mlflow_key): a reward named `rule+model`, logged by TRL as
+    `rewards/rule+model/mean`, or a held-out task called `a/../b`, would fail the whole batch."""
+    return mlflow_key(name)
 
 
 def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, float], step: int = 0) -> None:

@@ -94,14 +94,14 @@ def _adapt(config: PipelineConfig, from_stage: StageName | None, only: StageName
     )
     run = RunInfo(cfg.tracking_uri(), exp_id, parent, flow_run_id, cfg.digest(), commit)
     run_dir = workspace / "runs" / flow_run_id
-    save_config(cfg, run_dir / "config.yaml", masked=True)
-    client.log_artifact(parent, str(run_dir / "config.yaml"))
-    tracking.log_params(client, parent, cfg.model_dump(mode="json"))
 
     manifests: dict[str, dict] = {}
     timeline: list[dict] = []
     status = "FAILED"
-    try:
+    try:  # from here on, whatever fails ends the parent run FAILED (or KILLED), never leaves it RUNNING
+        save_config(cfg, run_dir / "config.yaml", masked=True)
+        client.log_artifact(parent, str(run_dir / "config.yaml"))
+        tracking.log_params(client, parent, cfg.model_dump(mode="json"))
         facts = key_facts(cfg, hardware.precision)
         for node in planned_nodes(cfg):
             kind = kind_index(node.spec.kind)

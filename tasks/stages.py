@@ -96,10 +96,10 @@ def _compute(spec: StageSpec, key: str, run: RunInfo, cfg: PipelineConfig, stage
         tags={"lmforge.stage": spec.name, "lmforge.stage_kind": spec.kind, "lmforge.cache_key": key,
               "lmforge.cached": "false", "prefect.flow_run_id": run.flow_run_id},
     )
-    tracking.log_params(client, run_id, stage_config)
     sink = tracking.BatchedMetrics(client, run_id)
     t0 = time.perf_counter()
     try:
+        tracking.log_params(client, run_id, stage_config)  # in the try: a refused param ends the run FAILED
         with PeakMemory() as peak:
             result = body(out, sink)
         sink.flush()

@@ -15,7 +15,10 @@ An existing LLaMA-Factory `dataset_info.json` is read as is. Our extensions:
 LLaMA-Factory's `columns.kto_tag` (a bool per row: is the answer desirable) makes a dataset unpaired
 preference data: it aligns to TRL's {"prompt", "completion", "label"} records (the `kto` data group).
 
-`file_name` is resolved next to the `dataset_info.json` that names it (LLaMA-Factory's convention).
+`file_name` is resolved next to the `dataset_info.json` that names it (LLaMA-Factory's convention) and
+must stay inside that directory: an absolute path, `..` or a symlink leading out is refused, naming the
+dataset, unless `data.allow_outside_paths` is set (a description from elsewhere cannot make a run read,
+copy and log any file of the machine).
 """
 
 from __future__ import annotations
@@ -54,7 +57,8 @@ class DatasetSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str
-    file_name: str | None = Field(None, description="A file or directory next to dataset_info.json (or absolute).")
+    file_name: str | None = Field(None, description="A file or directory in the dataset_info.json's directory "
+                                  "(elsewhere, absolute or through '..', only with data.allow_outside_paths).")
     hf_hub_url: str | None = Field(None, description="A Hugging Face hub dataset id.")
     url: str | None = Field(None, description="An http(s) URL or fsspec URI (our extension).")
     sha256: str | None = Field(None, description="Expected sha256 of the file at `url` (our extension).")
@@ -138,8 +142,11 @@ class DatasetSpec(BaseModel):
         return self.model_dump(exclude={"name"}, exclude_defaults=True)
 
 
-def load_dataset_info(path: Path, names: list[str]) -> dict[str, DatasetSpec]:
-    """Read the entries `names` of a dataset_info.json, validated, in the order asked for."""
+def load_dataset_info(path: Path, names: list[str], *, allow_outside: bool = False) -> dict[str, DatasetSpec]:
+    """Read the entries `names` of a dataset_info.json, validated, in the order asked for.
+
+    A `file_name` leading outside the file's directory fails unless `allow_outside` (data.allow_outside_paths).
+    """
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -168,4 +175,33 @@ def load_dataset_info(path: Path, names: list[str]) -> dict[str, DatasetSpec]:
                 f"field '{'.'.join(str(p) for p in err['loc']) or '(entry)'}': {err['msg']}" for err in e.errors()
             )
             raise DataError(f"{path}: dataset '{name}': {problems}") from None
+        if specs[name].file_name and not allow_outside:
+            _refuse_outside(specs[name], path, path.parent / specs[name].file_name)
     return specs
+
+
+def local_files(spec: DatasetSpec, info_path: Path, *, allow_outside: bool = False) -> list[Path]:
+    """The files of a `file_name` source: the file itself, or a directory's files in sorted order (hidden
+    ones skipped). Each must resolve inside the dataset_info.json's directory unless `allow_outside`:
+    a directory may hold a symlink that leads out. A source that does not exist gives []."""
+    root = Path(info_path).parent / spec.file_name
+    if root.is_dir():
+        files = [p for p in sorted(root.rglob("*"))
+                 if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)]
+    else:
+        files = [root] if root.exists() else []
+    if not allow_outside:
+        for f in files:
+            _refuse_outside(spec, Path(info_path), f)
+    return files
+
+
+def _refuse_outside(spec: DatasetSpec, info_path: Path, target: Path) -> None:
+    # resolve() follows every symlink on the way, so a link inside that points out is caught too.
+    base = info_path.parent.resolve()
+    real = target.resolve()
+    if not real.is_relative_to(base):
+        raise DataError(
+            f"{info_path}: dataset '{spec.name}': file_name '{spec.file_name}' leads outside {base} (to {real}). "
+            "Move the data next to the dataset_info.json, or set data.allow_outside_paths: true to read it "
+            "from there")

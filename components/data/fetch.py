@@ -37,7 +37,7 @@ from urllib.parse import urlparse
 import orjson
 
 from components.artifacts import StageResult, atomic_dir, atomic_file, atomic_write_json, sha256_file
-from components.data.dataset_info import DataError, DatasetSpec, load_dataset_info
+from components.data.dataset_info import DataError, DatasetSpec, load_dataset_info, local_files
 from components.data.records import GROUP_KINDS
 from components.errors import TransientError
 from components.runtime import progress
@@ -197,16 +197,15 @@ def _copy_fsspec(uri: str, dest_dir: Path, expected: str | None, retries: int) -
         _with_retries(f"copy of {remote}", attempt, retries)
 
 
-def _copy_local(spec: DatasetSpec, base: Path, dest_dir: Path) -> Path:
-    src = Path(spec.file_name)
-    src = src if src.is_absolute() else base / src
+def _copy_local(spec: DatasetSpec, info_path: Path, dest_dir: Path, allow_outside: bool) -> Path:
+    src = info_path.parent / spec.file_name
     if not src.exists():
         raise DataError(f"dataset '{spec.name}': file_name '{spec.file_name}' not found (looked at {src})")
+    files = local_files(spec, info_path, allow_outside=allow_outside)
     if src.is_file():
         pairs = [(src, dest_dir / src.name)]
     else:
-        pairs = [(p, dest_dir / src.name / p.relative_to(src)) for p in sorted(src.rglob("*"))
-                 if p.is_file() and not any(part.startswith(".") for part in p.relative_to(src).parts)]
+        pairs = [(p, dest_dir / src.name / p.relative_to(src)) for p in files]
         if not pairs:
             raise DataError(f"dataset '{spec.name}': directory {src} holds no files")
     for a, b in pairs:
@@ -252,10 +251,11 @@ def _stream_rows(name: str, rows: Iterable[dict], dest: Path) -> None:
         raise TransientError(f"stream broke after {row_no} rows: {type(e).__name__}: {e}") from e
 
 
-def _fetch_one(spec: DatasetSpec, base: Path, dest_dir: Path, streaming: bool, retries: int) -> tuple[str, str | None]:
+def _fetch_one(spec: DatasetSpec, info_path: Path, dest_dir: Path, streaming: bool, retries: int,
+               allow_outside: bool) -> tuple[str, str | None]:
     """Fetch one dataset into `dest_dir`; returns (where it came from, the license the hub states)."""
     if spec.load_from == "file":
-        return str(_copy_local(spec, base, dest_dir)), None
+        return str(_copy_local(spec, info_path, dest_dir, allow_outside)), None
     if spec.load_from == "url" and urlparse(spec.url).scheme in ("http", "https"):
         _download_http(spec.url, dest_dir / _url_file_name(spec.url), spec.sha256, retries)
         return spec.url, None
@@ -272,26 +272,27 @@ def _dir_digest(files: dict[str, dict]) -> str:
 
 
 def run_fetch(
-    dataset_info_path: Path, names: list[str], out_dir: Path, *, retries: int = 3, streaming: bool = False
+    dataset_info_path: Path, names: list[str], out_dir: Path, *, retries: int = 3, streaming: bool = False,
+    allow_outside: bool = False,
 ) -> StageResult:
     """Fetch the datasets `names` of a dataset_info.json into out_dir/raw/<name>/.
 
     `streaming` reads hub datasets as streams (see the module docstring); other sources are
-    always copied chunk by chunk.
+    always copied chunk by chunk. `allow_outside` (data.allow_outside_paths) lets a local file_name lead
+    outside the dataset_info.json's directory.
 
     Writes out_dir/dataset_info.json (those entries, file_name pointing at the fetched copies) and
     out_dir/provenance.json (per dataset: source, bytes, sha256, files, license note).
     """
     dataset_info_path, out_dir = Path(dataset_info_path), Path(out_dir)
-    specs = load_dataset_info(dataset_info_path, names)
-    base = dataset_info_path.parent
+    specs = load_dataset_info(dataset_info_path, names, allow_outside=allow_outside)
     entries: dict[str, dict] = {}
     provenance: dict[str, dict] = {}
     raw_files: list[str] = []
     for name, spec in specs.items():
         dest_dir = out_dir / RAW / name
         with atomic_dir(dest_dir) as building:
-            source, hub_license = _fetch_one(spec, base, building, streaming, retries)
+            source, hub_license = _fetch_one(spec, dataset_info_path, building, streaming, retries, allow_outside)
         written = sorted(p for p in dest_dir.rglob("*") if p.is_file())
         files = {p.relative_to(out_dir).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
                  for p in written}
@@ -329,4 +330,5 @@ def run_fetch(
 def fetch_stage(cfg: PipelineConfig, inputs: StageInputs, out_dir: Path) -> StageResult:
     """The pipeline's fetch stage: every dataset named by a data group of `cfg.data`."""
     names = sorted({name for group in GROUP_KINDS for name in getattr(cfg.data, group)})
-    return run_fetch(Path(cfg.data.dataset_info), names, out_dir, streaming=cfg.data.streaming)
+    return run_fetch(Path(cfg.data.dataset_info), names, out_dir, streaming=cfg.data.streaming,
+                     allow_outside=cfg.data.allow_outside_paths)

@@ -161,7 +161,7 @@ def current_source_versions(cfg: PipelineConfig) -> dict[str, str]:
     from components.data.data_changes import recorded_versions
 
     names = sorted({n for g in GROUP_KINDS for n in getattr(cfg.data, g)})
-    specs = load_dataset_info(Path(cfg.data.dataset_info), names)
+    specs = load_dataset_info(Path(cfg.data.dataset_info), names, allow_outside=cfg.data.allow_outside_paths)
     if all(spec.load_from == "file" for spec in specs.values()):
         return {}
     return resolve_source_versions(specs, recorded_versions(cfg))

@@ -42,6 +42,60 @@ def test_a_missing_data_file_fails_once_in_a_few_lines(tiny_model_dir, tmp_path,
     assert len(fetch_runs) == 1 and fetch_runs[0].info.status == "FAILED"  # not retried
 
 
+def _only_sft(tiny_model_dir, tmp_path, info, **overrides):
+    cfg = tiny_pipeline_config(tiny_model_dir, tmp_path / "ws", **{
+        "data.dataset_info": str(info), "data.cpt": "[]", "data.cpt_eval": "[]", "data.sft": "[notes]",
+        "data.sft_eval": "[]", "data.preference": "[]", "data.preference_eval": "[]", **overrides})
+    config = tmp_path / "run.yaml"
+    save_config(cfg, config)
+    return cfg, config
+
+
+def _statuses(cfg) -> list[str]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(cfg.tracking_uri(), cfg.tracking_uri())
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    return [r.info.status for r in client.search_runs([exp.experiment_id])]
+
+
+def test_a_data_file_outside_the_dataset_info_directory_is_refused_in_a_few_lines(tiny_model_dir, tmp_path,
+                                                                                  prefect_harness):
+    (tmp_path / "secret.jsonl").write_text('{"q": "not", "a": "data"}\n')
+    info = tmp_path / "data" / "dataset_info.json"
+    info.parent.mkdir()
+    info.write_text(json.dumps({"notes": {"file_name": "../secret.jsonl", "columns": {"prompt": "q", "response": "a"}}}))
+    cfg, config = _only_sft(tiny_model_dir, tmp_path, info)
+
+    result = CliRunner().invoke(app, ["run", str(config)], terminal_width=200)
+    assert result.exit_code == 1
+    out = result.stdout
+    assert (f"error: {info}: dataset 'notes': file_name '../secret.jsonl' leads outside {info.parent} (to "
+            f"{tmp_path / 'secret.jsonl'})") in out and "data.allow_outside_paths: true" in out
+    assert "Traceback" not in result.output and len(out.strip().splitlines()) <= 6, out
+    assert _statuses(cfg) == ["FAILED"]  # the parent run, ended; no stage ran
+
+
+def test_a_refused_parameter_ends_the_parent_run_failed(tiny_model_dir, tmp_path, prefect_harness, monkeypatch):
+    from mlflow.exceptions import MlflowException
+
+    from components import tracking
+
+    def refused(*_args):
+        raise MlflowException("Invalid value for parameter 'key' supplied")
+
+    monkeypatch.setattr(tracking, "log_params", refused)
+    info = tmp_path / "data" / "dataset_info.json"
+    info.parent.mkdir()
+    info.write_text(json.dumps({"notes": {"file_name": "notes.jsonl", "columns": {"prompt": "q", "response": "a"}}}))
+    cfg, config = _only_sft(tiny_model_dir, tmp_path, info)
+
+    result = CliRunner().invoke(app, ["run", str(config)], terminal_width=200)
+    assert result.exit_code == 1
+    assert "error: MlflowException: Invalid value for parameter 'key' supplied" in result.stdout
+    assert _statuses(cfg) == ["FAILED"]  # never left RUNNING
+
+
 def test_an_unknown_template_fails_with_the_config_before_anything_runs(tmp_path):
     result = CliRunner().invoke(app, ["run", "--set", "tokenize.template=chatml-typo",
                                       "--set", f"workspace={tmp_path / 'ws'}"], terminal_width=200)

@@ -45,8 +45,9 @@ def test_a_changed_remote_file_reruns_what_reads_it_and_an_unchanged_one_nothing
         entries["icd10_remote"] = {"url": f"{base}/remote.jsonl", "formatting": "alpaca", "columns": {"prompt": "text"}}
         info = tmp_path / "dataset_info.json"
         info.write_text(json.dumps(entries))
-        cfg = tiny_pipeline_config(tiny_model_dir, tmp_path / "ws", **{"data.dataset_info": info,
-                                                                      "data.cpt": "[icd10_corpus, icd10_remote]"})
+        cfg = tiny_pipeline_config(tiny_model_dir, tmp_path / "ws", **{
+            "data.dataset_info": info, "data.cpt": "[icd10_corpus, icd10_remote]",
+            "data.allow_outside_paths": "true"})  # the shipped files, named by absolute path
 
         def run() -> dict:
             return domain_adaptation(config=cfg, until="tokenize")

@@ -72,6 +72,22 @@ def test_failure_leaves_no_manifest_and_marks_the_run_failed(ctx):
     assert runs[0].info.status == "FAILED"
 
 
+def test_a_param_the_tracking_server_refuses_ends_the_stage_run_failed(ctx, monkeypatch):
+    from mlflow.exceptions import MlflowException
+
+    cfg, rc, client = ctx
+    calls = []
+
+    def refused(*_args):
+        raise MlflowException("Invalid value for parameter 'key'")
+
+    monkeypatch.setattr(tracking, "log_params", refused)
+    with pytest.raises(MlflowException):
+        run_stage(ALIGN, "k-params", rc, cfg, {"lr": 0.1}, _body(calls), upstream={})
+    runs = client.search_runs([rc.experiment_id], "tags.`lmforge.cache_key` = 'k-params'")
+    assert [r.info.status for r in runs] == ["FAILED"] and calls == []  # not left RUNNING, nothing computed
+
+
 def test_partial_output_is_discarded_unless_kept(ctx):
     cfg, rc, _ = ctx
     out = stage_dir(cfg.workspace, "cpt", "k4")

@@ -8,7 +8,7 @@ from typing import get_args
 
 import pytest
 
-from components.data.dataset_info import DataError, DatasetSpec, Formatting, load_dataset_info
+from components.data.dataset_info import DataError, DatasetSpec, Formatting, load_dataset_info, local_files
 from components.data.formats import CONVERTERS
 from tests.components.data.conftest import FIXTURE_GROUPS, FIXTURES
 
@@ -77,3 +77,39 @@ def test_unreadable_files(tmp_path: Path) -> None:
 def test_every_formatting_has_a_converter() -> None:
     assert set(get_args(Formatting)) == set(CONVERTERS)
     assert DatasetSpec(name="d", file_name="d.json").formatting == "alpaca"
+
+
+@pytest.mark.parametrize("file_name", ["../../etc/passwd", "/etc/passwd", "data/../../secret.txt", "escape.txt"])
+def test_a_file_name_leading_outside_its_directory_is_refused(tmp_path: Path, file_name: str) -> None:
+    (tmp_path / "secret.txt").write_text("not data\n")
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "escape.txt").symlink_to(tmp_path / "secret.txt")  # a symlink inside that points out
+    info = _write(src, {"d": {"file_name": file_name, "formatting": "text"}})
+    with pytest.raises(DataError, match=rf"{info}: dataset 'd': file_name '{file_name}' leads outside {src} "
+                                        r"\(to .*\)\. .*set data\.allow_outside_paths: true"):
+        load_dataset_info(info, ["d"])
+    assert load_dataset_info(info, ["d"], allow_outside=True)["d"].file_name == file_name  # the user's opt-in
+
+
+def test_files_inside_the_directory_are_read_however_named(tmp_path: Path) -> None:
+    (tmp_path / "rows").mkdir()
+    (tmp_path / "rows" / "a.jsonl").write_text("{}\n")
+    (tmp_path / "link.jsonl").symlink_to(tmp_path / "rows" / "a.jsonl")  # a symlink that stays inside
+    info = _write(tmp_path, {"abs": {"file_name": str(tmp_path / "rows")}, "dots": {"file_name": "rows/../link.jsonl"}})
+    specs = load_dataset_info(info, ["abs", "dots"])
+    assert local_files(specs["abs"], info) == [tmp_path / "rows" / "a.jsonl"]
+    assert local_files(specs["dots"], info) == [tmp_path / "rows" / ".." / "link.jsonl"]
+
+
+def test_a_symlink_in_a_dataset_directory_leading_out_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "secret.txt").write_text("not data\n")
+    notes = tmp_path / "src" / "notes"
+    notes.mkdir(parents=True)
+    (notes / "a.txt").write_text("I10 Essential (primary) hypertension\n")
+    (notes / "b.txt").symlink_to(tmp_path / "secret.txt")
+    info = _write(tmp_path / "src", {"d": {"file_name": "notes", "formatting": "text"}})
+    (spec,) = load_dataset_info(info, ["d"]).values()  # the directory itself is inside
+    with pytest.raises(DataError, match=rf"dataset 'd': file_name 'notes' leads outside .*secret\.txt"):
+        local_files(spec, info)
+    assert local_files(spec, info, allow_outside=True) == [notes / "a.txt", notes / "b.txt"]

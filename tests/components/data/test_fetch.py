@@ -64,6 +64,20 @@ def test_missing_local_file_names_where_it_looked(tmp_path: Path) -> None:
         run_fetch(info, ["d"], tmp_path / "fetch")
 
 
+def test_a_directory_holding_a_symlink_that_leads_out_is_not_copied(tmp_path: Path) -> None:
+    (tmp_path / "secret.txt").write_text("not data\n")
+    notes = tmp_path / "src" / "notes"
+    notes.mkdir(parents=True)
+    (notes / "a.txt").write_text("I10 Essential (primary) hypertension\n")
+    (notes / "b.txt").symlink_to(tmp_path / "secret.txt")
+    info = _info(tmp_path, {"d": {"file_name": "notes", "formatting": "text"}})
+    with pytest.raises(DataError, match=r"dataset 'd': file_name 'notes' leads outside .*allow_outside_paths"):
+        run_fetch(info, ["d"], tmp_path / "fetch")
+    assert not (tmp_path / "fetch" / "raw" / "d").exists()
+    run_fetch(info, ["d"], tmp_path / "allowed", allow_outside=True)  # the user's opt-in
+    assert (tmp_path / "allowed" / "raw" / "d" / "notes" / "b.txt").read_text() == "not data\n"
+
+
 def test_http_download_with_a_correct_pin(http_server, tmp_path: Path) -> None:
     base, handler = http_server
     handler.files = {"/icd10/corpus.jsonl": ROWS}
@@ -312,7 +326,8 @@ def test_streaming_keys_only_the_fetch_of_hub_datasets(tiny_model_dir: Path, tmp
         return {stage: STAGES_BY_NAME[stage].keyed_on(cfg, facts) for stage in ("fetch", "align")}
 
     assert keyed(False) == keyed(True)
-    hub = {"data.dataset_info": with_hub, "data.cpt": "[icd10_corpus, hub_rows]"}
+    hub = {"data.dataset_info": with_hub, "data.cpt": "[icd10_corpus, hub_rows]",
+           "data.allow_outside_paths": True}  # the shipped files, named by absolute path
     off, on = keyed(False, **hub), keyed(True, **hub)
     assert off["align"] == on["align"] and off["fetch"] != on["fetch"]
     assert on["fetch"]["sources"]["hub_rows"]["streaming"] is True

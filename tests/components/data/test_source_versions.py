@@ -150,7 +150,8 @@ def _config(tmp_path: Path, extra: dict):
     info.parent.mkdir(parents=True, exist_ok=True)
     info.write_text(json.dumps({**entries, **extra}))
     return load_config(None, [f"workspace={tmp_path / 'ws'}", f"data.dataset_info={info}",
-                              f"data.cpt=[icd10_corpus, {', '.join(extra)}]"])
+                              f"data.cpt=[icd10_corpus, {', '.join(extra)}]",
+                              "data.allow_outside_paths=true"])  # the shipped files, named by absolute path
 
 
 def _fetch_slice(cfg) -> dict:

@@ -362,12 +362,45 @@ def hash_json(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
+class _AliasRefused(yaml.YAMLError):
+    def __init__(self, what: str, mark: yaml.Mark):
+        super().__init__(what)
+        self.what, self.line = what, mark.line + 1
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """YAML's safe loader without anchors and aliases: nine lines of aliases nested a few levels deep
+    (a "billion laughs") expand into gigabytes when constructed. A pipeline config has no need of them."""
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            raise _AliasRefused(f"alias '*{event.anchor}'", event.start_mark)
+        if getattr(event, "anchor", None):
+            raise _AliasRefused(f"anchor '&{event.anchor}'", event.start_mark)
+        return super().compose_node(parent, index)
+
+
+_NO_ALIASES = ("lmforge configs may not use YAML anchors or aliases (a few nested aliases can expand into "
+               "gigabytes); write the values out in full")
+
+
+def _parse_yaml(text: str, where: str) -> Any:
+    """`text` parsed as YAML without anchors and aliases; an error names `where` and the line."""
+    try:
+        return yaml.load(text, Loader=_ConfigLoader)  # noqa: S506 (a SafeLoader subclass)
+    except _AliasRefused as exc:
+        raise ConfigError(f"{where}, line {exc.line}: {exc.what}: {_NO_ALIASES}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where} is not valid YAML: {exc}") from exc
+
+
 def _parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise ConfigError(f"override {item!r} is not KEY=VALUE (e.g. sft.learning_rate=1e-4)")
     key, raw = item.split("=", 1)
     # YAML parsing gives numbers, booleans, null and lists their natural types.
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+    return key.strip().split("."), _parse_yaml(raw, f"override {item!r}") if raw.strip() else ""
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -401,10 +434,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file {p} does not exist")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {p} is not valid YAML: {exc}") from exc
+        data = _parse_yaml(p.read_text(encoding="utf-8"), f"config file {p}") or {}
         if not isinstance(data, dict):
             raise ConfigError(f"config file {p} must hold a mapping at the top level")
     data = apply_overrides(data, overrides or [])

@@ -32,7 +32,10 @@ def _load(config: Path | None, overrides: list[str]):
     try:
         return load_config(config, overrides)
     except ConfigError as exc:
-        console.print(f"[red]{exc}[/red]")
+        from rich.markup import escape
+
+        # Unwrapped (a path split over lines cannot be copied) and escaped (a value may hold [brackets]).
+        console.print(f"[red]{escape(str(exc))}[/red]", soft_wrap=True, highlight=False)
         raise typer.Exit(2) from None
 
 

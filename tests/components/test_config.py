@@ -194,3 +194,45 @@ def test_settings_a_training_loop_would_ignore_are_refused(sets, message):
         load_config(None, sets)
     # What these loops do honour is accepted.
     load_config(None, ["alignment.method=raft", "alignment.lr_scheduler=linear", "alignment.weight_decay=0.1"])
+
+
+BILLION_LAUGHS = """\
+a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]
+b: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]
+c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]
+d: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c]
+e: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d]
+f: &f [*e, *e, *e, *e, *e, *e, *e, *e, *e]
+g: &g [*f, *f, *f, *f, *f, *f, *f, *f, *f]
+h: &h [*g, *g, *g, *g, *g, *g, *g, *g, *g]
+i: &i [*h, *h, *h, *h, *h, *h, *h, *h, *h]
+"""
+
+
+def test_a_billion_laughs_config_is_refused_before_it_expands(tmp_path, monkeypatch):
+    import yaml
+
+    def constructed(*_args, **_kwargs):
+        raise AssertionError("a node was constructed: the aliases were expanded")
+
+    # Refused while composing: no node of the 9**9-element list is ever constructed.
+    monkeypatch.setattr(yaml.constructor.SafeConstructor, "construct_document", constructed)
+    p = tmp_path / "laughs.yaml"
+    p.write_text(BILLION_LAUGHS)
+    with pytest.raises(ConfigError, match=rf"config file {p}, line 1: anchor '&a': lmforge configs may not use "
+                                          "YAML anchors or aliases .* write the values out in full"):
+        load_config(p)
+
+
+def test_aliases_are_refused_with_their_line_in_files_and_overrides(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("sft:\n  max_steps: 3\ncpt: *other\n")
+    with pytest.raises(ConfigError, match=rf"config file {p}, line 3: alias '\*other'"):
+        load_config(p)
+    p.write_text("sft:\n  <<: *base\n")  # a merge key is an alias too
+    with pytest.raises(ConfigError, match=r"line 2: alias '\*base'"):
+        load_config(p)
+    with pytest.raises(ConfigError, match=r"override 'data.sft=\[\*x\]', line 1: alias '\*x'"):
+        load_config(None, ["data.sft=[*x]"])
+    with pytest.raises(ConfigError, match=r"override 'data.sft=\[a' is not valid YAML"):
+        load_config(None, ["data.sft=[a"])

@@ -104,6 +104,17 @@ def test_an_unknown_template_fails_with_the_config_before_anything_runs(tmp_path
     assert not (tmp_path / "ws").exists()
 
 
+def test_data_check_refuses_a_config_with_yaml_aliases_naming_file_and_line(tmp_path):
+    from tests.components.test_config import BILLION_LAUGHS
+
+    config = tmp_path / "laughs.yaml"
+    config.write_text(f"workspace: {tmp_path / 'ws'}\n" + BILLION_LAUGHS)
+    result = CliRunner().invoke(app, ["data", "check", str(config)], terminal_width=200)
+    assert result.exit_code == 2
+    assert f"config file {config}, line 2: anchor '&a'" in result.output and "write the values out" in result.output
+    assert len(result.output.strip().splitlines()) <= 3 and not (tmp_path / "ws").exists()
+
+
 def test_summary_folds_interval_rows_into_their_metric():
     from flows.cli import comparison_rows
 

@@ -189,21 +189,15 @@ def load_classifier(base, below: list[Path], hardware, pad_token_id: int | None)
     return model.to(hardware.device)
 
 
-_LAST_REWARD_MODEL: dict[tuple, object] = {}
-
-
 def shared_reward_model(base, below: list[Path], reward_adapter: Path, hardware, pad_token_id: int | None):
-    """load_reward_model, kept for the next caller in this process: the four evaluate nodes of a run score
-    with the same reward model, and loading it (base, merges, score head) cost each of them seconds. One
-    model is kept; it is only ever used for inference. Stage outputs are content-addressed directories, and
-    the key also holds the adapter files' mtimes, so a rewritten adapter is loaded afresh."""
-    stamps = tuple(sorted((p.name, p.stat().st_mtime_ns) for p in Path(reward_adapter).glob("*") if p.is_file()))
-    key = (str(base.source), tuple(str(p) for p in below), str(reward_adapter), stamps, str(hardware.device),
-           str(hardware.dtype), pad_token_id)
-    if key not in _LAST_REWARD_MODEL:
-        _LAST_REWARD_MODEL.clear()
-        _LAST_REWARD_MODEL[key] = load_reward_model(base, below, reward_adapter, hardware, pad_token_id)
-    return _LAST_REWARD_MODEL[key]
+    """load_reward_model, kept for the next caller in this process (components.models.loading.kept_model):
+    the four evaluate nodes of a run score with the same reward model. Only ever used for inference."""
+    from components.models.loading import content_stamp, kept_model
+
+    key = (str(base.source), content_stamp([*below, reward_adapter]), hardware.device, hardware.precision,
+           pad_token_id)
+    return kept_model("reward", key, hardware.device,
+                      lambda: load_reward_model(base, below, reward_adapter, hardware, pad_token_id))
 
 
 def load_reward_model(base, below: list[Path], reward_adapter: Path, hardware, pad_token_id: int | None = None):

@@ -40,7 +40,7 @@ from components.evaluation.per_task import (
     majority_rate,
     task_entry,
 )
-from components.models.loading import load_tokenizer, load_with_adapters, select_hardware
+from components.models.loading import load_for_inference, load_tokenizer, select_hardware
 from components.models.loss import labeled_positions_loss
 from components.pipeline import HELDOUT_READS
 from components.runtime import progress
@@ -294,7 +294,7 @@ def evaluate_stage(cfg: PipelineConfig, inputs: StageInputs, out_dir: Path) -> S
     hardware = select_hardware(cfg.compute.device, cfg.compute.precision)
     phases = PhaseTimer()
     with phases("load"):
-        model = load_with_adapters(base.source, inputs.adapter_stack(), hardware, **base.load_kwargs())
+        model = load_for_inference(base.source, inputs.adapter_stack(), hardware, **base.load_kwargs())
         tokenizer = load_tokenizer(base.source, **base.load_kwargs())
     evaluation, info = _score(
         model, tokenizer, out_dir, tokenized_dir=inputs.dir("tokenize", reading=HELDOUT_READS["tokenize"]),
@@ -347,12 +347,12 @@ def _kl_to_reference(model, inputs: StageInputs, samples: list[dict], tokenizer,
     if not samples:
         return {}
     base = inputs.base_model
-    reference = load_with_adapters(base.source, inputs.adapter_stack()[:-1], hardware, **base.load_kwargs())
-    try:
-        return answer_kl(model, reference, tokenizer, [s["rendered_prompt"] for s in samples],
-                         [s["prediction"] for s in samples], end=turn_end(tokenizer, template))
-    finally:
-        del reference
+    # The model it was aligned from is the one the evaluate-adapted node just scored: kept (load_for_inference)
+    # unless that node came from the cache.
+    stack = inputs.adapter_stack()[:-1]
+    reference = load_for_inference(base.source, stack, hardware, **base.load_kwargs())
+    return answer_kl(model, reference, tokenizer, [s["rendered_prompt"] for s in samples],
+                     [s["prediction"] for s in samples], end=turn_end(tokenizer, template))
 
 
 def _sampled_rewards(model, cfg: PipelineConfig, samples: list[dict], tokenizer) -> dict:

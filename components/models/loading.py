@@ -312,6 +312,51 @@ def is_adapter(path: str | Path) -> bool:
     return (Path(path) / "adapter_config.json").is_file()
 
 
+_KEPT: dict[str, list[tuple[tuple, object]]] = {}  # kind -> [(key, model)], most recent last; CPU only
+
+
+def content_stamp(paths: list[str | Path]) -> tuple:
+    """Names, sizes and mtimes of the files in `paths` (directories) or of the paths themselves: what a kept
+    model's key holds, so files written anew are loaded afresh."""
+    stamp = []
+    for path in map(Path, paths):
+        files = sorted(p for p in path.glob("*") if p.is_file()) if path.is_dir() else [path]
+        stamp.append((str(path), tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.exists())))
+    return tuple(stamp)
+
+
+def kept_model(kind: str, key: tuple, device: str, load, keep: int = 1):
+    """`load()`, kept in this process for the next caller with the same `kind` and `key` (the `keep` most
+    recent models of each kind).
+
+    For inference-only callers on a CPU: the evaluate nodes of a run load the same reward model four times,
+    and the aligned node's reference is the model the adapted node scored just before; on these CPUs each
+    load and merge costs seconds. On a GPU nothing is kept: its memory belongs to the next stage, and loads
+    are fast there.
+    """
+    if device != "cpu":
+        _KEPT.pop(kind, None)
+        return load()
+    held = _KEPT.setdefault(kind, [])
+    for i, (k, model) in enumerate(held):
+        if k == key:
+            held.append(held.pop(i))
+            return model
+    del held[: max(0, len(held) - keep + 1)]  # make room before loading: never more than `keep` at once
+    model = load()
+    held.append((key, model))
+    return model
+
+
+def load_for_inference(source: str, adapters: list[str | Path], hardware: Hardware, **kwargs):
+    """load_with_adapters for a caller that only runs the model (evaluation), kept for the next such caller
+    with the same stack (kept_model); the caller must not train or modify it."""
+    key = (str(source), content_stamp(list(adapters)), hardware.device, hardware.precision,
+           tuple(sorted((k, repr(v)) for k, v in kwargs.items())))
+    return kept_model("policy", key, hardware.device, lambda: load_with_adapters(source, adapters, hardware, **kwargs),
+                      keep=2)  # the aligned model and its reference, the adapted one
+
+
 def load_with_adapters(source: str, adapters: list[str | Path], hardware: Hardware, **kwargs):
     """Load a base model and apply a stack of trained outputs to it, in order (cpt, then sft).
 

@@ -19,7 +19,7 @@ Files written (see data/icd10/SOURCE.md):
                               (task `billable_uniform`)
   sft_seen_heldout.jsonl      questions no train file asks, about codes of the train categories: held-out
                               prompts in the usual sense (the alignment benchmark scores them)
-  dataset_info.json  LLaMA-Factory dataset registry for the nine files (+ data/identity.json); the `task`
+  dataset_info.json  LLaMA-Factory dataset registry for the nine files (+ identity.json); the `task`
                    column is mapped, so aligned records carry it and evaluation reports per task
 """
 
@@ -374,9 +374,9 @@ def dataset_info() -> dict:
         "icd10_billable": {"file_name": "sft_billable_train.jsonl", **sft},
         "icd10_billable_heldout": {"file_name": "sft_billable_heldout.jsonl", **sft},
         "icd10_instructions_seen": {"file_name": "sft_seen_heldout.jsonl", **sft},
-        # Self-cognition rows, hand-written in data/identity.json (not built here): {{name}} and
+        # Self-cognition rows, hand-written in data/icd10/identity.json (not built here): {{name}} and
         # {{author}} are filled from data.identity_name / data.identity_author at the align stage.
-        "identity": {"file_name": "../identity.json", "formatting": "alpaca", "fill_placeholders": True,
+        "identity": {"file_name": "identity.json", "formatting": "alpaca", "fill_placeholders": True,
                      "tags": {"license": "CC0-1.0 (written for lmforge)"}},
     }
 

@@ -8,7 +8,7 @@ An existing LLaMA-Factory `dataset_info.json` is read as is. Our extensions:
 - `sample_by` (`line` | `paragraph` | `file`): how a `.txt` file is split into text records.
 - `tags.license`: a license note carried into the fetch provenance.
 - `fill_placeholders`: the align stage replaces `{{name}}` and `{{author}}` in the aligned records
-  with `data.identity_name` / `data.identity_author` (self-cognition data such as data/identity.json).
+  with `data.identity_name` / `data.identity_author` (self-cognition data such as data/icd10/identity.json).
 - `columns.task`: a per-row label copied into the aligned record as its top-level `task` (evaluation
   reports every metric per task).
 

@@ -360,7 +360,7 @@ def test_identity_placeholders_are_filled_from_the_config(tmp_path: Path) -> Non
               identity_author="Acme Health")
     text = (tmp_path / "out" / "sft.jsonl").read_text()
     assert "{{" not in text and "CodeHelper" in text and "Acme Health" in text
-    raw = json.loads((ROOT / "data" / "identity.json").read_text())
+    raw = json.loads((ROOT / "data" / "icd10" / "identity.json").read_text())
     assert len(list(iter_records(tmp_path / "out" / "sft.jsonl"))) == len(raw)
 
 

@@ -29,6 +29,11 @@ _MAX_PARAM = 6000
 _MAX_KEY = 250  # MLflow's longest param or metric key
 
 
+# SQLite URIs whose tracking and registry stores this process has opened. MLflow keeps one store per URI
+# per process, so the schema checks run once; a stage calling client_for again skips the lock and query.
+_OPENED: set[str] = set()
+
+
 def client_for(uri: str) -> MlflowClient:
     """A client for tracking and registry at `uri`. A SQLite database is created (or migrated) under a
     file lock: two processes creating one database at once otherwise race in MLflow's schema migration
@@ -36,12 +41,15 @@ def client_for(uri: str) -> MlflowClient:
     go to the run's log file (components.runtime), not the terminal."""
     if not uri.startswith("sqlite:///"):
         return MlflowClient(tracking_uri=uri, registry_uri=uri)
-    route_library_notices()
     db = Path(uri[len("sqlite:///") :])
+    if uri in _OPENED and db.is_file():
+        return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    route_library_notices()
     db.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(db) + ".lock"):
         client = MlflowClient(tracking_uri=uri, registry_uri=uri)  # opens the tracking store (migrates)
         client.search_registered_models(max_results=1)  # opens the registry store (its own schema check)
+    _OPENED.add(uri)
     return client
 
 

@@ -46,3 +46,23 @@ def test_a_metric_named_after_a_task_path_is_logged(tmp_path):
     run_id = tracking.start_run(client, tracking.experiment_id(client, "tasks", tmp_path / "art"), "evaluate")
     tracking.log_metrics(client, run_id, {"task/../x/exact_match": 0.5, "task//y/exact_match": 0.25})
     assert client.get_run(run_id).data.metrics == {"task/_/x/exact_match": 0.5, "task/_/y/exact_match": 0.25}
+
+
+def test_a_database_is_opened_under_the_lock_once_per_process_and_again_when_it_is_gone(tmp_path, monkeypatch):
+    locks = []
+
+    class CountedLock(tracking.FileLock):
+        def __enter__(self):
+            locks.append(self.lock_file)
+            return super().__enter__()
+
+    monkeypatch.setattr(tracking, "FileLock", CountedLock)
+    db = tmp_path / "mlflow.db"
+    uri = f"sqlite:///{db}"
+    tracking.client_for(uri)
+    client = tracking.client_for(uri)  # what every stage and cached stage does: no lock, no registry query
+    assert locks == [f"{db}.lock"]
+    assert client.search_experiments()  # and the client works
+    db.unlink()
+    tracking.client_for(uri)
+    assert len(locks) == 2

@@ -88,6 +88,8 @@ def test_every_trl_method_runs_in_the_flow_on_the_same_sft_model(tiny_model_dir,
 
     settings = {k: v for k, v in ALIGN.items() if not k.startswith("reward.")}
     settings["alignment.reward.model_weight"] = 0  # GRPO on the verifiable rule alone: no reward stage
+    # A long system prompt, so that some prompts leave no room for an answer (the report counts them).
+    settings["tokenize.system_prompt"] = "You are a medical coding assistant. Answer with the ICD-10-CM fact asked for."
     cfg = tiny_pipeline_config(tiny_model_dir, tmp_path / "ws", **{"alignment.method": "dpo", **settings})
     for method in ("dpo", "kto", "orpo", "simpo", "grpo"):
         run = cfg.model_copy(update={"alignment": cfg.alignment.model_copy(update={"method": method})})

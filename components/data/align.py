@@ -3,7 +3,8 @@
 Each dataset is read streaming (components/data/readers.py), converted by its format's converter
 (components/data/formats.py) and appended to its group's JSONL, so memory stays bounded by one
 batch (or by the sample, when a dataset is sampled). Rows that cannot be aligned are dropped and
-counted by reason, with up to three examples each, in report.json. Dropping is normal; a dataset
+counted by reason, with up to three examples each, in report.json (rows a converter mended and kept,
+such as LMFlow's trailing user turn, are counted apart under `adjusted`). Dropping is normal; a dataset
 that aligns to nothing is an error, and so is a row that cannot even be parsed, unless
 `bad_row_budget` allows it. Messages and the report name the user's own file (its path or URL, from
 the fetch stage's provenance.json) and the row, not the fetched copy.
@@ -26,6 +27,7 @@ from typing import IO, TYPE_CHECKING, Any
 from components.artifacts import StageResult, atomic_file, atomic_write_json
 from components.data.dataset_info import DataError, DatasetSpec, load_dataset_info
 from components.data.formats import RowError, get_converter, supported_kinds
+from components.data.messages import ADJUSTED
 from components.data.jsonl import dumps_line
 from components.data.jsonl import iter_records as iter_records  # evaluation reads aligned files through here
 from components.data.mixing import check_mixing, phase_tasks, write_interleaved
@@ -65,12 +67,13 @@ class _DatasetReport:
         self.rows_kept = 0
         self.rows_sampled_out = 0
         self.dropped: dict[str, dict] = {}
+        self.adjusted: dict[str, dict] = {}  # rows kept after a change, by reason
 
     def drop(self, reason: str, example: dict) -> None:
-        entry = self.dropped.setdefault(reason, {"count": 0, "examples": []})
-        entry["count"] += 1
-        if len(entry["examples"]) < MAX_EXAMPLES:
-            entry["examples"].append(example)
+        _count(self.dropped, reason, example)
+
+    def adjust(self, reason: str, example: dict) -> None:
+        _count(self.adjusted, reason, example)
 
     def top_reasons(self, n: int = 3) -> str:
         ranked = sorted(self.dropped.items(), key=lambda kv: -kv[1]["count"])[:n]
@@ -78,8 +81,18 @@ class _DatasetReport:
                          for reason, e in ranked) or "none"
 
     def as_dict(self) -> dict:
-        return {"rows_in": self.rows_in, "rows_kept": self.rows_kept, "rows_sampled_out": self.rows_sampled_out,
-                "dropped": self.dropped}
+        out = {"rows_in": self.rows_in, "rows_kept": self.rows_kept, "rows_sampled_out": self.rows_sampled_out,
+               "dropped": self.dropped}
+        if self.adjusted:
+            out["adjusted"] = self.adjusted
+        return out
+
+
+def _count(by_reason: dict[str, dict], reason: str, example: dict) -> None:
+    entry = by_reason.setdefault(reason, {"count": 0, "examples": []})
+    entry["count"] += 1
+    if len(entry["examples"]) < MAX_EXAMPLES:
+        entry["examples"].append(example)
 
 
 def fill_placeholders(value: Any, values: dict[str, str]) -> Any:
@@ -100,7 +113,8 @@ def fill_placeholders(value: Any, values: dict[str, str]) -> Any:
 
 
 # A row's outcome, computed where the row is converted (this process or a worker) and folded into
-# the report here, in file order: the JSONL line of a kept record, or a tuple for a row that was not.
+# the report here, in file order: the JSONL line of a kept record, or a tuple for a row that was not
+# (or was kept after a change: ("kept", line, location, notes, row snippet)).
 _Outcome = str | tuple
 
 
@@ -113,8 +127,11 @@ def _outcome(location: str, row: Row, convert, spec: DatasetSpec, kind: str,
     except RowError as e:
         return ("drop", location, e.reason, e.field, e.message,
                 snippet(json.dumps(row, ensure_ascii=False, default=str)), list(map(str, row)))
+    notes = record.pop(ADJUSTED, None)
     if placeholders:
         record = fill_placeholders(record, placeholders)
+    if notes:
+        return ("kept", dumps_line(record), location, notes, snippet(json.dumps(row, ensure_ascii=False, default=str)))
     return dumps_line(record)
 
 
@@ -195,6 +212,11 @@ def _align_dataset(spec: DatasetSpec, kind: str, fetch_dir: Path, source: str | 
                 seen_columns |= columns
                 report.rows_in += len(outcomes)
                 for outcome in outcomes:
+                    if type(outcome) is tuple and outcome[0] == "kept":  # kept after a change: count it, keep it
+                        _, line, location, notes, row_text = outcome
+                        for reason, field, message in notes:
+                            report.adjust(reason, {"at": location, "field": field, "message": message, "row": row_text})
+                        outcome = line
                     if type(outcome) is str:  # a kept record
                         first_row = False
                         if sample_size is None:
@@ -368,7 +390,11 @@ def format_report(report: dict) -> str:
     for group, datasets in report.items():
         for name, r in datasets.items():
             dropped = sorted(r["dropped"].items(), key=lambda kv: -kv[1]["count"])
-            reasons = ", ".join(f"{reason}={d['count']}" for reason, d in dropped) or "-"
+            adjusted = sorted(r.get("adjusted", {}).items(), key=lambda kv: -kv[1]["count"])
+            reasons = "; ".join(part for part in (
+                ", ".join(f"{reason}={d['count']}" for reason, d in dropped),
+                "kept after a fix: " + ", ".join(f"{reason}={d['count']}" for reason, d in adjusted) if adjusted else "",
+            ) if part) or "-"
             if r.get("rows_sampled_out"):
                 reasons += f" (+{r['rows_sampled_out']} sampled out)"
             lines.append((group, name, str(r["rows_in"]), str(r["rows_kept"]),

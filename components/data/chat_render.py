@@ -17,12 +17,13 @@ the same ids and labels several times faster and is tested against it.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 from transformers.utils.chat_template_utils import render_jinja_template
 
 from components.data.encoding import encode_texts
+from components.data.messages import TRAIN
 from components.data.records import IGNORE, ROLES
 from components.data.templates import chat_format, known_templates, resolve_template, stop_string
 
@@ -80,7 +81,8 @@ def with_system_prompt(messages: list, system_prompt: str | None) -> list:
 
 def normalize_messages(messages, system_prompt: str | None) -> list[dict]:
     """Messages as every chat template takes them: roles checked, None values dropped, tool calls in
-    the OpenAI/HF function form, and the system prompt inserted (`with_system_prompt`)."""
+    the OpenAI/HF function form, the system prompt inserted (`with_system_prompt`), and our
+    per-turn `train` flag taken out (see `untrained_turns`)."""
     if not isinstance(messages, list) or not messages:
         raise ValueError(f"'messages' must be a non-empty list of messages (got {type(messages).__name__})")
     out = []
@@ -89,13 +91,28 @@ def normalize_messages(messages, system_prompt: str | None) -> list[dict]:
             got = message.get("role") if isinstance(message, dict) else type(message).__name__
             raise ValueError(f"message {j}: role must be one of {', '.join(ROLES)} (got {got!r})")
         # Like apply_chat_template: a None value (e.g. content=None next to tool_calls) is a missing key.
-        message = {key: value for key, value in message.items() if value is not None}
+        message = {key: value for key, value in message.items() if value is not None and key != TRAIN}
         if "tool_calls" in message:
-            # Our records hold {"name", "arguments"}; chat templates expect the OpenAI/HF function form.
-            calls = message["tool_calls"]
-            message["tool_calls"] = [c if "function" in c else {"type": "function", "function": c} for c in calls]
+            # Our records hold {"name", "arguments", "id"?}; chat templates expect the OpenAI/HF function form.
+            message["tool_calls"] = [_function_form(c) for c in message["tool_calls"]]
         out.append(message)
     return with_system_prompt(out, system_prompt)
+
+
+def _function_form(call: dict) -> dict:
+    if "function" in call:
+        return call
+    out: dict = {"type": "function", "function": {k: v for k, v in call.items() if k != "id"}}
+    if "id" in call:
+        out["id"] = call["id"]
+    return out
+
+
+def untrained_turns(messages, system_prompt: str | None) -> set[int]:
+    """Indices, in `normalize_messages(messages, system_prompt)`, of the assistant turns a record marks
+    `"train": false` (LMFlow's `"loss": false`, OpenAI's `"weight": 0`): no loss on them."""
+    shift = len(with_system_prompt(messages, system_prompt)) - len(messages)  # an inserted system prompt
+    return {i + shift for i, m in enumerate(messages) if isinstance(m, dict) and m.get(TRAIN) is False}
 
 
 def parse_tools(tools) -> list | None:
@@ -161,9 +178,11 @@ def render_conversation(
                                 train_on_prompt=train_on_prompt, mask_history=mask_history)[0]
 
 
-def trained_turns(roles: Sequence[str], train_on_prompt: bool, mask_history: bool) -> list[int]:
-    """Indices of the assistant turns whose completions are trained (none with train_on_prompt: all is)."""
-    turns = [] if train_on_prompt else [i for i, role in enumerate(roles) if role == "assistant"]
+def trained_turns(roles: Sequence[str], train_on_prompt: bool, mask_history: bool,
+                  untrained: Collection[int] = ()) -> list[int]:
+    """Indices of the assistant turns whose completions are trained (none with train_on_prompt: all is):
+    every one not in `untrained`, or the last of those with `mask_history`."""
+    turns = [] if train_on_prompt else [i for i, role in enumerate(roles) if role == "assistant" and i not in untrained]
     return turns[-1:] if mask_history else turns
 
 
@@ -191,12 +210,13 @@ def encode_conversations(
     for k, (messages, tools) in enumerate(conversations):
         try:
             msgs = normalize_messages(messages, system_prompt)
+            untrained = untrained_turns(messages, system_prompt)
             tool_list = parse_tools(tools)
             full = render_template(tmpl, msgs, tool_list, add_generation_prompt=False)
             spans = []
             full_index = len(strings)
             strings.append(full)
-            for i in trained_turns([m["role"] for m in msgs], train_on_prompt, mask_history):
+            for i in trained_turns([m["role"] for m in msgs], train_on_prompt, mask_history, untrained):
                 prompt = render_template(tmpl, msgs[:i], tool_list, add_generation_prompt=True)
                 if not full.startswith(prompt):
                     raise ValueError(_prefix_error(tmpl, f"the first {i} messages plus the generation prompt", "text"))

@@ -11,7 +11,8 @@ metadata columns (`task`) copied into the record.
 
 Drop reasons: missing_column, wrong_type, invalid_role_order, empty_prompt, empty_response,
 empty_text, chosen_equals_rejected, prompt_mismatch (plus malformed_json, malformed_csv and not_utf8
-from reading files).
+from reading files). Rows kept after a change, counted apart in the report: trailing_user_turn_trimmed
+(an LMFlow conversation ending with a user turn, trimmed as LMFlow does).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from components.data.messages import (
     RowError,
     conversation_record,
     make_message,
+    note_adjustment,
     parse_tool_calls,
     preference_record,
     text_field,
@@ -93,8 +95,32 @@ def _tools_column(row: dict, spec: DatasetSpec) -> str | None:
     return tool_schemas_json(_column(row, spec, "tools", "tools", required=False), spec.columns.get("tools", "tools"))
 
 
+def _trained(msg: dict, role: str, field: str) -> bool:
+    """Whether a message's turn is trained, by LMFlow's `"loss": true/false` or OpenAI fine-tuning's
+    `"weight": 1/0`; absent: trained. Only assistant turns can be marked trained (the prompt is
+    trained only by tokenize.train_on_prompt, for every token)."""
+    marks = []
+    if msg.get("loss") is not None:
+        if type(msg["loss"]) is not bool:
+            raise RowError("wrong_type", f"{field}.loss", f"'{field}.loss' should be true or false, got {msg['loss']!r}")
+        marks.append(("loss", msg["loss"]))
+    if msg.get("weight") is not None:
+        if type(msg["weight"]) not in (int, float) or msg["weight"] not in (0, 1):
+            raise RowError("wrong_type", f"{field}.weight", f"'{field}.weight' should be 0 or 1, got {msg['weight']!r}")
+        marks.append(("weight", msg["weight"] == 1))
+    for key, trained in marks:
+        if trained and role != "assistant":
+            raise RowError("wrong_type", f"{field}.{key}", f"'{field}.{key}' marks a {role} message trained; only "
+                           "assistant turns are trained per message (tokenize.train_on_prompt trains every token)")
+    return all(trained for _, trained in marks)
+
+
 def _openai_message(msg: Any, field: str) -> dict:
-    """An OpenAI-style {"role", "content", "tool_calls"?} message -> ours."""
+    """An OpenAI-style {"role", "content", "tool_calls"?} message -> ours.
+
+    A tool result keeps its `tool_call_id` and `name`; an assistant turn marked `"loss": false` (LMFlow)
+    or `"weight": 0` (OpenAI fine-tuning) is kept untrained (`"train": false`).
+    """
     if not isinstance(msg, dict):
         raise RowError("wrong_type", field, f"'{field}' should be an object, got {type(msg).__name__}")
     if "role" not in msg:
@@ -111,7 +137,9 @@ def _openai_message(msg: Any, field: str) -> dict:
     calls = msg.get("tool_calls")
     if calls and role != "assistant":
         raise RowError("invalid_role_order", field, f"'{field}': only assistant messages make tool calls")
-    return make_message(role, content, parse_tool_calls(calls, f"{field}.tool_calls") if calls else None)
+    result = {k: text_field(msg.get(k), f"{field}.{k}") or None for k in ("tool_call_id", "name")} if role == "tool" else {}
+    return make_message(role, content, parse_tool_calls(calls, f"{field}.tool_calls") if calls else None,
+                        train=_trained(msg, role, field) or role != "assistant", **result)
 
 
 def _openai_messages(value: Any, field: str) -> list[dict]:
@@ -286,7 +314,8 @@ def convert_lmflow(row: dict, spec: DatasetSpec, kind: Kind) -> dict:
 
     text_only -> text; text2text ({"input", "output"}) and conversation ({"system"?, "tools"?,
     "messages"}, tools as JSON strings) -> conversation; paired_conversation ({"chosen", "rejected"},
-    two conversations that differ only in their last answer) -> preference.
+    two conversations, or two message lists, that differ only in their last answer) -> preference.
+    As LMFlow does, a conversation's trailing user turn (no answer) is trimmed and the row kept.
 
     >>> convert_lmflow({"type": "text2text", "instance": {"input": "Code for hypothyroidism?",
     ...                                                   "output": "E03.9"}},
@@ -314,7 +343,14 @@ def convert_lmflow(row: dict, spec: DatasetSpec, kind: Kind) -> dict:
     if file_type == "paired_conversation":
         return _lmflow_pair(inst)
     messages, system, tools = _lmflow_conversation(inst, "")
-    return conversation_record(messages, "messages", system=system, tools=tools)
+    trimmed = len(messages) > 1 and messages[-1]["role"] == "user"
+    if trimmed:
+        messages = messages[:-1]
+    record = conversation_record(messages, "messages", system=system, tools=tools)
+    if trimmed:
+        note_adjustment(record, "trailing_user_turn_trimmed", "messages",
+                        f"message {len(messages)} (user) has no answer: trimmed, as LMFlow does")
+    return record
 
 
 def _lmflow_conversation(inst: dict, prefix: str) -> tuple[list[dict], str, str | None]:
@@ -330,14 +366,24 @@ def _lmflow_conversation(inst: dict, prefix: str) -> tuple[list[dict], str, str 
 def _lmflow_pair(inst: dict) -> dict:
     """A paired_conversation instance -> a preference record: the shared prompt and the two last answers.
 
-    Preference records carry no tool schemas, so the pair's `tools` are not kept.
+    `chosen` and `rejected` are conversation objects, or plain message lists (the system prompt, if
+    any, then in the instance's `system`). Preference records carry no tool schemas, so the pair's
+    `tools` are not kept.
     """
     sides = {}
     for side in ("chosen", "rejected"):
-        if not isinstance(inst.get(side), dict):
+        value = inst.get(side)
+        if isinstance(value, list):  # the other form LMFlow writes: the conversation's messages alone
+            messages = _openai_messages(value, side)
+            if not messages:
+                raise RowError("empty_prompt", side, f"'{side}' has no messages")
+            sides[side] = messages, text_field(inst.get("system"), "system"), None
+            continue
+        if not isinstance(value, dict):
             reason = "missing_column" if side not in inst else "wrong_type"
-            raise RowError(reason, side, f"a paired_conversation instance needs '{side}', a conversation object")
-        sides[side] = _lmflow_conversation(inst[side], f"{side}.")
+            raise RowError(reason, side, f"a paired_conversation instance needs '{side}', a conversation object "
+                                         "or a list of messages")
+        sides[side] = _lmflow_conversation(value, f"{side}.")
     (chosen, system, _), (rejected, rejected_system, _) = sides["chosen"], sides["rejected"]
     if chosen[:-1] != rejected[:-1] or system != rejected_system:
         raise RowError("prompt_mismatch", "rejected",

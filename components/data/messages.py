@@ -7,7 +7,9 @@ sharegpt, OpenAI, LMFlow and prompt/completion rows are held to the same rules:
 - tool messages follow an assistant message that made tool calls;
 - a conversation ends with an assistant message, a preference prompt with a user or tool message.
 
-A row that breaks one raises `RowError` with its drop reason and the field at fault.
+A row that breaks one raises `RowError` with its drop reason and the field at fault. A converter that
+mends a row instead of dropping it (LMFlow's trailing user turn) notes why with `note_adjustment`;
+the align stage counts those notes in its report and keeps the row.
 """
 
 from __future__ import annotations
@@ -44,8 +46,10 @@ def json_field(value: Any, field: str) -> Any:
 
 
 def parse_tool_call(obj: Any, field: str) -> dict:
-    """{"name", "arguments"} or OpenAI's {"type": "function", "function": {"name", "arguments"}} -> ours."""
+    """{"name", "arguments"} or OpenAI's {"id"?, "type": "function", "function": {"name", "arguments"}} -> ours,
+    {"name", "arguments", "id"?}."""
     obj = json_field(obj, field)
+    call_id = obj.get("id") if isinstance(obj, dict) else None  # OpenAI's id sits beside "function"
     if isinstance(obj, dict) and isinstance(obj.get("function"), dict):
         obj = obj["function"]
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not obj["name"]:
@@ -53,7 +57,10 @@ def parse_tool_call(obj: Any, field: str) -> dict:
     args = json_field(obj.get("arguments") or {}, f"{field}.arguments")
     if not isinstance(args, dict):
         raise RowError("wrong_type", field, f"'{field}.arguments' should be an object, got {type(args).__name__}")
-    return {"name": obj["name"], "arguments": args}
+    call = {"name": obj["name"], "arguments": args}
+    if call_id is not None:  # the tool message answering it names it (tool_call_id); some templates render it
+        call["id"] = text_field(call_id, f"{field}.id")
+    return call
 
 
 def parse_tool_calls(value: Any, field: str) -> list[dict]:
@@ -92,11 +99,36 @@ def tool_schemas_json(value: Any, field: str) -> str | None:
     return json.dumps(schemas, ensure_ascii=False) if schemas else None
 
 
-def make_message(role: str, content: str, tool_calls: list[dict] | None = None) -> dict:
+# Keys a record's message may carry beyond role and content (components/data/records.py).
+TOOL_RESULT_KEYS = ("tool_call_id", "name")  # a tool message: the call it answers, the tool's name
+TRAIN = "train"  # false on an assistant message: no loss on that turn (absent: trained)
+
+
+def make_message(role: str, content: str, tool_calls: list[dict] | None = None, *, train: bool = True,
+                 **tool_result: str | None) -> dict:
+    """A record's message; `train=False` marks an assistant turn untrained, `tool_result` holds a tool
+    message's tool_call_id and name (None values are left out)."""
     msg = {"role": role, "content": content}
     if tool_calls:
         msg["tool_calls"] = tool_calls
+    msg.update((k, v) for k, v in tool_result.items() if v is not None)
+    if not train:
+        msg[TRAIN] = False
     return msg
+
+
+def without_train_flag(msg: dict) -> dict:
+    """A message of a preference record: which turns train is the preference method's business."""
+    return {k: v for k, v in msg.items() if k != TRAIN}
+
+
+ADJUSTED = "_adjusted"  # a record key the align stage pops: why the row was mended rather than dropped
+
+
+def note_adjustment(record: dict, reason: str, field: str | None, message: str) -> dict:
+    """Note on `record` that its row was changed to be kept (`reason` counts in the alignment report)."""
+    record.setdefault(ADJUSTED, []).append((reason, field, message))
+    return record
 
 
 def check_roles(messages: list[dict], field: str, *, complete: bool) -> None:
@@ -150,13 +182,14 @@ def conversation_record(messages: list[dict], field: str, *, system: str = "", t
 def unpaired_preference_record(conversation: dict, label: bool) -> dict:
     """A checked conversation record -> TRL's unpaired preference type: its last (assistant) message is the
     completion, the messages before it the prompt. Tool schemas are not kept (as in preference records)."""
-    messages = conversation["messages"]
+    messages = [without_train_flag(m) for m in conversation["messages"]]
     return {"prompt": messages[:-1], "completion": [messages[-1]], "label": label}
 
 
 def preference_record(prompt: list[dict], chosen: dict, rejected: dict, field: str, *, system: str = "") -> dict:
     check_roles(prompt, field, complete=False)
-    prompt = with_system(prompt, system)
+    prompt = with_system([without_train_flag(m) for m in prompt], system)
+    chosen, rejected = without_train_flag(chosen), without_train_flag(rejected)
     for name, msg in (("chosen", chosen), ("rejected", rejected)):
         if msg["role"] != "assistant":
             raise RowError("invalid_role_order", name, f"'{name}' should be an assistant message, not {msg['role']}")

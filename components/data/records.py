@@ -4,7 +4,9 @@ They follow TRL's named dataset types, so TRL trainers take our aligned data as 
 
 - text:          {"text": str}
 - conversation:  {"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": str,
-                                "tool_calls"?: [{"name": str, "arguments": dict}]}],
+                                "tool_calls"?: [{"name": str, "arguments": dict, "id"?: str}],
+                                "tool_call_id"?: str, "name"?: str,   (a tool result: the call it answers)
+                                "train"?: false}],                    (an assistant turn with no loss)
                   "tools"?: str (JSON list of tool schemas)}
 - preference:    {"prompt": [messages...], "chosen": [assistant message], "rejected": [assistant message]}
 - unpaired_preference: {"prompt": [messages...], "completion": [assistant message], "label": bool}

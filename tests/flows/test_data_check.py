@@ -63,6 +63,7 @@ def test_every_fixture_format_goes_through_data_check_and_training(tiny_model_di
         groups.setdefault(group, []).append(name)
     sets = {f"data.{group}": "[" + ", ".join(names) + "]" for group, names in groups.items()}
     sets.setdefault("data.preference_eval", "[]")  # the preset's held-out pairs are not among the fixtures
+    sets.update({"data.sft_task_weights": "{}", "data.rule_baselines": "{}"})  # the fixtures hold no task column
     workspace = tmp_path / "ws"
     config = tmp_path / "formats.yaml"
     save_config(tiny_pipeline_config(tiny_model_dir, workspace, **sets, **{
@@ -92,7 +93,8 @@ def test_every_fixture_format_goes_through_data_check_and_training(tiny_model_di
     assert 0 < stats["fast_path_rows"] < len(records)  # tool-call rows take the exact path, the rest the fast one
     for record, row in zip(records, table):
         trained = tok.decode([t for t in row["labels"] if t != IGNORE])
-        answers = [m["content"] for m in record["messages"] if m["role"] == "assistant" and m.get("content")]
+        answers = [m["content"] for m in record["messages"]
+                   if m["role"] == "assistant" and m.get("content") and m.get("train", True)]  # "loss": false: context
         prompts = [m["content"] for m in record["messages"] if m["role"] != "assistant" and m.get("content")]
         assert trained.endswith("<|im_end|>") and all(answer in trained for answer in answers), (record, trained)
         assert not any(prompt in trained for prompt in prompts if len(prompt) > 3), (record, trained)

@@ -47,6 +47,10 @@ FIXTURE_GROUPS = {
     "icd10_lmflow": "sft",
     "icd10_lmflow_conversation": "sft",
     "icd10_lmflow_paired": "preference",
+    "icd10_lmflow_trailing_user": "sft",
+    "icd10_lmflow_loss": "sft",
+    "icd10_lmflow_tool_results": "sft",
+    "icd10_lmflow_paired_lists": "preference",
     "icd10_prompt_completion": "sft_eval",
     "icd10_prompt_completion_preference": "preference",
 }

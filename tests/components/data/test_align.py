@@ -93,6 +93,20 @@ def test_report_counts_drop_reasons_with_examples(fetched: Path, formats_dir: Pa
     assert "icd10_alpaca" in table and "empty_response=1" in table and "invalid_role_order=1" in table
 
 
+def test_a_row_mended_to_be_kept_is_counted_apart_from_the_drops(fetched: Path, formats_dir: Path,
+                                                                  tmp_path: Path) -> None:
+    run_align(fetched, {"sft": ["icd10_lmflow_trailing_user"]}, tmp_path / "align")
+    report = json.loads((tmp_path / "align" / "report.json").read_text())["sft"]["icd10_lmflow_trailing_user"]
+    assert (report["rows_in"], report["rows_kept"]) == (3, 2)
+    assert report["dropped"]["invalid_role_order"]["count"] == 1  # a lone user turn: nothing to keep
+    trimmed = report["adjusted"]["trailing_user_turn_trimmed"]
+    assert trimmed["count"] == 1
+    assert trimmed["examples"][0]["at"] == f"{(formats_dir / 'lmflow_conversation_trailing_user.json').resolve()}[0]"
+    assert trimmed["examples"][0]["row"].startswith('{"type": "conversation", "instance": {"conversation_id": 1')
+    assert "invalid_role_order=1; kept after a fix: trailing_user_turn_trimmed=1" in format_report({"sft": {
+        "icd10_lmflow_trailing_user": report}})
+
+
 def test_report_keeps_at_most_three_examples(tmp_path: Path) -> None:
     rows = [{"instruction": f"Code for case {i}?", "input": "", "output": ""} for i in range(5)]
     rows.append({"instruction": "Code for essential hypertension?", "input": "", "output": "I10"})

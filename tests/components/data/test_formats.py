@@ -252,6 +252,86 @@ def test_lmflow_paired_conversation_is_preference_data() -> None:
         formats.convert_lmflow(pair(["q", "a"], ["q", "b"]), lmflow, "conversation")
 
 
+def lmflow_conversation(messages: list[dict], **extra) -> dict:
+    return {"type": "conversation", "instance": {**extra, "messages": messages}}
+
+
+def test_lmflow_trailing_user_turn_is_trimmed_and_noted_as_lmflow_does() -> None:
+    row = lmflow_conversation([{"role": "user", "content": "Code for gout?"}, {"role": "assistant", "content": "M10.9"},
+                               {"role": "user", "content": "And for pseudogout?"}])
+    record = formats.convert_lmflow(row, spec("lmflow"), "conversation")
+    assert record.pop("_adjusted") == [("trailing_user_turn_trimmed", "messages",
+                                        "message 2 (user) has no answer: trimmed, as LMFlow does")]
+    assert record == {"messages": [{"role": "user", "content": "Code for gout?"},
+                                   {"role": "assistant", "content": "M10.9"}]}
+    lone = lmflow_conversation([{"role": "user", "content": "Code for gout?"}])  # nothing left to train on
+    assert reason(formats.convert_lmflow, lone, spec("lmflow"), "conversation") == "invalid_role_order"
+    # Other formats keep the rule: a conversation ends with the assistant.
+    assert reason(formats.convert_openai, {"messages": row["instance"]["messages"]}, spec("openai"),
+                  "conversation") == "invalid_role_order"
+
+
+def test_per_message_loss_and_weight_mark_assistant_turns_untrained() -> None:
+    row = lmflow_conversation([{"role": "user", "content": "Code for gout?", "loss": False},
+                               {"role": "assistant", "content": "Gout is M10.9.", "loss": False},
+                               {"role": "user", "content": "Code only?", "loss": False},
+                               {"role": "assistant", "content": "M10.9", "loss": True}])
+    assert formats.convert_lmflow(row, spec("lmflow"), "conversation")["messages"] == [
+        {"role": "user", "content": "Code for gout?"},
+        {"role": "assistant", "content": "Gout is M10.9.", "train": False},
+        {"role": "user", "content": "Code only?"},
+        {"role": "assistant", "content": "M10.9"}]
+    weighted = {"messages": [{"role": "user", "content": "Code?"}, {"role": "assistant", "content": "I10", "weight": 0}]}
+    assert formats.convert_openai(weighted, spec("openai"), "conversation")["messages"][-1] == {
+        "role": "assistant", "content": "I10", "train": False}
+    for bad in ({"loss": "no"}, {"weight": 0.5}, {"loss": 1}):
+        assert reason(formats.convert_lmflow, lmflow_conversation(
+            [{"role": "user", "content": "Code?"}, {"role": "assistant", "content": "I10", **bad}]),
+            spec("lmflow"), "conversation") == "wrong_type"
+    with pytest.raises(RowError, match=r"'messages\[0\]\.loss' marks a user message trained; only assistant turns"):
+        formats.convert_lmflow(lmflow_conversation([{"role": "user", "content": "Code?", "loss": True},
+                                                    {"role": "assistant", "content": "I10"}]),
+                               spec("lmflow"), "conversation")
+    # A preference pair's answers carry no training flag: the method decides what trains.
+    flagged = pair(["Code?", "I10"], ["Code?", "I11"])
+    flagged["instance"]["chosen"]["messages"][-1]["loss"] = False
+    assert formats.convert_lmflow(flagged, spec("lmflow"), "preference")["chosen"] == [
+        {"role": "assistant", "content": "I10"}]
+
+
+def test_tool_results_keep_tool_call_id_and_name() -> None:
+    row = lmflow_conversation([
+        {"role": "user", "content": "Look up I10."},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"id": "call_9", "type": "function", "function": {"name": "lookup_icd10", "arguments": '{"code": "I10"}'}}]},
+        {"role": "tool", "tool_call_id": "call_9", "name": "lookup_icd10", "content": "Essential hypertension"},
+        {"role": "assistant", "content": "I10 is essential hypertension."}])
+    messages = formats.convert_lmflow(row, spec("lmflow"), "conversation")["messages"]
+    assert messages[1]["tool_calls"] == [{"name": "lookup_icd10", "arguments": {"code": "I10"}, "id": "call_9"}]
+    assert messages[2] == {"role": "tool", "content": "Essential hypertension", "tool_call_id": "call_9",
+                           "name": "lookup_icd10"}
+    row["instance"]["messages"][2]["tool_call_id"] = 9
+    assert reason(formats.convert_lmflow, row, spec("lmflow"), "conversation") == "wrong_type"
+
+
+def test_lmflow_paired_conversation_of_plain_message_lists() -> None:
+    def side(answer: str) -> list[dict]:
+        return [{"role": "user", "content": "Code for GERD?"}, {"role": "assistant", "content": answer}]
+
+    row = {"type": "paired_conversation",
+           "instance": {"system": "Codes only.", "chosen": side("K21.9"), "rejected": side("K21.0")}}
+    assert formats.convert_lmflow(row, spec("lmflow"), "preference") == {
+        "prompt": [{"role": "system", "content": "Codes only."}, {"role": "user", "content": "Code for GERD?"}],
+        "chosen": [{"role": "assistant", "content": "K21.9"}],
+        "rejected": [{"role": "assistant", "content": "K21.0"}],
+    }
+    other = {"type": "paired_conversation", "instance": {"chosen": side("K21.9"), "rejected": [
+        {"role": "user", "content": "Code for CKD?"}, {"role": "assistant", "content": "N18.9"}]}}
+    assert reason(formats.convert_lmflow, other, spec("lmflow"), "preference") == "prompt_mismatch"
+    empty = {"type": "paired_conversation", "instance": {"chosen": [], "rejected": side("K21.0")}}
+    assert reason(formats.convert_lmflow, empty, spec("lmflow"), "preference") == "empty_prompt"
+
+
 def test_prompt_completion_conversational_and_preference() -> None:
     row = {"prompt": [{"role": "user", "content": "Code for sepsis?"}],
            "completion": [{"role": "assistant", "content": "A41.9"}]}

@@ -72,6 +72,39 @@ def test_mask_history_trains_only_the_last_turn(tok):
     assert trained_text(tok, ids, labels) == ["No<|im_end|>"]
 
 
+def test_an_assistant_turn_marked_untrained_is_masked_whatever_the_path(tok):
+    # LMFlow's "loss": false (OpenAI's "weight": 0) aligns to "train": false: that answer is context only.
+    marked = [TWO_TURNS[0], {**TWO_TURNS[1], "train": False}, *TWO_TURNS[2:]]
+    ids, labels = render(tok, marked)
+    assert trained_text(tok, ids, labels) == ["No<|im_end|>"]
+    assert ids == render(tok, TWO_TURNS)[0]  # the flag is ours: the template never sees it
+    ids, labels = render(tok, marked, system_prompt="Be brief.")  # indices shift past the inserted system turn
+    assert trained_text(tok, ids, labels) == ["No<|im_end|>"]
+    last_untrained = [*TWO_TURNS[:3], {**TWO_TURNS[3], "train": False}]
+    ids, labels = render(tok, last_untrained, mask_history=True)  # the last turn that trains
+    assert trained_text(tok, ids, labels) == ["Essential (primary) hypertension<|im_end|>"]
+    tmpl = prepare_template(tok, "auto")
+    options = {"system_prompt": None, "train_on_prompt": False, "mask_history": False}
+    convs = [(marked, None), (TWO_TURNS, None)]
+    encoder = ConversationEncoder(tok, tmpl, verify_rows=0, **options)
+    assert encoder.encode(convs) == encode_conversations(tok, tmpl, convs, **options)
+    assert encoder.counts == {"fast": 1, "exact": 1}  # a marked row takes the exact path
+
+
+def test_tool_results_keep_their_call_ids_for_the_template(tok):
+    conv = [{"role": "user", "content": "Look up I10."},
+            {"role": "assistant", "content": "", "tool_calls": [{"name": "lookup", "arguments": {"code": "I10"}, "id": "c7"}]},
+            {"role": "tool", "content": "Essential (primary) hypertension", "tool_call_id": "c7", "name": "lookup"},
+            {"role": "assistant", "content": "Essential hypertension."}]
+    renders_ids = ("{% for m in messages %}{{ m.role }}:{{ m.content }}{% if m.tool_calls %}"
+                   "{% for c in m.tool_calls %}[{{ c.id }} {{ c.function.name }}]{% endfor %}{% endif %}"
+                   "{% if m.tool_call_id %}({{ m.tool_call_id }} {{ m.name }}){% endif %}|{% endfor %}"
+                   "{% if add_generation_prompt %}assistant:{% endif %}")
+    ids, labels = render_conversation(tok, renders_ids, conv, system_prompt=None, train_on_prompt=False,
+                                      mask_history=False)
+    assert "[c7 lookup]" in tok.decode(ids) and "(c7 lookup)" in tok.decode(ids)
+
+
 def test_system_prompt_is_inserted_only_when_missing(tok):
     ids, _ = render(tok, TWO_TURNS, system_prompt="Be brief.")
     assert tok.decode(ids).startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n")

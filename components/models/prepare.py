@@ -8,9 +8,9 @@ A key must change when the base model does, and only then:
   the local Hugging Face cache holds for it, else a clear error).
 Tokenization is keyed on the tokenizer files alone, so new weights retrain but do not re-tokenize.
 
-`prepare_stage` makes the base loadable: it converts the embedded GGUF into its stage directory,
-downloads a hub snapshot at the pinned commit, or records a local directory; later stages load
-the model from what its manifest says. When the config adds tokens (model.extra_tokens) or scales
+`prepare_stage` makes the base loadable: it links the embedded GGUF's conversion (made once per
+machine, in the user cache) into its stage directory, downloads a hub snapshot at the pinned commit,
+or records a local directory; later stages load the model from what its manifest says. When the config adds tokens (model.extra_tokens) or scales
 RoPE (model.rope_scaling), it does so here, once, and writes the adapted model into its directory:
 tokenization, training, evaluation and chat then all load the same extended tokenizer and config.
 """
@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 from components.artifacts import StageResult, atomic_write_json, remembered_sha256
 from components.config import ModelConfig, hash_json
-from components.models.loading import BaseModelError, cache_root, classify_base, embedded_gguf
+from components.models.loading import BaseModelError, classify_base, digest_memo, embedded_gguf
 
 if TYPE_CHECKING:
     from components.config import PipelineConfig
@@ -54,7 +54,7 @@ class BaseIdentity:
 
 
 def _memo_file() -> Path:
-    return cache_root() / "file-digests.json"
+    return digest_memo()
 
 
 def _digests(root: Path, names: list[str]) -> dict[str, str]:
@@ -183,14 +183,15 @@ def adapt_base(source: str, model: ModelConfig, target: Path, *, revision: str |
 
 def prepare_base(model: ModelConfig, out_dir: Path) -> StageResult:
     """Make the base model loadable and record what it is; the result's info says how to load it."""
-    from components.models.loading import convert_gguf
+    from components.models.loading import converted_gguf, link_checkpoint
 
     out_dir = Path(out_dir)
     identity = identify_base(model)
     files = ["base_model.json"]
     source, revision = identity.source, identity.revision
     if identity.kind == "embedded":
-        target = convert_gguf(embedded_gguf(identity.source), out_dir / "model")
+        # Converted once per machine (keyed by the GGUF's digest), linked into every workspace's stage.
+        target = link_checkpoint(converted_gguf(embedded_gguf(identity.source)), out_dir / "model")
         files += [p.relative_to(out_dir).as_posix() for p in sorted(target.rglob("*")) if p.is_file()]
         source = str(target.resolve())  # absolute: later stages and `lmforge chat` may run elsewhere
     elif identity.kind == "hub":

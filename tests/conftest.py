@@ -32,6 +32,14 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def small_model_dir(tmp_path_factory) -> Path:
+    """A 2-layer model over 48 word tokens whose next-token distribution an adapter can move in a few steps."""
+    from tests.tiny_model import build_small_vocab_model
+
+    return build_small_vocab_model(tmp_path_factory.mktemp("small-vocab"))
+
+
+@pytest.fixture(scope="session")
 def prefect_harness():
     """One Prefect test API for the whole session (starting many would lock SQLite on 2 cores)."""
     from prefect.testing.utilities import prefect_test_harness

@@ -41,35 +41,6 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def build_small_vocab_model(out_dir: Path, *, words: int = 45, hidden: int = 32, seed: int = 0) -> Path:
-    """A 2-layer Llama over 48 tokens ("w0".."w44" + specials), with embeddings large enough (init std 0.2)
-    that a LoRA on the body can move the next-token distribution: a toy reward is learnable in a few steps."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    vocab = {t: i for i, t in enumerate(["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + [f"w{i}" for i in range(words)])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    fast.save_pretrained(out_dir)
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(vocab), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         tie_word_embeddings=True, initializer_range=0.2, eos_token_id=fast.eos_token_id,
-                         pad_token_id=fast.pad_token_id, bos_token_id=None)
-    model = LlamaForCausalLM(config)
-    model.generation_config.eos_token_id = fast.eos_token_id
-    model.generation_config.pad_token_id = fast.pad_token_id
-    model.save_pretrained(out_dir)
-    return out_dir
-
-
-@pytest.fixture(scope="module")
-def small_model_dir(tmp_path_factory) -> Path:
-    return build_small_vocab_model(tmp_path_factory.mktemp("small-vocab"))
-
-
 def _load(model_dir: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

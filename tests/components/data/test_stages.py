@@ -23,7 +23,8 @@ def test_fetch_align_tokenize_stages_read_the_config_and_their_inputs(tiny_model
 
     cfg = tiny_pipeline_config(tiny_model_dir, tmp_path / "ws", **{
         "data.sft": "[icd10_instructions, identity]", "data.max_samples": 12, "data.seed": 7,
-        "data.mix_strategy": "interleave_over", "data.identity_name": "Coder", "tokenize.cutoff_len": 128})
+        "data.mix_strategy": "interleave_over", "data.identity_name": "Coder", "tokenize.cutoff_len": 128,
+        "data.sft_task_weights": "{}", "data.rule_baselines": "{}"})  # run_align by hand below applies neither
     fetched = fetch_stage(cfg, inputs("fetch", {}), tmp_path / "fetch")
     names = sorted({name for group in GROUP_KINDS for name in getattr(cfg.data, group)})
     assert fetched.info["datasets"] == names and (tmp_path / "fetch" / "provenance.json").is_file()

@@ -1,5 +1,6 @@
-"""lm-evaluation-harness integration, offline: the shipped local task on the tiny model, and a task whose
-data cannot be reached skipped with its reason."""
+"""lm-evaluation-harness integration, offline: the shipped local task on the tiny model, a constructed task
+whose accuracy is known whatever the model's weights, and a task whose data cannot be reached skipped with
+its reason."""
 
 from __future__ import annotations
 
@@ -15,8 +16,22 @@ from components.evaluation.harness import harness_metrics, local_task_config, lo
 ROOT = Path(__file__).resolve().parents[3]
 
 
+# A multiple-choice task whose first choice is the second plus more tokens: a causal LM gives it the second
+# one's log-likelihood plus a log-probability < 0 for each extra token, so any model picks the second
+# (shorter) choice, and accuracy is the share of rows whose answer is that one: 3 of 4 here.
+PREFIX_CHOICES = ["Yes No Yes No", "Yes No"]
+PREFIX_ANSWERS = ["Yes No", "Yes No Yes No", "Yes No", "Yes No"]
+PREFIX_TASK = {
+    "task": "prefix_mc", "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": ["heldout/prefix.jsonl"]}},
+    "test_split": "test", "output_type": "multiple_choice", "doc_to_text": "{{question}}",
+    "doc_to_target": "{{answer}}", "target_delimiter": "", "doc_to_choice": PREFIX_CHOICES,
+    "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
+}
+
+
 def _aligned(tmp_path: Path, per_task: int = 2) -> Path:
-    """An align-stage folder with a few held-out rows of each shipped ICD-10 task."""
+    """An align-stage folder with a few held-out rows of each shipped ICD-10 task, and the rows of
+    PREFIX_TASK (task label "prefix")."""
     rows = [json.loads(line) for line in (ROOT / "data/icd10/sft_heldout.jsonl").read_text().splitlines()]
     picked, seen = [], {}
     for r in rows:
@@ -24,6 +39,9 @@ def _aligned(tmp_path: Path, per_task: int = 2) -> Path:
             seen[r["task"]] = seen.get(r["task"], 0) + 1
             picked.append({"messages": [{"role": "user", "content": r["instruction"]},
                                         {"role": "assistant", "content": r["output"]}], "task": r["task"]})
+    for i, answer in enumerate(PREFIX_ANSWERS):
+        picked.append({"messages": [{"role": "user", "content": f"Is code A0{i} billable?"},
+                                    {"role": "assistant", "content": answer}], "task": "prefix"})
     out = tmp_path / "align"
     out.mkdir()
     (out / "sft_eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in picked))
@@ -70,6 +88,7 @@ def test_local_task_runs_offline_on_the_tiny_model_and_unreachable_data_is_skipp
     tasks_dir = tmp_path / "harness_tasks"
     tasks_dir.mkdir()
     (tasks_dir / "icd10_chapter_mc.yaml").write_text(local_tasks()["icd10_chapter_mc"].read_text())
+    (tasks_dir / "prefix_mc.yaml").write_text(yaml.safe_dump(PREFIX_TASK))
     (tasks_dir / "hub_only.yaml").write_text(yaml.safe_dump({
         "task": "hub_only", "dataset_path": "lmforge-tests/not-on-this-machine", "test_split": "test",
         "output_type": "multiple_choice", "doc_to_text": "{{q}}", "doc_to_target": 0, "doc_to_choice": ["a", "b"],
@@ -78,13 +97,20 @@ def test_local_task_runs_offline_on_the_tiny_model_and_unreachable_data_is_skipp
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    result = run_harness(model, tokenizer, ["icd10_chapter_mc", "hub_only"], aligned_dir=_aligned(tmp_path),
-                         template_name="auto", system_prompt="You are a medical coding assistant.", batch_size=22,
-                         limit=2)
+    result = run_harness(model, tokenizer, ["icd10_chapter_mc", "prefix_mc", "hub_only"],
+                         aligned_dir=_aligned(tmp_path), template_name="auto",
+                         system_prompt="You are a medical coding assistant.", batch_size=22, limit=4)
     assert list(result.skipped) == ["hub_only"] and "could not be loaded" in result.skipped["hub_only"]
-    assert result.metrics["harness/icd10_chapter_mc/n"] == 2.0
+
+    expected = sum(a == PREFIX_CHOICES[1] for a in PREFIX_ANSWERS) / len(PREFIX_ANSWERS)
+    assert expected == 0.75
+    assert result.metrics["harness/prefix_mc/n"] == 4.0
+    assert result.metrics["harness/prefix_mc/acc"] == expected
+    assert result.metrics["harness/prefix_mc/acc_ci_low"] < expected < result.metrics["harness/prefix_mc/acc_ci_high"]
+
+    assert result.metrics["harness/icd10_chapter_mc/n"] == 4.0  # 2 rows of each of its 2 tasks
     for metric in ("acc", "acc_norm"):
         value = result.metrics[f"harness/icd10_chapter_mc/{metric}"]
-        assert value in (0.0, 0.5, 1.0)
+        assert value in (0.0, 0.25, 0.5, 0.75, 1.0)
         assert result.metrics[f"harness/icd10_chapter_mc/{metric}_ci_low"] <= value
     assert json.loads(json.dumps(result.as_dict()))["skipped"] == result.skipped

@@ -2,7 +2,8 @@
 
 The fast path (decoder, then the LM head on labeled positions only) must equal cross-entropy over the
 model's own logits for every model type it is allowed for; architectures that transform their logits
-in `forward` must take the fallback, and there the fast path would have been wrong.
+in `forward` must take the fallback, and there the fast path would have been wrong. Under every training
+method the fast path must equal the model's own loss, and the LoRA variants' flags must reach the adapter.
 """
 
 from __future__ import annotations
@@ -218,6 +219,42 @@ def test_fast_path_equals_the_models_own_loss_under_every_training_method(method
         ref, ref_n = _reference_loss(model, rows)
     assert n == ref_n
     assert float(loss) == pytest.approx(ref, rel=1e-5)
+
+
+@pytest.mark.parametrize("method", ["lora", "rslora", "dora", "qlora_dora"])
+def test_rslora_scales_by_alpha_over_sqrt_r_and_dora_adds_magnitude_vectors(method):
+    """The flags reach the adapter: scaling alpha / sqrt(r) with use_rslora (alpha / r without), and with
+    use_dora one magnitude vector per adapted layer, initialised to the base weight's row norms."""
+    import math
+
+    from components.config import TrainConfig
+    from components.models.loading import select_hardware
+    from components.training.methods import prepare_trainable
+
+    cfg = TrainConfig(**METHOD_CONFIGS[method])
+    base = tiny_causal_lm("LlamaConfig")
+    base_weights = {name: param.detach().clone() for name, param in base.named_parameters()}
+    model = prepare_trainable(base, cfg, select_hardware("cpu", "fp32"))
+    layers = {name: m for name, m in model.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A}
+    assert len(layers) == 2 * 7  # q, k, v, o, gate, up, down in each of the 2 layers
+
+    r, alpha = cfg.lora.r, cfg.lora.alpha
+    assert (r, alpha) == (8, 16)  # the defaults, for which the two scalings differ (2 and 5.66)
+    expected_scaling = alpha / math.sqrt(r) if cfg.lora.use_rslora else alpha / r
+    assert [m.scaling["default"] for m in layers.values()] == pytest.approx([expected_scaling] * len(layers))
+
+    magnitudes = {n: p for n, p in model.named_parameters() if "lora_magnitude_vector" in n}
+    if not cfg.lora.use_dora:
+        assert magnitudes == {}
+        return
+    assert len(magnitudes) == len(layers) and all(p.requires_grad for p in magnitudes.values())
+    if cfg.finetuning == "qlora":
+        return  # the base weight is 4-bit: its norms are those of the dequantized weight
+    for name, layer in layers.items():
+        magnitude = layer.lora_magnitude_vector["default"].weight
+        weight = base_weights[name.removeprefix("base_model.model.") + ".weight"]
+        row_norms = [math.sqrt(sum(float(w) ** 2 for w in row)) for row in weight]  # B = 0: ||W + BA|| = ||W||
+        assert magnitude.tolist() == pytest.approx(row_norms, rel=1e-5), name
 
 
 def test_the_fallback_is_logged_once_per_model_class(caplog):

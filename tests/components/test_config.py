@@ -1,9 +1,8 @@
 from pathlib import Path
-from typing import get_args
 
 import pytest
 
-from components.config import ConfigError, PipelineConfig, TrainConfig, load_config
+from components.config import ConfigError, PipelineConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -14,48 +13,6 @@ def test_every_shipped_config_validates_and_starts_with_its_command(path):
     assert isinstance(cfg, PipelineConfig)
     assert path.read_text().splitlines()[0] == f"# lmforge run configs/{path.name}"
     assert Path(ROOT / cfg.data.dataset_info).is_file()
-
-
-def _training_stages(cfg: PipelineConfig) -> list[TrainConfig]:
-    """The enabled stages of a preset that train (cpt, sft, reward, alignment)."""
-    stages = [getattr(cfg, name) for name in type(cfg).model_fields]
-    return [s for s in stages if isinstance(s, TrainConfig) and s.enabled]
-
-
-@pytest.fixture(scope="module")
-def presets() -> dict[str, PipelineConfig]:
-    return {path.name: load_config(path) for path in sorted((ROOT / "configs").glob("*.yaml"))}
-
-
-@pytest.mark.parametrize("field", ["finetuning", "optimizer"])
-def test_every_training_method_is_used_by_a_shipped_preset(field, presets):
-    """Each value of the switch (read from the config model, so a new method fails here until a preset uses it)
-    runs in at least one enabled stage of some preset: presets are where a method is shown to be one line."""
-    allowed = set(get_args(TrainConfig.model_fields[field].annotation))
-    used = {getattr(stage, field) for cfg in presets.values() for stage in _training_stages(cfg)}
-    assert allowed - used == set()
-
-
-# The other switches of the efficient-tuning issue: each is set in at least one shipped preset.
-SWITCHES = {
-    "lora.use_rslora": lambda cfg, stage: stage.lora.use_rslora,
-    "lora.use_dora": lambda cfg, stage: stage.lora.use_dora,
-    "lora.loraplus_lr_ratio": lambda cfg, stage: stage.lora.loraplus_lr_ratio is not None,
-    "lora.init pissa": lambda cfg, stage: stage.lora.init != "default",
-    "gradient_checkpointing": lambda cfg, stage: stage.gradient_checkpointing,
-    "deepspeed stage 2": lambda cfg, stage: stage.deepspeed.stage == 2,
-    "deepspeed stage 3 + offload": lambda cfg, stage: stage.deepspeed.stage == 3 and stage.deepspeed.offload,
-    "use_liger": lambda cfg, stage: stage.use_liger,
-    "model.attn_implementation flash_attention_2": lambda cfg, stage: cfg.model.attn_implementation == "flash_attention_2",
-    "model.rope_scaling": lambda cfg, stage: cfg.model.rope_scaling is not None,
-    "model.extra_tokens": lambda cfg, stage: bool(cfg.model.extra_tokens or cfg.model.extra_tokens_file),
-}
-
-
-@pytest.mark.parametrize("switch", SWITCHES)
-def test_every_tuning_switch_is_set_by_a_shipped_preset(switch, presets):
-    used_by = [name for name, cfg in presets.items() for stage in _training_stages(cfg) if SWITCHES[switch](cfg, stage)]
-    assert used_by, f"no preset in configs/ sets {switch}"
 
 
 def _leaves(data, path=""):

@@ -246,7 +246,11 @@ class EvaluateConfig(Strict):
 
 class QuantizeConfig(Strict):
     enabled: bool = True
-    methods: list[Literal["nf4", "int8"]] = Field(["nf4", "int8"], description="bitsandbytes formats to load and score.")
+    methods: list[Literal["nf4", "int8"]] = Field(
+        ["nf4", "int8"], description="bitsandbytes formats to load, score and save (each in its own folder of the stage).")
+    gguf: list[Literal["f16", "q8_0", "q4_0"]] = Field(
+        [], description="GGUF files to export for llama.cpp and Ollama (Llama-architecture models), each with an "
+        "Ollama Modelfile, in gguf-<type>/ of the stage. Q8_0 of the 135M demo model: ~5 s, 145 MB.")
     eval_samples: int = Field(32, ge=1, description="Held-out rows scored for each quantized model.")
 
 

@@ -321,7 +321,7 @@ STAGE_TABLE: tuple[StageSpec, ...] = (
         keyed_on=lambda cfg, facts: {"quantize": cfg.quantize.model_dump(mode="json"),
                                      "evaluate": cfg.evaluate.model_dump(mode="json"), "model": _model(cfg),
                                      **_template(cfg)},
-        summary="merge adapters, save safetensors, score bitsandbytes NF4/int8 loads",
+        summary="merge adapters, save safetensors, score and save bitsandbytes NF4/int8 loads, export GGUF",
     ),
     StageSpec(
         "register", "register", "components.registry:register_stage",

@@ -1,7 +1,9 @@
-"""Merge the adapters into the base, save merged safetensors, and score bitsandbytes NF4 / int8 loads.
+"""Merge the adapters into the base, save merged safetensors, score and save bitsandbytes NF4 / int8 loads,
+and export GGUF files for llama.cpp and Ollama.
 
-The merged checkpoint is what gets registered. Each quantized load is scored on the same held-out
-rows as the merged model, so the report shows size and quality side by side.
+The merged checkpoint is what gets registered as the model; every other variant is saved in its own folder of
+the stage (`nf4/`, `int8/`, `gguf-q8_0/`, ...) and registered beside it. Each bitsandbytes load is scored on the
+same held-out rows as the merged model, so the report shows size and quality side by side.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from components.config import EvaluateConfig, QuantizeConfig
 from components.evaluation.evaluate import evaluate_model
 from components.models.loading import Hardware, load_model, load_tokenizer, load_with_adapters, select_hardware
 from components.pipeline import HELDOUT_READS, BaseModelRef
+from components.quantization.gguf_export import export_gguf_variant
 
 if TYPE_CHECKING:
     from components.config import PipelineConfig
@@ -33,6 +36,14 @@ def merge_and_save(base: BaseModelRef, adapters: list[Path], hardware: Hardware,
     """Merge `adapters` into the base and save a standalone safetensors checkpoint with its tokenizer."""
     model = load_with_adapters(base.source, adapters, hardware, **base.load_kwargs())
     tokenizer = load_tokenizer(base.source, **base.load_kwargs())
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    return out
+
+
+def save_quantized(model, tokenizer, out: Path) -> Path:
+    """Save a bitsandbytes-loaded model with its tokenizer: it reloads quantized, with no quantization config."""
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
@@ -74,7 +85,10 @@ def run_quantize(
     aligned_dir: Path,
     template_name: str,
     system_prompt: str | None,
+    model_name: str | None = None,
 ) -> StageResult:
+    """Merge, score the merged model and each bitsandbytes load, save every variant, export GGUF (see module doc).
+    `model_name` names the model inside the GGUF files."""
     out_dir = Path(out_dir)
     merged = merge_and_save(base, adapters, hardware, out_dir / "merged")
     tokenizer = load_tokenizer(str(merged))
@@ -95,10 +109,18 @@ def run_quantize(
         log.info("loading merged model in bitsandbytes %s", method)
         qmodel = load_model(str(merged), hardware, quantization_config=bnb_config(method))
         metrics, _ = evaluate_model(qmodel, tokenizer, **eval_kwargs)
-        entry = {"memory_bytes": qmodel.get_memory_footprint(), **metrics}
+        saved = save_quantized(qmodel, tokenizer, out_dir / method)
+        entry = {"dir": method, "bytes_on_disk": dir_bytes(saved), "memory_bytes": qmodel.get_memory_footprint(),
+                 **metrics}
         entry["delta"] = metric_deltas(metrics, ref_metrics)
         report[method] = entry
         del qmodel
+    for kind in cfg.gguf:
+        log.info("exporting GGUF %s", kind)
+        folder = f"gguf-{kind}"
+        export_gguf_variant(merged, out_dir / folder, kind, template=template_name, system_prompt=system_prompt,
+                            name=model_name)
+        report[folder] = {"dir": folder, "bytes_on_disk": dir_bytes(out_dir / folder)}
     atomic_write_json(out_dir / "quantization_report.json", report)
 
     flat: dict[str, float] = {}
@@ -110,9 +132,12 @@ def run_quantize(
         for k, v in entry.get("delta", {}).items():
             if "/" not in k:
                 flat[f"{variant}_delta_{k}"] = float(v)
-    files = [str(p.relative_to(out_dir)) for p in merged.rglob("*") if p.is_file()]
+    variants = {name: {"dir": e["dir"], "bytes_on_disk": e["bytes_on_disk"]} for name, e in report.items()
+                if name != "merged"}
+    files = [str(p.relative_to(out_dir)) for d in ("merged", *(v["dir"] for v in variants.values()))
+             for p in (out_dir / d).rglob("*") if p.is_file()]
     files.append("quantization_report.json")
-    return StageResult(files=files, metrics=flat, info={"merged_dir": "merged"})
+    return StageResult(files=files, metrics=flat, info={"merged_dir": "merged", "variants": variants})
 
 
 def quantize_stage(cfg: PipelineConfig, inputs: StageInputs, out_dir: Path) -> StageResult:
@@ -124,6 +149,7 @@ def quantize_stage(cfg: PipelineConfig, inputs: StageInputs, out_dir: Path) -> S
         tokenized_dir=inputs.dir("tokenize", reading=HELDOUT_READS["tokenize"]),
         aligned_dir=inputs.dir("align", reading=HELDOUT_READS["align"]),
         template_name=cfg.tokenize.template, system_prompt=cfg.tokenize.system_prompt,
+        model_name=f"{cfg.model.base.rsplit('/', 1)[-1].rsplit(':', 1)[-1]} (lmforge)",
     )
     result.info["merged_adapters"] = [str(p) for p in stack]  # lineage: what the merged model is made of
     return result

@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 # its answer to each (an artifact of its model run).
 HELDOUT_DIGEST_TAG = "lmforge.heldout_digest"
 SAMPLES_ARTIFACT = "evaluation/samples.jsonl"
+VARIANTS_ARTIFACT = "variants"  # quantized copies of the registered model, one folder each
 
 
 def register_model(
@@ -71,6 +72,25 @@ def log_heldout_answers(client: MlflowClient, run_id: str, samples_file: Path) -
         client.log_artifact(run_id, str(Path(tmp) / name), artifact_path=folder)
     samples = [json.loads(line) for line in samples_file.read_text().splitlines() if line.strip()]
     return {HELDOUT_DIGEST_TAG: heldout_digest(samples)} if samples else {}
+
+
+def log_variants(client: MlflowClient, run_id: str, quantize_dir: Path) -> dict[str, str]:
+    """Upload each variant the quantize stage saved (NF4, int8, GGUF with its Modelfile) to the model run under
+    `variants/<name>/`; return the version tags that describe them: size on disk in MB, and for each overall
+    metric quantize scored the variant on, its change against the merged model (`delta.<metric>`)."""
+    report = json.loads((Path(quantize_dir) / "quantization_report.json").read_text())
+    tags: dict[str, str] = {}
+    for name, entry in report.items():
+        if name == "merged" or "dir" not in entry:
+            continue
+        root = Path(quantize_dir) / entry["dir"]
+        files = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+        log_artifact_files(client, run_id, root, files, artifact_path=f"{VARIANTS_ARTIFACT}/{name}")
+        tags[f"lmforge.variant.{name}.size_mb"] = f"{entry['bytes_on_disk'] / 1e6:.1f}"
+        for metric, delta in entry.get("delta", {}).items():
+            if "/" not in metric:  # overall metrics; the per-task ones stay in the report
+                tags[f"lmforge.variant.{name}.delta.{metric}"] = f"{delta:.6g}"
+    return tags
 
 
 def save_mlflow_model(model_dir: Path, dest: Path, *, metadata: dict[str, str]) -> Path:
@@ -161,8 +181,8 @@ def registered_evaluation(inputs: StageInputs) -> dict:
 
 def register_stage(cfg: PipelineConfig, inputs: StageInputs, out_dir: Path) -> StageResult:
     """Stage entry point (see components.pipeline): a model run under the flow's parent run holding the
-    merged checkpoint as an MLflow transformers model and both evaluations, a registered version with
-    lineage tags, the alias moved."""
+    merged checkpoint as an MLflow transformers model, its quantized variants and both evaluations, a registered
+    version with lineage and variant tags, the alias moved."""
     if inputs.run is None:
         raise ValueError("register needs the flow run's tracking context (StageInputs.run)")
     client = tracking.client_for(inputs.run.tracking_uri)
@@ -175,6 +195,7 @@ def register_stage(cfg: PipelineConfig, inputs: StageInputs, out_dir: Path) -> S
     lineage = lineage_tags(inputs, cfg.model.base)
     tags = {**lineage, **{k: f"{v:.6g}" for k, v in metrics.items()}}
     tags.update(log_heldout_answers(client, run_id, Path(registered_evaluation(inputs)["dir"]) / "samples.jsonl"))
+    tags.update(log_variants(client, run_id, inputs.dir("quantize")))
     name, alias = cfg.registry.model_name, cfg.registry.alias
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".mlflow-model.") as tmp:
         model_dir = save_mlflow_model(merged, Path(tmp) / "model", metadata=lineage)

@@ -69,6 +69,11 @@ def test_first_run_runs_every_stage_and_registers(first_run):
 
     answers = registered_samples(client, mv)
     assert answers and heldout_digest(answers) == mv.tags["lmforge.heldout_digest"]
+    # The variants the preset saves (NF4, GGUF Q8_0 with its Modelfile) travel with the version.
+    assert float(mv.tags["lmforge.variant.nf4.size_mb"]) > 0 and "lmforge.variant.nf4.delta.exact_match" in mv.tags
+    assert float(mv.tags["lmforge.variant.gguf-q8_0.size_mb"]) > 0
+    assert {f.path for f in client.list_artifacts(mv.run_id, "variants/gguf-q8_0")} == {
+        "variants/gguf-q8_0/Modelfile", "variants/gguf-q8_0/model-q8_0.gguf"}
     # The random tiny model is at its tasks' majority baselines: the gate keeps it as challenger and says why.
     from flows.domain_adaptation import promotion_line
 

@@ -163,18 +163,17 @@ def _write_tokenizer(writer, model_dir: Path, vocab_size: int, chat_template: st
         writer.add_chat_template(template)
 
 
-def _load_weights(model_dir: Path) -> dict[str, np.ndarray]:
+def _weights(model_dir: Path):
+    """(name, float32 array) for every tensor of the checkpoint, one at a time (only the converted ones are kept)."""
     from safetensors import safe_open
 
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
         raise GGUFExportError(f"{model_dir} has no .safetensors weights (the quantize stage's merged/ has)")
-    weights = {}
     for f in files:
         with safe_open(str(f), framework="pt") as st:
             for name in st.keys():
-                weights[name] = st.get_tensor(name).float().numpy()
-    return weights
+                yield name, st.get_tensor(name).float().numpy()
 
 
 def export_gguf(model_dir: Path, out_path: Path, kind: GGUFType, *, name: str | None = None,
@@ -195,13 +194,12 @@ def export_gguf(model_dir: Path, out_path: Path, kind: GGUFType, *, name: str | 
     head_dim = config.get("head_dim") or hidden // n_head
     vocab_size = config["vocab_size"]
 
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers)
-    weights = _load_weights(model_dir)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], n_layers)
     tied = config.get("tie_word_embeddings", False)
-    if tied:
-        weights.pop("lm_head.weight", None)  # the token embedding serves as the output matrix
     tensors = []
-    for hf_name, data in weights.items():
+    for hf_name, data in _weights(model_dir):
+        if tied and hf_name == "lm_head.weight":
+            continue  # the token embedding serves as the output matrix
         gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:
             raise GGUFExportError(f"{model_dir}: no GGUF name for tensor {hf_name!r} of a {arch} model")

@@ -173,6 +173,23 @@ def test_other_architectures_are_refused_naming_the_supported_one(tmp_path):
     assert not list(tmp_path.glob("*.gguf"))
 
 
+@pytest.mark.parametrize("edit, message", [
+    (lambda spec: spec.update(pre_tokenizer={"type": "Metaspace", "replacement": "\u2581"}),
+     "knows the pre-tokenizers gpt-2, smollm; tokenizer.json has .*Metaspace"),
+    (lambda spec: spec["model"].update(byte_fallback=True), "byte-level BPE .* byte fallback"),
+])
+def test_tokenizers_llama_cpp_would_split_differently_are_refused(tiny_model_dir, tmp_path, edit, message):
+    import shutil
+
+    model = shutil.copytree(tiny_model_dir, tmp_path / "model")
+    spec = json.loads((model / "tokenizer.json").read_text())
+    edit(spec)
+    (model / "tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(GGUFExportError, match=message):
+        export_gguf(model, tmp_path / "out.gguf", "q8_0")
+    assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".*.tmp"))
+
+
 def render_go(template: str, system: str | None, messages: list[dict]) -> str:
     """Enough of Go's text/template to run the TEMPLATE we write: `if .System`, `range .Messages`,
     `if eq .Role "..."` / `else if eq .Role "..."`, `.System`, `.Content`; any other action fails."""

@@ -111,10 +111,8 @@ def _pre_tokenizer_name(tokenizer_json: dict) -> str:
     )
 
 
-def _write_tokenizer(writer, model_dir: Path, vocab_size: int, chat_template: str | None) -> None:
-    import gguf
-    from transformers import AutoTokenizer
-
+def _tokenizer_spec(model_dir: Path) -> dict:
+    """tokenizer.json, checked to be a byte-level BPE with a pre-tokenizer llama.cpp knows."""
     path = model_dir / "tokenizer.json"
     if not path.is_file():
         raise GGUFExportError(f"{model_dir} has no tokenizer.json: GGUF export needs a fast (tokenizers) tokenizer")
@@ -123,6 +121,24 @@ def _write_tokenizer(writer, model_dir: Path, vocab_size: int, chat_template: st
     if model.get("type") != "BPE" or model.get("byte_fallback"):
         raise GGUFExportError(f"GGUF export writes byte-level BPE tokenizers; {path} has a {model.get('type')} model"
                               + (" with byte fallback (sentencepiece-style)" if model.get("byte_fallback") else ""))
+    _pre_tokenizer_name(spec)
+    return spec
+
+
+def check_exportable(model_dir: Path) -> None:
+    """Fail now, naming what is unsupported, if `model_dir` cannot be exported (architecture, tokenizer): the
+    quantize stage calls it before its slow scoring."""
+    model_dir = Path(model_dir)
+    check_architecture(json.loads((model_dir / "config.json").read_text()))
+    _tokenizer_spec(model_dir)
+
+
+def _write_tokenizer(writer, model_dir: Path, vocab_size: int, chat_template: str | None) -> None:
+    import gguf
+    from transformers import AutoTokenizer
+
+    spec = _tokenizer_spec(model_dir)
+    model = spec["model"]
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     by_id = {i: t for t, i in model["vocab"].items()}
     added = {t["id"]: t for t in spec.get("added_tokens", [])}
@@ -183,6 +199,7 @@ def export_gguf(model_dir: Path, out_path: Path, kind: GGUFType, *, name: str | 
     import gguf
 
     model_dir, out_path = Path(model_dir), Path(out_path)
+    check_exportable(model_dir)
     config = json.loads((model_dir / "config.json").read_text())
     arch = check_architecture(config)
     types = _tensor_types()

@@ -19,7 +19,7 @@ from components.config import EvaluateConfig, QuantizeConfig
 from components.evaluation.evaluate import evaluate_model
 from components.models.loading import Hardware, load_model, load_tokenizer, load_with_adapters, select_hardware
 from components.pipeline import HELDOUT_READS, BaseModelRef
-from components.quantization.gguf_export import export_gguf_variant
+from components.quantization.gguf_export import check_exportable, export_gguf_variant
 
 if TYPE_CHECKING:
     from components.config import PipelineConfig
@@ -91,6 +91,8 @@ def run_quantize(
     `model_name` names the model inside the GGUF files."""
     out_dir = Path(out_dir)
     merged = merge_and_save(base, adapters, hardware, out_dir / "merged")
+    if cfg.gguf:
+        check_exportable(merged)  # before the scoring, which takes minutes
     tokenizer = load_tokenizer(str(merged))
     eval_kwargs = dict(
         tokenized_dir=tokenized_dir,

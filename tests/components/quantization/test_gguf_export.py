@@ -177,7 +177,7 @@ def test_other_architectures_are_refused_naming_the_supported_one(tmp_path):
     (lambda spec: spec.update(pre_tokenizer={"type": "Metaspace", "replacement": "\u2581"}),
      "knows the pre-tokenizers gpt-2, smollm; tokenizer.json has .*Metaspace"),
     (lambda spec: spec["model"].update(byte_fallback=True), "byte-level BPE .* byte fallback"),
-])
+], ids=["unknown-pre-tokenizer", "byte-fallback"])
 def test_tokenizers_llama_cpp_would_split_differently_are_refused(tiny_model_dir, tmp_path, edit, message):
     import shutil
 

@@ -52,3 +52,21 @@ def test_every_variant_is_saved_reported_and_listed_in_the_manifest(tiny_model_d
             "gguf-q8_0/Modelfile", "merged/model.safetensors", "quantization_report.json"} <= set(result.files)
     assert all((out / f).is_file() for f in result.files)
     assert json.loads((out / "nf4" / "config.json").read_text())["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
+
+
+def test_a_checkpoint_gguf_cannot_hold_fails_before_the_scoring(tiny_model_dir, tmp_path, monkeypatch):
+    import shutil
+
+    from components.quantization.gguf_export import GGUFExportError
+
+    base = shutil.copytree(tiny_model_dir, tmp_path / "base")
+    spec = json.loads((base / "tokenizer.json").read_text())
+    spec["model"]["byte_fallback"] = True  # sentencepiece-style: llama.cpp's BPE path would tokenize differently
+    (base / "tokenizer.json").write_text(json.dumps(spec))
+    scored = []
+    monkeypatch.setattr(quantize, "evaluate_model", lambda model, tokenizer, **kw: scored.append(1) or ({}, []))
+    with pytest.raises(GGUFExportError, match="byte fallback"):
+        run_quantize(BaseModelRef(str(base)), [], QuantizeConfig(methods=["nf4"], gguf=["q4_0"]), EvaluateConfig(),
+                     CPU, tmp_path / "quantize", tokenized_dir=tmp_path, aligned_dir=tmp_path, template_name="auto",
+                     system_prompt=None)
+    assert scored == []

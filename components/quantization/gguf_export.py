@@ -300,21 +300,24 @@ def default_system_prompt(tokenizer, template: str, format_name: str) -> str | N
     return None
 
 
-def go_template(fmt, eos: str) -> str:
+def go_template(fmt, eos: str, *, always_system: bool) -> str:
     """A chat format as an Ollama (Go text/template) TEMPLATE: the system turn from `.System`, then each message,
-    then the generation prompt. BOS is not written: llama.cpp adds it where the GGUF says add_bos_token."""
+    then the generation prompt. `always_system`: write the system turn even when `.System` is empty, for a model
+    that always saw one (an empty one included). BOS is not written: llama.cpp adds it where the GGUF says
+    add_bos_token."""
 
     def text(piece: str) -> str:
         return piece.replace("{eos}", eos).replace("{bos}", "")
 
     (s0, s1), (u0, u1), (a0, a1), (t0, t1) = (tuple(map(text, p)) for p in (fmt.system, fmt.user, fmt.assistant, fmt.tool))
+    system = f"{s0}{{{{ .System }}}}{s1}"
     return (
-        f"{{{{ if .System }}}}{s0}{{{{ .System }}}}{s1}{{{{ end }}}}"
-        f"{{{{ range .Messages }}}}"
-        f'{{{{ if eq .Role "user" }}}}{u0}{{{{ .Content }}}}{u1}'
-        f'{{{{ else if eq .Role "assistant" }}}}{a0}{text(fmt.answer_lead)}{{{{ .Content }}}}{a1}'
-        f'{{{{ else if eq .Role "tool" }}}}{t0}{{{{ .Content }}}}{t1}'
-        f"{{{{ end }}}}{{{{ end }}}}{a0}"
+        (system if always_system else f"{{{{ if .System }}}}{system}{{{{ end }}}}")
+        + "{{ range .Messages }}"
+        + f'{{{{ if eq .Role "user" }}}}{u0}{{{{ .Content }}}}{u1}'
+        + f'{{{{ else if eq .Role "assistant" }}}}{a0}{text(fmt.answer_lead)}{{{{ .Content }}}}{a1}'
+        + f'{{{{ else if eq .Role "tool" }}}}{t0}{{{{ .Content }}}}{t1}'
+        + f"{{{{ end }}}}{{{{ end }}}}{a0}"
     )
 
 
@@ -336,8 +339,10 @@ def ollama_modelfile(gguf_name: str, tokenizer, template: str, system_prompt: st
                     "TEMPLATE, Ollama will use the template stored in the GGUF")
     else:
         name, fmt = found
-        lines.append(f'TEMPLATE """{go_template(fmt, tokenizer.eos_token or "")}"""')
         system = system_prompt if system_prompt is not None else default_system_prompt(tokenizer, chat.source, name)
+        # Trained with a system turn on every row (the configured one, even empty, or the template's default).
+        template = go_template(fmt, tokenizer.eos_token or "", always_system=system is not None)
+        lines.append(f'TEMPLATE """{template}"""')
         if system:
             lines.append(f'SYSTEM """{system}"""')
     if stop:

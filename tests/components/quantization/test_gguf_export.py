@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from components.data.chat_render import with_system_prompt
 from components.quantization.gguf_export import (
     GGUFExportError,
     export_gguf,
@@ -270,8 +271,14 @@ def test_modelfile_renders_smollm2_conversations_like_its_chat_template(tiny_mod
     own = [{"role": "system", "content": "Answer with a code."}, *turns]
     expected = tokenizer.apply_chat_template(own, tokenize=False, add_generation_prompt=True)
     assert render_go(parts["TEMPLATE"], "Answer with a code.", own) == expected
-    # The system prompt the pipeline trained with replaces the template's default.
+    # The system prompt the pipeline trained with replaces the template's default; an empty one (the demo
+    # preset's) is an empty system turn, as in training, not none.
     assert modelfile_parts(ollama_modelfile("m.gguf", tokenizer, "auto", "Code."))["SYSTEM"] == "Code."
+    empty = modelfile_parts(ollama_modelfile("m.gguf", tokenizer, "auto", ""))
+    assert "SYSTEM" not in empty
+    trained = tokenizer.apply_chat_template(with_system_prompt(turns, ""), tokenize=False, add_generation_prompt=True)
+    assert trained.startswith("<|im_start|>system\n<|im_end|>\n")
+    assert render_go(empty["TEMPLATE"], None, turns) == trained
 
 
 def test_variant_folder_holds_the_gguf_and_a_modelfile_for_it(tiny_model_dir, tmp_path):

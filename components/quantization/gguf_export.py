@@ -350,6 +350,17 @@ def ollama_modelfile(gguf_name: str, tokenizer, template: str, system_prompt: st
     return "\n".join(lines) + "\n"
 
 
+def with_trained_system_prompt(template: str, system_prompt: str | None) -> str:
+    """`template` with the system prompt the model was trained with (`tokenize.system_prompt`) inserted where a
+    conversation has none, as training did (chat_render.with_system_prompt): llama.cpp then prompts as training
+    did, rather than with the template's own default. None: the template as it is."""
+    if system_prompt is None:
+        return template
+    return ("{%- if not messages or messages[0]['role'] != 'system' -%}"
+            "{%- set messages = [{'role': 'system', 'content': " + json.dumps(system_prompt) + "}] + messages -%}"
+            "{%- endif -%}" + template)
+
+
 def export_gguf_variant(model_dir: Path, out_dir: Path, kind: GGUFType, *, template: str, system_prompt: str | None,
                         name: str | None = None) -> list[Path]:
     """`out_dir/model-<kind>.gguf` and its Ollama `Modelfile`, both with the chat template the model was trained
@@ -359,8 +370,9 @@ def export_gguf_variant(model_dir: Path, out_dir: Path, kind: GGUFType, *, templ
     from components.data.chat_render import prepare_template
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    chat_template = with_trained_system_prompt(prepare_template(tokenizer, template).source, system_prompt)
     gguf_path = export_gguf(model_dir, Path(out_dir) / f"model-{kind}.gguf", kind, name=name,
-                            chat_template=prepare_template(tokenizer, template).source)
+                            chat_template=chat_template)
     modelfile = Path(out_dir) / "Modelfile"
     atomic_write_text(modelfile, ollama_modelfile(gguf_path.name, tokenizer, template, system_prompt))
     return [gguf_path, modelfile]

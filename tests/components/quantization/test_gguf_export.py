@@ -281,6 +281,23 @@ def test_modelfile_renders_smollm2_conversations_like_its_chat_template(tiny_mod
     assert render_go(empty["TEMPLATE"], None, turns) == trained
 
 
+@pytest.mark.parametrize("system_prompt", ["", "Answer with the code.", None])
+def test_the_gguf_template_prompts_as_training_did(tiny_model_dir, tmp_path, system_prompt):
+    # llama.cpp applies the GGUF's own template: it must insert the trained system prompt (the demo's is empty)
+    # where a conversation has none, and leave a conversation's own system message alone.
+    from transformers import AutoTokenizer
+
+    files = export_gguf_variant(tiny_model_dir, tmp_path, "q8_0", template="auto", system_prompt=system_prompt)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    stored = AutoTokenizer.from_pretrained(tmp_path, gguf_file=files[0].name).chat_template
+    for turns in ([{"role": "user", "content": "Is J45 billable?"}],
+                  [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Is J45 billable?"}]):
+        trained = tokenizer.apply_chat_template(with_system_prompt(turns, system_prompt), tokenize=False,
+                                                add_generation_prompt=True)
+        assert tokenizer.apply_chat_template(turns, chat_template=stored, tokenize=False,
+                                             add_generation_prompt=True) == trained
+
+
 def test_variant_folder_holds_the_gguf_and_a_modelfile_for_it(tiny_model_dir, tmp_path):
     files = export_gguf_variant(tiny_model_dir, tmp_path / "gguf-q8_0", "q8_0", template="auto", system_prompt=None)
     assert [f.name for f in files] == ["model-q8_0.gguf", "Modelfile"]

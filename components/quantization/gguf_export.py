@@ -11,7 +11,8 @@ What llama.cpp needs, following the design of its `convert_hf_to_gguf.py` for Ll
 Norms stay F32 (llama.cpp does the same); Q4_0 keeps the output matrix (the token embedding when tied) at
 Q8_0, as `llama-quantize` keeps it above the rest (it uses Q6_K, which the `gguf` package cannot write).
 
-Beside each file goes an Ollama `Modelfile` with the chat format as a Go template and its stop token.
+The chat template stored in the file and the Ollama `Modelfile` written beside it (the chat format as a Go
+template, the system prompt, the stop token) both prompt the way training did, system prompt included.
 """
 
 from __future__ import annotations
@@ -199,9 +200,9 @@ def export_gguf(model_dir: Path, out_path: Path, kind: GGUFType, *, name: str | 
     import gguf
 
     model_dir, out_path = Path(model_dir), Path(out_path)
-    check_exportable(model_dir)
     config = json.loads((model_dir / "config.json").read_text())
     arch = check_architecture(config)
+    _tokenizer_spec(model_dir)  # refused before minutes of quantizing, not after
     types = _tensor_types()
     if kind not in types:
         raise GGUFExportError(f"unknown GGUF type {kind!r}; supported: {', '.join(types)}")

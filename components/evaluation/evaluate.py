@@ -398,7 +398,8 @@ def _answer_rewards(cfg: PipelineConfig, inputs: StageInputs, samples: list[dict
         reward = inputs.upstream["reward"]["info"]
         reward_model = RewardModel(inputs.base_model, [Path(p) for p in reward["reward_below"]],
                                    Path(reward["reward_adapter"]), hardware, tokenizer,
-                                   stop=turn_end(tokenizer, cfg.tokenize.template), max_length=cfg.reward.max_length)
+                                   stop=turn_end(tokenizer, cfg.tokenize.template), max_length=cfg.reward.max_length,
+                                   batch_size=cfg.evaluate.batch_size)
     metrics, per_answer = response_metrics(
         prompts, [s["prediction"] for s in samples], [s["reference"] for s in samples],
         [s.get("task", "") for s in samples], rule=cfg.alignment.reward.rule, reward_model=reward_model,

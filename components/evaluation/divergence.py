@@ -19,7 +19,7 @@ import torch
 
 @torch.no_grad()
 def answer_kl(policy, reference, tokenizer, prompts: list[str], answers: list[str], *, end: str = "",
-              batch_size: int = 8) -> dict[str, float]:
+              batch_size: int = 32) -> dict[str, float]:
     """KL(policy || reference) over the answer tokens of (prompt, answer) pairs (module docstring), each
     answer followed by `end` (the template's end of turn: where to stop is part of the answer, and an
     empty answer is then still one position)."""
@@ -39,19 +39,23 @@ def answer_kl(policy, reference, tokenizer, prompts: list[str], answers: list[st
     per_token, per_answer = [], []
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
+        # Left-padded, so every answer ends at the last position and the models need logits (49k columns
+        # per position) only for the last `keep` positions, not for the prompts.
         width = max(len(p) + len(a) for p, a in chunk)
+        keep = max(len(a) for _, a in chunk) + 1
         ids = torch.full((len(chunk), width), pad, dtype=torch.long)
         mask = torch.zeros((len(chunk), width), dtype=torch.long)
         for row, (p, a) in enumerate(chunk):
-            ids[row, : len(p) + len(a)] = torch.tensor(p + a)
-            mask[row, : len(p) + len(a)] = 1
-        ids, mask = ids.to(device), mask.to(device)
-        logp = torch.log_softmax(policy(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
-        logq = torch.log_softmax(reference(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
-        for row, (p, a) in enumerate(chunk):
-            # The logits at position t predict token t + 1: answer tokens sit at len(p) .. len(p) + len(a) - 1.
-            positions = slice(len(p) - 1, len(p) + len(a) - 1)
-            lp, lq = logp[row, positions], logq[row, positions]
+            ids[row, width - len(p) - len(a) :] = torch.tensor(p + a)
+            mask[row, width - len(p) - len(a) :] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device),
+                  "position_ids": positions.to(device), "logits_to_keep": keep}
+        logp = torch.log_softmax(policy(**inputs).logits.float(), dim=-1)
+        logq = torch.log_softmax(reference(**inputs).logits.float(), dim=-1)
+        for row, (_, a) in enumerate(chunk):
+            # Kept logit k predicts token width - keep + k + 1: the answer's tokens are the last len(a).
+            lp, lq = logp[row, keep - len(a) - 1 : keep - 1], logq[row, keep - len(a) - 1 : keep - 1]
             kl = (lp.exp() * (lp - lq)).sum(-1).clamp_min(0.0)  # clamp: rounding can leave -1e-9
             per_token.append(float(kl.mean()))
             per_answer.append(float(kl.sum()))

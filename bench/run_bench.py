@@ -247,7 +247,7 @@ def render(demo: dict, rerun_s: float, sft: dict | None, data: dict | None, conf
     # The learning-rate sweep of bench/cpt_learning.py is measured by hand (several CPT runs); kept as written.
     # So are the alignment figures (bench/alignment.md: the demo's reward + RAFT run, bench/ppo_memory.py)
     # and the quality preset's run (bench/quality.md), and the unchanged rerun's A/B (bench/rerun_time.py).
-    for name in ("cpt_learning.md", "alignment.md", "quality.md", "rerun_time.md"):
+    for name in ("demo.md", "cpt_learning.md", "alignment.md", "quality.md", "rerun_time.md"):
         part = ROOT / "bench" / name
         if part.is_file():
             lines += [part.read_text().rstrip(), ""]

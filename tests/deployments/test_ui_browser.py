@@ -173,16 +173,25 @@ def expected_form_inputs(schema: dict, definitions: dict, value) -> dict[tuple, 
     return out
 
 
+def _numbers_as_floats(value):
+    """A JSON value with every number a float: the editor writes 2.0 as 2, as JavaScript does."""
+    if isinstance(value, dict):
+        return {k: _numbers_as_floats(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_numbers_as_floats(v) for v in value]
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+
+
 def _comparable(value) -> float | str:
     """A preset value and an input's text made comparable: a number input shows 3e-4 as 0.0003, so numbers
     compare as numbers; a toggle reads "true"/"false"; a map and a JSON editor's text compare as JSON."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, dict):
-        return json.dumps(value, sort_keys=True)
+        return json.dumps(_numbers_as_floats(value), sort_keys=True)
     if isinstance(value, str) and value.lstrip().startswith("{"):
         with contextlib.suppress(ValueError):
-            return json.dumps(json.loads(value), sort_keys=True)
+            return json.dumps(_numbers_as_floats(json.loads(value)), sort_keys=True)
     try:
         return float(value)
     except ValueError:

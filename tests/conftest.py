@@ -66,6 +66,8 @@ def tiny_pipeline_config(tiny_model_dir: Path, workspace: Path, **overrides):
         "registry.model_name=tiny-coder",
         # The demo's alignment chain has its own test (tests/flows/test_alignment_flow.py).
         "reward.enabled=false", "alignment.method=none",
+        # The demo's task selections name tasks a 48-row sample may lack: the tiny flow takes every task.
+        "data.sft_task_weights={}", "data.rule_baselines={}", "evaluate.tasks=[]",
         *[f"{k}={v}" for k, v in overrides.items()],
     ]
     return load_config(ROOT / "configs/demo-cpu.yaml", sets)

@@ -34,8 +34,7 @@ def test_data_check_prints_the_report_and_a_marked_sample(tiny_model_dir, tmp_pa
     # A decoded sample whose trained tokens (the answer and its end-of-turn token) are marked.
     assert "===== sft" in out and "--- sample 1" in out
     sample = out[out.index("===== sft"):].split("--- sample 1\n", 1)[1].split("\n--- sample 2")[0]
-    system = "<|im_start|>system\nYou are a medical coding assistant. Answer with the ICD-10-CM fact asked for, " \
-             "nothing else.<|im_end|>\n<|im_start|>user\n"
+    system = "<|im_start|>system\n<|im_end|>\n<|im_start|>user\n"  # the demo's empty system turn
     assert sample.startswith(system)
     assert "<|im_start|>assistant\n⟦" in sample and "<|im_end|>⟧" in sample
     # Nothing was trained: the flow stopped after tokenize.

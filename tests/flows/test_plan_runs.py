@@ -33,6 +33,8 @@ def test_the_planned_config_runs_the_flow_with_the_planned_batch_shape(tiny_mode
     cfg = load_config(out / "plan.yaml", [
         f"workspace={tmp_path / 'ws'}",
         f"data.dataset_info={ROOT / 'data/icd10/dataset_info.json'}",
+        "data.cpt=[icd10_corpus]", "data.cpt_eval=[icd10_corpus_heldout]",  # a plan names no data: the user does
+        "data.sft=[icd10_instructions]", "data.sft_eval=[icd10_instructions_heldout]",
         "data.max_samples=48",
         "evaluate.max_samples=4", "evaluate.max_new_tokens=4", "evaluate.perplexity_max_samples=4",
         "quantize.eval_samples=4", "registry.model_name=planned-tiny",

@@ -106,13 +106,15 @@ class StageInputs:
 @dataclass(frozen=True)
 class KeyFacts:
     """Facts from outside the config that decide outputs: the precision the hardware gives, the
-    content identity of the base model (tokenizer files alone, and the whole model), and what each
-    remote data source holds now (components.data.source_versions; asked once per run)."""
+    content identity of the base model (tokenizer files alone, and the whole model), what each
+    remote data source holds now (components.data.source_versions; asked once per run), and the source of
+    the code the config names (components.named_code; read once per run)."""
 
     precision: str
     tokenizer_digest: str
     model_digest: str
     source_versions: Mapping[str, str] = field(default_factory=dict)  # dataset name -> ETag, checksum, commit
+    named_code: Mapping[str, Mapping[str, str]] = field(default_factory=dict)  # config field -> {name, sha256}
 
 
 Slice = Callable[[PipelineConfig, KeyFacts], dict]
@@ -149,6 +151,9 @@ class StageSpec:
     retry_delay_s: tuple[int, ...] = (5, 30)
     resumable: bool = False  # a failed attempt's files (checkpoints) are kept for the next one
     logs_datasets: bool = False  # its .jsonl/.parquet outputs are logged as MLflow dataset inputs
+    # Code the stage imports by a name the config gives (config field -> 'module:function'): the import walk of
+    # tasks/keys.py cannot see it, so the named module's source goes into the key (components.named_code).
+    loads_by_name: Callable[[PipelineConfig], Mapping[str, str]] = lambda cfg: {}
     summary: str = ""
 
     @property
@@ -212,6 +217,22 @@ def needs_reward_model(cfg: PipelineConfig) -> bool:
     return cfg.alignment.method in SAMPLING_METHODS and cfg.alignment.reward.model_weight > 0
 
 
+def _reward_rule(cfg: PipelineConfig) -> dict[str, str]:
+    """The verifiable reward rule: the evaluations score every answer with it."""
+    rule = cfg.alignment.reward.rule
+    return {"alignment.reward.rule": rule} if rule else {}
+
+
+def _alignment_rule(cfg: PipelineConfig) -> dict[str, str]:
+    """The rule, where the alignment method samples and scores (the pair methods never call it)."""
+    return _reward_rule(cfg) if cfg.alignment.method in SAMPLING_METHODS else {}
+
+
+def _rule_baselines(cfg: PipelineConfig) -> dict[str, str]:
+    """The question features of data.rule_baselines: the align stage fits and applies them."""
+    return {f"data.rule_baselines.{task}": path for task, path in cfg.data.rule_baselines.items()}
+
+
 def _aligned(cfg: PipelineConfig) -> bool:
     return cfg.alignment.method != "none"
 
@@ -254,7 +275,7 @@ STAGE_TABLE: tuple[StageSpec, ...] = (
         # Keyed on the fetched files, not fetch's key: a refetch that brings the same bytes (a new ETag over
         # an unchanged file) reruns nothing below fetch.
         "align", "align", "components.data.align:align_stage", upstream=("fetch",), logs_datasets=True,
-        reads={"fetch": FETCHED_FILES},
+        reads={"fetch": FETCHED_FILES}, loads_by_name=_rule_baselines,
         keyed_on=lambda cfg, facts: {"data": cfg.data.model_dump(mode="json", exclude={
             "dataset_info", "num_proc", "streaming", "allow_outside_paths"})},
         summary="convert every format to the standard records; report dropped rows",
@@ -289,28 +310,32 @@ STAGE_TABLE: tuple[StageSpec, ...] = (
     StageSpec(
         "alignment", "alignment", "components.alignment.stage:alignment_stage",
         upstream=("prepare", "align", "cpt", "sft", "reward"), keyed_on=_alignment, enabled=_aligned, resumable=True,
+        loads_by_name=_alignment_rule,
         reads={"align": ("sft.jsonl", "prompts.jsonl", "preference.jsonl", "kto.jsonl")},
         summary="alignment.method after SFT: raft, ppo, grpo (reward) or dpo, kto, orpo, simpo (pairs)",
     ),
-    # Evaluations read the reward stage, when it runs, to score answers with the reward model too.
+    # Evaluations read the reward stage, when it runs, to score answers with the reward model too, and score
+    # every answer with the reward rule when one is set.
     StageSpec(
         "evaluate-base", "evaluate", "components.evaluation.evaluate:evaluate_stage",
-        upstream=(*_MODEL_INPUTS, "reward"), keyed_on=_evaluate, reads=HELDOUT_READS,
+        upstream=(*_MODEL_INPUTS, "reward"), keyed_on=_evaluate, reads=HELDOUT_READS, loads_by_name=_reward_rule,
         summary="held-out evaluation of the base model",
     ),
     StageSpec(
         "evaluate-cpt", "evaluate", "components.evaluation.evaluate:evaluate_stage",
-        upstream=(*_MODEL_INPUTS, "cpt", "reward"), keyed_on=_evaluate, reads=HELDOUT_READS, enabled=_both_adapters,
+        upstream=(*_MODEL_INPUTS, "cpt", "reward"), keyed_on=_evaluate, reads=HELDOUT_READS, loads_by_name=_reward_rule,
+        enabled=_both_adapters,
         summary="held-out evaluation after cpt alone",
     ),
     StageSpec(
         "evaluate-adapted", "evaluate", "components.evaluation.evaluate:evaluate_stage",
-        upstream=(*_MODEL_INPUTS, "cpt", "sft", "reward"), keyed_on=_evaluate, reads=HELDOUT_READS,
+        upstream=(*_MODEL_INPUTS, "cpt", "sft", "reward"), keyed_on=_evaluate, reads=HELDOUT_READS, loads_by_name=_reward_rule,
         summary="held-out evaluation of the adapted model (cpt + sft)",
     ),
     StageSpec(
         "evaluate-aligned", "evaluate", "components.evaluation.evaluate:evaluate_stage",
         upstream=(*_MODEL_INPUTS, "cpt", "sft", "reward", "alignment"), keyed_on=_evaluate, reads=HELDOUT_READS,
+        loads_by_name=_reward_rule,
         enabled=_aligned,
         summary="held-out evaluation of the aligned model",
     ),

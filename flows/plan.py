@@ -11,16 +11,20 @@ from components.artifacts import read_manifest, stage_dir, verify_manifest
 from components.config import PipelineConfig
 from components.data.source_versions import current_source_versions
 from components.models.prepare import identify_base
+from components.named_code import named_code_digests
 from components.pipeline import KeyFacts, PlannedNode, planned_nodes
 from tasks.keys import stage_key
 
 
 def key_facts(cfg: PipelineConfig, precision: str) -> KeyFacts:
-    """The facts outside the config that keys depend on: precision, the base model's content and what the
-    remote data sources hold now."""
+    """The facts outside the config that keys depend on: precision, the base model's content, what the
+    remote data sources hold now and the source of the code the config names (a name that leads to no module
+    is a ConfigError here, before any stage runs)."""
+    named = {f: d for node in planned_nodes(cfg) for f, d in node.spec.loads_by_name(cfg).items()}
+    code = named_code_digests(named)
     identity = identify_base(cfg.model)
     return KeyFacts(precision=precision, tokenizer_digest=identity.tokenizer_digest, model_digest=identity.model_digest,
-                    source_versions=current_source_versions(cfg))
+                    source_versions=current_source_versions(cfg), named_code=code)
 
 
 def keyed_digests(node: PlannedNode, manifests: dict[str, dict]) -> dict[str, str]:
@@ -30,8 +34,14 @@ def keyed_digests(node: PlannedNode, manifests: dict[str, dict]) -> dict[str, st
 
 
 def node_key(node: PlannedNode, cfg: PipelineConfig, facts: KeyFacts, manifests: dict[str, dict]) -> tuple[str, dict]:
-    """(cache key, config slice) of a node once its keyed upstream manifests are known."""
+    """(cache key, config slice) of a node once its keyed upstream manifests are known. The slice holds the
+    source digest of any code the stage loads by a name from the config (StageSpec.loads_by_name)."""
     config = node.spec.keyed_on(cfg, facts)
+    named = node.spec.loads_by_name(cfg)
+    if named:
+        missing = {f: d for f, d in named.items() if f not in facts.named_code}  # facts made without key_facts
+        digests = {**facts.named_code, **named_code_digests(missing)}
+        config = {**config, "code_loaded_by_name": {f: digests[f] for f in sorted(named)}}
     return stage_key(node.name, config, keyed_digests(node, manifests)), config
 
 

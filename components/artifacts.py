@@ -75,11 +75,15 @@ def package_versions() -> dict[str, str]:
 
 @dataclass
 class StageResult:
-    """What a component returns: files it wrote (relative to its dir), metrics, extra facts."""
+    """What a component returns: files it wrote (relative to its dir), metrics, extra facts, and which of
+    its files are reports a person reads (summaries, curves, sample answers: small files, never weights or
+    data), which the task layer attaches to the stage's MLflow run. Reports are hashed into the manifest like
+    `files`, listed there or not."""
 
     files: list[str]
     metrics: dict[str, float] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
+    reports: list[str] = field(default_factory=list)
 
 
 def stage_dir(workspace: Path | str, stage: str, key: str) -> Path:
@@ -99,7 +103,7 @@ def write_manifest(
 ) -> dict:
     """Hash every file the stage produced and write the manifest last (the complete marker)."""
     files = {}
-    for rel in sorted(set(result.files)):
+    for rel in sorted({*result.files, *result.reports}):
         p = out_dir / rel
         if not p.is_file():
             raise FileNotFoundError(f"stage {stage} reported {rel} but {p} does not exist")
@@ -110,6 +114,7 @@ def write_manifest(
         "cache_key": key,
         "dir": str(out_dir.resolve()),
         "files": files,
+        "reports": sorted(set(result.reports)),
         "metrics": result.metrics,
         "info": result.info,
         "config": config,

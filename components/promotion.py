@@ -478,7 +478,7 @@ def promote_stage(cfg: PipelineConfig, inputs: StageInputs, out_dir: Path) -> St
     )
     champion = decision.version if decision.promoted or decision.outcome == "kept" else decision.previous_champion
     return StageResult(
-        files=["promotion.json"], metrics={"promoted": float(decision.promoted)},
+        files=["promotion.json"], reports=["promotion.json"], metrics={"promoted": float(decision.promoted)},
         info={"name": decision.model_name, "version": decision.version, "outcome": decision.outcome,
               "reason": decision.reason, "champion": champion},
     )

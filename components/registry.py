@@ -205,5 +205,5 @@ def register_stage(cfg: PipelineConfig, inputs: StageInputs, out_dir: Path) -> S
     tracking.end_run(client, run_id)
     atomic_write_json(Path(out_dir) / "registered.json",
                       {"name": name, "version": version, "alias": alias, "model_run_id": run_id})
-    return StageResult(files=["registered.json"], metrics={"version": float(version)},
+    return StageResult(files=["registered.json"], reports=["registered.json"], metrics={"version": float(version)},
                        info={"name": name, "version": version, "alias": alias})

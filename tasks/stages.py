@@ -28,13 +28,6 @@ from components.runtime import configure_threads, quiet_library_warnings
 
 log = logging.getLogger("lmforge.tasks")
 
-# Files small enough to attach to every stage run in MLflow.
-_REPORT_FILES = {
-    "report.json", "stats.json", "samples.txt", "metrics.json", "samples.jsonl", "base_metrics.json",
-    "training_curve.json", "quantization_report.json", "provenance.json", "base_model.json", "registered.json",
-    "promotion.json",
-}
-
 
 def run_stage(
     spec: StageSpec,
@@ -46,7 +39,8 @@ def run_stage(
     *,
     upstream: dict[str, str],
 ) -> dict:
-    """Run `body(out_dir, metrics_sink)` in the stage's content-addressed dir and write its manifest.
+    """Run `body(out_dir, metrics_sink)` in the stage's content-addressed dir and write its manifest. The
+    sink (tracking.BatchedMetrics) logs into the stage's MLflow run and names it (`sink.run_id`).
 
     A valid manifest already on disk is returned as is (Prefect's own record may be gone). A
     resumable stage keeps a crashed attempt's checkpoints so training resumes instead of restarting.
@@ -109,8 +103,8 @@ def _compute(spec: StageSpec, key: str, run: RunInfo, cfg: PipelineConfig, stage
             extra={"kind": spec.kind, "mlflow_run_id": run_id, "flow_run_id": run.flow_run_id, **peak.metrics()},
         )
         tracking.log_metrics(client, run_id, {**result.metrics, "stage_wall_s": wall, **peak.metrics("stage_")})
-        small = [f for f in manifest["files"] if Path(f).name in _REPORT_FILES]
-        tracking.log_artifact_files(client, run_id, out, ["manifest.json", *small])
+        # The reports the stage declares (StageResult.reports), not its weights or data.
+        tracking.log_artifact_files(client, run_id, out, ["manifest.json", *manifest["reports"]])
         if spec.logs_datasets:
             _log_datasets(client, run, out, result)
         tracking.end_run(client, run_id)

@@ -106,8 +106,9 @@ def reward_stage(cfg: PipelineConfig, inputs: StageInputs, out_dir: Path) -> Sta
     metrics.update({"pairs_kept": float(counts["kept"]), "pairs_dropped_identical": float(counts["dropped_identical"]),
                     "pairs_dropped_empty": float(counts["dropped_empty"])})
     files = [str(p.relative_to(out_dir)) for p in (out_dir / "reward_adapter").rglob("*") if p.is_file()]
+    reports = ["reward_report.json", "training_curve.json"]
     return StageResult(
-        files=[*files, "reward_report.json", "training_curve.json"], metrics=metrics,
+        files=[*files, *reports], reports=reports, metrics=metrics,
         info={"reward_adapter": str((out_dir / "reward_adapter").resolve()), "reward_below": [str(p) for p in below],
               "precision": hardware.precision, "warnings": warnings},
     )

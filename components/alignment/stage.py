@@ -128,8 +128,9 @@ def alignment_stage(cfg: PipelineConfig, inputs: StageInputs, out_dir: Path) -> 
     atomic_write_json(out_dir / "alignment_report.json", report)
     metrics.update({f"data_{k}": float(v) for k, v in report.get("data", {}).items()})
     files = [str(p.relative_to(out_dir)) for p in (out_dir / "adapter").rglob("*") if p.is_file()]
+    reports = ["training_curve.json", "alignment_report.json"]
     return StageResult(
-        files=[*files, "training_curve.json", "alignment_report.json"], metrics=metrics,
+        files=[*files, *reports], reports=reports, metrics=metrics,
         info={"method": method, "precision": hardware.precision, "base_source": base.source,
               "base_revision": base.revision,
               "adapter_stack": [*map(str, below), str((out_dir / "adapter").resolve())]},

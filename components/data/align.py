@@ -373,7 +373,7 @@ def run_align(
     atomic_write_json(out_dir / "report.json", report)
     files.append("report.json")
     log.info("aligned data\n%s", format_report(report))
-    return StageResult(files=files, metrics=metrics,
+    return StageResult(files=files, reports=["report.json"], metrics=metrics,
                        info={"kinds": {g: GROUP_KINDS[g] for g in report}, "mix": mixes,
                              "worker_processes": workers.size if workers.files else 1,
                              "files_by_workers": workers.files})

@@ -320,8 +320,9 @@ def run_fetch(
     atomic_write_json(out_dir / "dataset_info.json", entries)
     atomic_write_json(out_dir / "provenance.json", provenance)
     total = sum(p["bytes"] for p in provenance.values())
+    reports = ["dataset_info.json", "provenance.json"]
     return StageResult(
-        files=[*raw_files, "dataset_info.json", "provenance.json"],
+        files=[*raw_files, *reports], reports=reports,
         metrics={"bytes": total, "files": len(raw_files)},
         info={"datasets": list(specs)},
     )

@@ -338,9 +338,9 @@ def run_tokenize(align_dir: Path, tokenizer, cfg: TokenizeConfig, out_dir: Path,
         log.info("tokenize %s: %s", group, stats[group])
     atomic_write_json(out_dir / "stats.json", stats)
     atomic_write_text(out_dir / "samples.txt", "\n".join(sample_text) + "\n")
-    files += ["stats.json", "samples.txt"]
+    reports = ["stats.json", "samples.txt"]
     return StageResult(
-        files=files,
+        files=[*files, *reports], reports=reports,
         metrics=metrics,
         info={"template": tmpl.name if tmpl else cfg.template, "skipped_groups": skipped, "stats": stats},
     )

@@ -282,7 +282,7 @@ def _finish(out_dir: Path, evaluation: Evaluation, info: dict) -> StageResult:
     """Write the evaluation's files once, all measures in: metrics.json, samples.jsonl, per_task.json."""
     files = write_evaluation(out_dir, evaluation) + (["harness.json"] if "harness_skipped" in info else [])
     log.info("evaluation: %s", {k: round(v, 4) for k, v in evaluation.metrics.items() if "/" not in k})
-    return StageResult(files=files, metrics=evaluation.metrics, info=info)
+    return StageResult(files=files, reports=files, metrics=evaluation.metrics, info=info)  # every file a report
 
 
 def evaluate_stage(cfg: PipelineConfig, inputs: StageInputs, out_dir: Path) -> StageResult:

@@ -213,7 +213,7 @@ def prepare_base(model: ModelConfig, out_dir: Path) -> StageResult:
     record = {**asdict(identity), "configured_base": model.base, "configured_revision": model.revision, **adapted}
     atomic_write_json(out_dir / "base_model.json", record)
     log.info("base model %s (%s) ready: %s", model.base, identity.kind, source)
-    return StageResult(files=files, metrics={},
+    return StageResult(files=files, reports=["base_model.json"], metrics={},
                        info={"source": source, "revision": revision, "trust_remote_code": model.trust_remote_code,
                              "kind": identity.kind, "model_digest": identity.model_digest, **adapted})
 

@@ -139,7 +139,7 @@ def run_quantize(
     files = [str(p.relative_to(out_dir)) for d in ("merged", *(v["dir"] for v in variants.values()))
              for p in (out_dir / d).rglob("*") if p.is_file()]
     files.append("quantization_report.json")
-    return StageResult(files=files, metrics=flat, info={"merged_dir": "merged", "variants": variants})
+    return StageResult(files=files, reports=["quantization_report.json"], metrics=flat, info={"merged_dir": "merged", "variants": variants})
 
 
 def quantize_stage(cfg: PipelineConfig, inputs: StageInputs, out_dir: Path) -> StageResult:

@@ -176,7 +176,7 @@ def launch_training(
                           + ("" if rc else f" without writing {RESULT_FILE}")
                           + f"; log {out_dir / LOG_FILE}:\n" + "\n".join(tail))
     data = json.loads(result_file.read_text())
-    return StageResult(files=data["files"], metrics=data["metrics"], info=data["info"])
+    return StageResult(files=data["files"], reports=data["reports"], metrics=data["metrics"], info=data["info"])
 
 
 def _mlflow_sink(rank: int):
@@ -226,7 +226,8 @@ def run_job(job: TrainingJob) -> StageResult:
     result.info["world_size"] = int(os.environ.get("WORLD_SIZE", "1"))
     if rank == 0:
         atomic_write_json(Path(job.out_dir) / RESULT_FILE,
-                          {"files": result.files, "metrics": result.metrics, "info": result.info})
+                          {"files": result.files, "reports": result.reports, "metrics": result.metrics,
+                           "info": result.info})
     del keep_alive
     return result
 

@@ -325,5 +325,5 @@ def run_lora_training(
     }
     files = [str(p.relative_to(out_dir)) for p in saved]
     files.append("training_curve.json")
-    return StageResult(files=files, metrics=metrics, info={"precision": hardware.precision, "device": hardware.device,
+    return StageResult(files=files, reports=["training_curve.json"], metrics=metrics, info={"precision": hardware.precision, "device": hardware.device,
                                                            "finetuning": cfg.finetuning, "optimizer": cfg.optimizer})

@@ -50,6 +50,28 @@ def test_stage_writes_manifest_and_tracks_a_nested_run(ctx):
     assert run.info.status == "FINISHED"
 
 
+def test_the_stage_run_gets_exactly_the_reports_the_stage_declares(ctx):
+    """Reports (any name, in a folder too) are MLflow artifacts of the stage run; weights and data are not."""
+    cfg, rc, client = ctx
+
+    def body(out, sink):
+        (out / "adapter").mkdir()
+        (out / "adapter" / "adapter_model.safetensors").write_bytes(b"weights")
+        (out / "sft.jsonl").write_text("{}\n")
+        (out / "plots").mkdir()
+        for name in ("alignment_report.json", "plots/curve.png"):
+            (out / name).write_text("report")
+        return StageResult(files=["adapter/adapter_model.safetensors", "sft.jsonl", "alignment_report.json"],
+                           reports=["alignment_report.json", "plots/curve.png"])
+
+    manifest = run_stage(CPT, "k-reports", rc, cfg, {}, body, upstream={})
+    assert manifest["reports"] == ["alignment_report.json", "plots/curve.png"]
+    assert "plots/curve.png" in manifest["files"]  # hashed like every output, listed in `files` or not
+    run_id = manifest["mlflow_run_id"]
+    logged = {f.path for f in client.list_artifacts(run_id)} | {f.path for f in client.list_artifacts(run_id, "plots")}
+    assert logged == {"manifest.json", "alignment_report.json", "plots", "plots/curve.png"}
+
+
 def test_complete_output_is_reused_without_running(ctx):
     cfg, rc, _ = ctx
     calls = []

@@ -1,4 +1,4 @@
-"""The `lmforge` command line: run the flow, show the plan and the cache, chat with any model."""
+"""The `lmforge` command line: run the flow, show the plan and the cache, chat with or serve any model."""
 
 from __future__ import annotations
 
@@ -345,6 +345,38 @@ def rollback(
         console.print(f"[red]{exc}[/red]", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     _print_decision(decision)
+
+
+@app.command()
+def serve(
+    model: Annotated[str, typer.Argument(help="models:/NAME@champion (followed as the alias moves), models:/NAME/VERSION, "
+                                              "a stage dir (.lmforge/artifacts/sft/<key>), a model dir or a .gguf file.")],
+    config: ConfigOpt = None,
+    host: Annotated[str, typer.Option(help="Address to listen on; 0.0.0.0 exposes it beyond this machine.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port of the OpenAI-compatible API (…/v1).")] = 8000,
+    api_key: Annotated[Optional[str], typer.Option(envvar="LMFORGE_API_KEY", show_default=False,
+                                                   help="Require 'Authorization: Bearer KEY' (prefer the env var: "
+                                                        "arguments show in ps).")] = None,
+    backend: Annotated[str, typer.Option(help="auto, transformers, llamacpp (.gguf) or vllm (CUDA).")] = "auto",
+    follow_interval: Annotated[float, typer.Option(help="Seconds between checks of a models:/NAME@alias spec's "
+                                                        "alias (0: only on POST /admin/reload).")] = 30.0,
+    set_: SetOpt = [],  # noqa: B006
+) -> None:
+    """Serve a model over an OpenAI-compatible API (chat, completions, streaming), following @champion."""
+    from rich.markup import escape
+
+    from components.serving.backends import BackendError
+    from components.serving.resolve import ServeSpecError
+    from components.serving.server import serve as run_server
+
+    cfg = _load(config, set_)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        run_server(model, cfg, host=host, port=port, api_key=api_key or None, backend=backend,
+                   follow_interval=follow_interval)
+    except (ServeSpecError, BackendError) as exc:
+        console.print(f"[red]{escape(str(exc))}[/red]", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
 
 
 @data_app.command("check")

@@ -1,0 +1,162 @@
+"""The inference server behind `lmforge serve`: which one, the command that starts it, and its process.
+
+Each backend is an existing OpenAI-compatible server run as a subprocess on an internal 127.0.0.1 port:
+`transformers serve` (default; `--continuous-batching` batches concurrent requests), llama.cpp's
+`python -m llama_cpp.server` for a GGUF file, `vllm serve` on a CUDA GPU. Writing our own generation loop
+would duplicate what they do (batching, paged KV cache, chat templates, stop tokens) less well.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "transformers", "llamacpp", "vllm")
+# Never handed to the backend: it listens on loopback only, and the key is the front's business.
+PRIVATE_ENV = ("LMFORGE_API_KEY",)
+
+
+class BackendError(RuntimeError):
+    """The backend cannot run here or did not start; the message says what to install or read."""
+
+
+@dataclass(frozen=True)
+class BackendCommand:
+    """How to start one backend: argv, the URL path that answers 200 once it serves, and the `model` value
+    requests must carry upstream."""
+
+    backend: str
+    argv: list[str]
+    health_path: str
+    upstream_model: str
+
+
+def importable(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def cuda_available() -> bool:
+    from components.models.loading import cuda_available as available
+
+    return available()
+
+
+def choose_backend(requested: str, *, is_gguf: bool) -> str:
+    """The backend for `requested` (auto|transformers|llamacpp|vllm) and the model's format, or a BackendError
+    naming what to install."""
+    if requested not in BACKENDS:
+        raise BackendError(f"--backend {requested!r}: choose one of {', '.join(BACKENDS)}")
+    if is_gguf:
+        if requested not in ("auto", "llamacpp"):
+            raise BackendError(f"a .gguf file is served by llama.cpp, not {requested}: use --backend llamacpp, or "
+                               "serve the quantize stage's dir (its merged checkpoint) with transformers")
+        if not importable("llama_cpp"):
+            raise BackendError("serving a .gguf file needs llama.cpp's server: pip install 'llama-cpp-python[server]' "
+                               "(an sdist: apt-get install -y cmake build-essential first)")
+        return "llamacpp"
+    if requested == "llamacpp":
+        raise BackendError("--backend llamacpp serves a .gguf file (the quantize stage writes one under gguf/)")
+    if requested == "vllm" or (requested == "auto" and importable("vllm") and cuda_available()):
+        if not importable("vllm"):
+            raise BackendError("--backend vllm needs vLLM: pip install vllm (CUDA GPU machines only)")
+        if not cuda_available():
+            raise BackendError("--backend vllm needs a CUDA GPU; use --backend transformers on this machine")
+        return "vllm"
+    return "transformers"
+
+
+def transformers_command(directory: str, port: int, *, continuous_batching: bool = True) -> BackendCommand:
+    argv = [sys.executable, "-m", "transformers.cli.transformers", "serve", directory,
+            "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
+    if continuous_batching:
+        argv.append("--continuous-batching")
+    return BackendCommand("transformers", argv, "/health", directory)  # it wants the path as `model`
+
+
+def llamacpp_command(gguf_file: str, port: int) -> BackendCommand:
+    argv = [sys.executable, "-m", "llama_cpp.server", "--model", gguf_file, "--model_alias", gguf_file,
+            "--host", "127.0.0.1", "--port", str(port)]
+    return BackendCommand("llamacpp", argv, "/v1/models", gguf_file)
+
+
+def vllm_command(source: str, port: int, *, adapters: tuple[str, ...] = (), served_name: str = "model",
+                 gpu_memory_utilization: float | None = None) -> BackendCommand:
+    """`vllm serve`: the base plus one LoRA adapter as a LoRA module (requests name the adapter), or a merged
+    directory. A stack of several adapters must be merged first (vLLM applies one LoRA per request)."""
+    if len(adapters) > 1:
+        raise BackendError(f"vLLM applies one LoRA adapter per request; merge the stack of {len(adapters)} first")
+    argv = ["vllm", "serve", source, "--host", "127.0.0.1", "--port", str(port), "--served-model-name", served_name]
+    if gpu_memory_utilization is not None:
+        argv += ["--gpu-memory-utilization", str(gpu_memory_utilization)]
+    upstream = served_name
+    if adapters:
+        upstream = f"{served_name}-lora"
+        argv += ["--enable-lora", "--lora-modules", f"{upstream}={adapters[0]}"]
+    return BackendCommand("vllm", argv, "/health", upstream)
+
+
+def _stop_with_parent() -> None:
+    """In the child: SIGTERM when the front dies, even by SIGKILL (Linux), so no model server is left behind."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class BackendProcess:
+    """A started backend: its process group, its base URL and the `model` value it answers to."""
+
+    def __init__(self, command: BackendCommand, port: int, log_path: Path):
+        self.command, self.port, self.log_path = command, port, Path(log_path)
+        self.base_url = f"http://127.0.0.1:{port}"
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        env = {k: v for k, v in os.environ.items() if k not in PRIVATE_ENV}
+        with open(self.log_path, "ab") as out:
+            self.process = subprocess.Popen(command.argv, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                            start_new_session=True,  # its own group: stop() takes its children too
+                                            preexec_fn=_stop_with_parent)
+
+    def wait_ready(self, timeout: float = 600.0) -> None:
+        """Block until the health URL answers 200; raise BackendError with the log's tail if it exits first."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise BackendError(f"{self.command.backend} backend exited with code {self.process.returncode}; "
+                                   f"its log ({self.log_path}) ends:\n{self.log_tail()}")
+            with contextlib.suppress(OSError):
+                with urllib.request.urlopen(self.base_url + self.command.health_path, timeout=5) as r:
+                    if r.status == 200:
+                        return
+            time.sleep(0.5)
+        self.stop()
+        raise BackendError(f"{self.command.backend} backend not ready after {timeout:.0f} s; log {self.log_path}:\n"
+                           f"{self.log_tail()}")
+
+    def log_tail(self, chars: int = 3000) -> str:
+        return self.log_path.read_text(errors="replace")[-chars:] if self.log_path.is_file() else ""
+
+    def stop(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, sig)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(15)
+                return

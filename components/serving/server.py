@@ -1,0 +1,91 @@
+"""`lmforge serve`: resolve MODEL, start its backend on an internal port, run the front on host:port."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from components.serving.backends import (
+    BackendProcess,
+    choose_backend,
+    free_port,
+    llamacpp_command,
+    transformers_command,
+    vllm_command,
+)
+from components.serving.resolve import (
+    ServedModel,
+    alias_version,
+    merged_directory,
+    registry_client,
+    resolve_registry_model,
+    resolve_served_model,
+)
+
+if TYPE_CHECKING:
+    from components.config import PipelineConfig
+
+log = logging.getLogger(__name__)
+
+
+def launch(model: ServedModel, backend: str, workspace: Path, *, ready_timeout: float = 600.0) -> BackendProcess:
+    """Start `model` on `backend` (already chosen) on a free loopback port and wait until it answers."""
+    port = free_port()
+    if backend == "llamacpp":
+        command = llamacpp_command(model.source, port)
+    elif backend == "vllm":
+        one_lora = len(model.adapters) == 1
+        source = model.source if one_lora or not model.adapters else str(
+            merged_directory(model, Path(workspace) / "serve-cache"))
+        command = vllm_command(source, port, adapters=model.adapters if one_lora else (), served_name=model.name)
+    else:
+        command = transformers_command(str(merged_directory(model, Path(workspace) / "serve-cache")), port)
+    label = model.name.replace("/", "_").replace("@", "_") + (f"-v{model.version}" if model.version else "")
+    process = BackendProcess(command, port, Path(workspace) / "logs" / f"serve-{label}.log")
+    log.info("starting %s backend for %s on 127.0.0.1:%d (log %s)", backend, model.name, port, process.log_path)
+    try:
+        process.wait_ready(ready_timeout)
+    except BaseException:
+        process.stop()
+        raise
+    return process
+
+
+def serve(spec: str, cfg: PipelineConfig, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          backend: str = "auto", follow_interval: float = 30.0) -> None:
+    """Serve MODEL until interrupted. A `models:/NAME@alias` spec is followed: the alias is polled every
+    `follow_interval` s (0: only on POST /admin/reload) and a moved alias switches backends without a restart."""
+    import uvicorn
+
+    from components.serving.gateway import Gateway, Route, build_app
+
+    model = resolve_served_model(spec, cfg)
+    chosen = choose_backend(backend, is_gguf=model.is_gguf)
+    first = launch(model, chosen, Path(cfg.workspace))
+    route = Route(model.name, first, version=model.version, spec=spec)
+    launched = [first]  # every backend this call started, all stopped at exit
+    start_version = current_version = None
+    if model.follows:
+        client = registry_client(cfg)
+        name, alias = model.follows
+
+        def current_version() -> str:
+            return alias_version(client, name, alias)
+
+        def start_version(version: str) -> Route:
+            new = resolve_registry_model(spec, cfg, client=client, version=version)
+            launched.append(launch(new, chosen, Path(cfg.workspace)))
+            return Route(new.name, launched[-1], version=new.version, spec=spec)
+
+    gateway = Gateway(route, api_key=api_key, start_version=start_version, current_version=current_version,
+                      follow_interval=follow_interval if model.follows else 0.0)
+    gateway.on_shutdown.append(lambda: [process.stop() for process in launched])
+    log.info("serving %s%s at http://%s:%d/v1 (%s backend%s)", model.name,
+             f" version {model.version}" if model.version else "", host, port, chosen,
+             ", API key required" if api_key else "")
+    try:
+        uvicorn.run(build_app(gateway), host=host, port=port, log_level="warning")
+    finally:
+        for process in launched:
+            process.stop()

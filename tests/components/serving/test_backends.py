@@ -1,0 +1,58 @@
+"""Backend choice and the commands lmforge hands over to (vLLM and llama.cpp are not installed here: their
+commands are checked as built, and a missing one is a clear error naming what to install)."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from components.serving import backends
+from components.serving.backends import BackendError, choose_backend, llamacpp_command, transformers_command, vllm_command
+
+
+def test_transformers_is_the_default_and_batches_concurrent_requests(monkeypatch):
+    monkeypatch.setattr(backends, "importable", lambda m: False)
+    assert choose_backend("auto", is_gguf=False) == "transformers"
+    cmd = transformers_command("/models/coder", 4321)
+    assert cmd.argv[:5] == [sys.executable, "-m", "transformers.cli.transformers", "serve", "/models/coder"]
+    assert "--continuous-batching" in cmd.argv and cmd.argv[cmd.argv.index("--host") + 1] == "127.0.0.1"
+    assert cmd.upstream_model == "/models/coder"  # transformers serve wants the path as `model`
+
+
+def test_a_gguf_without_llama_cpp_says_what_to_install(monkeypatch):
+    monkeypatch.setattr(backends, "importable", lambda m: False)
+    with pytest.raises(BackendError, match="pip install 'llama-cpp-python"):
+        choose_backend("auto", is_gguf=True)
+    with pytest.raises(BackendError, match="--backend llamacpp"):
+        choose_backend("transformers", is_gguf=True)
+    monkeypatch.setattr(backends, "importable", lambda m: m == "llama_cpp")
+    assert choose_backend("auto", is_gguf=True) == "llamacpp"
+    cmd = llamacpp_command("/m/model.Q4_0.gguf", 9000)
+    assert cmd.argv[1:3] == ["-m", "llama_cpp.server"] and cmd.argv[cmd.argv.index("--model") + 1] == "/m/model.Q4_0.gguf"
+
+
+def test_vllm_only_where_it_is_installed_and_a_gpu_is(monkeypatch):
+    monkeypatch.setattr(backends, "importable", lambda m: m == "vllm")
+    monkeypatch.setattr(backends, "cuda_available", lambda: False)
+    assert choose_backend("auto", is_gguf=False) == "transformers"
+    with pytest.raises(BackendError, match="CUDA GPU"):
+        choose_backend("vllm", is_gguf=False)
+    monkeypatch.setattr(backends, "cuda_available", lambda: True)
+    assert choose_backend("auto", is_gguf=False) == "vllm"
+    monkeypatch.setattr(backends, "importable", lambda m: False)
+    with pytest.raises(BackendError, match="pip install vllm"):
+        choose_backend("vllm", is_gguf=False)
+    with pytest.raises(BackendError, match="choose one of"):
+        choose_backend("tgi", is_gguf=False)
+
+
+def test_vllm_serves_one_lora_adapter_as_a_lora_module():
+    cmd = vllm_command("/base", 8100, adapters=("/runs/sft/adapter",), served_name="coder@champion")
+    assert cmd.argv[:3] == ["vllm", "serve", "/base"]
+    assert cmd.argv[cmd.argv.index("--lora-modules") + 1] == "coder@champion-lora=/runs/sft/adapter"
+    assert "--enable-lora" in cmd.argv and cmd.upstream_model == "coder@champion-lora"
+    plain = vllm_command("/merged", 8100, served_name="coder")
+    assert "--enable-lora" not in plain.argv and plain.upstream_model == "coder"
+    with pytest.raises(BackendError, match="merge"):
+        vllm_command("/base", 8100, adapters=("/a", "/b"))

@@ -1,0 +1,47 @@
+"""`lmforge serve` refuses a MODEL it cannot serve before starting anything, naming the spec and what to give."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from flows.cli import app
+
+
+def serve(*args: str, tmp_path) -> tuple[int, str]:
+    result = CliRunner().invoke(app, ["serve", *args, "--set", f"workspace={tmp_path / 'ws'}"], terminal_width=200)
+    return result.exit_code, " ".join(result.output.split())
+
+
+def test_a_missing_model_names_the_spec_and_what_to_give(tmp_path):
+    code, out = serve(str(tmp_path / "nowhere"), tmp_path=tmp_path)
+    assert code == 2 and "nowhere': no such file or directory" in out and "models:/NAME@alias" in out
+
+
+def test_a_stage_dir_that_holds_no_model_is_refused(tmp_path):
+    stage = tmp_path / "align"
+    stage.mkdir()
+    (stage / "manifest.json").write_text(json.dumps({"stage": "align", "info": {}}))
+    code, out = serve(str(stage), tmp_path=tmp_path)
+    assert code == 2 and "align stage output, not a model" in out
+
+
+def test_an_unknown_registry_alias_is_refused(tmp_path):
+    code, out = serve("models:/nothing@champion", tmp_path=tmp_path)
+    assert code == 2 and "'models:/nothing@champion': not in the registry" in out
+    code, out = serve("models:/nothing", tmp_path=tmp_path)
+    assert code == 2 and "models:/NAME@alias or models:/NAME/VERSION" in out
+
+
+def test_a_gguf_needs_llama_cpp(tmp_path):
+    pytest.importorskip("components.serving.backends")
+    import importlib.util
+
+    if importlib.util.find_spec("llama_cpp") is not None:
+        pytest.skip("llama-cpp-python is installed here")
+    gguf = tmp_path / "model.Q4_0.gguf"
+    gguf.write_bytes(b"GGUF")
+    code, out = serve(str(gguf), tmp_path=tmp_path)
+    assert code == 2 and "pip install 'llama-cpp-python[server]'" in out

@@ -244,6 +244,9 @@ def render(demo: dict, rerun_s: float, sft: dict | None, data: dict | None, conf
     methods = ROOT / "bench" / "results_methods.json"
     if methods.is_file():
         lines += methods_section(json.loads(methods.read_text()))
+    serving = ROOT / "bench" / "results_serve.json"
+    if serving.is_file():
+        lines += serve_section(json.loads(serving.read_text()))
     # The learning-rate sweep of bench/cpt_learning.py is measured by hand (several CPT runs); kept as written.
     # So are the alignment figures (bench/alignment.md: the demo's reward + RAFT run, bench/ppo_memory.py)
     # and the quality preset's run (bench/quality.md), and the unchanged rerun's A/B (bench/rerun_time.py).
@@ -294,6 +297,29 @@ def methods_section(result: dict) -> list[str]:
     # notes: what a reader needs to judge the figures, written by hand into results_methods.json.
     notes = [f"- {note}" for note in result.get("notes", [])]
     return [*lines, "", *notes, *([""] if notes else [])]
+
+
+def serve_section(result: dict) -> list[str]:
+    """bench/serve_concurrency.py's figures (its own run, bench/results_serve.json): 1 client against N."""
+    one, many = result["single"], result["concurrent"]
+    version = f" version {result['version']}" if result.get("version") else ""
+    return [
+        "## Serving: concurrent clients",
+        "",
+        f"`python bench/serve_concurrency.py {result['spec']}`, {result['created_at'][:10]}: `lmforge serve` "
+        f"({result['backend']} backend{', continuous batching' if result['backend'] == 'transformers' else ''}) "
+        f"serving {result['model']}{version}, greedy chat answers of up to {result['max_tokens']} tokens. "
+        f"Load average {result['load_average_before']:.2f} before, {result['load_average_after']:.2f} after on "
+        f"{result['cpu_count']} cores.",
+        "",
+        "| clients | requests | generated tokens | wall s | tokens/s (all clients) | mean latency s |",
+        "|---|---|---|---|---|---|",
+        *[f"| {r['clients']} | {r['requests']} | {r['completion_tokens']} | {r['wall_s']:.1f} | {r['tokens_per_s']:.1f} | "
+          f"{r['mean_latency_s']:.2f} |" for r in (one, many)],
+        "",
+        f"{many['clients']} clients get {result['speedup']:.2f}x the tokens/s of one.",
+        "",
+    ]
 
 
 if __name__ == "__main__":

@@ -74,6 +74,8 @@ def choose_backend(requested: str, *, is_gguf: bool) -> str:
         if not cuda_available():
             raise BackendError("--backend vllm needs a CUDA GPU; use --backend transformers on this machine")
         return "vllm"
+    if not importable("openai"):  # transformers serve refuses to start without it
+        raise BackendError("the transformers backend needs transformers' serving extra: pip install -e '.[serve]'")
     return "transformers"
 
 

@@ -12,8 +12,11 @@ from components.serving.backends import BackendError, choose_backend, llamacpp_c
 
 
 def test_transformers_is_the_default_and_batches_concurrent_requests(monkeypatch):
-    monkeypatch.setattr(backends, "importable", lambda m: False)
+    monkeypatch.setattr(backends, "importable", lambda m: m == "openai")
     assert choose_backend("auto", is_gguf=False) == "transformers"
+    monkeypatch.setattr(backends, "importable", lambda m: False)
+    with pytest.raises(BackendError, match=r"pip install -e '.\[serve\]'"):
+        choose_backend("transformers", is_gguf=False)
     cmd = transformers_command("/models/coder", 4321)
     assert cmd.argv[:5] == [sys.executable, "-m", "transformers.cli.transformers", "serve", "/models/coder"]
     assert "--continuous-batching" in cmd.argv and cmd.argv[cmd.argv.index("--host") + 1] == "127.0.0.1"
@@ -33,14 +36,14 @@ def test_a_gguf_without_llama_cpp_says_what_to_install(monkeypatch):
 
 
 def test_vllm_only_where_it_is_installed_and_a_gpu_is(monkeypatch):
-    monkeypatch.setattr(backends, "importable", lambda m: m == "vllm")
+    monkeypatch.setattr(backends, "importable", lambda m: m in ("vllm", "openai"))
     monkeypatch.setattr(backends, "cuda_available", lambda: False)
     assert choose_backend("auto", is_gguf=False) == "transformers"
     with pytest.raises(BackendError, match="CUDA GPU"):
         choose_backend("vllm", is_gguf=False)
     monkeypatch.setattr(backends, "cuda_available", lambda: True)
     assert choose_backend("auto", is_gguf=False) == "vllm"
-    monkeypatch.setattr(backends, "importable", lambda m: False)
+    monkeypatch.setattr(backends, "importable", lambda m: m == "openai")
     with pytest.raises(BackendError, match="pip install vllm"):
         choose_backend("vllm", is_gguf=False)
     with pytest.raises(BackendError, match="choose one of"):

@@ -66,6 +66,8 @@ class StageInputs:
     metrics: MetricsSink = field(default=lambda step, values: None)
     run: RunInfo | None = None
     reads: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # the row's StageSpec.reads
+    # The stage's own MLflow run: a training launched in other processes (DeepSpeed) logs its curve there.
+    stage_run_id: str | None = None
 
     def dir(self, node: str, reading: Iterable[str] = ()) -> Path:
         """The output directory of upstream `node`. Where the stage table keys this stage on some of that

@@ -157,7 +157,8 @@ def run_node(key: str, node: str, run: RunInfo, cfg: PipelineConfig, stage_confi
     def body(out: Path, sink) -> StageResult:
         configure_threads(cfg.compute.threads)
         quiet_library_warnings()
-        inputs = StageInputs(node=node, kind=spec.kind, upstream=upstream, metrics=sink, run=run, reads=spec.reads)
+        inputs = StageInputs(node=node, kind=spec.kind, upstream=upstream, metrics=sink, run=run, reads=spec.reads,
+                             stage_run_id=sink.run_id)
         return spec.function()(cfg, inputs, out)
 
     return run_stage(spec, key, run, cfg, stage_config, body, upstream=keyed_upstream)

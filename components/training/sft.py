@@ -136,4 +136,4 @@ def _launch_deepspeed(cfg: PipelineConfig, inputs: StageInputs, base: BaseModelR
     run = inputs.run
     return launch_training(job, num_gpus=cfg.compute.num_gpus, num_nodes=cfg.compute.num_nodes,
                            hostfile=Path(cfg.compute.hostfile) if cfg.compute.hostfile else None,
-                           tracking_uri=run.tracking_uri if run else None)
+                           mlflow_run_id=inputs.stage_run_id, tracking_uri=run.tracking_uri if run else None)

@@ -112,21 +112,18 @@ def test_launcher_command_covers_one_node_and_many():
     assert many[many.index("--master_addr") + 1] == "10.0.0.1"
 
 
-def test_timeout_kills_the_whole_process_group_and_env_carries_the_run(tmp_path, monkeypatch):
-    """A launcher whose rank hangs: the timeout kills launcher and rank alike; MLflow ids reach the ranks."""
-    pid_file, env_file = tmp_path / "rank.pid", tmp_path / "env.json"
-    rank = ("import os, json, time; open(%r, 'w').write(str(os.getpid())); "
-            "json.dump({k: v for k, v in os.environ.items() if k.startswith('MLFLOW')}, open(%r, 'w')); time.sleep(600)")
-    launcher = f"import subprocess, sys; subprocess.Popen([sys.executable, '-c', {rank % (str(pid_file), str(env_file))!r}]).wait()"
+def test_timeout_kills_the_whole_process_group(tmp_path, monkeypatch):
+    """A launcher whose rank hangs: the timeout kills launcher and rank alike. (That the stage's MLflow run
+    reaches rank 0 is shown by its curve in the stage run: tests/flows/test_stage_runs.py.)"""
+    pid_file = tmp_path / "rank.pid"
+    rank = "import os, time; open(%r, 'w').write(str(os.getpid())); time.sleep(600)"
+    launcher = f"import subprocess, sys; subprocess.Popen([sys.executable, '-c', {rank % str(pid_file)!r}]).wait()"
     monkeypatch.setattr(launch_module, "launcher_command", lambda *a, **k: [sys.executable, "-c", launcher])
     job = TrainingJob(base_model="unused", train_file="unused", train_config={}, out_dir=str(tmp_path / "out"))
     t0 = time.monotonic()
     with pytest.raises(LaunchError, match="ran past 3 s"):
-        launch_training(job, timeout_s=3, mlflow_run_id="run123", tracking_uri="sqlite:///x.db")
+        launch_training(job, timeout_s=3)
     assert time.monotonic() - t0 < 30
-    seen = json.loads(env_file.read_text())  # (other MLFLOW_ settings of this process pass through too)
-    assert {k: seen.get(k) for k in ("MLFLOW_RUN_ID", "MLFLOW_TRACKING_URI")} == {
-        "MLFLOW_RUN_ID": "run123", "MLFLOW_TRACKING_URI": "sqlite:///x.db"}
     rank_pid = int(pid_file.read_text())
     deadline = time.monotonic() + 10  # SIGKILL is sent; a loaded machine may take a moment to finish the exit
     while _alive(rank_pid) and time.monotonic() < deadline:

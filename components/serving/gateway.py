@@ -173,7 +173,12 @@ class Gateway:
                 merged = merge_responses([a.json() for a in answers], public_model=route.name,
                                          response_id=response_id, stops=stop_list(body))
                 return JSONResponse(merged)
-            streams = await asyncio.gather(*(self.client.send(r, stream=True) for r in requests))
+            streams = await asyncio.gather(*(self.client.send(r, stream=True) for r in requests), return_exceptions=True)
+            if any(isinstance(s, BaseException) for s in streams):
+                for s in streams:
+                    if isinstance(s, httpx.Response):
+                        await s.aclose()
+                raise next(s for s in streams if isinstance(s, BaseException))
             failed = next((s for s in streams if s.status_code != 200), None)
             if failed is not None:
                 content = await failed.aread()
@@ -181,6 +186,8 @@ class Gateway:
                     await s.aclose()
                 raise upstream_error(failed.status_code, _payload(content))
             handed_over = True
+        except httpx.HTTPError as exc:  # the backend is gone or restarting
+            raise APIError(503, f"the {route.backend.command.backend} backend did not answer: {exc!r}") from None
         finally:
             if not handed_over:
                 route.active -= 1
@@ -306,7 +313,11 @@ def build_app(gateway: Gateway) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": gateway.route.name, "version": gateway.route.version}
+        route = gateway.route
+        process = getattr(route.backend, "process", None)
+        if process is not None and process.poll() is not None:
+            return JSONResponse({"status": "backend exited", "model": route.name}, status_code=503)
+        return {"status": "ok", "model": route.name, "version": route.version}
 
     @app.get("/v1/models")
     async def list_models():

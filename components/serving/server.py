@@ -60,6 +60,9 @@ def serve(spec: str, cfg: PipelineConfig, *, host: str = "127.0.0.1", port: int 
 
     from components.serving.gateway import Gateway, Route, build_app
 
+    if not api_key and host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("listening on %s without an API key: anyone who reaches this port can use the model "
+                    "(set LMFORGE_API_KEY)", host)
     model = resolve_served_model(spec, cfg)
     chosen = choose_backend(backend, is_gguf=model.is_gguf)
     first = launch(model, chosen, Path(cfg.workspace))

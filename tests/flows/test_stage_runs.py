@@ -1,10 +1,12 @@
 """What each stage's MLflow run holds after a tiny flow: exactly the reports its stage declared (per_task.json on
 the evaluations, reward_report.json, alignment_report.json), and, for a cpt stage trained under the DeepSpeed
-launcher, the per-step curve that rank 0 logged into the stage's own run (nobody hands it the run id)."""
+launcher, the per-step curve that rank 0 logged into the stage's own run (nobody hands it the run id). Then an
+edit of the reward rule's module reruns exactly the stages that score with it."""
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -32,7 +34,7 @@ def _artifacts(client: MlflowClient, run_id: str, path: str | None = None) -> se
     return found
 
 
-def test_stage_runs_hold_their_reports_and_a_deepspeed_stage_its_curve(tiny_model_dir, tmp_path, prefect_harness,
+def test_stage_runs_hold_their_reports_and_a_deepspeed_stage_its_curve_and_a_rule_edit_reruns_its_callers(tiny_model_dir, tmp_path, prefect_harness,
                                                                       monkeypatch):
     pytest.importorskip("deepspeed", reason="install the `deepspeed` extra: pip install -e '.[deepspeed]'")
     from flows.domain_adaptation import domain_adaptation
@@ -60,3 +62,10 @@ def test_stage_runs_hold_their_reports_and_a_deepspeed_stage_its_curve(tiny_mode
     assert cpt["info"]["world_size"] == 1  # trained by the launched rank, not in this process
     steps = [m.step for m in client.get_metric_history(cpt["mlflow_run_id"], "loss")]
     assert steps == [1, 2, 3]  # cpt.max_steps=3, logging every step, into the stage's own run
+
+    # The rule's module edited: a new process would import the new source; this one drops its copy to do the same.
+    (tmp_path / "tiny_rule.py").write_text(RULE.replace("< 12", "< 8"))
+    monkeypatch.delitem(sys.modules, "tiny_rule", raising=False)
+    again = domain_adaptation(config=cfg, until="evaluate")
+    rerun = {row["stage"] for row in again["timeline"] if not row["cached"]}
+    assert rerun == {"alignment", "evaluate-base", "evaluate-cpt", "evaluate-adapted", "evaluate-aligned"}

@@ -31,7 +31,9 @@ def module_of(dotted: str) -> str:
 
 
 def _walk(module: str) -> Path | None:
-    """The source file of `module` found on sys.path without importing it or its packages, or None."""
+    """The source file of `module` found on sys.path without importing it or its packages, or None. Each
+    directory is searched as Python's path finder does: a package (`name/__init__.py`) before a module
+    (`name.py`); bare `name/` directories are portions of a namespace package."""
     top, *rest = module.split(".")
     try:
         spec = importlib.util.find_spec(top)  # a top-level name is looked up, not imported
@@ -43,20 +45,23 @@ def _walk(module: str) -> Path | None:
         return Path(spec.origin) if spec.origin and Path(spec.origin).is_file() else None
     places = [Path(p) for p in (spec.submodule_search_locations or [])]
     for i, part in enumerate(rest):
-        last = i == len(rest) - 1
-        found: Path | None = None
+        last, portions, package = i == len(rest) - 1, [], None
         for place in places:
-            if last and (place / f"{part}.py").is_file():
-                return place / f"{part}.py"
-            if (place / part).is_dir():
-                found = place / part
+            if (place / part / "__init__.py").is_file():
+                package = place / part
                 break
-        if found is None:
+            if (place / f"{part}.py").is_file():
+                return place / f"{part}.py" if last else None  # a module has no submodules
+            if (place / part).is_dir():
+                portions.append(place / part)
+        if package is not None:
+            if last:
+                return package / "__init__.py"
+            places = [package]
+        elif portions and not last:
+            places = portions
+        else:
             return None
-        if last:
-            init = found / "__init__.py"
-            return init if init.is_file() else None
-        places = [found]
     return None
 
 

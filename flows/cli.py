@@ -360,9 +360,13 @@ def serve(
     backend: Annotated[str, typer.Option(help="auto, transformers, llamacpp (.gguf) or vllm (CUDA).")] = "auto",
     follow_interval: Annotated[float, typer.Option(help="Seconds between checks of a models:/NAME@alias spec's "
                                                         "alias (0: only on POST /admin/reload).")] = 30.0,
+    backend_args: Annotated[str, typer.Option(help="Arguments appended to the backend's command, quoted as one: "
+                                                   "'--cb-num-blocks 64', '--quantization bnb-4bit'.")] = "",
     set_: SetOpt = [],  # noqa: B006
 ) -> None:
     """Serve a model over an OpenAI-compatible API (chat, completions, streaming), following @champion."""
+    import shlex
+
     from rich.markup import escape
 
     from components.serving.backends import BackendError
@@ -373,7 +377,7 @@ def serve(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         run_server(model, cfg, host=host, port=port, api_key=api_key or None, backend=backend,
-                   follow_interval=follow_interval)
+                   follow_interval=follow_interval, backend_args=tuple(shlex.split(backend_args)))
     except (ServeSpecError, BackendError) as exc:
         console.print(f"[red]{escape(str(exc))}[/red]", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None

@@ -79,22 +79,23 @@ def choose_backend(requested: str, *, is_gguf: bool) -> str:
     return "transformers"
 
 
-def transformers_command(directory: str, port: int, *, continuous_batching: bool = True) -> BackendCommand:
+def transformers_command(directory: str, port: int, *, continuous_batching: bool = True,
+                         extra: tuple[str, ...] = ()) -> BackendCommand:
     argv = [sys.executable, "-m", "transformers.cli.transformers", "serve", directory,
             "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
     if continuous_batching:
         argv.append("--continuous-batching")
-    return BackendCommand("transformers", argv, "/health", directory)  # it wants the path as `model`
+    return BackendCommand("transformers", [*argv, *extra], "/health", directory)  # it wants the path as `model`
 
 
-def llamacpp_command(gguf_file: str, port: int) -> BackendCommand:
+def llamacpp_command(gguf_file: str, port: int, *, extra: tuple[str, ...] = ()) -> BackendCommand:
     argv = [sys.executable, "-m", "llama_cpp.server", "--model", gguf_file, "--model_alias", gguf_file,
             "--host", "127.0.0.1", "--port", str(port)]
-    return BackendCommand("llamacpp", argv, "/v1/models", gguf_file)
+    return BackendCommand("llamacpp", [*argv, *extra], "/v1/models", gguf_file)
 
 
 def vllm_command(source: str, port: int, *, adapters: tuple[str, ...] = (), served_name: str = "model",
-                 gpu_memory_utilization: float | None = None) -> BackendCommand:
+                 gpu_memory_utilization: float | None = None, extra: tuple[str, ...] = ()) -> BackendCommand:
     """`vllm serve`: the base plus one LoRA adapter as a LoRA module (requests name the adapter), or a merged
     directory. A stack of several adapters must be merged first (vLLM applies one LoRA per request)."""
     if len(adapters) > 1:
@@ -106,7 +107,7 @@ def vllm_command(source: str, port: int, *, adapters: tuple[str, ...] = (), serv
     if adapters:
         upstream = f"{served_name}-lora"
         argv += ["--enable-lora", "--lora-modules", f"{upstream}={adapters[0]}"]
-    return BackendCommand("vllm", argv, "/health", upstream)
+    return BackendCommand("vllm", [*argv, *extra], "/health", upstream)
 
 
 def _stop_with_parent() -> None:

@@ -29,18 +29,21 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def launch(model: ServedModel, backend: str, workspace: Path, *, ready_timeout: float = 600.0) -> BackendProcess:
-    """Start `model` on `backend` (already chosen) on a free loopback port and wait until it answers."""
+def launch(model: ServedModel, backend: str, workspace: Path, *, extra: tuple[str, ...] = (),
+           ready_timeout: float = 600.0) -> BackendProcess:
+    """Start `model` on `backend` (already chosen) on a free loopback port and wait until it answers; `extra`
+    arguments go to the backend's command as they are."""
     port = free_port()
     if backend == "llamacpp":
-        command = llamacpp_command(model.source, port)
+        command = llamacpp_command(model.source, port, extra=extra)
     elif backend == "vllm":
         one_lora = len(model.adapters) == 1
         source = model.source if one_lora or not model.adapters else str(
             merged_directory(model, Path(workspace) / "serve-cache"))
-        command = vllm_command(source, port, adapters=model.adapters if one_lora else (), served_name=model.name)
+        command = vllm_command(source, port, adapters=model.adapters if one_lora else (), served_name=model.name,
+                               extra=extra)
     else:
-        command = transformers_command(str(merged_directory(model, Path(workspace) / "serve-cache")), port)
+        command = transformers_command(str(merged_directory(model, Path(workspace) / "serve-cache")), port, extra=extra)
     label = model.name.replace("/", "_").replace("@", "_") + (f"-v{model.version}" if model.version else "")
     process = BackendProcess(command, port, Path(workspace) / "logs" / f"serve-{label}.log")
     log.info("starting %s backend for %s on 127.0.0.1:%d (log %s)", backend, model.name, port, process.log_path)
@@ -53,9 +56,11 @@ def launch(model: ServedModel, backend: str, workspace: Path, *, ready_timeout: 
 
 
 def serve(spec: str, cfg: PipelineConfig, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          backend: str = "auto", follow_interval: float = 30.0) -> None:
+          backend: str = "auto", follow_interval: float = 30.0, backend_args: tuple[str, ...] = ()) -> None:
     """Serve MODEL until interrupted. A `models:/NAME@alias` spec is followed: the alias is polled every
-    `follow_interval` s (0: only on POST /admin/reload) and a moved alias switches backends without a restart."""
+    `follow_interval` s (0: only on POST /admin/reload) and a moved alias switches backends without a restart.
+    `backend_args` are appended to the backend's command (e.g. `--cb-num-blocks 64`, `--quantization bnb-4bit`,
+    vLLM's `--gpu-memory-utilization 0.45`)."""
     import uvicorn
 
     from components.serving.gateway import Gateway, Route, build_app
@@ -65,7 +70,7 @@ def serve(spec: str, cfg: PipelineConfig, *, host: str = "127.0.0.1", port: int 
                     "(set LMFORGE_API_KEY)", host)
     model = resolve_served_model(spec, cfg)
     chosen = choose_backend(backend, is_gguf=model.is_gguf)
-    first = launch(model, chosen, Path(cfg.workspace))
+    first = launch(model, chosen, Path(cfg.workspace), extra=backend_args)
     route = Route(model.name, first, version=model.version, spec=spec)
     launched = [first]  # every backend this call started, all stopped at exit
     start_version = current_version = None
@@ -78,7 +83,7 @@ def serve(spec: str, cfg: PipelineConfig, *, host: str = "127.0.0.1", port: int 
 
         def start_version(version: str) -> Route:
             new = resolve_registry_model(spec, cfg, client=client, version=version)
-            launched.append(launch(new, chosen, Path(cfg.workspace)))
+            launched.append(launch(new, chosen, Path(cfg.workspace), extra=backend_args))
             return Route(new.name, launched[-1], version=new.version, spec=spec)
 
     gateway = Gateway(route, api_key=api_key, start_version=start_version, current_version=current_version,

@@ -21,6 +21,8 @@ def test_transformers_is_the_default_and_batches_concurrent_requests(monkeypatch
     assert cmd.argv[:5] == [sys.executable, "-m", "transformers.cli.transformers", "serve", "/models/coder"]
     assert "--continuous-batching" in cmd.argv and cmd.argv[cmd.argv.index("--host") + 1] == "127.0.0.1"
     assert cmd.upstream_model == "/models/coder"  # transformers serve wants the path as `model`
+    assert transformers_command("/m", 1, extra=("--quantization", "bnb-4bit")).argv[-2:] == ["--quantization",
+                                                                                            "bnb-4bit"]
 
 
 def test_a_gguf_without_llama_cpp_says_what_to_install(monkeypatch):

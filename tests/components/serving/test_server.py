@@ -57,7 +57,8 @@ def server(registry):
     port = free_port()
     env = {**os.environ, "LMFORGE_API_KEY": KEY}
     command = [sys.executable, "-m", "flows.cli", "serve", f"models:/{NAME}@champion", "--port", str(port),
-               "--follow-interval", "1", "--set", f"workspace={root / 'ws'}"]
+               "--follow-interval", "1", "--set", f"workspace={root / 'ws'}",
+               "--backend-args", "--cb-num-blocks 64 --cb-max-batch-tokens 256"]  # a small KV cache warms up in ms
     log_path = root / "serve.log"
     with running_server(command, env, f"http://127.0.0.1:{port}/health", log_path):
         yield f"http://127.0.0.1:{port}/v1", log_path

@@ -194,9 +194,22 @@ def _train(kind: str) -> Slice:
                                "precision": facts.precision}
 
 
+def _local_harness_tasks(cfg: PipelineConfig) -> dict:
+    """The content of the shipped lm-eval task YAMLs that evaluate.harness_tasks names: read by name, so the
+    code version (tasks/keys.py hashes .py files) does not cover them."""
+    if not cfg.evaluate.harness_tasks:
+        return {}
+    from components.artifacts import sha256_file
+    from components.evaluation.harness import local_tasks
+
+    local = local_tasks()
+    files = {name: sha256_file(local[name]) for name in cfg.evaluate.harness_tasks if name in local}
+    return {"harness_task_files": files} if files else {}
+
+
 def _evaluate(cfg: PipelineConfig, facts: KeyFacts) -> dict:
     return {"evaluate": cfg.evaluate.model_dump(mode="json"), "model": _model(cfg), **_template(cfg),
-            "reward_rule": cfg.alignment.reward.rule, "precision": facts.precision}
+            "reward_rule": cfg.alignment.reward.rule, "precision": facts.precision, **_local_harness_tasks(cfg)}
 
 
 def _promotion(cfg: PipelineConfig, facts: KeyFacts) -> dict:

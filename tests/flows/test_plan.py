@@ -79,3 +79,15 @@ def test_a_name_that_leads_to_no_module_is_a_config_error_naming_the_field(field
     cfg = load_config(DEMO, ["alignment.method=raft", override])
     with pytest.raises(ConfigError, match=rf"{field}: '.*(no_such_rules|components.no_such).*' names module"):
         _keys(cfg)
+
+
+def test_editing_a_local_harness_task_rekeys_the_evaluations_alone(tmp_path, monkeypatch):
+    from components.evaluation import harness
+
+    shipped = harness.HARNESS_TASK_DIR / "icd10_chapter_mc.yaml"
+    (tmp_path / "icd10_chapter_mc.yaml").write_text(shipped.read_text())
+    monkeypatch.setattr(harness, "HARNESS_TASK_DIR", tmp_path)
+    cfg = load_config(DEMO, ["alignment.method=dpo", "evaluate.harness_tasks=[icd10_chapter_mc]"])
+    before = _keys(cfg)
+    (tmp_path / "icd10_chapter_mc.yaml").write_text(shipped.read_text() + "# edited\n")
+    assert _changed(before, _keys(cfg)) == {"evaluate-base", "evaluate-cpt", "evaluate-adapted", "evaluate-aligned"}

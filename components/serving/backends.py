@@ -9,7 +9,9 @@ would duplicate what they do (batching, paged KV cache, chat templates, stop tok
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
+import json
 import logging
 import os
 import signal
@@ -18,7 +20,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -34,13 +36,14 @@ class BackendError(RuntimeError):
 
 @dataclass(frozen=True)
 class BackendCommand:
-    """How to start one backend: argv, the URL path that answers 200 once it serves, and the `model` value
-    requests must carry upstream."""
+    """How to start one backend: argv, the URL path that answers 200 once it serves, the `model` value
+    requests must carry upstream, and the sampling settings the front fills in when a request omits them."""
 
     backend: str
     argv: list[str]
     health_path: str
     upstream_model: str
+    request_defaults: dict = field(default_factory=dict)
 
 
 def importable(module: str) -> bool:
@@ -79,13 +82,55 @@ def choose_backend(requested: str, *, is_gguf: bool) -> str:
     return "transformers"
 
 
+# Any top-k wider than a vocabulary: "no top-k" for a request (OpenAI has none), yet a number the per-request
+# top-k of continuous batching takes.
+NO_TOP_K = 1 << 20
+
+
+def sampling_view(directory: Path, views_root: Path) -> tuple[Path, dict]:
+    """A directory transformers serve can sample per request from, and the settings a request without its own
+    gets (the model's: greedy for a model saved greedy).
+
+    Under continuous batching (transformers 5.25) a request's temperature, top-p and top-k apply only when the
+    model's generation config sets them (and samples): a model saved greedy would ignore `temperature`. The view
+    is the directory's files linked, with a generation config that samples; the front then sends each request's
+    settings, the model's defaults in place of the ones it omits.
+    """
+    directory = Path(directory)
+    config_file = directory / "generation_config.json"
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    sampled = bool(config.get("do_sample"))
+    defaults = {"temperature": float(config.get("temperature") or 1.0) if sampled else 0.0,
+                "top_p": float(config.get("top_p") or 1.0) if sampled else 1.0,
+                "top_k": int(config.get("top_k") or NO_TOP_K) if sampled else NO_TOP_K}
+    key = hashlib.sha256(f"{directory.resolve()}\n{json.dumps(config, sort_keys=True)}".encode()).hexdigest()[:16]
+    view = Path(views_root) / key
+    if not (view / "generation_config.json").is_file():
+        tmp = view.with_name(f".{key}.{os.getpid()}")
+        tmp.mkdir(parents=True, exist_ok=True)
+        for entry in directory.iterdir():
+            if entry.name != "generation_config.json" and not (tmp / entry.name).exists():
+                (tmp / entry.name).symlink_to(entry.resolve())
+        # Placeholders that are not "off" (1.0, None): each makes its per-request processor exist.
+        (tmp / "generation_config.json").write_text(json.dumps(
+            {**config, "do_sample": True, "temperature": 0.5, "top_p": 0.5, "top_k": 50}, indent=2))
+        try:
+            tmp.rename(view)
+        except OSError:  # another process made it meanwhile
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+    return view, defaults
+
+
 def transformers_command(directory: str, port: int, *, continuous_batching: bool = True,
-                         extra: tuple[str, ...] = ()) -> BackendCommand:
+                         extra: tuple[str, ...] = (), request_defaults: dict | None = None) -> BackendCommand:
     argv = [sys.executable, "-m", "transformers.cli.transformers", "serve", directory,
             "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
     if continuous_batching:
         argv.append("--continuous-batching")
-    return BackendCommand("transformers", [*argv, *extra], "/health", directory)  # it wants the path as `model`
+    # it wants the path as `model`
+    return BackendCommand("transformers", [*argv, *extra], "/health", directory, request_defaults or {})
 
 
 def llamacpp_command(gguf_file: str, port: int, *, extra: tuple[str, ...] = ()) -> BackendCommand:

@@ -142,10 +142,13 @@ class Gateway:
         applies `stop` itself only outside continuous batching, so the front does both)."""
         one = {k: v for k, v in body.items() if k not in ("n", "stop")}
         one["model"] = route.upstream_model
-        if route.backend.command.backend == "transformers" and (body.get("temperature") or 0) > 0:
-            # transformers serve samples only when the model's generation config says so
-            extra = json.loads(one.get("generation_config") or "{}")
-            one["generation_config"] = json.dumps({**extra, "do_sample": True})
+        defaults = dict(route.backend.command.request_defaults)
+        if "top_k" in defaults:  # not an OpenAI field: sent the transformers serve way
+            given = json.loads(one.get("generation_config") or "{}")
+            one["generation_config"] = json.dumps({"top_k": defaults.pop("top_k"), **given})
+        for name, value in defaults.items():
+            if one.get(name) is None:
+                one[name] = value
         if body.get("stream"):
             one["stream_options"] = {"include_usage": True}  # summed over the n answers, sent if asked
         bodies = []

@@ -11,6 +11,7 @@ from components.serving.backends import (
     choose_backend,
     free_port,
     llamacpp_command,
+    sampling_view,
     transformers_command,
     vllm_command,
 )
@@ -43,7 +44,9 @@ def launch(model: ServedModel, backend: str, workspace: Path, *, extra: tuple[st
         command = vllm_command(source, port, adapters=model.adapters if one_lora else (), served_name=model.name,
                                extra=extra)
     else:
-        command = transformers_command(str(merged_directory(model, Path(workspace) / "serve-cache")), port, extra=extra)
+        merged = merged_directory(model, Path(workspace) / "serve-cache")
+        view, defaults = sampling_view(merged, Path(workspace) / "serve-cache" / "views")
+        command = transformers_command(str(view), port, extra=extra, request_defaults=defaults)
     label = model.name.replace("/", "_").replace("@", "_") + (f"-v{model.version}" if model.version else "")
     process = BackendProcess(command, port, Path(workspace) / "logs" / f"serve-{label}.log")
     log.info("starting %s backend for %s on 127.0.0.1:%d (log %s)", backend, model.name, port, process.log_path)

@@ -61,3 +61,25 @@ def test_vllm_serves_one_lora_adapter_as_a_lora_module():
     assert "--enable-lora" not in plain.argv and plain.upstream_model == "coder"
     with pytest.raises(BackendError, match="merge"):
         vllm_command("/base", 8100, adapters=("/a", "/b"))
+
+
+def test_a_greedy_model_is_served_through_a_view_that_samples_per_request(tmp_path):
+    import json
+
+    from components.serving.backends import NO_TOP_K, sampling_view
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "generation_config.json").write_text(json.dumps({"eos_token_id": 2}))
+    view, defaults = sampling_view(model, tmp_path / "views")
+    assert defaults == {"temperature": 0.0, "top_p": 1.0, "top_k": NO_TOP_K}  # omitted: greedy, as saved
+    assert (view / "config.json").resolve() == (model / "config.json").resolve()
+    served = json.loads((view / "generation_config.json").read_text())
+    assert served["do_sample"] and served["eos_token_id"] == 2 and served["temperature"] not in (None, 1.0)
+    assert json.loads((model / "generation_config.json").read_text()) == {"eos_token_id": 2}  # the model untouched
+    assert sampling_view(model, tmp_path / "views")[0] == view  # made once
+
+    (model / "generation_config.json").write_text(json.dumps({"do_sample": True, "temperature": 0.6, "top_p": 0.9}))
+    view2, defaults = sampling_view(model, tmp_path / "views")
+    assert view2 != view and defaults == {"temperature": 0.6, "top_p": 0.9, "top_k": NO_TOP_K}

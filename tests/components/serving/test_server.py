@@ -98,6 +98,17 @@ def test_completion_stops_at_a_stop_sequence(client):
     assert cut.choices[0].text == text[:text.find(stop)] and cut.choices[0].finish_reason == "stop"
 
 
+def test_temperature_and_seed_are_honoured(client):
+    # The tiny model is saved greedy: its served view samples per request (see sampling_view).
+    def complete(**kw) -> str:
+        return client.completions.create(model=f"{NAME}@champion", prompt="ICD-10-CM", max_tokens=8, **kw).choices[0].text
+
+    greedy = complete()  # no temperature: the model's own setting, greedy
+    assert complete(temperature=0) == greedy
+    sampled = complete(temperature=1.0, seed=3)
+    assert sampled != greedy and complete(temperature=1.0, seed=3) == sampled
+
+
 def test_streaming_chat_ends_with_done_and_usage(server, client):
     import httpx
 

@@ -100,7 +100,7 @@ class Gateway:
                                     f"{self.route.version}: {exc}") from None
             old, self.route, self.failed_version = self.route, new, None
             log.info("now serving %s version %s", new.name, new.version)
-            self._spawn(self._retire(old))
+            self.spawn(self._retire(old))
             return {"model": new.name, "version": new.version, "switched": True}
 
     async def _retire(self, old: Route) -> None:
@@ -110,7 +110,7 @@ class Gateway:
             await asyncio.sleep(0.2)
         await asyncio.to_thread(old.backend.stop)
 
-    def _spawn(self, coro) -> None:
+    def spawn(self, coro) -> None:
         task = asyncio.create_task(coro)
         self.background.add(task)
         task.add_done_callback(self.background.discard)
@@ -284,7 +284,7 @@ def build_app(gateway: Gateway) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         if gateway.follow_interval > 0 and gateway.current_version is not None:
-            gateway._spawn(gateway.follow())
+            gateway.spawn(gateway.follow())
         yield
         for task in list(gateway.background):
             task.cancel()

@@ -3,6 +3,7 @@ request validation (400 with the field named), `stop` sequences and merging the 
 
 from __future__ import annotations
 
+import json
 import math
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -69,6 +70,13 @@ def validate_request(body: object, endpoint: str) -> dict:
     if stop is not None and not (isinstance(stop, str) or (isinstance(stop, list) and len(stop) <= 4
                                                            and all(isinstance(s, str) and s for s in stop))):
         raise bad("stop", "must be a string or a list of up to 4 non-empty strings")
+    extension = body.get("generation_config")  # transformers serve's: generate() settings as a JSON object string
+    if extension is not None:
+        try:
+            if not isinstance(json.loads(extension), dict):
+                raise ValueError
+        except (TypeError, ValueError):
+            raise bad("generation_config", "must be a string holding a JSON object") from None
     if "stream" in body and not isinstance(body["stream"], bool):
         raise bad("stream", "must be true or false")
     return body

@@ -36,7 +36,6 @@ def test_an_unknown_registry_alias_is_refused(tmp_path):
 
 
 def test_a_gguf_needs_llama_cpp(tmp_path):
-    pytest.importorskip("components.serving.backends")
     import importlib.util
 
     if importlib.util.find_spec("llama_cpp") is not None:

@@ -22,6 +22,8 @@ CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
     ({"n": True}, "n"),
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ({"stream": "yes"}, "stream"),
+    ({"generation_config": "{not json"}, "generation_config"),
+    ({"generation_config": {"top_k": 5}}, "generation_config"),
 ])
 def test_a_bad_chat_request_names_its_field(change, param):
     with pytest.raises(APIError) as err:

@@ -156,7 +156,9 @@ def vllm_command(source: str, port: int, *, adapters: tuple[str, ...] = (), serv
 
 
 def _stop_with_parent() -> None:
-    """In the child: SIGTERM when the front dies, even by SIGKILL (Linux), so no model server is left behind."""
+    """In the child: SIGTERM when the front dies, even by SIGKILL (Linux), so no model server is left behind.
+    (Linux sends it when the starting *thread* ends: the front starts backends from its main thread or from
+    asyncio's executor, whose threads live as long as the process.)"""
     if sys.platform.startswith("linux"):
         import ctypes
 

@@ -151,4 +151,4 @@ def upstream_error(status: int, payload: object) -> APIError:
             message = message.get("message", message)
     if status in (400, 422):
         return APIError(400, f"the backend refused the request: {message}")
-    return APIError(502 if status < 500 else status, f"the backend failed ({status}): {message}")
+    return APIError(503 if status == 503 else 502, f"the backend failed ({status}): {message}")

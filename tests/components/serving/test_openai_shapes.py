@@ -66,3 +66,12 @@ def test_n_answers_merge_into_one_response_with_summed_usage():
     assert [(c["index"], c["message"]["content"], c["finish_reason"]) for c in merged["choices"]] == [
         (0, "one ", "stop"), (1, "three", "length")]
     assert merged["usage"] == {"prompt_tokens": 5, "completion_tokens": 8, "total_tokens": 13}
+
+
+def test_backend_errors_in_openai_shape():
+    from components.serving.openai_shapes import upstream_error
+
+    refused = upstream_error(422, {"detail": "Unexpected fields in the request: {'foo'}"})
+    assert refused.status == 400 and "foo" in refused.message and refused.type == "invalid_request_error"
+    assert upstream_error(500, "Internal Server Error").status == 502
+    assert upstream_error(503, {"error": "engine dead"}).body()["error"]["type"] == "server_error"

@@ -94,6 +94,15 @@ def test_first_run_runs_every_stage_and_registers(first_run):
     assert len(history) >= 2
     inputs = parents[0].inputs.dataset_inputs
     assert inputs and all(len(json.loads(d.dataset.source)["sha256"]) == 64 for d in inputs)
+    # Each stage run holds its manifest and exactly the reports its stage declared, never weights or data.
+    reports = {}
+    for stage, path in summary["stages"].items():
+        manifest = json.loads((Path(path) / "manifest.json").read_text())
+        reports[stage] = manifest["reports"]
+        logged = {f.path for f in client.list_artifacts(manifest["mlflow_run_id"])}
+        assert reports[stage] and logged == {"manifest.json", *reports[stage]}, stage
+    assert reports["quantize"] == ["quantization_report.json"] and reports["register"] == ["registered.json"]
+    assert "per_task.json" in reports["evaluate-adapted"] and reports["promote"] == ["promotion.json"]
 
 
 def test_the_stages_own_log_lines_reach_the_prefect_flow_run(first_run):

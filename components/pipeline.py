@@ -344,7 +344,8 @@ STAGE_TABLE: tuple[StageSpec, ...] = (
     ),
     StageSpec(
         "evaluate-adapted", "evaluate", "components.evaluation.evaluate:evaluate_stage",
-        upstream=(*_MODEL_INPUTS, "cpt", "sft", "reward"), keyed_on=_evaluate, reads=HELDOUT_READS, loads_by_name=_reward_rule,
+        upstream=(*_MODEL_INPUTS, "cpt", "sft", "reward"), keyed_on=_evaluate, reads=HELDOUT_READS,
+        loads_by_name=_reward_rule,
         summary="held-out evaluation of the adapted model (cpt + sft)",
     ),
     StageSpec(

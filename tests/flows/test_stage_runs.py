@@ -34,8 +34,8 @@ def _artifacts(client: MlflowClient, run_id: str, path: str | None = None) -> se
     return found
 
 
-def test_stage_runs_hold_their_reports_and_a_deepspeed_stage_its_curve_and_a_rule_edit_reruns_its_callers(tiny_model_dir, tmp_path, prefect_harness,
-                                                                      monkeypatch):
+def test_stage_runs_hold_reports_a_deepspeed_curve_and_a_rule_edit_reruns_its_callers(tiny_model_dir, tmp_path,
+                                                                                       prefect_harness, monkeypatch):
     pytest.importorskip("deepspeed", reason="install the `deepspeed` extra: pip install -e '.[deepspeed]'")
     from flows.domain_adaptation import domain_adaptation
 

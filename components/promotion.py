@@ -451,7 +451,8 @@ def champion_rescorer(client: MlflowClient, cfg: PipelineConfig, cache_dir: Path
         hardware = select_hardware(cfg.compute.device, cfg.compute.precision)
         model, tokenizer = load_model(str(model_dir), hardware), load_tokenizer(str(model_dir))
         answers = generate(model, tokenizer, [s["rendered_prompt"] for s in samples],
-                           max_new_tokens=cfg.evaluate.max_new_tokens, batch_size=cfg.evaluate.batch_size)
+                           max_new_tokens=cfg.evaluate.max_new_tokens, batch_size=cfg.evaluate.batch_size,
+                           template=cfg.tokenize.template)
         keep = ("task", "prompt", "rendered_prompt", "reference")
         return [{**{k: s[k] for k in keep if k in s}, "prediction": a} for s, a in zip(samples, answers, strict=True)]
 

@@ -107,7 +107,7 @@ def alignment_stage(cfg: PipelineConfig, inputs: StageInputs, out_dir: Path) -> 
                                                   metrics_sink=inputs.metrics)
         elif method == "raft":
             from components.alignment.raft import run_raft
-            from components.alignment.sampling import stop_ids
+            from components.models.generation import stop_ids
             from components.training.methods import prepare_trainable
 
             policy = prepare_trainable(model, acfg, hardware)

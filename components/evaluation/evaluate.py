@@ -29,7 +29,8 @@ from components.data.chat_render import render_prompt
 from components.data.templates import resolve_template
 from components.data.tokenize import load_tokenized
 from components.data.encoding import encode_texts
-from components.evaluation.choice import choose, left_pad
+from components.evaluation.choice import choose
+from components.evaluation.divergence import answer_kl, kl_metrics
 from components.evaluation.intervals import proportion
 from components.evaluation.metrics import normalize_answer, text_scores
 from components.evaluation.per_task import (
@@ -40,6 +41,7 @@ from components.evaluation.per_task import (
     majority_rate,
     task_entry,
 )
+from components.models.generation import completion_text, decode, stop_ids
 from components.models.loading import load_for_inference, load_tokenizer, select_hardware
 from components.models.loss import labeled_positions_loss
 from components.pipeline import HELDOUT_READS
@@ -76,27 +78,20 @@ def split_prompt(messages: list[dict]) -> tuple[list[dict], str]:
     return messages[:-1], messages[-1]["content"]
 
 
-@torch.no_grad()
-def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch_size: int) -> list[str]:
-    """Greedy answers for rendered prompts, batched with left padding."""
-    model.eval()
-    device = next(model.parameters()).device
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch_size: int, template: str = "auto",
+             reference=None) -> list[str] | tuple[list[str], list[list[float]]]:
+    """Greedy answers for rendered prompts, through the one generation path (components.models.generation),
+    stopping at the template's end of turn. Give prompts of a kind together: a batch shares its common prefix.
+    With a `reference` model, also each answer's per-position KL(model || reference)."""
     encoded = encode_texts(tokenizer, prompts)
-    answers: list[str] = []
+    stop = stop_ids(tokenizer, template)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    completions = []
     for i in progress(range(0, len(prompts), batch_size), desc="generate", leave=False):
-        ids, mask = left_pad(encoded[i : i + batch_size], pad_id)
-        out = model.generate(
-            input_ids=ids.to(device),
-            attention_mask=mask.to(device),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=pad_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-        new = out[:, ids.shape[1] :]
-        answers.extend(t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True))
-    return answers
+        completions += decode(model, encoded[i : i + batch_size], max_new_tokens=max_new_tokens, stop=stop,
+                              pad_id=pad_id, batch_size=batch_size, reference=reference)
+    answers = [completion_text(tokenizer, c) for c in completions]
+    return answers if reference is None else (answers, [c.kl for c in completions])
 
 
 @dataclass
@@ -130,10 +125,12 @@ def score_heldout(
     system_prompt: str | None,
     max_samples: int | None = None,
     phases: PhaseTimer | None = None,
+    reference=None,
 ) -> tuple[dict, list[dict]]:
     """The per-task report (see components/evaluation/per_task.py) and the sample answers for held-out
     conversation records. Each task keeps its first `cfg.max_samples` rows; `max_samples` caps the total,
-    split evenly over the tasks. A task's candidate answers come from all its rows."""
+    split evenly over the tasks. A task's candidate answers come from all its rows. With a `reference`
+    model, each sample also gets `kl_to_sft`: its answer's KL to the reference (components.evaluation.divergence)."""
     all_rows = group_by_task(records)
     if cfg.tasks:
         unknown = sorted(set(cfg.tasks) - set(all_rows))
@@ -156,10 +153,14 @@ def score_heldout(
     phase = phases or (lambda _: nullcontext())
     with phase("generate"):
         generated = generate(model, tokenizer, [prompts[i] for i in order], max_new_tokens=cfg.max_new_tokens,
-                             batch_size=cfg.batch_size)
+                             batch_size=cfg.batch_size, template=template_name, reference=reference)
+    generated, kls = generated if reference is not None else (generated, None)
     preds = [""] * len(rows)
-    for i, answer in zip(order, generated):
+    answer_kls: list[list[float]] = [[] for _ in rows]
+    for k, (i, answer) in enumerate(zip(order, generated)):
         preds[i] = answer
+        if kls is not None:
+            answer_kls[i] = kls[k]
     refs = [ref for _, ref in pairs]
 
     picks: list[str | None] = [None] * len(rows)
@@ -203,6 +204,8 @@ def score_heldout(
                   "prediction": preds[i]}
         if picks[i] is not None:
             sample["choice"] = picks[i]
+        if kls is not None:
+            sample.update(answer_kl(answer_kls[i]))
         samples.append(sample)
     return report, samples
 
@@ -218,8 +221,10 @@ def evaluate_heldout(
     system_prompt: str | None,
     max_samples: int | None = None,
     phases: PhaseTimer | None = None,
+    reference=None,
 ) -> Evaluation:
-    """Score one loaded model on the held-out sets: perplexities and the per-task report, flattened."""
+    """Score one loaded model on the held-out sets: perplexities and the per-task report, flattened; with a
+    `reference` model, the answers' KL to it too (components.evaluation.divergence)."""
     phase = phases or (lambda _: nullcontext())
     n_ppl = min(cfg.perplexity_max_samples, max_samples or cfg.perplexity_max_samples)
     with phase("perplexity"):
@@ -230,8 +235,10 @@ def evaluate_heldout(
         if records:
             result.per_task, result.samples = score_heldout(
                 model, tokenizer, records, cfg=cfg, template_name=template_name, system_prompt=system_prompt,
-                max_samples=max_samples, phases=phases)
+                max_samples=max_samples, phases=phases, reference=reference)
             result.metrics.update(flatten_report(result.per_task))
+            if reference is not None:
+                result.metrics.update(kl_metrics(result.samples))
     return result
 
 
@@ -260,8 +267,8 @@ def run_evaluate(model, tokenizer, out_dir: Path, **kwargs) -> StageResult:
 
 def _score(model, tokenizer, out_dir: Path, **kwargs) -> tuple[Evaluation, dict]:
     """evaluate_heldout, then the configured harness tasks (their harness.json written into out_dir)."""
-    phases = kwargs.pop("phases", None)
-    evaluation = evaluate_heldout(model, tokenizer, phases=phases, **kwargs)
+    phases, reference = kwargs.pop("phases", None), kwargs.pop("reference", None)
+    evaluation = evaluate_heldout(model, tokenizer, phases=phases, reference=reference, **kwargs)
     info: dict = {}
     cfg: EvaluateConfig = kwargs["cfg"]
     if cfg.harness_tasks:
@@ -296,16 +303,18 @@ def evaluate_stage(cfg: PipelineConfig, inputs: StageInputs, out_dir: Path) -> S
     with phases("load"):
         model = load_for_inference(base.source, inputs.adapter_stack(), hardware, **base.load_kwargs())
         tokenizer = load_tokenizer(base.source, **base.load_kwargs())
+        # An aligned model is compared with the model it was aligned from, in lockstep while it answers: the
+        # adapter stack without its last entry, the model the evaluate-adapted node just scored (kept).
+        reference = (load_for_inference(base.source, inputs.adapter_stack()[:-1], hardware, **base.load_kwargs())
+                     if inputs.has("alignment") else None)
     evaluation, info = _score(
         model, tokenizer, out_dir, tokenized_dir=inputs.dir("tokenize", reading=HELDOUT_READS["tokenize"]),
         aligned_dir=inputs.dir("align", reading=HELDOUT_READS["align"]),
         cfg=cfg.evaluate, template_name=cfg.tokenize.template, system_prompt=cfg.tokenize.system_prompt,
-        phases=phases,
+        phases=phases, reference=reference,
     )
     samples, metrics = evaluation.samples, evaluation.metrics
-    if inputs.has("alignment"):
-        with phases("kl_to_reference"):
-            metrics.update(_kl_to_reference(model, inputs, samples, tokenizer, hardware, cfg.tokenize.template))
+    del reference
     if cfg.evaluate.sample_k and cfg.alignment.reward.rule:
         with phases("sampled_rewards"):
             metrics.update(_sampled_rewards(model, cfg, samples, tokenizer))
@@ -338,29 +347,12 @@ def write_samples(path: Path, samples: list[dict]) -> None:
     atomic_write_text(path, "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
 
 
-def _kl_to_reference(model, inputs: StageInputs, samples: list[dict], tokenizer, hardware, template: str) -> dict:
-    """KL(aligned || the model it was aligned from) over the aligned model's held-out answers
-    (components.evaluation.divergence): the reference is the adapter stack without its last entry."""
-    from components.alignment.data import turn_end
-    from components.evaluation.divergence import answer_kl
-
-    if not samples:
-        return {}
-    base = inputs.base_model
-    # The model it was aligned from is the one the evaluate-adapted node just scored: kept (load_for_inference)
-    # unless that node came from the cache.
-    stack = inputs.adapter_stack()[:-1]
-    reference = load_for_inference(base.source, stack, hardware, **base.load_kwargs())
-    return answer_kl(model, reference, tokenizer, [s["rendered_prompt"] for s in samples],
-                     [s["prediction"] for s in samples], end=turn_end(tokenizer, template))
-
-
 def _sampled_rewards(model, cfg: PipelineConfig, samples: list[dict], tokenizer) -> dict:
     """The mean verifiable reward of `evaluate.sample_k` sampled answers per held-out question (seeded),
     overall with an interval and per task; each question's mean goes into its sample as
     `sampled_verifiable_reward` (so columns compare pairwise) and its answers as `sampled`."""
     from components.alignment.rewards import load_rule
-    from components.alignment.sampling import sample, stop_ids
+    from components.alignment.sampling import sample
     from components.evaluation.compare import mean_by_task
 
     if not samples:

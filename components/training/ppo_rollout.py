@@ -285,45 +285,24 @@ def left_pad(rows: list[list[int]], pad_token_id: int, device=None) -> tuple[tor
     return ids.to(device), mask.to(device)
 
 
-def cut_at_eos(response: torch.Tensor, eos_ids: set[int], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keep each response up to and including its first EOS; pad after it. Returns (response, mask),
-    trimmed to the longest kept response."""
-    is_eos = torch.zeros_like(response, dtype=torch.bool)
-    for e in eos_ids:
-        is_eos |= response == e
-    after = (is_eos.long().cumsum(-1) - is_eos.long()) > 0  # strictly after the first EOS
-    mask = (~after).long()
-    response = torch.where(after, pad_token_id, response)
-    width = max(int(mask.sum(-1).max()), 1)
-    return response[:, :width], mask[:, :width]
-
-
-@contextlib.contextmanager
-def _plain_sampling(model):
-    """Sample from exactly the configured distribution: hide the checkpoint's generation defaults
-    (repetition penalty, top_k, min_p ... from generation_config.json fill every unset field)."""
-    from transformers import GenerationConfig
-
-    causal = causal_lm(model)
-    saved = causal.generation_config
-    causal.generation_config = GenerationConfig(eos_token_id=saved.eos_token_id, pad_token_id=saved.pad_token_id,
-                                                bos_token_id=saved.bos_token_id)
-    try:
-        yield
-    finally:
-        causal.generation_config = saved
-
-
 def generate(model, query, query_mask, settings: PPOSettings, *, eos_ids: set[int], pad_token_id: int):
-    """Sample responses (temperature, top_p, no other warper) from `model` in its current adapter state."""
-    from transformers import GenerationConfig
+    """Sample responses (temperature, top_p, no other warper) from `model` in its current adapter state,
+    through the one generation path (components.models.generation), each cut after its first stop token.
+    Returns (response, mask), right-padded to the longest response."""
+    from components.models.generation import decode
 
-    gen = GenerationConfig(do_sample=True, temperature=settings.temperature, top_p=settings.top_p, top_k=0,
-                           max_new_tokens=settings.max_new_tokens, eos_token_id=sorted(eos_ids),
-                           pad_token_id=pad_token_id)
-    with torch.no_grad(), _plain_sampling(model):
-        out = model.generate(input_ids=query, attention_mask=query_mask, generation_config=gen)
-    return cut_at_eos(out[:, query.shape[1]:], eos_ids, pad_token_id)
+    rows = [q[m.bool()].tolist() for q, m in zip(query.cpu(), query_mask.cpu())]
+    with torch.no_grad():
+        completions = decode(model, rows, max_new_tokens=settings.max_new_tokens, stop=sorted(eos_ids),
+                             pad_id=pad_token_id, batch_size=len(rows), temperature=settings.temperature,
+                             top_p=settings.top_p)
+    width = max(max(len(c.ids) for c in completions), 1)
+    response = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, c in enumerate(completions):
+        response[i, : len(c.ids)] = torch.tensor(c.ids, dtype=torch.long)
+        mask[i, : len(c.ids)] = 1
+    return response.to(query.device), mask.to(query.device)
 
 
 # ---------------------------------------------------------------- rollouts

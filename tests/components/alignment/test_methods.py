@@ -16,7 +16,8 @@ import torch
 
 from components.alignment.data import unpaired
 from components.alignment.raft import run_raft
-from components.alignment.sampling import sample, stop_ids
+from components.alignment.sampling import sample
+from components.models.generation import stop_ids
 from components.alignment.trl_methods import train_grpo, train_preference
 from components.alignment.trl_support import lora_config
 from components.config import AlignmentConfig
@@ -28,10 +29,6 @@ QUESTIONS = ["Which ICD-10-CM chapter contains code E11.9?", "Is ICD-10-CM code 
              "What does ICD-10-CM code I10 describe?", "What is the ICD-10-CM code for: Cholera?"]
 
 
-def short_reward(prompts, completions, **_):
-    return [max(0.0, 1.0 - len(c) / 40) if c.strip() else 0.0 for c in completions]
-
-
 def _prompts(tokenizer, n: int) -> list[dict]:
     rows = []
     for i in range(n):
@@ -39,13 +36,6 @@ def _prompts(tokenizer, n: int) -> list[dict]:
         rows.append({"prompt": render_prompt(tokenizer, "auto", messages, None), "messages": messages,
                      "reference": "0", "task": "toy"})
     return rows
-
-
-def _mean_reward(model, tokenizer, prompts, eos) -> float:
-    groups, _ = sample(model, tokenizer, [p["prompt"] for p in prompts], k=4, temperature=1.0, top_p=1.0,
-                       max_new_tokens=8, eos=eos, seed=123)
-    flat = [c for g in groups for c in g]
-    return sum(short_reward(None, flat)) / len(flat)
 
 
 @pytest.fixture
@@ -70,26 +60,41 @@ def test_seeded_sampling_repeats_and_leaves_the_callers_rng_alone(tiny):
     assert draw() == first
 
 
-def test_raft_raises_a_rule_reward_and_resumes(tiny, tmp_path):
+def _word_prompts(n: int) -> list[dict]:
+    rows = []
+    for i in range(n):
+        text = " ".join(f"w{(i * 7 + j) % 45}" for j in range(4))
+        rows.append({"prompt": text, "messages": [{"role": "user", "content": text}], "reference": "0", "task": "toy"})
+    return rows
+
+
+def test_raft_raises_a_rule_reward_and_resumes(small_model_dir, tmp_path):
     from peft import get_peft_model
 
-    import torch
-
+    # The 45-word model: sampling from its whole vocabulary, best-of-4 moves a word-count reward within a few
+    # iterations (on the 384-token random model, samples from the full softmax are noise RAFT cannot sharpen).
     torch.manual_seed(0)
-    model, tokenizer = tiny
-    cfg = AlignmentConfig(method="raft", learning_rate=1e-2, batch_size=8, num_generations=4, max_new_tokens=8,
+    tokenizer = load_tokenizer(str(small_model_dir))
+    model = load_model(str(small_model_dir), CPU)
+    cfg = AlignmentConfig(method="raft", learning_rate=2e-2, batch_size=8, num_generations=4, max_new_tokens=6,
                           lr_scheduler="constant", warmup_ratio=0.0,
                           raft={"iterations": 3, "prompts_per_iteration": 8, "steps_per_iteration": 8})
     cfg.lora.r = 8
     policy = get_peft_model(model, lora_config(cfg.lora, "CAUSAL_LM"))
-    eos = stop_ids(tokenizer, "auto")
-    prompts = _prompts(tokenizer, 16)
-    before = _mean_reward(policy, tokenizer, prompts, eos)
-    metrics, history = run_raft(policy, tokenizer, prompts, short_reward, cfg, cutoff_len=64, eos=eos, out_dir=tmp_path)
-    after = _mean_reward(policy, tokenizer, prompts, eos)
-    # Best-of-4 on a random model is a weak signal: a few points over the run. (Strictly rising every
-    # iteration held alone but not after other tests had moved the global RNG: too tight a claim.)
-    assert after > before + 0.03, (before, after, history)
+    eos = [tokenizer.eos_token_id]
+    prompts = _word_prompts(16)
+
+    def mean_reward() -> float:  # 64 seeded samples, the same before and after
+        groups, _ = sample(policy, tokenizer, [p["prompt"] for p in prompts], k=4, temperature=1.0, top_p=1.0,
+                           max_new_tokens=6, eos=eos, seed=123)
+        flat = [c for g in groups for c in g]
+        return sum(digit_word_reward(None, flat)) / len(flat)
+
+    before = mean_reward()
+    metrics, history = run_raft(policy, tokenizer, prompts, digit_word_reward, cfg, cutoff_len=64, eos=eos,
+                                out_dir=tmp_path)
+    after = mean_reward()
+    assert after > before + 0.5, (before, after, history)  # 1.22 -> 2.38 digit words in 6 tokens here
     schedule = torch.load(tmp_path / "checkpoints" / "iteration-2" / "scheduler.pt", weights_only=True)
     assert schedule["last_epoch"] == sum(h["train_steps"] for h in history) == 24
     assert history[0]["reward_mean"] < history[-1]["reward_mean"], history
@@ -99,7 +104,7 @@ def test_raft_raises_a_rule_reward_and_resumes(tiny, tmp_path):
     # A rerun finds every iteration checkpointed and trains only the new one, here on contested prompts
     # alone: at most one kept answer per prompt whose samples disagreed.
     cfg_more = cfg.model_copy(update={"raft": cfg.raft.model_copy(update={"iterations": 4, "contested_only": True})})
-    _, history2 = run_raft(policy, tokenizer, prompts, short_reward, cfg_more, cutoff_len=64, eos=eos, out_dir=tmp_path)
+    _, history2 = run_raft(policy, tokenizer, prompts, digit_word_reward, cfg_more, cutoff_len=64, eos=eos, out_dir=tmp_path)
     assert [h["iteration"] for h in history2] == [0, 1, 2, 3]
     assert history2[:3] == history
     assert 0 < history2[3]["kept"] <= history2[3]["contested_prompts"] <= history2[3]["prompts"], history2[3]

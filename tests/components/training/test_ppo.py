@@ -21,7 +21,6 @@ from components.training.ppo import (
     PPOSettings,
     attach_reward_adapter,
     build_policy_model,
-    cut_at_eos,
     generate,
     left_pad,
     reference_policy,
@@ -105,11 +104,22 @@ def _randomize_policy(peft_model, seed=2):
 
 # ---------------------------------------------------------------- rollout pieces
 
-def test_responses_are_cut_after_the_first_eos():
-    response = torch.tensor([[5, 2, 7, 2], [5, 6, 7, 8], [2, 9, 9, 9]])
-    cut, mask = cut_at_eos(response, {2}, pad_token_id=0)
-    assert cut.tolist() == [[5, 2, 0, 0], [5, 6, 7, 8], [2, 0, 0, 0]]
-    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+def test_rollouts_stop_at_any_stop_token_and_are_right_padded_after_it(tiny_model_dir):
+    # One stop rule: PPO samples through components.models.generation like RAFT and evaluation, so the
+    # template's end of turn (given with the EOS ids) ends a response as it ends theirs.
+    model, tok = _load(tiny_model_dir)
+    query, query_mask = left_pad([tok("Which ICD-10-CM chapter contains", add_special_tokens=False)["input_ids"],
+                                  tok("A00", add_special_tokens=False)["input_ids"]], tok.pad_token_id)
+    settings = PPOSettings(max_new_tokens=6, temperature=1.0)
+    torch.manual_seed(0)
+    free, free_mask = ppo_rollout.generate(model, query, query_mask, settings, eos_ids=set(), pad_token_id=tok.pad_token_id)
+    assert free_mask.tolist() == [[1] * 6, [1] * 6]
+    stop = int(free[0, 2])  # a token the first response sampled third: now it ends that response there
+    torch.manual_seed(0)
+    cut, mask = ppo_rollout.generate(model, query, query_mask, settings, eos_ids={stop}, pad_token_id=tok.pad_token_id)
+    first = free[0].tolist()[: free[0].tolist().index(stop) + 1]
+    assert cut[0, : len(first)].tolist() == first and mask[0].tolist() == [1] * len(first) + [0] * (cut.shape[1] - len(first))
+    assert all(t == tok.pad_token_id for t in cut[0, len(first):].tolist())
 
 
 def test_settings_reject_what_ppo_cannot_do():
@@ -195,7 +205,7 @@ def test_logprobs_match_the_sampler_on_left_padded_prompts(tiny_model_dir):
     gen = GenerationConfig(do_sample=True, top_k=0, max_new_tokens=5, min_new_tokens=5, pad_token_id=tok.pad_token_id,
                            return_dict_in_generate=True, output_logits=True)
     torch.manual_seed(0)
-    with torch.no_grad(), ppo_rollout._plain_sampling(peft_model):
+    with torch.no_grad():
         out = peft_model.generate(input_ids=query, attention_mask=query_mask, generation_config=gen)
     response = out.sequences[:, query.shape[1]:]
     sampled = torch.stack(out.logits, 1).log_softmax(-1).gather(-1, response[..., None])[..., 0]
@@ -233,11 +243,12 @@ def test_ppo_raises_a_toy_reward_and_writes_a_plain_adapter(small_model_dir, tmp
     model, tok = _load(small_model_dir)
     target = tok.convert_tokens_to_ids("w7")
     logged: list[tuple[int, dict]] = []
-    metrics = run_ppo(model, tok, _small_prompts(), _toy_settings(), tmp_path,
+    # 16 steps at 2e-2 raise the count by 2.3-5.4 over seeds 0-2 (12 at 1e-2 only by 0-1: seed luck).
+    metrics = run_ppo(model, tok, _small_prompts(), _toy_settings(steps=16, learning_rate=2e-2), tmp_path,
                       reward_fn=_count_reward(target), metrics_sink=lambda s, m: logged.append((s, m)))
-    assert [s for s, _ in logged] == list(range(1, 13))
+    assert [s for s, _ in logged] == list(range(1, 17))
     rewards = [m["reward_mean"] for _, m in logged]
-    assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.4, rewards
+    assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 1.0, rewards
     assert metrics["reward_mean_last"] > metrics["reward_mean_first"]
     for key in ("reward_mean", "reward_std", "kl", "entropy", "clip_fraction", "value_loss", "policy_loss", "approx_kl",
                 "response_length_mean", "kl_coef", "tokens_per_s", "step_seconds"):
@@ -249,7 +260,7 @@ def test_ppo_raises_a_toy_reward_and_writes_a_plain_adapter(small_model_dir, tmp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "checkpoints", "ppo_curve.json",
                                                           "value_head.safetensors"]
     curve = json.loads((tmp_path / "ppo_curve.json").read_text())
-    assert [r["step"] for r in curve["steps"]] == list(range(1, 13))
+    assert [r["step"] for r in curve["steps"]] == list(range(1, 17))
     assert set(load_file(tmp_path / "value_head.safetensors")) == {"linear.weight", "linear.bias"}
     reloaded = PeftModel.from_pretrained(_load(small_model_dir)[0], str(tmp_path / "adapter")).eval()
     ids = torch.tensor([tok("w1 w2 w3 w7", add_special_tokens=False)["input_ids"]])

@@ -1,0 +1,166 @@
+"""The one generation path: batched, KV-cached decoding that stops every row at the template's end of turn.
+
+Evaluation, RAFT sampling and the evaluation's sampled rewards all decode through `decode`. It is written
+by hand rather than with `model.generate` for two reasons that dominate the cost on a CPU, where every
+token is compute-bound (bench/eval_profile.py):
+
+- Shared prompt prefixes are encoded once. The prompts of one batch usually begin with the same tokens (the
+  template's system turn and the task's question stem; all of them when one prompt is sampled k times):
+  that prefix is run once and its keys and values are shared by every row. The rows' remaining tokens are
+  padded on the left of their own part, so the attention mask has a hole between prefix and suffix and
+  the positions are given explicitly.
+- A row that has stopped leaves the batch: its cache rows are dropped, so short answers (Yes/No, a short
+  chapter name) stop costing compute while the longest answer of the batch finishes.
+
+With a `reference` model, the reference runs in lockstep on the same tokens and each row gets the exact
+KL(model || reference) of the next-token distributions at every position it generated (the stop token's
+included), without a second pass over the answers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Completion:
+    """One generated answer: its token ids (through the stop token, when one came), whether it stopped
+    before the token limit, and (with a reference) the KL at each generated position."""
+
+    ids: list[int] = field(default_factory=list)
+    stopped: bool = False
+    kl: list[float] | None = None
+
+
+def stop_ids(tokenizer, template: str) -> list[int]:
+    """Token ids that end an answer: the tokenizer's eos and the template's end-of-turn token."""
+    from components.data.chat_render import prepare_template
+
+    ids = {tokenizer.eos_token_id}
+    stop = prepare_template(tokenizer, template).stop_id
+    if stop is not None:
+        ids.add(stop)
+    return sorted(i for i in ids if i is not None)
+
+
+def common_prefix(rows: list[list[int]]) -> int:
+    """Length of the longest token prefix every row shares, leaving each row at least one token of its own
+    (the last prompt token's logits choose the first answer token)."""
+    shortest = min(len(r) for r in rows)
+    n = 0
+    while n < shortest - 1 and all(r[n] == rows[0][n] for r in rows):
+        n += 1
+    return n
+
+
+@torch.no_grad()
+def decode(model, prompts: list[list[int]], *, max_new_tokens: int, stop: list[int], pad_id: int,
+           batch_size: int = 32, temperature: float = 0.0, top_p: float = 1.0, generator: torch.Generator | None = None,
+           reference=None, min_prefix: int = 4) -> list[Completion]:
+    """Complete each prompt (token ids) greedily (temperature 0) or by sampling at `temperature` from the
+    nucleus `top_p`; rows are batched `batch_size` at a time in the order given (group similar prompts
+    together: a batch shares its common prefix). Returns one Completion per prompt, in order."""
+    if not prompts:
+        return []
+    if any(not p for p in prompts):
+        raise ValueError("decode: every prompt needs at least one token")
+    model.eval()
+    if reference is not None:
+        reference.eval()
+    out: list[Completion] = []
+    for start in range(0, len(prompts), batch_size):
+        out.extend(_decode_batch(model, prompts[start : start + batch_size], max_new_tokens=max_new_tokens,
+                                 stop=stop, pad_id=pad_id, temperature=temperature, top_p=top_p,
+                                 generator=generator, reference=reference, min_prefix=min_prefix))
+    return out
+
+
+def _prefill(model, rows: list[list[int]], prefix: int, pad_id: int, device) -> tuple[torch.Tensor, object, torch.Tensor, torch.Tensor]:
+    """Run the prompts: the shared prefix once (expanded to every row), then each row's own tokens, left-padded
+    within their part. Returns (last-position logits, cache, attention mask, next position per row)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    n = len(rows)
+    if prefix:
+        head = torch.tensor([rows[0][:prefix]], device=device)
+        model(input_ids=head, cache=cache, use_cache=True, logits_to_keep=1)
+        cache.batch_repeat_interleave(n)
+    tails = [r[prefix:] for r in rows]
+    width = max(len(t) for t in tails)
+    ids = torch.full((n, width), pad_id, dtype=torch.long)
+    tail_mask = torch.zeros((n, width), dtype=torch.long)
+    for b, t in enumerate(tails):
+        ids[b, width - len(t) :] = torch.tensor(t, dtype=torch.long)
+        tail_mask[b, width - len(t) :] = 1
+    positions = (prefix + tail_mask.cumsum(-1) - 1).clamp(min=prefix)
+    mask = torch.cat([torch.ones((n, prefix), dtype=torch.long), tail_mask], dim=1).to(device)
+    logits = model(input_ids=ids.to(device), attention_mask=mask, position_ids=positions.to(device), cache=cache,
+                   use_cache=True, logits_to_keep=1).logits[:, -1].float()
+    return logits, cache, mask, positions[:, -1:].to(device) + 1
+
+
+def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator) -> torch.Tensor:
+    """Next tokens: the argmax, or a draw at `temperature` from the smallest set of tokens whose probability
+    reaches `top_p` (renormalised over that set)."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_p.cumsum(-1) - sorted_p >= top_p  # tokens after the nucleus is full
+        sorted_p = sorted_p.masked_fill(outside, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _decode_batch(model, rows, *, max_new_tokens, stop, pad_id, temperature, top_p, generator, reference,
+                  min_prefix) -> list[Completion]:
+    device = next(model.parameters()).device
+    prefix = common_prefix(rows)
+    prefix = prefix if prefix >= min_prefix else 0
+    logits, cache, mask, position = _prefill(model, rows, prefix, pad_id, device)
+    if reference is not None:
+        ref_logits, ref_cache, _, _ = _prefill(reference, rows, prefix, pad_id, device)
+    done = [Completion(kl=[] if reference is not None else None) for _ in rows]
+    active = list(range(len(rows)))  # batch row -> index into `done`
+    stop_set = set(stop)
+    for step in range(max_new_tokens):
+        tokens = _pick(logits, temperature, top_p, generator)
+        if reference is not None:
+            logp, logq = torch.log_softmax(logits, -1), torch.log_softmax(ref_logits, -1)
+            kl = (logp.exp() * (logp - logq)).sum(-1).clamp_min(0.0)  # rounding can leave -1e-9
+        keep = []
+        for b, row in enumerate(active):
+            token = int(tokens[b])
+            done[row].ids.append(token)
+            if reference is not None:
+                done[row].kl.append(float(kl[b]))
+            if token in stop_set:
+                done[row].stopped = True
+            else:
+                keep.append(b)
+        if not keep or step == max_new_tokens - 1:
+            break
+        if len(keep) < len(active):  # drop the rows that stopped from everything that is batched
+            index = torch.tensor(keep, device=device)
+            cache.batch_select_indices(index)
+            mask, position, tokens = mask[index], position[index], tokens[index]
+            if reference is not None:
+                ref_cache.batch_select_indices(index)
+            active = [active[b] for b in keep]
+        mask = torch.cat([mask, torch.ones((len(active), 1), dtype=mask.dtype, device=device)], dim=1)
+        step_inputs = dict(input_ids=tokens[:, None], attention_mask=mask, position_ids=position, use_cache=True)
+        logits = model(**step_inputs, cache=cache).logits[:, -1].float()
+        if reference is not None:
+            ref_logits = reference(**step_inputs, cache=ref_cache).logits[:, -1].float()
+        position = position + 1
+    return done
+
+
+def completion_text(tokenizer, completion: Completion) -> str:
+    """The answer's text: its ids decoded without special tokens (the stop token is one), stripped."""
+    return tokenizer.decode(completion.ids, skip_special_tokens=True).strip()

@@ -1,0 +1,117 @@
+"""The one generation path: same greedy tokens as transformers' generate, shared prefixes and dropped rows
+included; the lockstep KL is the exact KL over the generated positions; nucleus sampling stays in the nucleus."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from components.models.generation import _pick, _prefill, common_prefix, completion_text, decode
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(), AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+PROMPTS = ["Which ICD-10-CM chapter contains code K27.9?", "Which ICD-10-CM chapter contains code A00?",
+           "Which ICD-10-CM chapter contains code S72.001A, a long one?", "Is A00 billable?", "x"]
+
+
+def _reference_greedy(model, ids: list[int], max_new: int, stop: set[int]) -> list[int]:
+    """One prompt, no padding, no cache tricks: transformers' own greedy search, cut after the first stop."""
+    out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                         max_new_tokens=max_new, do_sample=False, eos_token_id=sorted(stop), pad_token_id=0)
+    new = out[0, len(ids):].tolist()
+    for i, t in enumerate(new):
+        if t in stop:
+            return new[: i + 1]
+    return new
+
+
+def test_greedy_decoding_matches_generate_with_shared_prefixes_and_rows_that_stop_early(tiny):
+    model, tokenizer = tiny
+    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
+    # A stop token the tiny model actually produces: the first greedy token of one prompt stops that row at
+    # once, while the others go on (the batch drops it).
+    first = _reference_greedy(model, encoded[1], 1, set())[0]
+    stop = {first}
+    expected = [_reference_greedy(model, ids, 8, stop) for ids in encoded]
+    assert any(len(e) == 1 for e in expected) and any(len(e) > 1 for e in expected)
+    for batch_size in (1, 3, 8):
+        got = decode(model, encoded, max_new_tokens=8, stop=sorted(stop), pad_id=0, batch_size=batch_size,
+                     min_prefix=1)
+        assert [c.ids for c in got] == expected
+        assert [c.stopped for c in got] == [e[-1] in stop for e in expected]
+    assert completion_text(tokenizer, got[0]) == tokenizer.decode(expected[0], skip_special_tokens=True).strip()
+
+
+def test_a_shared_prefix_and_a_padded_tail_give_each_row_its_unpadded_logits(tiny):
+    # Greedy tokens of a random tiny model hardly move with a wrong position; the logits do (~1e-3).
+    model, tokenizer = tiny
+    rows = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in PROMPTS[:3]]
+    prefix = common_prefix(rows)
+    assert prefix >= 4
+    with torch.no_grad():
+        logits, _, mask, position = _prefill(model, rows, prefix, 0, torch.device("cpu"))
+        for b, ids in enumerate(rows):
+            alone = model(input_ids=torch.tensor([ids])).logits[0, -1]
+            assert torch.allclose(logits[b], alone, atol=1e-5)
+            assert int(position[b]) == len(ids) and int(mask[b].sum()) == len(ids)
+
+
+def test_common_prefix_leaves_every_row_a_token_of_its_own():
+    assert common_prefix([[1, 2, 3, 4], [1, 2, 3, 5]]) == 3
+    assert common_prefix([[1, 2, 3], [1, 2, 3]]) == 2  # identical prompts (k samples of one prompt)
+    assert common_prefix([[1, 2], [3, 2]]) == 0
+    assert common_prefix([[7], [7, 8]]) == 0
+
+
+def test_lockstep_kl_is_the_exact_kl_at_each_generated_position(tiny):
+    model, tokenizer = tiny
+    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in PROMPTS[:3]]
+    same = decode(model, encoded, max_new_tokens=5, stop=[], pad_id=0, reference=copy.deepcopy(model))
+    assert all(kl == pytest.approx(0.0, abs=1e-6) for c in same for kl in c.kl)
+
+    moved = copy.deepcopy(model)
+    with torch.no_grad():
+        moved.get_output_embeddings().weight.add_(0.5 * torch.randn_like(moved.get_output_embeddings().weight))
+    got = decode(moved, encoded, max_new_tokens=5, stop=[], pad_id=0, batch_size=3, reference=model)
+    for prompt, completion in zip(encoded, got):
+        # By hand: one unpadded forward of prompt + answer through each model; the distribution at the
+        # position before each answer token is the one that chose it.
+        ids = torch.tensor([prompt + completion.ids])
+        with torch.no_grad():
+            lp = torch.log_softmax(moved(input_ids=ids).logits[0, len(prompt) - 1 : -1], -1)
+            lq = torch.log_softmax(model(input_ids=ids).logits[0, len(prompt) - 1 : -1], -1)
+        exact = (lp.exp() * (lp - lq)).sum(-1)
+        assert completion.kl == pytest.approx(exact.tolist(), rel=1e-3, abs=1e-6)
+        assert len(completion.kl) == len(completion.ids) == 5
+    assert sum(sum(c.kl) for c in got) > 1e-3
+
+
+def test_nucleus_sampling_draws_only_inside_the_nucleus_renormalised():
+    logits = torch.log(torch.tensor([[0.6, 0.3, 0.1]]))
+    gen = torch.Generator().manual_seed(0)
+    assert {int(_pick(logits, 1.0, 0.5, gen)) for _ in range(50)} == {0}  # 0.6 alone reaches 0.5
+    draws = [int(_pick(logits, 1.0, 0.8, gen)) for _ in range(3000)]
+    assert set(draws) == {0, 1}  # 0.6 + 0.3 reaches 0.8: token 2 is never drawn
+    assert draws.count(0) / len(draws) == pytest.approx(2 / 3, abs=0.03)  # 0.6 / 0.9, renormalised
+    assert int(_pick(logits, 0.0, 1.0, gen)) == 0
+
+
+def test_seeded_sampling_repeats_and_samples_of_one_prompt_differ(tiny):
+    model, tokenizer = tiny
+    ids = tokenizer(PROMPTS[0], add_special_tokens=False)["input_ids"]
+
+    def draw(seed):
+        return [c.ids for c in decode(model, [ids] * 4, max_new_tokens=6, stop=[], pad_id=0, temperature=1.0,
+                                      generator=torch.Generator().manual_seed(seed))]
+
+    first = draw(1)
+    assert first == draw(1)
+    assert len({tuple(r) for r in first}) > 1

@@ -42,6 +42,9 @@ LOGGED_MESSAGES: dict[str, tuple[str, ...]] = {
     "huggingface_hub.repocard": ("Repo card metadata block was not found",),
     # A first run's new tracking database (components.tracking.client_for); MLflow's own handler prints it.
     "mlflow.store.db.utils": ("Creating initial MLflow database tables", "Updating database tables"),
+    # MLflow's chat wrapper decodes with clean_up_tokenization_spaces=True, the WordPiece clean-up; transformers
+    # ignores it for a BPE tokenizer (the answers are unchanged) and says so at every first load of the model.
+    "transformers.tokenization_utils_tokenizers": ("Ignoring clean_up_tokenization_spaces=True for BPE",),
 }
 
 

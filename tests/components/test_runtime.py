@@ -128,6 +128,8 @@ class _Collect(logging.Handler):
                                       "'kernels'. Please make sure you already `pip install kernels`"),
     ("huggingface_hub.repocard", "Repo card metadata block was not found. Setting CardData to empty."),
     ("mlflow.store.db.utils", "Creating initial MLflow database tables..."),
+    ("transformers.tokenization_utils_tokenizers", "Ignoring clean_up_tokenization_spaces=True for BPE tokenizer "
+                                                   "TokenizersBackend. The clean_up_tokenization post-processing ..."),
 ])
 def test_notices_a_user_cannot_act_on_go_once_to_the_log_file(name, notice, restored_warning_state, caplog):
     library = logging.getLogger(name)  # DeepSpeed's does not propagate: its own handler prints it
@@ -185,3 +187,22 @@ def test_no_progress_turns_off_the_libraries_bars_too(monkeypatch):
     monkeypatch.delenv("LMFORGE_NO_PROGRESS")
     monkeypatch.setattr("sys.stderr", io.StringIO())  # a log file, not a terminal
     assert not progress_bars()
+
+
+def test_the_registered_models_decode_prints_no_bpe_clean_up_warning(tiny_model_dir, restored_warning_state, caplog):
+    # What MLflow's chat wrapper does with a loaded registered model (mlflow/transformers/llm_inference_utils.py):
+    # the real call, on the logger transformers really uses (the parametrized test above checks the routing).
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    library = logging.getLogger("transformers.tokenization_utils_tokenizers")
+    collect = _Collect()
+    library.addHandler(collect)
+    try:
+        quiet_library_warnings()
+        with caplog.at_level(logging.INFO, logger="components.runtime"):
+            tokenizer.decode([5, 6, 7], skip_special_tokens=True, clean_up_tokenization_spaces=True)
+    finally:
+        library.removeHandler(collect)
+    assert collect.messages == []
+    assert any("clean_up_tokenization_spaces" in r.getMessage() for r in caplog.records if r.name == "components.runtime")

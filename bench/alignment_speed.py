@@ -29,11 +29,14 @@ UPSTREAM = ["cpt.max_steps=2", "sft.max_steps=4", "reward.enabled=true", "reward
 METHODS = {
     "raft": ["alignment.raft.iterations=1", f"alignment.raft.prompts_per_iteration={PROMPTS}",
              f"alignment.raft.steps_per_iteration={STEPS}", f"alignment.batch_size={PROMPTS // 2}"],
-    "ppo": [f"alignment.max_steps={STEPS}", f"alignment.batch_size={PROMPTS}", "alignment.ppo.ppo_epochs=1"],
-    "grpo": [f"alignment.max_steps={STEPS}", f"alignment.batch_size={PROMPTS}"],  # x K completions per step
+    "ppo": [f"alignment.max_steps={STEPS}", f"alignment.batch_size={PROMPTS}", "alignment.ppo.ppo_epochs=1",
+            "alignment.save_steps=1000"],
+    # x K completions per step
+    "grpo": [f"alignment.max_steps={STEPS}", f"alignment.batch_size={PROMPTS}", "alignment.save_steps=1000"],
 }
+# RAFT checkpoints every iteration and PPO samples one answer per prompt: K stays at its default (4) for PPO.
 SHARED = [f"alignment.num_generations={K}", f"alignment.max_new_tokens={NEW_TOKENS}",
-          f"alignment.max_prompts={PROMPTS * STEPS}", "alignment.reward.model_weight=0.5", "alignment.save_steps=1000"]
+          f"alignment.max_prompts={PROMPTS * STEPS}", "alignment.reward.model_weight=0.5"]
 
 
 def run(config: str, workspace: Path, sets: list[str]) -> dict:

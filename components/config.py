@@ -339,7 +339,7 @@ class PipelineConfig(Strict):
                              description="Training on conversations, loss on the answers.")
     reward: RewardModelConfig = Field(RewardModelConfig(max_steps=40, learning_rate=1e-4), title="Reward model",
                                       description="A score head trained on the preference pairs.")
-    alignment: AlignmentConfig = Field(AlignmentConfig(max_steps=20, learning_rate=5e-5, batch_size=4),
+    alignment: AlignmentConfig = Field(AlignmentConfig(),
                                        title="Alignment", description="RAFT, PPO, GRPO, DPO, KTO, ORPO or SimPO after SFT.")
     evaluate: EvaluateConfig = Field(EvaluateConfig(), title="Evaluate", description="Held-out evaluation of every model.")
     quantize: QuantizeConfig = Field(QuantizeConfig(), title="Quantize", description="Merge adapters, score 4/8-bit loads.")

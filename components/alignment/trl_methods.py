@@ -18,24 +18,24 @@ from components.training.methods import prepare_trainable
 PREFERENCE_METHODS = ("dpo", "kto", "orpo", "simpo")
 
 
-def _trainer_for(method: str, cfg, args: dict):
-    """(Trainer class, its config) for a preference method."""
+def preference_trainer(method: str, cfg, args: dict):
+    """(Trainer class, its config) for a preference method; `args` from trl_support.common_args."""
     if method == "dpo":
         from trl import DPOConfig, DPOTrainer
 
-        return DPOTrainer, DPOConfig(**args, beta=cfg.beta, max_length=cfg.max_length, loss_type=["sigmoid"])
+        return DPOTrainer, DPOConfig(**args, beta=cfg.method_beta, max_length=cfg.max_length, loss_type=["sigmoid"])
     if method == "kto":
         from trl import KTOConfig, KTOTrainer
 
-        return KTOTrainer, KTOConfig(**args, beta=cfg.beta, max_length=cfg.max_length)
+        return KTOTrainer, KTOConfig(**args, beta=cfg.method_beta, max_length=cfg.max_length)
     if method == "orpo":
         from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
-        return ORPOTrainer, ORPOConfig(**args, beta=cfg.beta, max_length=cfg.max_length)
+        return ORPOTrainer, ORPOConfig(**args, beta=cfg.method_beta, max_length=cfg.max_length)
     if method == "simpo":  # SimPO is CPO's loss "simpo" with the behaviour-cloning term off (Meng et al. 2024)
         from trl.experimental.cpo import CPOConfig, CPOTrainer
 
-        return CPOTrainer, CPOConfig(**args, beta=cfg.beta, max_length=cfg.max_length, loss_type="simpo",
+        return CPOTrainer, CPOConfig(**args, beta=cfg.method_beta, max_length=cfg.max_length, loss_type="simpo",
                                      cpo_alpha=0.0, simpo_gamma=cfg.simpo_gamma)
     raise ValueError(f"unknown preference method {method!r}; one of {', '.join(PREFERENCE_METHODS)}")
 
@@ -48,7 +48,7 @@ def train_preference(method: str, model, tokenizer, rows: list[dict], cfg, hardw
 
     from datasets import Dataset
 
-    trainer_cls, args = _trainer_for(method, cfg, common_args(cfg, hardware, out_dir))
+    trainer_cls, args = preference_trainer(method, cfg, common_args(cfg, hardware, out_dir))
     model = prepare_trainable(model, cfg, hardware)  # lora/qlora: a PeftModel, whose disabled adapter is the reference
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*experimental.*")  # ORPO/CPO live in trl.experimental
@@ -57,16 +57,24 @@ def train_preference(method: str, model, tokenizer, rows: list[dict], cfg, hardw
     return _train(trainer, out_dir)
 
 
-def train_grpo(model, tokenizer, prompts: list[dict], reward, cfg, hardware, out_dir: Path, *, metrics_sink=None):
-    """GRPO (Shao et al. 2024) with TRL: `cfg.batch_size` prompts per step, `cfg.num_generations` each,
-    advantages relative to each prompt's group; `cfg.beta` > 0 keeps a KL anchor to the SFT model."""
-    from datasets import Dataset
-    from trl import GRPOConfig, GRPOTrainer
+def grpo_config(cfg, hardware, out_dir: Path):
+    """TRL's GRPOConfig from an AlignmentConfig: `cfg.batch_size` prompts per micro-batch, each answered
+    `cfg.num_generations` times (TRL's per-device batch counts the answers)."""
+    from trl import GRPOConfig
 
     args = common_args(cfg, hardware, out_dir)
     args["per_device_train_batch_size"] = cfg.batch_size * cfg.num_generations
-    grpo_args = GRPOConfig(**args, num_generations=cfg.num_generations, max_completion_length=cfg.max_new_tokens,
-                           temperature=cfg.temperature, top_p=cfg.top_p, beta=cfg.beta)
+    return GRPOConfig(**args, num_generations=cfg.num_generations, max_completion_length=cfg.max_new_tokens,
+                      temperature=cfg.temperature, top_p=cfg.top_p, beta=cfg.method_beta)
+
+
+def train_grpo(model, tokenizer, prompts: list[dict], reward, cfg, hardware, out_dir: Path, *, metrics_sink=None):
+    """GRPO (Shao et al. 2024) with TRL: `cfg.batch_size` prompts per step, `cfg.num_generations` each,
+    advantages relative to each prompt's group; `cfg.method_beta` > 0 keeps a KL anchor to the SFT model."""
+    from datasets import Dataset
+    from trl import GRPOTrainer
+
+    grpo_args = grpo_config(cfg, hardware, out_dir)
     rows = [{"prompt": p["prompt"], "reference": p["reference"], "task": p["task"]} for p in prompts]
     trainer = GRPOTrainer(model=prepare_trainable(model, cfg, hardware), reward_funcs=[reward], args=grpo_args,
                           train_dataset=Dataset.from_list(rows), processing_class=tokenizer,

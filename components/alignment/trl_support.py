@@ -22,10 +22,13 @@ def common_args(cfg, hardware, out_dir: Path) -> dict:
 
 
 def lora_config(lora, task_type: str):
+    """The peft LoraConfig of the reward model's adapter (TRL's RewardTrainer attaches it): a LoRA adapter, with
+    rsLoRA or DoRA where `lora` (a components.config.LoraSettings) asks. PiSSA init, LoRA+ and trained new
+    tokens are not taken here (RewardModelConfig refuses them)."""
     from peft import LoraConfig
 
-    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                      target_modules=lora.target_modules, task_type=task_type)
+    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
+                      use_rslora=lora.use_rslora, use_dora=lora.use_dora, task_type=task_type)
 
 
 def divergence_guard(max_kl: float | None, kl_keys: tuple[str, ...] = ("kl",)):

@@ -13,13 +13,23 @@ from tests.conftest import tiny_pipeline_config
 
 pytestmark = pytest.mark.e2e
 
-ALIGN = dict(**{
-    "reward.enabled": "true", "reward.max_steps": 3, "reward.batch_size": 4, "reward.logging_steps": 1,
-    "reward.max_length": 96, "alignment.max_prompts": 8, "alignment.num_generations": 2,
-    "alignment.max_new_tokens": 4, "alignment.batch_size": 2, "alignment.max_steps": 2, "alignment.logging_steps": 1,
-    "alignment.max_length": 96, "alignment.raft.iterations": 1, "alignment.raft.prompts_per_iteration": 4,
-    "alignment.raft.steps_per_iteration": 2, "alignment.reward.model_weight": 0.5, "evaluate.sample_k": 2,
-})
+REWARD = {"reward.enabled": "true", "reward.max_steps": 3, "reward.batch_size": 4, "reward.logging_steps": 1,
+          "reward.max_length": 96}
+# Each method takes only the settings it reads (AlignmentConfig refuses the others).
+SAMPLING = {"alignment.max_prompts": 8, "alignment.num_generations": 2, "alignment.max_new_tokens": 4}
+TRAINER = {"alignment.max_steps": 2, "alignment.logging_steps": 1}
+ALIGN = {**REWARD, **SAMPLING, "alignment.batch_size": 2, "alignment.raft.iterations": 1,
+         "alignment.raft.prompts_per_iteration": 4, "alignment.raft.steps_per_iteration": 2,
+         "alignment.reward.model_weight": 0.5, "evaluate.sample_k": 2}
+
+
+def _switched(cfg, **alignment):
+    """`cfg` with these alignment fields, validated as a --set would be (model_copy skips the validators)."""
+    from components.config import PipelineConfig
+
+    data = cfg.model_dump()
+    data["alignment"].update(alignment)
+    return PipelineConfig.model_validate(data)
 
 
 def _status(summary):
@@ -74,7 +84,7 @@ def test_raft_then_ppo_in_the_flow(tiny_model_dir, tmp_path, prefect_harness):
             "per-task-exact-match.png"} <= drawn
 
     # PPO on the same SFT model, with the reward stage's adapter and score head on its one shared model.
-    ppo = cfg.model_copy(update={"alignment": cfg.alignment.model_copy(update={"method": "ppo"})})
+    ppo = _switched(cfg, method="ppo", max_steps=2, num_generations=4)  # PPO samples one answer per prompt
     second = domain_adaptation(config=ppo)
     assert second["alignment"]["method"] == "ppo"
     again = _status(second)
@@ -89,13 +99,16 @@ def test_every_trl_method_runs_in_the_flow_on_the_same_sft_model(tiny_model_dir,
     reruns exactly the alignment stage and what reads it, and quantize merges that method's adapter."""
     from flows.domain_adaptation import domain_adaptation
 
-    settings = {k: v for k, v in ALIGN.items() if not k.startswith("reward.")}
-    settings["alignment.reward.model_weight"] = 0  # GRPO on the verifiable rule alone: no reward stage
+    # GRPO on the verifiable rule alone: no reward stage.
+    # The pair methods sample nothing: the demo's sampling settings go back to their defaults, and come back for GRPO.
+    settings = {**TRAINER, "alignment.batch_size": 2, "alignment.max_length": 96, "alignment.reward.model_weight": 0,
+                "evaluate.sample_k": 2, "alignment.temperature": 1.0, "alignment.max_new_tokens": 24}
+    grpo = {"max_length": 256, "temperature": 0.7, **{k.split(".")[1]: v for k, v in SAMPLING.items()}}
     # A long system prompt, so that some prompts leave no room for an answer (the report counts them).
     settings["tokenize.system_prompt"] = "You are a medical coding assistant. Answer with the ICD-10-CM fact asked for."
     cfg = tiny_pipeline_config(tiny_model_dir, tmp_path / "ws", **{"alignment.method": "dpo", **settings})
     for method in ("dpo", "kto", "orpo", "simpo", "grpo"):
-        run = cfg.model_copy(update={"alignment": cfg.alignment.model_copy(update={"method": method})})
+        run = _switched(cfg, method=method, **(grpo if method == "grpo" else {}))
         summary = domain_adaptation(config=run)
         status = _status(summary)
         assert summary["alignment"]["method"] == method

@@ -14,6 +14,8 @@ from components.pipeline import KeyFacts, planned_nodes
 from flows.plan import node_key
 
 DEMO = Path(__file__).resolve().parents[2] / "configs/demo-cpu.yaml"
+# The demo samples for RAFT; a pair method samples nothing and refuses sampling settings away from their defaults.
+PAIR_METHOD = ["alignment.temperature=1.0", "alignment.max_new_tokens=24"]
 FACTS = KeyFacts(precision="fp32", tokenizer_digest="tok", model_digest="model")
 RULE = "def score(prompts, completions, **columns):\n    return [float(len(c) < 20) for c in completions]\n"
 FEATURE = "def first_word(question):\n    return question.split()[0]\n"
@@ -42,7 +44,8 @@ def user_code(tmp_path, monkeypatch):
 
 def _config(method: str = "raft"):
     return load_config(DEMO, [f"alignment.method={method}", "alignment.reward.rule=my_rules:score",
-                              "reward.enabled=true", "data.rule_baselines={billable: 'my_features.shape:first_word'}"])
+                              "reward.enabled=true", "data.rule_baselines={billable: 'my_features.shape:first_word'}",
+                              *(PAIR_METHOD if method == "dpo" else [])])
 
 
 def _changed(before: dict[str, str], after: dict[str, str]) -> set[str]:
@@ -87,7 +90,7 @@ def test_editing_a_local_harness_task_rekeys_the_evaluations_alone(tmp_path, mon
     shipped = harness.HARNESS_TASK_DIR / "icd10_chapter_mc.yaml"
     (tmp_path / "icd10_chapter_mc.yaml").write_text(shipped.read_text())
     monkeypatch.setattr(harness, "HARNESS_TASK_DIR", tmp_path)
-    cfg = load_config(DEMO, ["alignment.method=dpo", "evaluate.harness_tasks=[icd10_chapter_mc]"])
+    cfg = load_config(DEMO, ["alignment.method=dpo", "evaluate.harness_tasks=[icd10_chapter_mc]", *PAIR_METHOD])
     before = _keys(cfg)
     (tmp_path / "icd10_chapter_mc.yaml").write_text(shipped.read_text() + "# edited\n")
     assert _changed(before, _keys(cfg)) == {"evaluate-base", "evaluate-cpt", "evaluate-adapted", "evaluate-aligned"}

@@ -21,8 +21,8 @@ SMALL_ALIGNMENT = {
     "reward.enabled": "true", "reward.max_steps": 2, "reward.batch_size": 4, "reward.logging_steps": 1,
     "reward.max_length": 96, "alignment.method": "raft", "alignment.reward.rule": "tiny_rule:score",
     "alignment.reward.model_weight": 0.5, "alignment.max_prompts": 4, "alignment.num_generations": 2,
-    "alignment.max_new_tokens": 4, "alignment.batch_size": 2, "alignment.max_length": 96,
-    "alignment.logging_steps": 1, "alignment.raft.iterations": 1, "alignment.raft.prompts_per_iteration": 4,
+    "alignment.max_new_tokens": 4, "alignment.batch_size": 2,
+    "alignment.raft.iterations": 1, "alignment.raft.prompts_per_iteration": 4,
     "alignment.raft.steps_per_iteration": 1, "alignment.raft.reward_threshold": "null",
 }
 

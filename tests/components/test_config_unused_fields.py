@@ -338,3 +338,28 @@ def test_grpo_refuses_a_kl_bound_it_cannot_measure():
 
 def test_method_none_reads_nothing_and_refuses_nothing():
     AlignmentConfig(method="none", max_steps=3, num_generations=9, lora={"use_dora": True})
+
+
+def test_the_docs_list_every_refused_field_per_method():
+    """docs/alignment.md's "What each method reads" table lists, per method, every field the method refuses."""
+    import re
+
+    text = _source("docs/alignment.md")
+    rows = {}
+    start = text.index("## What each method reads")
+    for line in text[start:text.index("\n## ", start)].splitlines():
+        cells = line.split("|")
+        if len(cells) > 3 and "`" in cells[1]:
+            for name in re.findall(r"`([^`]+)`", cells[1]):
+                rows[name] = set(re.findall(r"`([^`]+)`", cells[2]))
+        elif line.startswith("| reward stage"):
+            rows["reward"] = set(re.findall(r"`([^`]+)`", cells[2]))
+    listed = lambda method, field: field in rows[method] or f"{field.split('.')[0]}.*" in rows[method]  # noqa: E731
+    for method in METHODS:
+        for field, _, _ in ALIGNMENT_LEAVES:
+            if field == "method" or _covers(ALIGNMENT_FIELDS[method], field) or _covers(frozenset(METHOD_NAMED), field):
+                continue
+            assert listed(method, field), (method, field)
+    for field, _, _ in REWARD_LEAVES:
+        if not _covers(REWARD_FIELDS, field):
+            assert listed("reward", field), field

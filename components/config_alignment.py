@@ -60,10 +60,11 @@ ALIGNMENT_FIELDS: dict[str, frozenset[str]] = {
     # RAFT and PPO step their own AdamW, one step per batch: optimizer and grad_accum are refused away from adamw
     # and 1 by AlignmentConfig's own check, which says why.
     "raft": _EVERY_METHOD | _SCHEDULE | _PREPARE_TRAINABLE | _SAMPLING | {"batch_size", "num_generations", "raft.*"},
-    # PPO builds its own plain LoRA adapter (components/training/ppo_rollout.py build_policy_model) and runs
-    # without dropout; finetuning must be lora (checked apart).
-    "ppo": _EVERY_METHOD | _SCHEDULE | _SAMPLING | {"lora.r", "lora.alpha", "lora.target_modules", "max_steps",
-                                                    "batch_size", "save_steps", "max_kl", "ppo.*"},
+    # PPO builds its own LoRA adapter (components/training/ppo_rollout.py build_policy_model: rsLoRA and DoRA,
+    # no PiSSA, LoRA+ or new-token rows) and runs without dropout; finetuning must be lora (checked apart).
+    "ppo": _EVERY_METHOD | _SCHEDULE | _SAMPLING | {"lora.r", "lora.alpha", "lora.target_modules", "lora.use_rslora",
+                                                    "lora.use_dora", "max_steps", "batch_size", "save_steps", "max_kl",
+                                                    "ppo.*"},
 }
 # Settings named for the one method that reads them. Under another method they are kept, not refused: their
 # name already says they do not apply, and keeping them lets one `--set alignment.method=M` switch a config
@@ -100,17 +101,24 @@ _INSTEAD = {
     "lora.loraplus_lr_ratio": "one learning rate trains every adapter weight here: set learning_rate (LoRA+ works "
                               "in cpt and sft)",
     "ppo:lora.dropout": "PPO runs without dropout, so that rollouts and updates see the same function",
-    "ppo:lora.": "PPO builds a plain LoRA adapter from lora.r, alpha, dropout and target_modules (its reference "
-                 "is the unchanged base): leave the variants off, or use grpo, which takes them",
+    "ppo:lora.": "PPO builds its adapter from lora.r, alpha, target_modules, use_rslora and use_dora; its "
+                 "reference, reward and value share the unchanged base, which PiSSA init would move and new-token "
+                 "rows would change: leave it off, or use grpo, which takes it",
     "reward:lora.": "the reward adapter is plain LoRA (r, alpha, dropout, target_modules; use_rslora, use_dora)",
     "reward:finetuning": "the reward model is always a LoRA adapter plus its score head: leave finetuning lora",
+    "reward:freeze.": "the reward model is always a LoRA adapter plus its score head",
+    "reward:qlora.": "the reward model is always a LoRA adapter plus its score head",
+    "reward:galore.": "the reward model is always a LoRA adapter, which the galore_* optimizers do not train",
+    "ppo:freeze.": "PPO always trains a LoRA adapter (finetuning lora)",
+    "ppo:qlora.": "PPO always trains a LoRA adapter on the full-precision base (finetuning lora)",
+    "ppo:galore.": "PPO steps its own AdamW",
+    "raft:galore.": "RAFT steps its own AdamW",
     "ppo:num_generations": "PPO samples one answer per prompt: raise batch_size for more answers per step",
     "ppo:beta": "PPO's KL penalty is ppo.kl_coef (ppo.adaptive_kl steers it)",
     "raft:beta": "RAFT has no KL term: fewer raft.iterations or a lower learning_rate keep it near the SFT model",
-    "max_length": "the sampling methods cut prompts at tokenize.cutoff_len and answers at max_new_tokens",
+    "max_length": "it bounds answers with max_new_tokens (RAFT and PPO cut prompts at tokenize.cutoff_len)",
     "max_kl": "it logs no KL to the reference: bound the drift with ppo, kto or grpo with beta > 0, or with "
               "fewer steps and a lower learning_rate",
-    "beta": "only dpo, kto, orpo, simpo and grpo have a beta",
     "max_prompts": "the preference methods sample nothing; they learn from data.preference",
     "num_generations": "the preference methods sample nothing; they learn from data.preference",
     "temperature": "the preference methods sample nothing; they learn from data.preference",

@@ -154,7 +154,8 @@ def _run_ppo(model, tokenizer, prompts, reward, reward_adapter, cfg, out_dir, si
         # The reward model was trained on answers followed by the turn end: score PPO's answers the same way.
         reward_suffix=turn_end(tokenizer, cfg.tokenize.template) or None,
         lora_r=acfg.lora.r, lora_alpha=acfg.lora.alpha, lora_dropout=acfg.lora.dropout,
-        lora_target_modules=acfg.lora.target_modules,
+        lora_target_modules=acfg.lora.target_modules, lora_use_rslora=acfg.lora.use_rslora,
+        lora_use_dora=acfg.lora.use_dora,
     )
     use_model = acfg.reward.model_weight > 0
     if use_model and reward_adapter is None:

@@ -63,6 +63,8 @@ class PPOSettings:
     lora_alpha: int = 16
     lora_dropout: float = 0.0  # stored in the adapter config; PPO itself runs without dropout
     lora_target_modules: str | list[str] = "all-linear"  # or explicit module names
+    lora_use_rslora: bool = False  # scale by alpha / sqrt(r)
+    lora_use_dora: bool = False  # DoRA: magnitude apart from direction (the reference stays the unchanged base)
 
     def __post_init__(self):
         problems = []
@@ -127,7 +129,8 @@ def build_policy_model(base_model, settings: PPOSettings):
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
-                        target_modules=settings.lora_target_modules, task_type="CAUSAL_LM")
+                        target_modules=settings.lora_target_modules, use_rslora=settings.lora_use_rslora,
+                        use_dora=settings.lora_use_dora, task_type="CAUSAL_LM")
     return get_peft_model(base_model, config, adapter_name=POLICY)
 
 

@@ -141,7 +141,8 @@ def _trainable(cfg) -> set[str]:
 
 
 PPO_NAMES = {"max_steps": "steps", "lora.r": "lora_r", "lora.alpha": "lora_alpha",
-             "lora.target_modules": "lora_target_modules"}
+             "lora.target_modules": "lora_target_modules", "lora.use_rslora": "lora_use_rslora",
+             "lora.use_dora": "lora_use_dora"}
 TRAINER_NAMES = {"batch_size": "per_device_train_batch_size", "grad_accum": "gradient_accumulation_steps",
                  "use_liger": "use_liger_kernel", "gradient_checkpointing": "activation_checkpointing",
                  "max_new_tokens": "max_completion_length"}
@@ -213,6 +214,16 @@ def _assert_read(method: str, field: str, value, cfg, tmp_path: Path, monkeypatc
         settings, _ = _ppo_settings(cfg, tmp_path, monkeypatch)
         name = PPO_NAMES.get(field, field.split(".")[-1])
         assert getattr(settings, name) == value, (field, getattr(settings, name))
+        if field.startswith("lora."):  # and on into the adapter build_policy_model makes
+            import peft
+
+            from components.training.ppo_rollout import build_policy_model
+
+            monkeypatch.setattr(peft, "get_peft_model", lambda model, config, adapter_name: config)
+            lora = build_policy_model(None, settings)
+            sub = field.split(".")[1]
+            got = set(lora.target_modules) if sub == "target_modules" else getattr(lora, LORA_NAMES[sub])
+            assert got == (set(value) if sub == "target_modules" else value), field
         return
     if method == "raft":
         text = _source(RAFT_SOURCE)

@@ -303,6 +303,42 @@ def test_ppo_with_both_rewards_keeps_the_reward_adapter_and_the_base_frozen(tiny
     assert any(p.abs().sum() > 0 for n, p in params.items() if "lora_B.policy" in n)
 
 
+def test_dora_and_rslora_reach_the_policy_and_reward_adapters(tiny_model_dir, tmp_path):
+    """alignment.lora.use_dora / use_rslora: PPO trains and saves a DoRA policy adapter (magnitudes included)
+    next to a DoRA reward adapter as the reward stage saves it (trl_support.lora_config), which stays put."""
+    from peft import get_peft_model
+    from safetensors.torch import load_file
+    from transformers import AutoModelForSequenceClassification
+
+    from components.alignment.trl_support import lora_config
+    from components.config import LoraSettings
+
+    torch.manual_seed(1)
+    classifier = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1, dtype=torch.float32)
+    reward_lora = lora_config(LoraSettings(r=4, alpha=8, use_dora=True, use_rslora=True), "SEQ_CLS")
+    reward_lora.modules_to_save, reward_lora.init_lora_weights = ["score"], False
+    reward_dir = tmp_path / "reward_adapter"
+    get_peft_model(classifier, reward_lora).save_pretrained(reward_dir)
+
+    model, tok = _load(tiny_model_dir)
+    settings = PPOSettings(steps=2, batch_size=4, mini_batch_size=2, max_new_tokens=4, learning_rate=1e-2,
+                           save_steps=10, lora_r=4, lora_use_dora=True, lora_use_rslora=True)
+    run_ppo(model, tok, _small_prompts(4), settings, tmp_path / "ppo", reward_fn=lambda p, c, **_: [1.0] * len(c),
+            reward_adapter=reward_dir, reward_weights=(0.5, 1.0))
+    saved_config = json.loads((tmp_path / "ppo" / "adapter" / "adapter_config.json").read_text())
+    assert saved_config["use_dora"] and saved_config["use_rslora"]
+    policy = load_file(tmp_path / "ppo" / "adapter" / "adapter_model.safetensors")
+    assert any("lora_magnitude_vector" in k for k in policy)
+    params = dict(model.named_parameters())
+    reward = load_file(reward_dir / "adapter_model.safetensors")
+    magnitudes = [k for k in reward if "lora_magnitude_vector" in k]
+    assert magnitudes
+    for key in magnitudes:  # the reward adapter's magnitudes are loaded as they were saved, and left alone
+        name = key.removeprefix("base_model.model.").removesuffix(".weight")
+        name = name.replace("lora_magnitude_vector", "lora_magnitude_vector.reward") + ".weight"
+        assert torch.equal(params[name], reward[key]), name
+
+
 def test_a_crashed_run_resumes_to_the_same_result(small_model_dir, tmp_path):
     from safetensors.torch import load_file
 

@@ -266,10 +266,11 @@ class AlignmentConfig(TrainConfig):
     simpo_gamma: float = Field(0.5, ge=0, description="SimPO's target reward margin.")
     max_prompts: int = Field(256, ge=1,
                              description="Prompts the sampling methods draw from (data.prompts, else data.sft).")
-    num_generations: int = Field(4, ge=2, description="Completions sampled per prompt (RAFT's K, GRPO's group).")
-    temperature: float = Field(1.0, gt=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    max_new_tokens: int = Field(24, ge=1)
+    num_generations: int = Field(4, ge=2, description="Completions sampled per prompt (RAFT's K, GRPO's group); "
+                                 "PPO samples one per prompt.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature of raft, ppo and grpo.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling of raft, ppo and grpo.")
+    max_new_tokens: int = Field(24, ge=1, description="Tokens per sampled answer (raft, ppo, grpo).")
     max_length: int = Field(256, ge=16,
                             description="Tokens per prompt+answer for the preference methods (dpo, kto, orpo, simpo).")
     max_kl: float | None = Field(

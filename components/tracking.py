@@ -222,3 +222,18 @@ def mark_dead_runs_killed(client: MlflowClient, exp_id: str) -> list[str]:
     if killed:
         log.warning("marked %d run(s) KILLED whose process had died: %s", len(killed), ", ".join(killed))
     return killed
+
+
+def record_cached_stage(run, manifest: dict) -> None:
+    """A cached stage still gets a (cheap) nested run under `run` (components.pipeline.RunInfo) that points at
+    the run that produced it."""
+    client = client_for(run.tracking_uri)
+    run_id = start_run(
+        client, run.experiment_id, manifest["stage"], parent=run.parent_run_id,
+        tags={"lmforge.stage": manifest["stage"], "lmforge.stage_kind": manifest.get("kind", manifest["stage"]),
+              "lmforge.cache_key": manifest["cache_key"], "lmforge.cached": "true",
+              "lmforge.produced_by_run": manifest.get("mlflow_run_id", ""),
+              "lmforge.produced_by_flow_run": manifest.get("flow_run_id", "")},
+    )
+    log_metrics(client, run_id, manifest.get("metrics", {}))
+    end_run(client, run_id)

@@ -40,7 +40,7 @@ def _load(config: Path | None, overrides: list[str]):
 
 
 @contextlib.contextmanager
-def failures_reported(workspace: str):
+def failures_reported(workspace: str, *, prefect: bool = True):
     """A failure prints as a few clean lines naming the cause; the full traceback goes to a log file.
 
     Prefect's console records lose their tracebacks (first line only) while the run lasts; the file
@@ -48,7 +48,7 @@ def failures_reported(workspace: str):
     """
     from flows.console_log import FAILURE_RECORD, run_log
 
-    with run_log(Path(workspace)) as log_path:
+    with run_log(Path(workspace), prefect=prefect) as log_path:
         try:
             yield
         except (KeyboardInterrupt, typer.Exit):
@@ -107,6 +107,8 @@ def run(
         console.print(f"[red]--verify must be fast or deep, not {verify!r}[/red]")
         raise typer.Exit(2)
     cfg = _load(config, set_)
+    if from_stage is None and only is None and _only_reuses(cfg, until, verify):
+        return
     from flows.local_api import early_local_api
 
     with early_local_api() as wait_ready, failures_reported(cfg.workspace):
@@ -119,6 +121,27 @@ def run(
         wait_ready()
         summary = domain_adaptation(config=cfg, from_stage=from_stage, only=only, until=until, verify=verify)
     _print_summary(summary)
+
+
+def _only_reuses(cfg, until: str | None, verify: str) -> bool:
+    """A local run whose every stage is complete on disk runs without Prefect (flows/run_core.py: it would
+    only reuse, and Prefect's temporary API costs more than the rest of it). Returns whether it ran."""
+    from components.models.loading import select_hardware
+    from flows.run_core import cached_plan, run_cached
+
+    if os.environ.get("PREFECT_API_URL") or os.environ.get("LMFORGE_ALWAYS_PREFECT") == "1":
+        return False  # a configured server keeps every run in its history
+    try:
+        precision = select_hardware(cfg.compute.device, cfg.compute.precision).precision
+        if not cached_plan(cfg, precision, until=until, verify=verify):
+            return False
+    except Exception:  # bad input: the run through Prefect reports it, with its MLflow run ended FAILED
+        return False
+    with failures_reported(cfg.workspace, prefect=False):
+        summary = run_cached(cfg, precision, until=until, verify=verify)
+    console.print("every stage is cached: reused without starting Prefect", style="dim")
+    _print_summary(summary)
+    return True
 
 
 def comparison_rows(comparison: dict[str, dict], columns: list[str]) -> list[list[str]]:
@@ -174,7 +197,7 @@ def _print_summary(summary: dict) -> None:
     if rm:
         out.print(f"reward model: held-out pair accuracy {_fmt(rm['accuracy'])}, margin {_fmt(rm['margin'])}")
     if alignment.get("method"):
-        from flows.domain_adaptation import alignment_line
+        from components.run_summary import alignment_line
 
         out.print(alignment_line(alignment))
     for line in [*(rm or {}).get("warnings", []), *alignment.get("flags", [])]:
@@ -183,7 +206,7 @@ def _print_summary(summary: dict) -> None:
     if reg:
         out.print(f"registered [bold]{reg['name']}[/bold] version {reg['version']} as @{reg['alias']}")
     if summary.get("promotion"):
-        from flows.domain_adaptation import promotion_line
+        from components.run_summary import promotion_line
 
         colour = "green" if summary["promotion"].get("outcome") in ("promoted", "kept") else "yellow"
         out.print(f"[{colour}]{promotion_line(summary['promotion'])}[/{colour}]", highlight=False, soft_wrap=True)

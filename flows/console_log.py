@@ -49,13 +49,21 @@ def _console_handlers() -> list[logging.Handler]:
 
 
 @contextlib.contextmanager
-def run_log(workspace: Path) -> Iterator[Path]:
-    """Yield the path of this run's log file; console handlers lose tracebacks until exit."""
-    import prefect.logging.configuration  # noqa: F401  (sets up its handlers: ours must come first)
-    from prefect.logging.configuration import setup_logging
+def run_log(workspace: Path, *, prefect: bool = True) -> Iterator[Path]:
+    """Yield the path of this run's log file; console handlers lose tracebacks until exit. Without `prefect`
+    (a run that does not start it, flows/run_core.py), a plain console handler stands in for Prefect's."""
+    plain = None
+    if prefect:
+        import prefect.logging.configuration  # noqa: F401  (sets up its handlers: ours must come first)
+        from prefect.logging.configuration import setup_logging
 
-    if not _console_handlers():
-        setup_logging()
+        if not _console_handlers():
+            setup_logging()
+    elif not _console_handlers():
+        plain = logging.StreamHandler()
+        plain.setLevel(logging.WARNING)
+        plain.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        logging.getLogger().addHandler(plain)
     logs = Path(workspace) / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     path = logs / f"run-{time.strftime('%Y%m%d-%H%M%S')}.log"
@@ -80,6 +88,8 @@ def run_log(workspace: Path) -> Iterator[Path]:
             handler.removeFilter(quiet)
         root.removeHandler(file_handler)
         file_handler.close()
+        if plain is not None:
+            root.removeHandler(plain)
 
 
 def _to_flow_run_handler() -> logging.Handler:

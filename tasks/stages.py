@@ -167,17 +167,3 @@ def run_node(key: str, node: str, run: RunInfo, cfg: PipelineConfig, stage_confi
 def stage_task(spec: StageSpec):
     """The task as the flow calls it for `spec`: named after the node, with the node's retry policy."""
     return run_node.with_options(name=spec.name, retries=spec.retries, retry_delay_seconds=list(spec.retry_delay_s))
-
-
-def record_cached(run: RunInfo, manifest: dict) -> None:
-    """A cached stage still gets a (cheap) nested run that points at the run that produced it."""
-    client = tracking.client_for(run.tracking_uri)
-    run_id = tracking.start_run(
-        client, run.experiment_id, manifest["stage"], parent=run.parent_run_id,
-        tags={"lmforge.stage": manifest["stage"], "lmforge.stage_kind": manifest.get("kind", manifest["stage"]),
-              "lmforge.cache_key": manifest["cache_key"], "lmforge.cached": "true",
-              "lmforge.produced_by_run": manifest.get("mlflow_run_id", ""),
-              "lmforge.produced_by_flow_run": manifest.get("flow_run_id", "")},
-    )
-    tracking.log_metrics(client, run_id, manifest.get("metrics", {}))
-    tracking.end_run(client, run_id)

@@ -75,7 +75,7 @@ def test_first_run_runs_every_stage_and_registers(first_run):
     assert {f.path for f in client.list_artifacts(mv.run_id, "variants/gguf-q8_0")} == {
         "variants/gguf-q8_0/Modelfile", "variants/gguf-q8_0/model-q8_0.gguf"}
     # The random tiny model is at its tasks' majority baselines: the gate keeps it as challenger and says why.
-    from flows.domain_adaptation import promotion_line
+    from components.run_summary import promotion_line
 
     promotion = summary["promotion"]
     assert promotion["outcome"] == "rejected" and promotion["champion"] is None

@@ -1,0 +1,177 @@
+"""The walk over the stage table that every run makes, without Prefect in it.
+
+`adapt` computes each node's content key from its config slice and upstream manifests, reuses a complete
+output on disk or asks `RunHooks.run_stage` to produce it, records the run in MLflow (a parent run, one
+nested run per stage) and returns the summary (components/run_summary.py). The Prefect flow
+(flows/domain_adaptation.py) gives it hooks that run each stage as a cached, retried Prefect task.
+
+A rerun whose every stage is already complete has nothing for Prefect to schedule, and starting Prefect's
+temporary API costs more than the rest of such a run (bench/rerun_time.md). `lmforge run` therefore checks
+first (`cached_plan`, the same check as `lmforge stages`) and, when a local run would only reuse, calls
+`run_cached`: the same walk, the same MLflow records and summary, and no Prefect flow run (with a
+PREFECT_API_URL configured, a run always goes through Prefect, so a server's history stays whole).
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from components import tracking
+from components.artifacts import read_manifest, reset_dir, stage_dir, verify_manifest
+from components.config import PipelineConfig, save_config
+from components.errors import StageInputError
+from components.pipeline import RunInfo, kind_index, planned_nodes
+from components.run_summary import data_change_lines, draw_pictures, run_summary
+from flows.plan import key_facts, keyed_digests, node_key
+
+log = logging.getLogger("lmforge.flow")
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+# (node, key, refresh, run, cfg, config slice, upstream manifests, keyed digests) -> (manifest, reused)
+StageRunner = Callable[..., tuple[dict, bool]]
+
+
+@dataclass
+class RunHooks:
+    """What differs between a run under Prefect and one without: the run's id, where its lines go, how a
+    stage that is not complete on disk gets produced, and what publishes the summary."""
+
+    run_id: str
+    logger: logging.Logger | logging.LoggerAdapter
+    run_stage: StageRunner
+    tags: dict[str, str]
+    publish: Callable[[dict], None] = lambda summary: None
+
+
+def adapt(cfg: PipelineConfig, hooks: RunHooks, *, precision: str, from_stage: str | None = None,
+          only: str | None = None, until: str | None = None, verify: Literal["fast", "deep"] = "fast") -> dict:
+    """Walk the plan of `cfg` (module docstring); returns the summary."""
+    for name in (from_stage, only, until):
+        if name is not None:
+            kind_index(name)
+    t_flow = time.perf_counter()
+    workspace = Path(cfg.workspace)
+    workspace.mkdir(parents=True, exist_ok=True)
+    deep = verify == "deep"
+
+    client = tracking.client_for(cfg.tracking_uri())
+    exp_id = tracking.experiment_id(client, cfg.tracking.experiment, workspace / "mlartifacts")
+    tracking.mark_dead_runs_killed(client, exp_id)  # runs left RUNNING by processes killed earlier (kill -9)
+    commit = git_commit()
+    parent = tracking.start_run(
+        client, exp_id, f"domain_adaptation-{hooks.run_id[:8]}",
+        tags={**hooks.tags, "lmforge.config_digest": cfg.digest(), "lmforge.git_commit": commit},
+    )
+    run = RunInfo(cfg.tracking_uri(), exp_id, parent, hooks.run_id, cfg.digest(), commit)
+    run_dir = workspace / "runs" / hooks.run_id
+
+    manifests: dict[str, dict] = {}
+    timeline: list[dict] = []
+    status = "FAILED"
+    summary: dict = {}
+    try:  # from here on, whatever fails ends the parent run FAILED (or KILLED), never leaves it RUNNING
+        save_config(cfg, run_dir / "config.yaml", masked=True)
+        client.log_artifact(parent, str(run_dir / "config.yaml"))
+        tracking.log_params(client, parent, cfg.model_dump(mode="json"))
+        facts = key_facts(cfg, precision)
+        for node in planned_nodes(cfg):
+            kind = kind_index(node.spec.kind)
+            if (until and kind > kind_index(until)) or (only and kind > kind_index(only)):
+                continue
+            key, sc = node_key(node, cfg, facts, manifests)
+            out = stage_dir(cfg.workspace, node.name, key)
+            if only and node.spec.kind != only:
+                # Upstream of --only: must be on disk already.
+                manifest = read_manifest(out)
+                if not verify_manifest(manifest, deep=deep):
+                    raise StageInputError(
+                        f"--only {only}: upstream stage {node.name} has no complete output for this config "
+                        f"(expected {out}); run without --only first"
+                    )
+                manifests[node.name] = manifest
+                continue
+            force = from_stage is not None and kind >= kind_index(from_stage)
+            if force:
+                reset_dir(out)
+            refresh = force or not verify_manifest(read_manifest(out), deep=deep)
+            if refresh and not force:
+                # A stale or tampered output is never reused (nor adopted by run_stage): its manifest goes.
+                # A resumable stage keeps its checkpoints; a non-resumable one is emptied by run_stage, under
+                # the stage lock.
+                (out / "manifest.json").unlink(missing_ok=True)
+            started = time.perf_counter()
+            manifest, cached = hooks.run_stage(node, key, refresh, run, cfg, sc, {u: manifests[u] for u in node.upstream},
+                                               keyed_digests(node, manifests))
+            elapsed = time.perf_counter() - started
+            # The disk is the source of truth (Prefect's record may come from another workspace).
+            manifest = read_manifest(out) or manifest
+            cached = cached or manifest.get("flow_run_id") != hooks.run_id
+            if cached:
+                tracking.record_cached_stage(run, manifest)
+            manifests[node.name] = manifest
+            timeline.append({"stage": node.name, "key": key, "cached": cached, "task_s": round(elapsed, 3),
+                             "stage_s": 0.0 if cached else manifest["wall_s"],
+                             "peak_rss_mb": None if cached else manifest.get("peak_rss_mb")})
+            hooks.logger.info("%-18s %s %s", node.name, "cached " if cached else "ran    ", key)
+        status = "FINISHED"
+    except BaseException as exc:
+        status = tracking.end_status(exc)  # Ctrl-C or SIGTERM (Prefect raises it in the flow): KILLED
+        raise
+    finally:
+        try:  # the summary is a convenience: whatever fails in it, the parent run still ends
+            summary = run_summary(manifests, timeline, time.perf_counter() - t_flow)
+            summary["data_changes"] = data_change_lines(cfg, manifests, hooks.run_id, hooks.logger)
+            tracking.log_metrics(client, parent, dict(summary["metrics"]))
+            draw_pictures(summary, manifests, run_dir, client, parent)
+        except Exception as exc:
+            log.warning("could not summarise the run: %s", exc)
+            if status == "FINISHED":
+                raise
+        finally:
+            tracking.end_run(client, parent, status)
+    hooks.publish(summary)
+    return summary
+
+
+def cached_plan(cfg: PipelineConfig, precision: str, *, until: str | None = None, verify: str = "fast") -> bool:
+    """Whether every stage a run of `cfg` (up to `until`) would walk is complete on disk: such a run only reuses."""
+    from flows.plan import describe_plan
+
+    limit = kind_index(until) if until else None
+    rows = [r for r in describe_plan(cfg, precision, deep=verify == "deep")
+            if limit is None or kind_index(r["kind"]) <= limit]
+    return bool(rows) and all(r["cached"] for r in rows)
+
+
+def run_cached(cfg: PipelineConfig, precision: str, *, until: str | None = None,
+               verify: Literal["fast", "deep"] = "fast") -> dict:
+    """A run of a plan `cached_plan` found complete, without Prefect: every stage reused, recorded in MLflow
+    as a Prefect run records it. A stage found incomplete after all (removed meanwhile) stops the run with
+    a clear error; rerun it and it takes the Prefect path."""
+
+    def reuse(node, key, refresh, *_):
+        manifest = read_manifest(stage_dir(cfg.workspace, node.name, key))
+        if refresh or not verify_manifest(manifest, deep=verify == "deep"):
+            raise StageInputError(f"stage {node.name}'s output ({key}) changed while this run started; run again")
+        return manifest, True
+
+    run_id = f"cached-{uuid.uuid4()}"
+    hooks = RunHooks(run_id=run_id, logger=log, run_stage=reuse, tags={"lmforge.run": "cached, without Prefect"})
+    return adapt(cfg, hooks, precision=precision, until=until, verify=verify)

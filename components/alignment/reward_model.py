@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from components.alignment.data import preference_pairs, render_pairs
-from components.alignment.rewards import load_classifier, score_texts
+from components.alignment.rewards import load_classifier, score_answers
 from components.alignment.trl_support import common_args, curve_metrics, lora_config, stage_callback, train_resuming
 from components.artifacts import StageResult, atomic_dir, atomic_write_json
 from components.errors import StageInputError
@@ -35,14 +35,15 @@ def pairwise_accuracy(model, tokenizer, pairs: list[dict], *, max_length: int, b
     """Share of pairs whose chosen answer outscores the rejected one, and the mean margin."""
     if not pairs:
         return {}
-    chosen = score_texts(model, tokenizer, [p["prompt"] + p["chosen"] for p in pairs], max_length=max_length,
-                         batch_size=batch_size)
-    rejected = score_texts(model, tokenizer, [p["prompt"] + p["rejected"] for p in pairs], max_length=max_length,
-                           batch_size=batch_size)
+    prompts = [p["prompt"] for p in pairs]
+    chosen, cut_chosen = score_answers(model, tokenizer, prompts, [p["chosen"] for p in pairs], max_length=max_length,
+                                       batch_size=batch_size)
+    rejected, cut_rejected = score_answers(model, tokenizer, prompts, [p["rejected"] for p in pairs],
+                                           max_length=max_length, batch_size=batch_size)
     margins = [c - r for c, r in zip(chosen, rejected)]
     return {"accuracy": sum(m > 0 for m in margins) / len(margins), "margin": sum(margins) / len(margins),
             "chosen_mean": sum(chosen) / len(chosen), "rejected_mean": sum(rejected) / len(rejected),
-            "pairs": float(len(pairs))}
+            "pairs": float(len(pairs)), "prompts_cut": float(cut_chosen + cut_rejected)}
 
 
 def train_reward_model(model, tokenizer, train_pairs: list[dict], cfg, hardware, out_dir: Path, *,

@@ -164,10 +164,13 @@ class RewardModel:
         self.model = shared_reward_model(base, below, reward_adapter, hardware, tokenizer.pad_token_id)
         self.tokenizer, self.stop, self.max_length, self.batch_size = tokenizer, stop or "", max_length, batch_size
         self.device = hardware.device
+        self.cut_rows = 0  # prompts cut from the left to fit max_length (score_answers), over every call
 
     def __call__(self, prompts: list[str], completions: list[str], **_) -> list[float]:
-        texts = [p + c + self.stop for p, c in zip(prompts, completions)]
-        return score_texts(self.model, self.tokenizer, texts, max_length=self.max_length, batch_size=self.batch_size)
+        scores, cut = score_answers(self.model, self.tokenizer, prompts, [c + self.stop for c in completions],
+                                    max_length=self.max_length, batch_size=self.batch_size)
+        self.cut_rows += cut
+        return scores
 
 
 def load_classifier(base, below: list[Path], hardware, pad_token_id: int | None):
@@ -208,21 +211,71 @@ def load_reward_model(base, below: list[Path], reward_adapter: Path, hardware, p
     return PeftModel.from_pretrained(model, str(reward_adapter)).merge_and_unload().eval()
 
 
-def score_texts(model, tokenizer, texts: list[str], *, max_length: int, batch_size: int) -> list[float]:
-    """The classifier's scalar for each text (right-padded; the head reads the last real token)."""
-    import torch
+def score_answers(model, tokenizer, prompts: list[str], answers: list[str], *, max_length: int,
+                  batch_size: int) -> tuple[list[float], int]:
+    """The classifier's scalar for each prompt + answer, and how many prompts had to be cut to fit.
 
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
-    device = next(model.parameters()).device
-    side, tokenizer.padding_side = tokenizer.padding_side, "right"
+    A pair longer than `max_length` tokens loses the start of its prompt, never its answer (cut from the right,
+    a long prompt would leave no answer to score and every sample would score the same); an answer longer than
+    `max_length` alone keeps its first `max_length` tokens. Pairs are scored in the order given, `batch_size`
+    at a time, each batch's shared prompt prefix encoded once (components.models.generation). The head reads
+    the last token that is not the pad token, the position transformers' sequence classifiers pool, which
+    training used.
+    """
+    from components.data.encoding import encode_texts
+
+    rows, cut = [], 0
+    for p_ids, a_ids in zip(encode_texts(tokenizer, prompts), encode_texts(tokenizer, answers), strict=True):
+        room = max(max_length - len(a_ids), 0)
+        if len(p_ids) > room:
+            cut += 1
+            p_ids = p_ids[len(p_ids) - room :] if room else []
+        rows.append((p_ids + a_ids)[:max_length])
+    pad = model.config.pad_token_id if model.config.pad_token_id is not None else tokenizer.pad_token_id
     scores: list[float] = []
-    try:
-        with torch.no_grad():
-            for i in range(0, len(texts), batch_size):
-                enc = tokenizer(texts[i : i + batch_size], return_tensors="pt", padding=True, truncation=True,
-                                max_length=max_length, add_special_tokens=False).to(device)
-                scores.extend(model(**enc).logits[:, 0].float().tolist())
-    finally:
-        tokenizer.padding_side = side
-    return scores
+    for start in range(0, len(rows), batch_size):
+        scores += _score_rows(model, rows[start : start + batch_size], pad)
+    return scores, cut
+
+
+def _score_rows(model, rows: list[list[int]], pad_id: int) -> list[float]:
+    """One batch of token rows through the classifier's body (shared prefix once, tails padded on the left
+    of their own part) and its head at each row's pooled position."""
+    import torch
+    from transformers import DynamicCache
+
+    from components.models.generation import common_prefix
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT-wrapped classifier too
+    body, head = getattr(inner, inner.base_model_prefix), inner.score
+    device = next(model.parameters()).device
+    rows = [r if r else [pad_id] for r in rows]
+    prefix = common_prefix(rows) if len(rows) > 1 else 0
+    cache = DynamicCache()
+    n = len(rows)
+    with torch.no_grad():
+        prefix_hidden = None
+        if prefix:
+            prefix_hidden = body(input_ids=torch.tensor([rows[0][:prefix]], device=device), cache=cache,
+                                 use_cache=True).last_hidden_state[0]
+            cache.batch_repeat_interleave(n)
+        tails = [r[prefix:] for r in rows]
+        width = max(len(t) for t in tails)
+        ids = torch.full((n, width), pad_id, dtype=torch.long)
+        tail_mask = torch.zeros((n, width), dtype=torch.long)
+        for b, t in enumerate(tails):
+            ids[b, width - len(t) :] = torch.tensor(t, dtype=torch.long)
+            tail_mask[b, width - len(t) :] = 1
+        positions = (prefix + tail_mask.cumsum(-1) - 1).clamp(min=prefix)
+        mask = torch.cat([torch.ones((n, prefix), dtype=torch.long), tail_mask], dim=1)
+        hidden = body(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
+                      cache=cache if prefix else None, use_cache=bool(prefix)).last_hidden_state
+        pooled = []
+        for b, row in enumerate(rows):
+            real = [i for i, token in enumerate(row) if token != pad_id]
+            at = real[-1] if real else len(row) - 1
+            if at >= prefix:  # in the row's own part: tail coordinates are right-aligned
+                pooled.append(hidden[b, width - (len(row) - at)])
+            else:
+                pooled.append(prefix_hidden[at])
+        return head(torch.stack(pooled)).float()[:, 0].tolist()

@@ -117,6 +117,8 @@ def alignment_stage(cfg: PipelineConfig, inputs: StageInputs, out_dir: Path) -> 
         else:
             policy, history, metrics = _run_ppo(model, tokenizer, prompts, reward, reward_adapter, cfg, out_dir,
                                                 inputs.metrics)
+        if model_reward is not None:  # answers the reward model saw with the start of their prompt cut off
+            report["reward_model_prompts_cut"] = model_reward.cut_rows
     else:
         raise ValueError(f"alignment.method={method!r} has no stage to run")
 

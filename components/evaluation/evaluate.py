@@ -396,6 +396,8 @@ def _answer_rewards(cfg: PipelineConfig, inputs: StageInputs, samples: list[dict
         prompts, [s["prediction"] for s in samples], [s["reference"] for s in samples],
         [s.get("task", "") for s in samples], rule=cfg.alignment.reward.rule, reward_model=reward_model,
         resamples=cfg.evaluate.bootstrap_resamples)
+    if reward_model is not None:  # answers it saw with the start of their prompt cut off (reward.max_length)
+        metrics["reward_model_prompts_cut"] = float(reward_model.cut_rows)
     if per_answer:  # each answer's scores beside it, so two models' answers compare question by question
         for i, sample in enumerate(samples):
             sample.update({name: scores[i] for name, scores in per_answer.items()})

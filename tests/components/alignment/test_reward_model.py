@@ -71,3 +71,36 @@ def test_reward_model_is_loaded_once_for_the_evaluate_nodes_of_a_run(tiny_model_
     weights = next(adapter.glob("*.safetensors"))
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # rewritten
     assert RewardModel(base, [], adapter, hardware, tokenizer, stop="<|im_end|>", max_length=64).model is not first.model
+
+
+def test_reward_scores_keep_the_answer_whole_and_match_the_classifier_row_by_row(tiny_model_dir):
+    """score_answers: shared prefixes and padding change no score (each row scored alone by the classifier
+    itself gives the same), and a prompt too long for max_length loses its start, never the answer."""
+    import torch
+
+    from components.alignment.rewards import score_answers
+
+    base = BaseModelRef(str(tiny_model_dir))
+    tokenizer = load_tokenizer(base.source)
+    torch.manual_seed(0)
+    model = load_classifier(base, [], select_hardware("cpu", "fp32"), tokenizer.pad_token_id).eval()
+    pairs = _pairs(6, seed=3)
+    prompts, answers = [p["prompt"] for p in pairs], [p["chosen"] for p in pairs]
+    scores, cut = score_answers(model, tokenizer, prompts, answers, max_length=256, batch_size=4)
+    assert cut == 0
+    for prompt, answer, score in zip(prompts, answers, scores):
+        ids = tokenizer(prompt + answer, add_special_tokens=False, return_tensors="pt")
+        with torch.no_grad():
+            alone = float(model(**ids).logits[0, 0])
+        assert score == pytest.approx(alone, abs=1e-4)
+
+    # A long prompt: cut from the left to fit, so the answer (what differs) is still what is scored.
+    long_prompt = "<|im_start|>user\n" + "filler words " * 80 + "What does I10 describe?<|im_end|>\n<|im_start|>assistant\n"
+    good, bad = GOOD[0] + "<|im_end|>", BAD[0] + "<|im_end|>"
+    (s_good, s_bad), cut = score_answers(model, tokenizer, [long_prompt] * 2, [good, bad], max_length=48, batch_size=2)
+    assert cut == 2 and s_good != pytest.approx(s_bad, abs=1e-6)
+    answer_ids = tokenizer(good, add_special_tokens=False)["input_ids"]
+    kept = tokenizer(long_prompt, add_special_tokens=False)["input_ids"][-(48 - len(answer_ids)):] + answer_ids
+    with torch.no_grad():
+        expected = float(model(input_ids=torch.tensor([kept])).logits[0, 0])
+    assert s_good == pytest.approx(expected, abs=1e-4)

@@ -244,6 +244,9 @@ def render(demo: dict, rerun_s: float, sft: dict | None, data: dict | None, conf
     methods = ROOT / "bench" / "results_methods.json"
     if methods.is_file():
         lines += methods_section(json.loads(methods.read_text()))
+    generation = ROOT / "bench" / "results_generation.json"
+    if generation.is_file():
+        lines += generation_section(json.loads(generation.read_text()))
     serving = ROOT / "bench" / "results_serve.json"
     if serving.is_file():
         lines += serve_section(json.loads(serving.read_text()))
@@ -297,6 +300,28 @@ def methods_section(result: dict) -> list[str]:
     # notes: what a reader needs to judge the figures, written by hand into results_methods.json.
     notes = [f"- {note}" for note in result.get("notes", [])]
     return [*lines, "", *notes, *([""] if notes else [])]
+
+
+def generation_section(result: dict) -> list[str]:
+    """bench/generation_speed.py's figures (its own run, bench/results_generation.json): the one generation path
+    (components/models/generation.py) against transformers' generate, same prompts and settings."""
+    lines = [
+        "## Generation: the one path against `model.generate`",
+        "",
+        f"`python bench/generation_speed.py`, {result['created_at'][:10]}: the demo's SFT model on its held-out prompts "
+        f"({result['threads']} threads, load average {result['load_average']:.2f} on {result['cpu_count']} cores; best "
+        f"of {result['repeats']}). The path encodes a batch's shared prompt prefix once and drops rows that stopped.",
+        "",
+        "| call | prompts | generate s | one path s | speed-up | new tokens (generate / one path) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, r in result["rows"].items():
+        lines.append(f"| {name} | {r['prompts']} | {r['generate_s']:.1f} | {r['decode_s']:.1f} | {r['speedup']:.2f}x | "
+                     f"{r['generate_tokens']} / {r['decode_tokens']} |")
+    greedy = result["rows"].get("evaluation (greedy)")
+    if greedy:
+        lines += ["", f"Greedy answers identical on {greedy['identical_answers']} of {greedy['prompts']} prompts."]
+    return [*lines, ""]
 
 
 def serve_section(result: dict) -> list[str]:

@@ -6,8 +6,9 @@ tokens are exactly what training labels for that answer (the prompt + candidate 
 conversation, the assistant turn through its end-of-turn token), so the score is the log-probability
 of generating exactly that answer and stopping.
 
-Cost: each prompt runs once; its KV cache is repeated for its candidates, which run as one batch of
-short sequences. A question with K candidates costs one prompt forward plus K answer-length rows.
+Cost: each prompt runs once (the prompts of a group share their common prefix, run once); its KV cache is
+repeated for its candidates, which run as one batch of short sequences. A question with K candidates costs
+one prompt forward plus K answer-length rows.
 """
 
 from __future__ import annotations
@@ -88,13 +89,18 @@ def length_buckets(lengths: list[int]) -> list[list[int]]:
 @torch.no_grad()
 def _score_group(model, prompts: list[list[int]], answers: list[list[list[int]]], pad_id: int) -> list[list[float]]:
     """Summed answer log-probabilities for a few prompts (left-padded together) and all their candidates."""
+    from transformers import DynamicCache
+
+    from components.models.generation import _forward_rows, common_prefix
+
     device = next(model.parameters()).device
-    ids, mask = left_pad(prompts, pad_id)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
-                use_cache=True)
-    first = out.logits[:, -1].float().log_softmax(-1).cpu()  # next-token distribution after each prompt
-    prompt_cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+    # The prompts' shared prefix runs once (components.models.generation); `mask` covers prefix and tails.
+    prefix = common_prefix(prompts) if len(prompts) > 1 else 0
+    prompt_cache = DynamicCache()
+    logits, mask, next_position = _forward_rows(model, prompts, prefix if prefix >= 4 else 0, pad_id, device, 1,
+                                                prompt_cache)
+    mask, next_position = mask.cpu(), next_position.cpu()
+    first = logits[:, -1].float().log_softmax(-1).cpu()  # next-token distribution after each prompt
 
     owners = [b for b, cands in enumerate(answers) for _ in cands]
     flat = [a for cands in answers for a in cands]
@@ -114,7 +120,7 @@ def _score_group(model, prompts: list[list[int]], answers: list[list[list[int]]]
         logits = model(
             input_ids=cand[:, :-1].to(device),
             attention_mask=torch.cat([mask[owner], cand_mask[:, :-1]], dim=1).to(device),
-            position_ids=(mask.sum(-1)[owner][:, None] + torch.arange(length - 1)[None, :]).to(device),
+            position_ids=(next_position[owner] + torch.arange(length - 1)[None, :]).to(device),
             use_cache=False,
             **{_cache_argument(model): cache},
         ).logits.float()

@@ -2,10 +2,10 @@
 
 PPO and GRPO report a KL term while they train, on their own training prompts; RAFT and the preference
 methods report none. So the evaluation of the aligned model measures one KL for every method, the same
-way: while the aligned model answers each held-out prompt greedily, the reference runs in lockstep on the
-same tokens (components.models.generation), and at every position the aligned model generated (its stop
-token included) the exact KL(aligned || reference) between the two next-token distributions is summed
-over the vocabulary. Reported per answer token (`kl_to_sft`) and summed over an answer
+way: the aligned model answers each held-out prompt greedily, keeping its next-token distributions, and the
+reference then reads the same prompts and answers in one pass (components.models.generation); at every
+position the aligned model generated (its stop token included) the exact KL(aligned || reference) between
+the two next-token distributions is summed over the vocabulary. Reported per answer token (`kl_to_sft`) and summed over an answer
 (`kl_to_sft_per_answer`), each answer's figures in its sample and both averaged over answers.
 
 The answers are greedy, not sampled, so this is the divergence along the path the model actually answers

@@ -151,10 +151,16 @@ def score_heldout(
     task_index = {task: i for i, task in enumerate(groups)}
     order = sorted(range(len(rows)), key=lambda i: (task_index[rows[i][0]], len(prompts[i])))
     phase = phases or (lambda _: nullcontext())
-    with phase("generate"):
-        generated = generate(model, tokenizer, [prompts[i] for i in order], max_new_tokens=cfg.max_new_tokens,
-                             batch_size=cfg.batch_size, template=template_name, reference=reference)
-    generated, kls = generated if reference is not None else (generated, None)
+    with phase("generate"):  # task by task: a batch never mixes tasks, so it shares the task's question stem
+        generated, kls = [], [] if reference is not None else None
+        for task in groups:
+            rows_of_task = [prompts[i] for i in order if rows[i][0] == task]
+            out = generate(model, tokenizer, rows_of_task, max_new_tokens=cfg.max_new_tokens,
+                           batch_size=cfg.batch_size, template=template_name, reference=reference)
+            if reference is not None:
+                out, task_kls = out
+                kls += task_kls
+            generated += out
     preds = [""] * len(rows)
     answer_kls: list[list[float]] = [[] for _ in rows]
     for k, (i, answer) in enumerate(zip(order, generated)):

@@ -12,9 +12,10 @@ token is compute-bound (bench/eval_profile.py):
 - A row that has stopped leaves the batch: its cache rows are dropped, so short answers (Yes/No, a short
   chapter name) stop costing compute while the longest answer of the batch finishes.
 
-With a `reference` model, the reference runs in lockstep on the same tokens and each row gets the exact
-KL(model || reference) of the next-token distributions at every position it generated (the stop token's
-included), without a second pass over the answers.
+With a `reference` model, each row also gets the exact KL(model || reference) of the next-token distributions
+at every position it generated (the stop token's included): the model's distributions are kept while it
+decodes, and once a batch has finished the reference reads prompts and answers in one forward pass with the
+same shared prefix (`continuation_logprobs`), which costs a prefill rather than a second decoding.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class Completion:
     ids: list[int] = field(default_factory=list)
     stopped: bool = False
     kl: list[float] | None = None
+    logprobs: list = field(default_factory=list, repr=False)  # with a reference: the model's, until the KL is in
 
 
 def stop_ids(tokenizer, template: str) -> list[int]:
@@ -77,12 +79,13 @@ def decode(model, prompts: list[list[int]], *, max_new_tokens: int, stop: list[i
     return out
 
 
-def _prefill(model, rows: list[list[int]], prefix: int, pad_id: int, device) -> tuple[torch.Tensor, object, torch.Tensor, torch.Tensor]:
-    """Run the prompts: the shared prefix once (expanded to every row), then each row's own tokens, left-padded
-    within their part. Returns (last-position logits, cache, attention mask, next position per row)."""
+def _forward_rows(model, rows: list[list[int]], prefix: int, pad_id: int, device, keep: int, cache=None):
+    """Run token rows: the shared prefix once (its keys and values expanded to every row), then each row's own
+    tokens, left-padded within their part. Returns the logits of the last `keep` positions; with a `cache`,
+    fills it, and the attention mask and each row's next position come back too."""
     from transformers import DynamicCache
 
-    cache = DynamicCache()
+    cache = cache if cache is not None else DynamicCache()
     n = len(rows)
     if prefix:
         head = torch.tensor([rows[0][:prefix]], device=device)
@@ -98,8 +101,17 @@ def _prefill(model, rows: list[list[int]], prefix: int, pad_id: int, device) -> 
     positions = (prefix + tail_mask.cumsum(-1) - 1).clamp(min=prefix)
     mask = torch.cat([torch.ones((n, prefix), dtype=torch.long), tail_mask], dim=1).to(device)
     logits = model(input_ids=ids.to(device), attention_mask=mask, position_ids=positions.to(device), cache=cache,
-                   use_cache=True, logits_to_keep=1).logits[:, -1].float()
-    return logits, cache, mask, positions[:, -1:].to(device) + 1
+                   use_cache=True, logits_to_keep=keep).logits
+    return logits, mask, positions[:, -1:].to(device) + 1
+
+
+def _prefill(model, rows: list[list[int]], prefix: int, pad_id: int, device) -> tuple[torch.Tensor, object, torch.Tensor, torch.Tensor]:
+    """The prompts through `_forward_rows`: (last-position logits, cache, attention mask, next position per row)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    logits, mask, position = _forward_rows(model, rows, prefix, pad_id, device, 1, cache)
+    return logits[:, -1].float(), cache, mask, position
 
 
 def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator) -> torch.Tensor:
@@ -123,22 +135,18 @@ def _decode_batch(model, rows, *, max_new_tokens, stop, pad_id, temperature, top
     prefix = common_prefix(rows)
     prefix = prefix if prefix >= min_prefix else 0
     logits, cache, mask, position = _prefill(model, rows, prefix, pad_id, device)
-    if reference is not None:
-        ref_logits, ref_cache, _, _ = _prefill(reference, rows, prefix, pad_id, device)
-    done = [Completion(kl=[] if reference is not None else None) for _ in rows]
+    done = [Completion() for _ in rows]
     active = list(range(len(rows)))  # batch row -> index into `done`
     stop_set = set(stop)
     for step in range(max_new_tokens):
         tokens = _pick(logits, temperature, top_p, generator)
-        if reference is not None:
-            logp, logq = torch.log_softmax(logits, -1), torch.log_softmax(ref_logits, -1)
-            kl = (logp.exp() * (logp - logq)).sum(-1).clamp_min(0.0)  # rounding can leave -1e-9
+        logp = torch.log_softmax(logits, -1) if reference is not None else None
         keep = []
         for b, row in enumerate(active):
             token = int(tokens[b])
             done[row].ids.append(token)
-            if reference is not None:
-                done[row].kl.append(float(kl[b]))
+            if logp is not None:
+                done[row].logprobs.append(logp[b])
             if token in stop_set:
                 done[row].stopped = True
             else:
@@ -149,16 +157,34 @@ def _decode_batch(model, rows, *, max_new_tokens, stop, pad_id, temperature, top
             index = torch.tensor(keep, device=device)
             cache.batch_select_indices(index)
             mask, position, tokens = mask[index], position[index], tokens[index]
-            if reference is not None:
-                ref_cache.batch_select_indices(index)
             active = [active[b] for b in keep]
         mask = torch.cat([mask, torch.ones((len(active), 1), dtype=mask.dtype, device=device)], dim=1)
         step_inputs = dict(input_ids=tokens[:, None], attention_mask=mask, position_ids=position, use_cache=True)
         logits = model(**step_inputs, cache=cache).logits[:, -1].float()
-        if reference is not None:
-            ref_logits = reference(**step_inputs, cache=ref_cache).logits[:, -1].float()
         position = position + 1
+    if reference is not None:
+        del cache
+        ref = continuation_logprobs(reference, rows, [c.ids for c in done], pad_id=pad_id, min_prefix=min_prefix)
+        for completion, logq in zip(done, ref):
+            logp = torch.stack(completion.logprobs)
+            completion.kl = (logp.exp() * (logp - logq)).sum(-1).clamp_min(0.0).tolist()  # rounding: -1e-9
+            completion.logprobs = []
     return done
+
+
+@torch.no_grad()
+def continuation_logprobs(model, prompts: list[list[int]], continuations: list[list[int]], *, pad_id: int,
+                          min_prefix: int = 4) -> list[torch.Tensor]:
+    """For each prompt and its (non-empty) continuation, in one forward pass: the model's log-probabilities
+    over the vocabulary at each continuation position, (len(continuation), vocab). The batch's shared prefix
+    is run once; the continuations end every row, so only their positions get logits."""
+    rows = [p + c for p, c in zip(prompts, continuations, strict=True)]
+    prefix = min(common_prefix(rows), min(len(p) for p in prompts) - 1)
+    prefix = prefix if prefix >= min_prefix else 0
+    device = next(model.parameters()).device
+    keep = max(len(c) for c in continuations) + 1
+    logits, _, _ = _forward_rows(model, rows, prefix, pad_id, device, keep)
+    return [torch.log_softmax(logits[b, keep - len(c) - 1 : keep - 1].float(), -1) for b, c in enumerate(continuations)]
 
 
 def completion_text(tokenizer, completion: Completion) -> str:

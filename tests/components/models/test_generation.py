@@ -1,5 +1,5 @@
 """The one generation path: same greedy tokens as transformers' generate, shared prefixes and dropped rows
-included; the lockstep KL is the exact KL over the generated positions; nucleus sampling stays in the nucleus."""
+included; the reference's KL is the exact KL over the generated positions; nucleus sampling stays in the nucleus."""
 
 from __future__ import annotations
 
@@ -71,7 +71,7 @@ def test_common_prefix_leaves_every_row_a_token_of_its_own():
     assert common_prefix([[7], [7, 8]]) == 0
 
 
-def test_lockstep_kl_is_the_exact_kl_at_each_generated_position(tiny):
+def test_the_reference_kl_is_the_exact_kl_at_each_generated_position(tiny):
     model, tokenizer = tiny
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in PROMPTS[:3]]
     same = decode(model, encoded, max_new_tokens=5, stop=[], pad_id=0, reference=copy.deepcopy(model))

@@ -62,7 +62,8 @@ ALIGNMENT_FIELDS: dict[str, frozenset[str]] = {
     "raft": _EVERY_METHOD | _SCHEDULE | _PREPARE_TRAINABLE | _SAMPLING | {"batch_size", "num_generations", "raft.*"},
     # PPO builds its own LoRA adapter (components/training/ppo_rollout.py build_policy_model: rsLoRA and DoRA,
     # no PiSSA, LoRA+ or new-token rows) and runs without dropout; finetuning must be lora (checked apart).
-    "ppo": _EVERY_METHOD | _SCHEDULE | _SAMPLING | {"lora.r", "lora.alpha", "lora.target_modules", "lora.use_rslora",
+    # top_p: its ratio and KL use log-probabilities over the whole vocabulary, so nucleus samples are off-policy.
+    "ppo": _EVERY_METHOD | _SCHEDULE | (_SAMPLING - {"top_p"}) | {"lora.r", "lora.alpha", "lora.target_modules", "lora.use_rslora",
                                                     "lora.use_dora", "max_steps", "batch_size", "save_steps", "max_kl",
                                                     "ppo.*"},
 }
@@ -269,7 +270,8 @@ class AlignmentConfig(TrainConfig):
     num_generations: int = Field(4, ge=2, description="Completions sampled per prompt (RAFT's K, GRPO's group); "
                                  "PPO samples one per prompt.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature of raft, ppo and grpo.")
-    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling of raft, ppo and grpo.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling of raft and grpo; ppo takes 1 only (its "
+                         "log-probabilities are over the whole vocabulary).")
     max_new_tokens: int = Field(24, ge=1, description="Tokens per sampled answer (raft, ppo, grpo).")
     max_length: int = Field(256, ge=16,
                             description="Tokens per prompt+answer for the preference methods (dpo, kto, orpo, simpo).")
@@ -288,6 +290,10 @@ class AlignmentConfig(TrainConfig):
 
     @model_validator(mode="after")
     def _method_reads_every_setting(self):
+        if self.method == "ppo" and self.top_p < 1:
+            raise ValueError(f"alignment.top_p is {self.top_p}, but alignment.method=ppo scores its rollouts' "
+                             "log-probabilities (ratio, KL) over the whole vocabulary, so sampling from a nucleus "
+                             "would make them off-policy: set alignment.top_p to 1 (temperature still applies)")
         if self.method == "ppo" and self.finetuning != "lora":
             raise ValueError("alignment.method=ppo keeps policy, reference, reward and value on one base model "
                              "through adapters: alignment.finetuning must be lora")

@@ -192,3 +192,13 @@ def test_aliases_are_refused_with_their_line_in_files_and_overrides(tmp_path):
         load_config(None, ["data.sft=[*x]"])
     with pytest.raises(ConfigError, match=r"override 'data.sft=\[a' is not valid YAML"):
         load_config(None, ["data.sft=[a"])
+
+
+def test_ppo_refuses_a_nucleus_it_would_not_score():
+    # PPO's ratio and KL use log-probabilities over the whole vocabulary: nucleus samples would be off-policy.
+    from components.config import AlignmentConfig
+
+    with pytest.raises(ValueError, match=r"alignment.top_p is 0.9, but alignment.method=ppo"):
+        AlignmentConfig(method="ppo", top_p=0.9)
+    assert AlignmentConfig(method="raft", top_p=0.9).top_p == 0.9
+    assert AlignmentConfig(method="ppo", temperature=0.7).top_p == 1.0

@@ -244,7 +244,7 @@ def _score_rows(model, rows: list[list[int]], pad_id: int) -> list[float]:
     import torch
     from transformers import DynamicCache
 
-    from components.models.generation import common_prefix
+    from components.models.generation import common_prefix, tail_batch
 
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT-wrapped classifier too
     body, head = getattr(inner, inner.base_model_prefix), inner.score
@@ -259,15 +259,8 @@ def _score_rows(model, rows: list[list[int]], pad_id: int) -> list[float]:
             prefix_hidden = body(input_ids=torch.tensor([rows[0][:prefix]], device=device), cache=cache,
                                  use_cache=True).last_hidden_state[0]
             cache.batch_repeat_interleave(n)
-        tails = [r[prefix:] for r in rows]
-        width = max(len(t) for t in tails)
-        ids = torch.full((n, width), pad_id, dtype=torch.long)
-        tail_mask = torch.zeros((n, width), dtype=torch.long)
-        for b, t in enumerate(tails):
-            ids[b, width - len(t) :] = torch.tensor(t, dtype=torch.long)
-            tail_mask[b, width - len(t) :] = 1
-        positions = (prefix + tail_mask.cumsum(-1) - 1).clamp(min=prefix)
-        mask = torch.cat([torch.ones((n, prefix), dtype=torch.long), tail_mask], dim=1)
+        ids, mask, positions = tail_batch(rows, prefix, pad_id)
+        width = ids.shape[1]
         hidden = body(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
                       cache=cache if prefix else None, use_cache=bool(prefix)).last_hidden_state
         pooled = []

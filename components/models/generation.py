@@ -91,6 +91,18 @@ def _forward_rows(model, rows: list[list[int]], prefix: int, pad_id: int, device
         head = torch.tensor([rows[0][:prefix]], device=device)
         model(input_ids=head, cache=cache, use_cache=True, logits_to_keep=1)
         cache.batch_repeat_interleave(n)
+    ids, mask, positions = tail_batch(rows, prefix, pad_id)
+    mask = mask.to(device)
+    logits = model(input_ids=ids.to(device), attention_mask=mask, position_ids=positions.to(device), cache=cache,
+                   use_cache=True, logits_to_keep=keep).logits
+    return logits, mask, positions[:, -1:].to(device) + 1
+
+
+def tail_batch(rows: list[list[int]], prefix: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input ids, attention mask, position ids) of each row's tokens after a shared `prefix` already in the
+    cache: the tails left-padded to one width, the mask covering prefix and tails (a hole where a tail is
+    padded), the positions going on from the prefix's."""
+    n = len(rows)
     tails = [r[prefix:] for r in rows]
     width = max(len(t) for t in tails)
     ids = torch.full((n, width), pad_id, dtype=torch.long)
@@ -99,10 +111,7 @@ def _forward_rows(model, rows: list[list[int]], prefix: int, pad_id: int, device
         ids[b, width - len(t) :] = torch.tensor(t, dtype=torch.long)
         tail_mask[b, width - len(t) :] = 1
     positions = (prefix + tail_mask.cumsum(-1) - 1).clamp(min=prefix)
-    mask = torch.cat([torch.ones((n, prefix), dtype=torch.long), tail_mask], dim=1).to(device)
-    logits = model(input_ids=ids.to(device), attention_mask=mask, position_ids=positions.to(device), cache=cache,
-                   use_cache=True, logits_to_keep=keep).logits
-    return logits, mask, positions[:, -1:].to(device) + 1
+    return ids, torch.cat([torch.ones((n, prefix), dtype=torch.long), tail_mask], dim=1), positions
 
 
 def _prefill(model, rows: list[list[int]], prefix: int, pad_id: int, device) -> tuple[torch.Tensor, object, torch.Tensor, torch.Tensor]:

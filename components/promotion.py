@@ -41,6 +41,7 @@ from mlflow.tracking import MlflowClient
 
 from components import tracking
 from components.artifacts import StageResult, atomic_write_json
+from components.data.jsonl import iter_records
 from components.evaluation.compare import heldout_digest, paired_change, question_key, with_scores
 from components.evaluation.per_task import metric_key_part
 from components.registry import HELDOUT_DIGEST_TAG, SAMPLES_ARTIFACT, registered_evaluation
@@ -271,7 +272,7 @@ def registered_samples(client: MlflowClient, mv) -> list[dict] | None:
             return None
         if not path.is_file():
             return None
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return list(iter_records(path))
 
 
 def promote_if_better(
@@ -469,8 +470,7 @@ def promote_stage(cfg: PipelineConfig, inputs: StageInputs, out_dir: Path) -> St
     client = tracking.client_for(inputs.run.tracking_uri)
     evaluation = registered_evaluation(inputs)
     answers = Path(evaluation["dir"]) / "samples.jsonl" if evaluation.get("dir") else None
-    samples = ([json.loads(line) for line in answers.read_text().splitlines() if line.strip()]
-               if answers is not None and answers.is_file() else None)
+    samples = list(iter_records(answers)) if answers is not None and answers.is_file() else None
     decision = promote_if_better(
         client, registered["name"], registered["version"], cfg.promotion,
         challenger_metrics=evaluation["metrics"], base_metrics=inputs.upstream["evaluate-base"]["metrics"],

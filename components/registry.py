@@ -17,6 +17,7 @@ from mlflow.tracking import MlflowClient
 
 from components import tracking
 from components.artifacts import StageResult, atomic_write_json
+from components.data.jsonl import iter_records
 from components.evaluation.compare import heldout_digest
 from components.tracking import log_artifact_files
 
@@ -70,7 +71,7 @@ def log_heldout_answers(client: MlflowClient, run_id: str, samples_file: Path) -
     with tempfile.TemporaryDirectory(prefix="lmforge-answers-") as tmp:  # uploaded under the name the gate reads
         shutil.copyfile(samples_file, Path(tmp) / name)
         client.log_artifact(run_id, str(Path(tmp) / name), artifact_path=folder)
-    samples = [json.loads(line) for line in samples_file.read_text().splitlines() if line.strip()]
+    samples = list(iter_records(samples_file))
     return {HELDOUT_DIGEST_TAG: heldout_digest(samples)} if samples else {}
 
 

@@ -118,12 +118,17 @@ def run_raft(policy, tokenizer, prompts: list[dict], reward: RewardFn, cfg, *, c
 
         # Train on the sampled tokens themselves, after the prompt's: re-encoding the decoded text could
         # merge tokens across the prompt/answer boundary and teach something that was never sampled.
-        rows = []
+        rows, cut_off = [], 0
         for i, text, _ in kept:
             prompt_ids = tokenizer(batch[i]["prompt"], add_special_tokens=False)["input_ids"]
             answer = token_ids[(i, text)]
-            rows.append({"input_ids": (prompt_ids + answer)[:cutoff_len],
-                         "labels": ([IGNORE] * len(prompt_ids) + answer)[:cutoff_len]})
+            labels = ([IGNORE] * len(prompt_ids) + answer)[:cutoff_len]
+            if all(label == IGNORE for label in labels):  # the prompt alone fills cutoff_len: nothing to learn
+                cut_off += 1
+                continue
+            rows.append({"input_ids": (prompt_ids + answer)[:cutoff_len], "labels": labels})
+        # Seeded shuffle: the steps cycle through the kept rows, which come ordered by prompt.
+        random.Random(cfg.seed * 1000 + it + 1).shuffle(rows)
         t1 = time.perf_counter()
         losses = []
         policy.train()
@@ -148,6 +153,7 @@ def run_raft(policy, tokenizer, prompts: list[dict], reward: RewardFn, cfg, *, c
             "reward_mean": sum(scores) / len(scores), "reward_max": max(scores), "reward_min": min(scores),
             "degenerate_fraction": 1 - len(valid) / len(scores), "kept": len(kept),
             "kept_reward_mean": sum(r for _, _, r in kept) / len(kept) if kept else float("nan"),
+            "kept_without_answer_tokens": cut_off,  # prompts at tokenize.cutoff_len: their answer was cut away
             "contested_prompts": sum(len({score for _, score in group}) > 1 for group in groups),
             "train_loss": sum(losses) / len(losses) if losses else float("nan"), "train_steps": len(losses),
             "sample_seconds": sample_s, "train_seconds": time.perf_counter() - t1,

@@ -209,3 +209,19 @@ def test_other_preference_methods_raise_the_chosen_answer_over_the_rejected_one(
     assert summed_after > summed_before + 1.0, (method, summed_before, summed_after)
     policy.save_pretrained(tmp_path / "adapter")
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_raft_drops_kept_answers_that_truncation_cut_away(small_model_dir, tmp_path):
+    # Prompts of 4 tokens and a cutoff of 3: every kept row would train on no label at all (a wasted step with
+    # a zero loss). They are dropped and counted instead.
+    from peft import get_peft_model
+
+    tokenizer = load_tokenizer(str(small_model_dir))
+    policy = get_peft_model(load_model(str(small_model_dir), CPU), lora_config(AlignmentConfig().lora, "CAUSAL_LM"))
+    cfg = AlignmentConfig(method="raft", learning_rate=1e-2, batch_size=4, num_generations=2, max_new_tokens=3,
+                          lr_scheduler="constant", warmup_ratio=0.0,
+                          raft={"iterations": 1, "prompts_per_iteration": 4, "steps_per_iteration": 2})
+    _, history = run_raft(policy, tokenizer, _word_prompts(4), digit_word_reward, cfg, cutoff_len=3,
+                          eos=[tokenizer.eos_token_id], out_dir=tmp_path)
+    assert history[0]["kept"] > 0 and history[0]["kept_without_answer_tokens"] == history[0]["kept"]
+    assert history[0]["train_steps"] == 0

@@ -225,6 +225,9 @@ class PPOConfig(Strict):
     cliprange: float = Field(0.2, gt=0)
     cliprange_value: float = Field(0.2, gt=0)
     vf_coef: float = Field(0.1, ge=0)
+    value_learning_rate: float | None = Field(
+        None, gt=0, description="The value head's learning rate (its own AdamW group, no weight decay). Null: "
+        "alignment.learning_rate.")
     whiten_advantages: bool = True
 
 

@@ -150,6 +150,7 @@ def _run_ppo(model, tokenizer, prompts, reward, reward_adapter, cfg, out_dir, si
         adaptive_kl=acfg.ppo.adaptive_kl, target_kl=acfg.ppo.target_kl, kl_horizon=acfg.ppo.kl_horizon,
         gamma=acfg.ppo.gamma, lam=acfg.ppo.lam, cliprange=acfg.ppo.cliprange,
         cliprange_value=acfg.ppo.cliprange_value, vf_coef=acfg.ppo.vf_coef,
+        value_learning_rate=acfg.ppo.value_learning_rate,
         whiten_advantages=acfg.ppo.whiten_advantages, temperature=acfg.temperature, top_p=acfg.top_p,
         max_new_tokens=acfg.max_new_tokens, max_kl=acfg.max_kl, save_steps=acfg.save_steps, seed=acfg.seed,
         max_grad_norm=acfg.max_grad_norm, max_prompt_length=cfg.tokenize.cutoff_len,

@@ -247,8 +247,11 @@ def run_ppo(
     for n, p in peft_model.named_parameters():
         p.requires_grad_(f".{POLICY}." in n)
     policy_params = [p for p in peft_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW([{"params": policy_params}, {"params": list(value_head.parameters())}],
-                                  lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    # The value head is a freshly initialised regressor: a group of its own, with its own rate and no decay.
+    value_lr = settings.value_learning_rate if settings.value_learning_rate is not None else settings.learning_rate
+    optimizer = torch.optim.AdamW([{"params": policy_params, "weight_decay": settings.weight_decay},
+                                   {"params": list(value_head.parameters()), "lr": value_lr, "weight_decay": 0.0}],
+                                  lr=settings.learning_rate)
     updates_per_step = settings.ppo_epochs * math.ceil(settings.batch_size / settings.mini_batch_size)
     scheduler = lr_schedule(optimizer, settings.lr_scheduler, settings.warmup_ratio, settings.steps * updates_per_step)
     trainable = sum(p.numel() for p in policy_params) + sum(p.numel() for p in value_head.parameters())

@@ -34,8 +34,9 @@ class PPOSettings:
     batch_size: int = 8  # prompts per step
     mini_batch_size: int = 4  # rollouts per optimizer step (also the chunk size of no-grad forwards)
     ppo_epochs: int = 2  # passes over each batch of rollouts
-    learning_rate: float = 5e-5  # AdamW over the policy LoRA and the value head
-    weight_decay: float = 0.0
+    learning_rate: float = 5e-5  # AdamW over the policy LoRA
+    weight_decay: float = 0.0  # the policy LoRA's; the value head takes none
+    value_learning_rate: float | None = None  # the value head's own rate; None: learning_rate
     lr_scheduler: str = "constant"  # a transformers schedule name, over every optimizer step of the run
     warmup_ratio: float = 0.0
     max_grad_norm: float = 1.0

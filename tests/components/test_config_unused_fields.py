@@ -28,7 +28,7 @@ VALUES = {
     "beta": 0.3, "max_kl": 5.0, "lora.loraplus_lr_ratio": 16.0, "raft.reward_threshold": 0.5,
     "reward.rule": "components.alignment.icd10:icd10_reward", "reward.http_url": "http://localhost:9/reward",
     "lora.target_modules": ["q_proj", "v_proj"], "freeze.trainable_modules": ["lm_head"],
-    "galore.target_modules": ["mlp"],
+    "galore.target_modules": ["mlp"], "ppo.value_learning_rate": 3e-4,
 }
 # What a field needs beside it to be read at all (AlignmentConfig refuses it otherwise, naming that setting).
 CONTEXT = {"freeze.": {"finetuning": "freeze"}, "qlora.": {"finetuning": "qlora"},

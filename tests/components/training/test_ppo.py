@@ -416,3 +416,14 @@ def test_nan_reward_and_nan_loss_raise_the_named_error(small_model_dir, tmp_path
         run_ppo(model, tok, _small_prompts(), _toy_settings(steps=4), tmp_path / "loss", reward_fn=_count_reward(5))
     assert caught.value.step == 1 and caught.value.checkpoint.name == "step-0"
 
+
+
+def test_the_value_head_trains_in_its_own_group_with_its_own_rate_and_no_decay(tiny_model_dir, tmp_path):
+    model, tok = _load(tiny_model_dir)
+    settings = _toy_settings(steps=1, save_steps=1, batch_size=4, mini_batch_size=4, ppo_epochs=1, max_new_tokens=3,
+                             learning_rate=1e-3, weight_decay=0.1, value_learning_rate=5e-2)
+    run_ppo(model, tok, _small_prompts(4), settings, tmp_path, reward_fn=lambda p, c, **_: [1.0] * len(c))
+    checkpoint = next((tmp_path / "checkpoints").glob("*/optimizer.pt"))
+    policy, value = torch.load(checkpoint, weights_only=True)["param_groups"]
+    assert (policy["lr"], policy["weight_decay"]) == (1e-3, 0.1)
+    assert (value["lr"], value["weight_decay"]) == (5e-2, 0.0)

@@ -30,6 +30,16 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+def refuse_unscaled_fp16(method: str, precision: str) -> None:
+    """RAFT and PPO step their own optimizer on weights loaded in the compute dtype, with no loss scaling: in fp16
+    small gradients underflow to zero and large ones overflow. Refused there (TRL's trainers scale the loss)."""
+    if precision == "fp16" and method in ("raft", "ppo"):
+        raise StageInputError(
+            f"alignment.method={method} trains in its own loop, which has no fp16 loss scaling, and this device "
+            "computes in fp16 (no bf16): set compute.precision to fp32, or use grpo or a preference method "
+            "(dpo, kto, orpo, simpo), whose trainers scale the loss")
+
+
 def _preference_rows(method: str, align: Path, tokenizer, cfg) -> tuple[list[dict], dict]:
     template, system = cfg.tokenize.template, cfg.tokenize.system_prompt
     pairs, counts = preference_pairs(align / "preference.jsonl")
@@ -72,6 +82,7 @@ def alignment_stage(cfg: PipelineConfig, inputs: StageInputs, out_dir: Path) -> 
     acfg, method = cfg.alignment, cfg.alignment.method
     base, below = inputs.base_model, inputs.adapter_stack()
     hardware = select_hardware(cfg.compute.device, cfg.compute.precision)
+    refuse_unscaled_fp16(method, hardware.precision)
     tokenizer = load_tokenizer(base.source, **base.load_kwargs())
     model = load_with_adapters(base.source, below, hardware, **base.load_kwargs(),
                                attn_implementation=cfg.model.attn_implementation)

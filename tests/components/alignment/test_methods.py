@@ -225,3 +225,16 @@ def test_raft_drops_kept_answers_that_truncation_cut_away(small_model_dir, tmp_p
                           eos=[tokenizer.eos_token_id], out_dir=tmp_path)
     assert history[0]["kept"] > 0 and history[0]["kept_without_answer_tokens"] == history[0]["kept"]
     assert history[0]["train_steps"] == 0
+
+
+def test_raft_and_ppo_refuse_fp16_they_would_not_scale():
+    from components.alignment.stage import refuse_unscaled_fp16
+    from components.errors import StageInputError
+
+    for method in ("raft", "ppo"):
+        with pytest.raises(StageInputError, match=f"alignment.method={method} .* compute.precision to fp32"):
+            refuse_unscaled_fp16(method, "fp16")
+        refuse_unscaled_fp16(method, "bf16")
+        refuse_unscaled_fp16(method, "fp32")
+    for method in ("grpo", "dpo", "kto", "orpo", "simpo"):  # TRL's trainers scale the loss
+        refuse_unscaled_fp16(method, "fp16")

@@ -108,28 +108,8 @@ def adapt(cfg: PipelineConfig, hooks: RunHooks, *, precision: str, from_stage: s
                 manifests[node.name] = manifest
                 continue
             force = from_stage is not None and kind >= kind_index(from_stage)
-            if force:
-                reset_dir(out)
-            refresh = force or not verify_manifest(read_manifest(out), deep=deep)
-            if refresh and not force:
-                # A stale or tampered output is never reused (nor adopted by run_stage): its manifest goes.
-                # A resumable stage keeps its checkpoints; a non-resumable one is emptied by run_stage, under
-                # the stage lock.
-                (out / "manifest.json").unlink(missing_ok=True)
-            started = time.perf_counter()
-            manifest, cached = hooks.run_stage(node, key, refresh, run, cfg, sc, {u: manifests[u] for u in node.upstream},
-                                               keyed_digests(node, manifests))
-            elapsed = time.perf_counter() - started
-            # The disk is the source of truth (Prefect's record may come from another workspace).
-            manifest = read_manifest(out) or manifest
-            cached = cached or manifest.get("flow_run_id") != hooks.run_id
-            if cached:
-                tracking.record_cached_stage(run, manifest)
-            manifests[node.name] = manifest
-            timeline.append({"stage": node.name, "key": key, "cached": cached, "task_s": round(elapsed, 3),
-                             "stage_s": 0.0 if cached else manifest["wall_s"],
-                             "peak_rss_mb": None if cached else manifest.get("peak_rss_mb")})
-            hooks.logger.info("%-18s %s %s", node.name, "cached " if cached else "ran    ", key)
+            manifests[node.name], row = _produce(node, key, sc, out, force, deep, hooks, run, cfg, manifests)
+            timeline.append(row)
         status = "FINISHED"
     except BaseException as exc:
         status = tracking.end_status(exc)  # Ctrl-C or SIGTERM (Prefect raises it in the flow): KILLED
@@ -148,6 +128,33 @@ def adapt(cfg: PipelineConfig, hooks: RunHooks, *, precision: str, from_stage: s
             tracking.end_run(client, parent, status)
     hooks.publish(summary)
     return summary
+
+
+def _produce(node, key: str, stage_config: dict, out: Path, force: bool, deep: bool, hooks: RunHooks, run: RunInfo,
+             cfg: PipelineConfig, manifests: dict[str, dict]) -> tuple[dict, dict]:
+    """One node of the walk: reused when complete on disk, else produced by `hooks.run_stage`. Returns its
+    manifest and its row of the timeline."""
+    if force:
+        reset_dir(out)
+    refresh = force or not verify_manifest(read_manifest(out), deep=deep)
+    if refresh and not force:
+        # A stale or tampered output is never reused (nor adopted by run_stage): its manifest goes.
+        # A resumable stage keeps its checkpoints; a non-resumable one is emptied by run_stage, under
+        # the stage lock.
+        (out / "manifest.json").unlink(missing_ok=True)
+    started = time.perf_counter()
+    manifest, cached = hooks.run_stage(node, key, refresh, run, cfg, stage_config,
+                                       {u: manifests[u] for u in node.upstream}, keyed_digests(node, manifests))
+    elapsed = time.perf_counter() - started
+    # The disk is the source of truth (Prefect's record may come from another workspace).
+    manifest = read_manifest(out) or manifest
+    cached = cached or manifest.get("flow_run_id") != hooks.run_id
+    if cached:
+        tracking.record_cached_stage(run, manifest)
+    hooks.logger.info("%-18s %s %s", node.name, "cached " if cached else "ran    ", key)
+    return manifest, {"stage": node.name, "key": key, "cached": cached, "task_s": round(elapsed, 3),
+                      "stage_s": 0.0 if cached else manifest["wall_s"],
+                      "peak_rss_mb": None if cached else manifest.get("peak_rss_mb")}
 
 
 def cached_plan(cfg: PipelineConfig, precision: str, *, until: str | None = None, verify: str = "fast") -> bool:

@@ -115,6 +115,24 @@ def _perplexities(model, tokenizer, tokenized_dir: Path, n: int) -> dict[str, fl
     return out
 
 
+def _answers_by_task(model, tokenizer, tasks: list[str], prompts: list[str], *, cfg: EvaluateConfig,
+                     template_name: str, reference=None) -> tuple[list[str], list[list[float]] | None]:
+    """Greedy answers to `prompts` (and, with a `reference`, each answer's per-position KL to it), in their
+    order. Generated one task at a time, shortest prompts first within it: a batch never mixes tasks, so it
+    shares the task's question stem and its answers, of one kind, stop together."""
+    answers, kls = [""] * len(prompts), ([[] for _ in prompts] if reference is not None else None)
+    for task in dict.fromkeys(tasks):
+        rows = sorted((i for i, t in enumerate(tasks) if t == task), key=lambda i: len(prompts[i]))
+        out = generate(model, tokenizer, [prompts[i] for i in rows], max_new_tokens=cfg.max_new_tokens,
+                       batch_size=cfg.batch_size, template=template_name, reference=reference)
+        out, task_kls = out if reference is not None else (out, None)
+        for k, i in enumerate(rows):
+            answers[i] = out[k]
+            if kls is not None:
+                kls[i] = task_kls[k]
+    return answers, kls
+
+
 def score_heldout(
     model,
     tokenizer,
@@ -147,26 +165,10 @@ def score_heldout(
     rows = [(task, rec) for task, recs in groups.items() for rec in recs]
     pairs = [split_prompt(rec["messages"]) for _, rec in rows]
     prompts = [render_prompt(tokenizer, template, m, system_prompt) for m, _ in pairs]
-    # One task at a time (answers of one length stop together), shortest prompts first within it.
-    task_index = {task: i for i, task in enumerate(groups)}
-    order = sorted(range(len(rows)), key=lambda i: (task_index[rows[i][0]], len(prompts[i])))
     phase = phases or (lambda _: nullcontext())
-    with phase("generate"):  # task by task: a batch never mixes tasks, so it shares the task's question stem
-        generated, kls = [], [] if reference is not None else None
-        for task in groups:
-            rows_of_task = [prompts[i] for i in order if rows[i][0] == task]
-            out = generate(model, tokenizer, rows_of_task, max_new_tokens=cfg.max_new_tokens,
-                           batch_size=cfg.batch_size, template=template_name, reference=reference)
-            if reference is not None:
-                out, task_kls = out
-                kls += task_kls
-            generated += out
-    preds = [""] * len(rows)
-    answer_kls: list[list[float]] = [[] for _ in rows]
-    for k, (i, answer) in enumerate(zip(order, generated)):
-        preds[i] = answer
-        if kls is not None:
-            answer_kls[i] = kls[k]
+    with phase("generate"):
+        preds, kls = _answers_by_task(model, tokenizer, [task for task, _ in rows], prompts, cfg=cfg,
+                                      template_name=template_name, reference=reference)
     refs = [ref for _, ref in pairs]
 
     picks: list[str | None] = [None] * len(rows)
@@ -202,18 +204,23 @@ def score_heldout(
     n = len(rows)
     baseline = sum(t["n"] * t["majority_baseline"] for t in tasks.values()) / n if n else math.nan
     report = {"overall": task_entry(n, baseline, overall), "tasks": tasks}
+    return report, _samples([task for task, _ in rows], pairs, prompts, preds, picks, kls)
+
+
+def _samples(tasks: list[str], pairs: list[tuple[list[dict], str]], prompts: list[str], preds: list[str],
+             picks: list[str | None], kls: list[list[float]] | None) -> list[dict]:
+    """One sample per held-out question. `prompt` is the question for readers; `rendered_prompt` the exact text
+    the answer was generated from (every earlier turn included), which the rewards score."""
     samples = []
-    for i, ((task, _), (messages, ref)) in enumerate(zip(rows, pairs)):
-        # `prompt` is the question for readers; `rendered_prompt` the exact text the answer was generated
-        # from (every earlier turn included), which the rewards score.
+    for i, (task, (messages, ref)) in enumerate(zip(tasks, pairs)):
         sample = {"task": task, "prompt": messages[-1]["content"], "rendered_prompt": prompts[i], "reference": ref,
                   "prediction": preds[i]}
         if picks[i] is not None:
             sample["choice"] = picks[i]
         if kls is not None:
-            sample.update(answer_kl(answer_kls[i]))
+            sample.update(answer_kl(kls[i]))
         samples.append(sample)
-    return report, samples
+    return samples
 
 
 def evaluate_heldout(

@@ -59,20 +59,21 @@ ALIGNMENT_FIELDS: dict[str, frozenset[str]] = {
     "grpo": _EVERY_METHOD | _TRAINER | _PREPARE_TRAINABLE | _SAMPLING | {"beta", "num_generations", "max_kl"},
     # RAFT and PPO step their own AdamW, one step per batch: optimizer and grad_accum are refused away from adamw
     # and 1 by AlignmentConfig's own check, which says why.
-    "raft": _EVERY_METHOD | _SCHEDULE | _PREPARE_TRAINABLE | _SAMPLING | {"batch_size", "num_generations", "raft.*"},
+    "raft": _EVERY_METHOD | _SCHEDULE | _PREPARE_TRAINABLE | _SAMPLING | {"batch_size", "num_generations", "raft.*",
+                                                                          "missing_eos_penalty"},
     # PPO builds its own LoRA adapter (components/training/ppo_rollout.py build_policy_model: rsLoRA and DoRA,
     # no PiSSA, LoRA+ or new-token rows) and runs without dropout; finetuning must be lora (checked apart).
     # top_p: its ratio and KL use log-probabilities over the whole vocabulary, so nucleus samples are off-policy.
     "ppo": _EVERY_METHOD | _SCHEDULE | (_SAMPLING - {"top_p"}) | {"lora.r", "lora.alpha", "lora.target_modules", "lora.use_rslora",
                                                     "lora.use_dora", "max_steps", "batch_size", "save_steps", "max_kl",
-                                                    "ppo.*"},
+                                                    "missing_eos_penalty", "ppo.*"},
 }
 # Settings named for the one method that reads them. Under another method they are kept, not refused: their
 # name already says they do not apply, and keeping them lets one `--set alignment.method=M` switch a config
 # tuned for another method (configs/demo-cpu.yaml's raft settings under grpo, as the README shows).
 METHOD_NAMED = {"raft.*": "raft", "ppo.*": "ppo", "simpo_gamma": "simpo"}
 
-# The reward stage: TRL's RewardTrainer with a LoRA adapter from trl_support.lora_config (always LoRA).
+# The reward stage: TRL's RewardTrainer with a LoRA adapter from methods.lora_config (always LoRA).
 # Its adapter is always LoRA, so the galore_* optimizers (full or freeze only) cannot apply.
 REWARD_FIELDS = (_TRAINER - {"galore.*"}) | _PLAIN_LORA | {"enabled", "max_length", "min_accuracy", "on_low_accuracy",
                                                           "lora.use_rslora", "lora.use_dora"}
@@ -125,6 +126,10 @@ _INSTEAD = {
     "temperature": "the preference methods sample nothing; they learn from data.preference",
     "top_p": "the preference methods sample nothing; they learn from data.preference",
     "max_new_tokens": "the preference methods sample nothing; their length bound is max_length",
+    "missing_eos_penalty": "the preference methods sample nothing: their answers come from data.preference",
+    # TRL 1.16 has missing_eos_penalty on OnlineDPOConfig only; its GRPOConfig takes none.
+    "grpo:missing_eos_penalty": "TRL's GRPO trainer has no such option: let the reward rule score an answer without "
+                                "its end lower (it receives completion_ids), or use raft or ppo, which take it",
 }
 
 
@@ -278,6 +283,11 @@ class AlignmentConfig(TrainConfig):
     max_new_tokens: int = Field(24, ge=1, description="Tokens per sampled answer (raft, ppo, grpo).")
     max_length: int = Field(256, ge=16,
                             description="Tokens per prompt+answer for the preference methods (dpo, kto, orpo, simpo).")
+    missing_eos_penalty: float | None = Field(
+        None, ge=0, description="raft and ppo: subtracted from the reward of an answer cut at max_new_tokens "
+        "without the end of turn (TRL's missing_eos_penalty), so that the policy learns to finish its answers. "
+        "Null: no penalty. grpo and the preference methods refuse it."
+    )
     max_kl: float | None = Field(
         None, gt=0, description="Stop the stage (keeping the last good checkpoint) when the KL to the reference "
         "exceeds this: ppo (its per-response KL), kto (its logged KL estimate), grpo with beta > 0 (its logged KL). "

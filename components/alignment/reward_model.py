@@ -16,9 +16,10 @@ from typing import TYPE_CHECKING
 
 from components.alignment.data import preference_pairs, render_pairs
 from components.alignment.rewards import load_classifier, score_answers
-from components.alignment.trl_support import common_args, curve_metrics, lora_config, stage_callback, train_resuming
+from components.alignment.trl_support import common_args, curve_metrics, stage_callback, train_resuming
 from components.artifacts import StageResult, atomic_dir, atomic_write_json
 from components.errors import StageInputError
+from components.training.methods import lora_config
 
 if TYPE_CHECKING:
     from components.config import PipelineConfig

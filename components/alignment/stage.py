@@ -163,7 +163,8 @@ def _run_ppo(model, tokenizer, prompts, reward, reward_adapter, cfg, out_dir, si
         cliprange_value=acfg.ppo.cliprange_value, vf_coef=acfg.ppo.vf_coef,
         value_learning_rate=acfg.ppo.value_learning_rate,
         whiten_advantages=acfg.ppo.whiten_advantages, temperature=acfg.temperature, top_p=acfg.top_p,
-        max_new_tokens=acfg.max_new_tokens, max_kl=acfg.max_kl, save_steps=acfg.save_steps, seed=acfg.seed,
+        max_new_tokens=acfg.max_new_tokens, max_kl=acfg.max_kl, missing_eos_penalty=acfg.missing_eos_penalty,
+        save_steps=acfg.save_steps, seed=acfg.seed,
         max_grad_norm=acfg.max_grad_norm, max_prompt_length=cfg.tokenize.cutoff_len,
         # The reward model was trained on answers followed by the turn end: score PPO's answers the same way.
         reward_suffix=turn_end(tokenizer, cfg.tokenize.template) or None,

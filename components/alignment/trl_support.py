@@ -1,5 +1,5 @@
 """What every TRL trainer here shares: arguments derived from our TrainConfig and the hardware,
-a LoRA config, and lora.training_callback (metrics, complete checkpoint markers) with a NaN/KL guard.
+and lora.training_callback (metrics, complete checkpoint markers) with a NaN/KL guard.
 
 TRL's configs default to bf16 and gradient checkpointing; on these CPUs bf16 is emulated (~20x
 slower) and TRL refuses it outright without a GPU, so precision always comes from `Hardware`.
@@ -11,24 +11,14 @@ from pathlib import Path
 
 from components.errors import TrainingDiverged
 from components.pipeline import MetricsSink
-from components.training.lora import (last_complete_checkpoint, non_finite_guard, plain_progress, training_arguments,
-                                     training_callback)
+from components.training.checkpoints import checkpoint_number, last_complete_checkpoint
+from components.training.lora import non_finite_guard, plain_progress, training_arguments, training_callback
 
 
 def common_args(cfg, hardware, out_dir: Path) -> dict:
     """Keyword arguments every TRL config takes, from a components.config.TrainConfig (checkpoints under
     out_dir/checkpoints)."""
     return training_arguments(cfg, hardware, Path(out_dir) / "checkpoints")
-
-
-def lora_config(lora, task_type: str):
-    """The peft LoraConfig of the reward model's adapter (TRL's RewardTrainer attaches it): a LoRA adapter, with
-    rsLoRA or DoRA where `lora` (a components.config.LoraSettings) asks. PiSSA init, LoRA+ and trained new
-    tokens are not taken here (RewardModelConfig refuses them)."""
-    from peft import LoraConfig
-
-    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
-                      use_rslora=lora.use_rslora, use_dora=lora.use_dora, task_type=task_type)
 
 
 def divergence_guard(max_kl: float | None, kl_keys: tuple[str, ...] = ("kl",)):
@@ -55,7 +45,7 @@ def train_resuming(trainer, out_dir: Path) -> tuple[object, int]:
     resume = last_complete_checkpoint(Path(out_dir) / "checkpoints")
     plain_progress(trainer)
     output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    return output, int(resume.name.split("-")[1]) if resume else 0
+    return output, checkpoint_number(resume) if resume else 0
 
 
 def curve_metrics(history: list[dict]) -> dict[str, float]:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import math
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -32,11 +31,11 @@ from components.errors import TrainingDiverged
 from components.models.loading import Hardware, count_parameters
 from components.models.loss import labeled_positions_loss
 from components.runtime import progress_bars
+from components.training.checkpoints import COMPLETE, checkpoint_number, last_complete_checkpoint
 from components.training.methods import loraplus_optimizer, optimizer_arguments, prepare_trainable, save_trained
 
 log = logging.getLogger(__name__)
 
-COMPLETE = "lmforge-complete"
 MetricsSink = Callable[[int, dict[str, float]], None]
 
 
@@ -229,20 +228,6 @@ def training_arguments(cfg: TrainConfig, hardware: Hardware, output_dir: Path) -
     )
 
 
-def last_complete_checkpoint(ckpt_root: Path) -> Path | None:
-    """Newest checkpoint with a complete marker; incomplete ones (a crash mid-save) are deleted."""
-    if not ckpt_root.is_dir():
-        return None
-    found = []
-    for d in ckpt_root.glob("checkpoint-*"):
-        if (d / COMPLETE).exists():
-            found.append((int(d.name.split("-")[1]), d))
-        else:
-            log.warning("removing incomplete checkpoint %s", d)
-            shutil.rmtree(d, ignore_errors=True)
-    return max(found)[1] if found else None
-
-
 def run_lora_training(
     model,
     tokenizer,
@@ -321,7 +306,7 @@ def run_lora_training(
         "train_tokens_per_s": trainer.tokens_seen / max(train_s, 1e-9),
         "trainable_params": float(trainable),
         "total_params": float(total),
-        "resumed_from_step": float(int(resume.name.split("-")[1]) if resume else 0),
+        "resumed_from_step": float(checkpoint_number(resume) if resume else 0),
     }
     files = [str(p.relative_to(out_dir)) for p in saved]
     files.append("training_curve.json")

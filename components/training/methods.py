@@ -137,7 +137,10 @@ def _freeze(model, cfg: TrainConfig) -> None:
                     "frozen: add the embedding module (e.g. embed_tokens) to freeze.trainable_modules to train them")
 
 
-def _lora_config(lora: LoraSettings, token_ids: list[int]):
+def lora_config(lora: LoraSettings, task_type: str = "CAUSAL_LM", token_ids: list[int] | None = None):
+    """The peft LoraConfig of `lora` (rsLoRA, DoRA, PiSSA init, target modules; with `token_ids`, the rows of
+    added tokens train too): the one builder every adapter here comes from (prepare_trainable, the reward
+    model's SEQ_CLS adapter, PPO's policy adapter). LoRA+ is an optimizer setting (loraplus_optimizer)."""
     from peft import LoraConfig
 
     return LoraConfig(
@@ -150,7 +153,7 @@ def _lora_config(lora: LoraSettings, token_ids: list[int]):
         init_lora_weights=True if lora.init == "default" else lora.init,
         # Only the rows of the added tokens train (tied output embeddings follow); saved with the adapter.
         trainable_token_indices=token_ids or None,
-        task_type="CAUSAL_LM",
+        task_type=task_type,
     )
 
 
@@ -183,7 +186,7 @@ def prepare_trainable(model, cfg: TrainConfig, hardware: Hardware):
             # Norms and embeddings in fp32 for stable training; checkpointing is the Trainer's (non-reentrant).
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         token_ids = added_token_ids(model) if cfg.lora.train_new_tokens else []
-        model = get_peft_model(model, _lora_config(cfg.lora, token_ids))
+        model = get_peft_model(model, lora_config(cfg.lora, token_ids=token_ids))
         if cfg.lora.init != "default":
             _attach_pissa_init(model)
     elif method == "freeze":

@@ -57,6 +57,7 @@ class PPOSettings:
     reward_suffix: str | None = None  # text the reward model saw after each answer (e.g. "<|im_end|>\n");
     # set: the EOS is dropped and this appended before the reward adapter scores; None: scored as generated
     max_kl: float | None = None  # stop (keeping the last good state) when the KL per sequence exceeds this
+    missing_eos_penalty: float | None = None  # subtracted from the score of an answer cut at max_new_tokens
     save_steps: int = 10  # checkpoint every N steps
     save_total_limit: int = 2  # complete checkpoints kept
     seed: int = 42
@@ -78,6 +79,8 @@ class PPOSettings:
                 problems.append(f"{name} must be >= 1")
         if self.max_kl is not None and self.max_kl <= 0:
             problems.append("max_kl must be > 0 or None")
+        if self.missing_eos_penalty is not None and self.missing_eos_penalty < 0:
+            problems.append("missing_eos_penalty must be >= 0 or None")
         if problems:
             raise ValueError("invalid PPOSettings: " + "; ".join(problems))
 
@@ -126,13 +129,17 @@ def reference_policy(peft_model) -> Iterator[None]:
 
 
 def build_policy_model(base_model, settings: PPOSettings):
-    """Wrap `base_model` (modified in place) with a fresh trainable LoRA adapter named "policy"."""
-    from peft import LoraConfig, get_peft_model
+    """Wrap `base_model` (modified in place) with a fresh trainable LoRA adapter named "policy", built by the
+    one LoRA builder (methods.lora_config) from the settings' lora_* fields."""
+    from peft import get_peft_model
 
-    config = LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
+    from components.config import LoraSettings
+    from components.training.methods import lora_config
+
+    lora = LoraSettings(r=settings.lora_r, alpha=settings.lora_alpha, dropout=settings.lora_dropout,
                         target_modules=settings.lora_target_modules, use_rslora=settings.lora_use_rslora,
-                        use_dora=settings.lora_use_dora, task_type="CAUSAL_LM")
-    return get_peft_model(base_model, config, adapter_name=POLICY)
+                        use_dora=settings.lora_use_dora)
+    return get_peft_model(base_model, lora_config(lora), adapter_name=POLICY)
 
 
 @dataclass
@@ -420,6 +427,14 @@ def token_rewards(scores, logprobs, ref_logprobs, mask, kl_coef: float) -> tuple
     last = mask.sum(-1).long() - 1
     rewards[torch.arange(len(last), device=last.device), last] += scores
     return rewards, kl
+
+
+def penalise_missing_eos(scores: torch.Tensor, finished: torch.Tensor, penalty: float | None) -> torch.Tensor:
+    """TRL's missing_eos_penalty: `penalty` subtracted from the score of each answer that did not finish
+    (`finished` False: it ran to max_new_tokens without a stop token); None leaves the scores as they are."""
+    if penalty is None:
+        return scores
+    return scores - penalty * (~finished.bool()).to(scores.dtype)
 
 
 def gae(rewards, values, mask, gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -28,7 +28,7 @@ VALUES = {
     "beta": 0.3, "max_kl": 5.0, "lora.loraplus_lr_ratio": 16.0, "raft.reward_threshold": 0.5,
     "reward.rule": "components.alignment.icd10:icd10_reward", "reward.http_url": "http://localhost:9/reward",
     "lora.target_modules": ["q_proj", "v_proj"], "freeze.trainable_modules": ["lm_head"],
-    "galore.target_modules": ["mlp"], "ppo.value_learning_rate": 3e-4,
+    "galore.target_modules": ["mlp"], "ppo.value_learning_rate": 3e-4, "missing_eos_penalty": 1.0,
 }
 # What a field needs beside it to be read at all (AlignmentConfig refuses it otherwise, naming that setting).
 CONTEXT = {"freeze.": {"finetuning": "freeze"}, "qlora.": {"finetuning": "qlora"},
@@ -165,7 +165,7 @@ def _assert_read(method: str, field: str, value, cfg, tmp_path: Path, monkeypatc
     from components.alignment.trl_support import stage_callback
     from components.errors import TrainingDiverged
     from components.training.lora import warmup_steps
-    from components.training.methods import OPTIMIZERS, _lora_config, qlora_quantization
+    from components.training.methods import OPTIMIZERS, lora_config, qlora_quantization
 
     if field.startswith("reward."):  # the reward every sampling method scores with, and the evaluation's rule
         assert "build_reward(acfg.reward" in _source("components/alignment/stage.py")
@@ -176,7 +176,7 @@ def _assert_read(method: str, field: str, value, cfg, tmp_path: Path, monkeypatc
         assert text in _source(path), (field, path)
         return
     if field.startswith("lora.") and method != "ppo":
-        lora = _lora_config(cfg.lora, [])
+        lora = lora_config(cfg.lora)
         sub = field.split(".", 1)[1]
         if sub == "target_modules":
             assert set(lora.target_modules) == set(value)
@@ -275,7 +275,8 @@ REWARD_LEAVES = [(f, d, a) for f, d, a in _leaves(RewardModelConfig)]
 
 @pytest.mark.parametrize(("field", "default", "annotation"), REWARD_LEAVES, ids=[f for f, _, _ in REWARD_LEAVES])
 def test_every_reward_field_is_read_or_refused(field, default, annotation, tmp_path):
-    from components.alignment.trl_support import common_args, lora_config
+    from components.alignment.trl_support import common_args
+    from components.training.methods import lora_config
 
     value = _other_value(field, default, annotation)
     data = _nested(field, value)

@@ -19,7 +19,7 @@ from components.alignment.raft import run_raft
 from components.alignment.sampling import sample
 from components.models.generation import stop_ids
 from components.alignment.trl_methods import train_grpo, train_preference
-from components.alignment.trl_support import lora_config
+from components.training.methods import lora_config
 from components.config import AlignmentConfig
 from components.data.chat_render import render_prompt
 from components.models.loading import load_model, load_tokenizer, select_hardware

@@ -106,16 +106,21 @@ def test_degenerate_answers_and_raft_selection():
     assert is_degenerate("") and is_degenerate("  ") and is_degenerate("no no no")
     assert is_degenerate("a b a b a b") and not is_degenerate("Diseases of the eye and adnexa")
     groups = [[("A00", 0.2), ("A01", 0.9), ("", 5.0)], [("x y x y x y", 3.0), ("B20", 0.1)]]
-    assert select(groups, "best_per_prompt", 0.5) == [(0, "A01", 0.9), (1, "B20", 0.1)]
-    assert select(groups, "top_fraction", 0.34) == [(0, "A01", 0.9)]
+    # Kept as (prompt index, sample index in its group, text, reward).
+    assert select(groups, "best_per_prompt", 0.5) == [(0, 1, "A01", 0.9), (1, 1, "B20", 0.1)]
+    assert select(groups, "top_fraction", 0.34) == [(0, 1, "A01", 0.9)]
     # A threshold drops what is not above it: prompt 1's best (0.1) goes, and with it the prompt.
-    assert select(groups, "best_per_prompt", 0.5, threshold=0.1) == [(0, "A01", 0.9)]
-    assert select(groups, "top_fraction", 1.0, threshold=0.0) == [(0, "A01", 0.9), (0, "A00", 0.2), (1, "B20", 0.1)]
+    assert select(groups, "best_per_prompt", 0.5, threshold=0.1) == [(0, 1, "A01", 0.9)]
+    assert select(groups, "top_fraction", 1.0, threshold=0.0) == [(0, 1, "A01", 0.9), (0, 0, "A00", 0.2),
+                                                                   (1, 1, "B20", 0.1)]
     # Contested prompts only: a prompt whose answers all scored the same has nothing to rank.
     solved = [[("Yes", 1.0), ("Yes", 1.0)], [("No", 0.0), ("Yes", 1.0)], [("No", 0.0), ("No", 0.0)]]
-    assert select(solved, "best_per_prompt", 0.5) == [(0, "Yes", 1.0), (1, "Yes", 1.0), (2, "No", 0.0)]
-    assert select(solved, "best_per_prompt", 0.5, contested_only=True) == [(1, "Yes", 1.0)]
-    assert select(solved, "top_fraction", 1.0, threshold=0.0, contested_only=True) == [(1, "Yes", 1.0)]
+    assert select(solved, "best_per_prompt", 0.5) == [(0, 0, "Yes", 1.0), (1, 1, "Yes", 1.0), (2, 0, "No", 0.0)]
+    assert select(solved, "best_per_prompt", 0.5, contested_only=True) == [(1, 1, "Yes", 1.0)]
+    assert select(solved, "top_fraction", 1.0, threshold=0.0, contested_only=True) == [(1, 1, "Yes", 1.0)]
+    # One text twice (two token sequences that decode alike): the better-scored sample is named, not the text.
+    twins = [[("A01", 0.2), ("A01", 0.7)]]
+    assert select(twins, "best_per_prompt", 0.5) == [(0, 1, "A01", 0.7)]
 
 
 def test_response_metrics_report_diversity_length_and_rewards():

@@ -10,7 +10,8 @@ from datasets import Dataset
 
 from components.config import TrainConfig
 from components.models.loading import load_model, load_tokenizer, select_hardware
-from components.training.lora import last_complete_checkpoint, run_lora_training, warmup_steps
+from components.training.checkpoints import last_complete_checkpoint
+from components.training.lora import run_lora_training, warmup_steps
 
 CPU = select_hardware("cpu", "fp32")
 

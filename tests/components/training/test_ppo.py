@@ -305,12 +305,12 @@ def test_ppo_with_both_rewards_keeps_the_reward_adapter_and_the_base_frozen(tiny
 
 def test_dora_and_rslora_reach_the_policy_and_reward_adapters(tiny_model_dir, tmp_path):
     """alignment.lora.use_dora / use_rslora: PPO trains and saves a DoRA policy adapter (magnitudes included)
-    next to a DoRA reward adapter as the reward stage saves it (trl_support.lora_config), which stays put."""
+    next to a DoRA reward adapter as the reward stage saves it (methods.lora_config), which stays put."""
     from peft import get_peft_model
     from safetensors.torch import load_file
     from transformers import AutoModelForSequenceClassification
 
-    from components.alignment.trl_support import lora_config
+    from components.training.methods import lora_config
     from components.config import LoraSettings
 
     torch.manual_seed(1)

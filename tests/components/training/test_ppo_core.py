@@ -221,3 +221,38 @@ def test_adaptive_kl_is_zieglers_proportional_controller_with_a_clipped_error(kl
 
 def test_fixed_kl_coefficient_does_not_move():
     assert next_kl_coef(0.2, 50.0, 50, PPOSettings(adaptive_kl=False, target_kl=5.0)) == 0.2
+
+
+# ---------------------------------------------------------------- the missing-EOS penalty
+
+@pytest.mark.parametrize("penalty", [None, 0.5])
+def test_missing_eos_penalty_lowers_only_the_score_of_a_response_cut_without_its_stop_token(penalty):
+    """run_ppo's scoring (ppo._score) on two responses: the first ends with a stop token, the second ran to
+    max_new_tokens without one. Only the second loses the penalty; None changes nothing."""
+    from types import SimpleNamespace
+
+    from components.training import ppo
+    from components.training.ppo_rollout import Rollout
+
+    eos, pad = 2, 0
+    response = torch.tensor([[5, eos, pad], [6, 7, 8]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    ro = Rollout(query=torch.tensor([[3], [4]]), query_mask=torch.ones(2, 1, dtype=torch.long), response=response,
+                 response_mask=mask, logprobs=torch.zeros(2, 3), ref_logprobs=torch.zeros(2, 3),
+                 values=torch.zeros(2, 3), entropy=0.0, generate_seconds=0.0)
+    run = SimpleNamespace(reward=None, device=torch.device("cpu"), eos_ids={eos})
+    tokenizer = SimpleNamespace(batch_decode=lambda ids, skip_special_tokens: [" ".join(map(str, i)) for i in ids])
+    seen = {}
+
+    def reward_fn(prompts, completions, completion_ids, **_):
+        seen["ids"] = completion_ids
+        return [1.0, 1.0]
+
+    settings = PPOSettings(max_new_tokens=3, missing_eos_penalty=penalty)
+    rows = [{"prompt": "a"}, {"prompt": "b"}]
+    scores, parts = ppo._score(run, tokenizer, rows, ro, settings, reward_fn, (1.0, 2.0))
+    assert seen["ids"] == [[5, eos], [6, 7, 8]]
+    assert scores.tolist() == [2.0, 2.0 - (penalty or 0.0)]
+    assert parts["unfinished_fraction"] == 0.5 and parts["score_fn_mean"] == 1.0
+    with pytest.raises(ValueError, match="missing_eos_penalty"):
+        PPOSettings(missing_eos_penalty=-1.0)

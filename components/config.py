@@ -262,6 +262,23 @@ class RegistryConfig(Strict):
 class TrackingConfig(Strict):
     tracking_uri: str | None = Field(None, description="MLflow tracking URI; default sqlite under the workspace.")
     experiment: str = "lmforge"
+    upload_outputs: bool = Field(
+        True, description="Upload every stage's output files (adapters, merged model, tokenized data, reports) to "
+        "its MLflow run, once per content digest (a reused stage uploads nothing). The environment variable "
+        "LMFORGE_UPLOAD_OUTPUTS=0 turns it off, =1 on.")
+
+
+class CacheConfig(Strict):
+    """A stage cache shared by machines (docs/shared_cache.md)."""
+
+    shared_url: str | None = Field(
+        None, description="fsspec URL of a store that workers on several machines share (file:///mnt/shared/lmforge, "
+        "s3://bucket/lmforge, gs://bucket/lmforge): a stage missing here is downloaded from it by key, digests "
+        "checked, instead of recomputed, and one worker computes a stage the others wait for. null: this workspace "
+        "only. The environment variable LMFORGE_SHARED_CACHE overrides it (`off` turns it off).")
+    lease_ttl_s: float = Field(
+        60.0, ge=1.0, description="Seconds a worker's claim on a stage it computes lasts without renewal (renewed "
+        "every third of it): a worker that dies frees the stage for another after at most this long.")
 
 
 class ComputeConfig(Strict):
@@ -347,6 +364,8 @@ class PipelineConfig(Strict):
     promotion: PromotionConfig = Field(PromotionConfig(), title="Promotion",
                                        description="When the new version becomes @champion.")
     tracking: TrackingConfig = Field(TrackingConfig(), title="Tracking", description="Where MLflow records runs.")
+    cache: CacheConfig = Field(CacheConfig(), title="Shared cache",
+                               description="A stage cache shared by workers on several machines.")
     compute: ComputeConfig = Field(ComputeConfig(), title="Compute", description="Device, precision, threads, GPUs.")
 
     def tracking_uri(self) -> str:

@@ -20,6 +20,7 @@ from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from components import mlflow_outputs
 from components.redact import mask_secrets
 from components.runtime import route_library_notices
 
@@ -224,9 +225,10 @@ def mark_dead_runs_killed(client: MlflowClient, exp_id: str) -> list[str]:
     return killed
 
 
-def record_cached_stage(run, manifest: dict) -> None:
+def record_cached_stage(run, manifest: dict, *, upload: bool = False) -> None:
     """A cached stage still gets a (cheap) nested run under `run` (components.pipeline.RunInfo) that points at
-    the run that produced it."""
+    the run that produced it and at the run holding its outputs; where no run of this tracking server holds
+    them yet (made with uploads off, or downloaded from a shared store) and `upload` is on, it uploads them."""
     client = client_for(run.tracking_uri)
     run_id = start_run(
         client, run.experiment_id, manifest["stage"], parent=run.parent_run_id,
@@ -235,5 +237,15 @@ def record_cached_stage(run, manifest: dict) -> None:
               "lmforge.produced_by_run": manifest.get("mlflow_run_id", ""),
               "lmforge.produced_by_flow_run": manifest.get("flow_run_id", "")},
     )
-    log_metrics(client, run_id, manifest.get("metrics", {}))
+    try:
+        log_metrics(client, run_id, manifest.get("metrics", {}))
+        if "digest" in manifest:
+            try:
+                mlflow_outputs.reference_outputs(client, run_id, run.experiment_id, manifest, upload=upload)
+            except Exception as exc:  # an unreachable artifact store: the stage is reused all the same
+                log.warning("%s: outputs not uploaded to MLflow (%s: %s); the next run tries again",
+                            manifest["stage"], type(exc).__name__, exc)
+    except BaseException as exc:
+        end_run(client, run_id, end_status(exc))
+        raise
     end_run(client, run_id)

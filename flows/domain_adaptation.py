@@ -54,10 +54,11 @@ def domain_adaptation(
         return adapt(cfg, hooks, precision=precision, from_stage=from_stage, only=only, until=until, verify=verify)
 
 
-def _run_task(node, key, refresh, run, cfg, stage_config, upstream, digests) -> tuple[dict, bool]:
-    """A node as its cached Prefect task; Prefect refreshes its cache where the output on disk is not complete."""
+def _run_task(node, key, refresh, run, cfg, stage_config, upstream, digests, force=False) -> tuple[dict, bool]:
+    """A node as its cached Prefect task; Prefect refreshes its cache where the output on disk is not complete.
+    `force` (`--from`): computed here even when a shared stage store holds it."""
     state = t.stage_task(node.spec).with_options(refresh_cache=refresh)(
-        key, node.name, run, cfg, stage_config, upstream, digests, return_state=True,
+        key, node.name, run, cfg, stage_config, upstream, digests, reuse_shared=not force, return_state=True,
     )
     return state.result(), state.name == "Cached"
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from components import tracking
+from components import mlflow_outputs, shared_cache, tracking
 from components.artifacts import read_manifest, reset_dir, stage_dir, verify_manifest
 from components.config import PipelineConfig, save_config
 from components.errors import StageInputError
@@ -44,7 +44,8 @@ def git_commit() -> str:
         return "unknown"
 
 
-# (node, key, refresh, run, cfg, config slice, upstream manifests, keyed digests) -> (manifest, reused)
+# (node, key, refresh, run, cfg, config slice, upstream manifests, keyed digests, force=) -> (manifest, reused);
+# force: `--from` recomputes the node, even where a shared store holds it
 StageRunner = Callable[..., tuple[dict, bool]]
 
 
@@ -98,18 +99,13 @@ def adapt(cfg: PipelineConfig, hooks: RunHooks, *, precision: str, from_stage: s
             key, sc = node_key(node, cfg, facts, manifests)
             out = stage_dir(cfg.workspace, node.name, key)
             if only and node.spec.kind != only:
-                # Upstream of --only: must be on disk already.
-                manifest = read_manifest(out)
-                if not verify_manifest(manifest, deep=deep):
-                    raise StageInputError(
-                        f"--only {only}: upstream stage {node.name} has no complete output for this config "
-                        f"(expected {out}); run without --only first"
-                    )
-                manifests[node.name] = manifest
+                manifests[node.name] = _complete_upstream(node.name, key, out, only, deep, cfg)
                 continue
             force = from_stage is not None and kind >= kind_index(from_stage)
             manifests[node.name], row = _produce(node, key, sc, out, force, deep, hooks, run, cfg, manifests)
             timeline.append(row)
+        if "register" in manifests:
+            _tag_lineage(client, exp_id, manifests, hooks.logger)
         status = "FINISHED"
     except BaseException as exc:
         status = tracking.end_status(exc)  # Ctrl-C or SIGTERM (Prefect raises it in the flow): KILLED
@@ -130,6 +126,39 @@ def adapt(cfg: PipelineConfig, hooks: RunHooks, *, precision: str, from_stage: s
     return summary
 
 
+def _complete_upstream(name: str, key: str, out: Path, only: str, deep: bool, cfg: PipelineConfig) -> dict:
+    """An upstream stage of `--only`: complete on disk, or downloaded from the shared store; else an error."""
+    manifest = read_manifest(out)
+    if verify_manifest(manifest, deep=deep):
+        return manifest
+    store = shared_cache.open_store(cfg.cache.shared_url, cfg.cache.lease_ttl_s)
+    fetched = store.fetch(name, key, out) if store is not None else None
+    if fetched is None:
+        raise StageInputError(
+            f"--only {only}: upstream stage {name} has no complete output for this config "
+            f"(expected {out}{', nor in the shared store ' + store.url if store else ''}); run without --only first"
+        )
+    return fetched
+
+
+def _tag_lineage(client, exp_id: str, manifests: dict[str, dict], logger) -> None:
+    """The registered version names the run of every stage it was made from and where its outputs are."""
+    info = manifests["register"].get("info", {})
+    try:
+        mlflow_outputs.tag_version_lineage(client, exp_id, info["name"], str(info["version"]), manifests)
+    except Exception as exc:  # the version stands; its stage tags are a convenience for browsing
+        logger.warning("could not tag the registered version with its stage runs: %s", exc)
+
+
+def _reused(node, manifest: dict, run: RunInfo, cfg: PipelineConfig) -> None:
+    """A reused stage: its nested MLflow run (pointing at the outputs, uploading them where no run holds
+    them), and its copy in the shared store where that lacks it (a workspace that computed before sharing)."""
+    tracking.record_cached_stage(run, manifest, upload=mlflow_outputs.uploads_on(cfg.tracking.upload_outputs))
+    store = shared_cache.open_store(cfg.cache.shared_url, cfg.cache.lease_ttl_s)
+    if store is not None and not store.has(node.name, manifest["cache_key"]):
+        store.try_publish(manifest)
+
+
 def _produce(node, key: str, stage_config: dict, out: Path, force: bool, deep: bool, hooks: RunHooks, run: RunInfo,
              cfg: PipelineConfig, manifests: dict[str, dict]) -> tuple[dict, dict]:
     """One node of the walk: reused when complete on disk, else produced by `hooks.run_stage`. Returns its
@@ -144,13 +173,14 @@ def _produce(node, key: str, stage_config: dict, out: Path, force: bool, deep: b
         (out / "manifest.json").unlink(missing_ok=True)
     started = time.perf_counter()
     manifest, cached = hooks.run_stage(node, key, refresh, run, cfg, stage_config,
-                                       {u: manifests[u] for u in node.upstream}, keyed_digests(node, manifests))
+                                       {u: manifests[u] for u in node.upstream}, keyed_digests(node, manifests),
+                                       force=force)
     elapsed = time.perf_counter() - started
     # The disk is the source of truth (Prefect's record may come from another workspace).
     manifest = read_manifest(out) or manifest
     cached = cached or manifest.get("flow_run_id") != hooks.run_id
     if cached:
-        tracking.record_cached_stage(run, manifest)
+        _reused(node, manifest, run, cfg)
     hooks.logger.info("%-18s %s %s", node.name, "cached " if cached else "ran    ", key)
     return manifest, {"stage": node.name, "key": key, "cached": cached, "task_s": round(elapsed, 3),
                       "stage_s": 0.0 if cached else manifest["wall_s"],
@@ -173,7 +203,7 @@ def run_cached(cfg: PipelineConfig, precision: str, *, until: str | None = None,
     as a Prefect run records it. A stage found incomplete after all (removed meanwhile) stops the run with
     a clear error; rerun it and it takes the Prefect path."""
 
-    def reuse(node, key, refresh, *_):
+    def reuse(node, key, refresh, *_, **__):
         manifest = read_manifest(stage_dir(cfg.workspace, node.name, key))
         if refresh or not verify_manifest(manifest, deep=verify == "deep"):
             raise StageInputError(f"stage {node.name}'s output ({key}) changed while this run started; run again")

@@ -23,11 +23,13 @@ from components.config import hash_json
 from components.pipeline import STAGES_BY_NAME
 
 # Reached by every stage but not deciding what a stage writes: the config schema (config*.py; the resolved
-# stage config is in the key already), manifests and atomic writes, MLflow calls, memory figures.
+# stage config is in the key already), manifests and atomic writes, MLflow calls and uploads, the shared
+# stage store, memory figures.
 # Hashing them would make a docstring edit there recompute every stage.
 NOT_OUTPUT = {"components.config", "components.config_base", "components.config_training",
               "components.config_alignment", "components.artifacts", "components.tracking",
-              "components.resources", "components.pipeline", "components.errors", "components.runtime"}
+              "components.resources", "components.pipeline", "components.errors", "components.runtime",
+              "components.mlflow_outputs", "components.shared_cache"}
 
 
 _ROOT = Path(components.__file__).resolve().parents[1]

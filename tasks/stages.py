@@ -18,7 +18,7 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 from prefect import task
 
-from components import tracking
+from components import mlflow_outputs, shared_cache, tracking
 from components.artifacts import StageResult, read_manifest, reset_dir, sha256_file, stage_dir, verify_manifest, write_manifest
 from components.config import PipelineConfig
 from components.errors import is_transient
@@ -38,6 +38,7 @@ def run_stage(
     body: Callable[[Path, Callable], StageResult],
     *,
     upstream: dict[str, str],
+    reuse_shared: bool = True,
 ) -> dict:
     """Run `body(out_dir, metrics_sink)` in the stage's content-addressed dir and write its manifest. The
     sink (tracking.BatchedMetrics) logs into the stage's MLflow run and names it (`sink.run_id`).
@@ -46,18 +47,30 @@ def run_stage(
     resumable stage keeps a crashed attempt's checkpoints so training resumes instead of restarting.
     Two runs that compute the same stage at once take turns on a lock next to its directory; the
     second adopts the first one's output instead of computing it again.
+
+    With a shared store (cfg.cache.shared_url, components/shared_cache.py) a stage missing here is downloaded
+    from it by key when complete there (unless `reuse_shared` is off: a forced recompute); else this worker
+    takes the stage's lease in the store, computes, publishes, and workers elsewhere wait and download.
     """
     out = stage_dir(cfg.workspace, spec.name, key)
     existing = read_manifest(out)
     if verify_manifest(existing):
         log.info("%s: reusing %s", spec.name, out)
         return existing
+    store = shared_cache.open_store(cfg.cache.shared_url, cfg.cache.lease_ttl_s)
     with stage_lock(out, spec.name):
         existing = read_manifest(out)
         if verify_manifest(existing):  # another run finished it while this one waited
             log.info("%s: adopting %s, finished by flow run %s", spec.name, out, existing.get("flow_run_id"))
             return existing
-        return _compute(spec, key, run, cfg, stage_config, body, out, upstream)
+        if store is None:
+            return _compute(spec, key, run, cfg, stage_config, body, out, upstream)
+        with store.claim(spec.name, key, out, reuse=reuse_shared) as fetched:
+            if fetched is not None:
+                return fetched
+            manifest = _compute(spec, key, run, cfg, stage_config, body, out, upstream)
+            store.try_publish(manifest)  # under the lease: the workers waiting for it download it next
+            return manifest
 
 
 @contextlib.contextmanager
@@ -105,6 +118,8 @@ def _compute(spec: StageSpec, key: str, run: RunInfo, cfg: PipelineConfig, stage
         tracking.log_metrics(client, run_id, {**result.metrics, "stage_wall_s": wall, **peak.metrics("stage_")})
         # The reports the stage declares (StageResult.reports), not its weights or data.
         tracking.log_artifact_files(client, run_id, out, ["manifest.json", *manifest["reports"]])
+        if mlflow_outputs.uploads_on(cfg.tracking.upload_outputs):
+            _upload_outputs(client, run_id, run.experiment_id, manifest)
         if spec.logs_datasets:
             _log_datasets(client, run, out, result)
         tracking.end_run(client, run_id)
@@ -113,6 +128,16 @@ def _compute(spec: StageSpec, key: str, run: RunInfo, cfg: PipelineConfig, stage
         tracking.end_run(client, run_id, tracking.end_status(exc))  # KILLED on Ctrl-C / SIGTERM
         raise
     return manifest
+
+
+def _upload_outputs(client, run_id: str, exp_id: str, manifest: dict) -> None:
+    """The stage's files into its MLflow run (components/mlflow_outputs.py). A failed upload does not fail the
+    stage, whose output is complete on disk: the next run that reuses it uploads them."""
+    try:
+        mlflow_outputs.upload_outputs(client, run_id, exp_id, manifest)
+    except Exception as exc:  # an artifact store that refuses or is unreachable
+        log.warning("%s: outputs not uploaded to MLflow run %s (%s: %s); the next run that reuses the stage "
+                    "tries again", manifest["stage"], run_id, type(exc).__name__, exc)
 
 
 def _log_datasets(client, run: RunInfo, out: Path, result: StageResult) -> None:
@@ -150,8 +175,9 @@ def _retry_if_transient(_task, _task_run, state) -> bool:
     log_prints=False,
 )
 def run_node(key: str, node: str, run: RunInfo, cfg: PipelineConfig, stage_config: dict,
-             upstream: dict[str, dict], keyed_upstream: dict[str, str]) -> dict:
-    """Run one node of the stage table on its upstream manifests; returns its manifest."""
+             upstream: dict[str, dict], keyed_upstream: dict[str, str], reuse_shared: bool = True) -> dict:
+    """Run one node of the stage table on its upstream manifests; returns its manifest. `reuse_shared` off
+    (`--from`): compute it even when the shared store holds it."""
     spec = STAGES_BY_NAME[node]
 
     def body(out: Path, sink) -> StageResult:
@@ -161,7 +187,7 @@ def run_node(key: str, node: str, run: RunInfo, cfg: PipelineConfig, stage_confi
                              stage_run_id=sink.run_id)
         return spec.function()(cfg, inputs, out)
 
-    return run_stage(spec, key, run, cfg, stage_config, body, upstream=keyed_upstream)
+    return run_stage(spec, key, run, cfg, stage_config, body, upstream=keyed_upstream, reuse_shared=reuse_shared)
 
 
 def stage_task(spec: StageSpec):

@@ -51,7 +51,8 @@ def test_stage_writes_manifest_and_tracks_a_nested_run(ctx):
 
 
 def test_the_stage_run_gets_exactly_the_reports_the_stage_declares(ctx):
-    """Reports (any name, in a folder too) are MLflow artifacts of the stage run; weights and data are not."""
+    """Reports (any name, in a folder too) are MLflow artifacts of the stage run beside its manifest; weights and
+    data go under outputs/ only (components/mlflow_outputs.py), with the index naming where each file is."""
     cfg, rc, client = ctx
 
     def body(out, sink):
@@ -69,7 +70,12 @@ def test_the_stage_run_gets_exactly_the_reports_the_stage_declares(ctx):
     assert "plots/curve.png" in manifest["files"]  # hashed like every output, listed in `files` or not
     run_id = manifest["mlflow_run_id"]
     logged = {f.path for f in client.list_artifacts(run_id)} | {f.path for f in client.list_artifacts(run_id, "plots")}
-    assert logged == {"manifest.json", "alignment_report.json", "plots", "plots/curve.png"}
+    assert logged == {"manifest.json", "alignment_report.json", "plots", "plots/curve.png", "outputs",
+                      "outputs_index.json"}
+    index = client.download_artifacts(run_id, "outputs_index.json")
+    import json
+
+    assert sorted(json.loads(open(index).read())) == sorted(manifest["files"])
 
 
 def test_complete_output_is_reused_without_running(ctx):

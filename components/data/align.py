@@ -20,6 +20,7 @@ import logging
 import random
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
@@ -296,7 +297,42 @@ def run_align(
     check_mixing(groups, mix_strategy, interleave_probs)
     names = list(dict.fromkeys(n for group_names in groups.values() for n in group_names))
     specs = load_dataset_info(fetch_dir / "dataset_info.json", names)
-    for group, group_names in groups.items():  # check every dataset before writing anything
+    _check_groups(groups, specs, fetch_dir)  # every dataset before writing anything
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report: dict[str, dict] = {}
+    files: list[str] = []
+    metrics: dict[str, float] = {}
+    mixes: dict[str, dict] = {}
+    with SharedPool(num_proc) as workers:
+        job = _AlignJob(specs, fetch_dir, _user_sources(fetch_dir), _ParseBudget(bad_row_budget), max_samples, seed,
+                        dict(zip(PLACEHOLDERS, (identity_name, identity_author))), workers)
+        for group, group_names in groups.items():
+            if not group_names:
+                continue
+            report[group], mix = _write_group(job, group, group_names, out_dir, mix_strategy, interleave_probs)
+            if mix:
+                mixes[group] = mix
+            files.append(f"{group}.jsonl")
+            entries = report[group].values()
+            metrics[f"rows_kept_{group}"] = sum(e["rows_kept"] for e in entries)
+            metrics[f"rows_written_{group}"] = sum(e["rows_written"] for e in entries)
+            if group == "sft" and (sft_task_weights or sft_phases):
+                metrics["rows_written_sft"] = _weigh_sft_tasks(out_dir / "sft.jsonl", group_names, sft_task_weights,
+                                                               sft_phases, seed, mixes.setdefault(group, {}))
+            metrics[f"rows_dropped_{group}"] = sum(d["count"] for e in entries for d in e["dropped"].values())
+    atomic_write_json(out_dir / "report.json", report)
+    files.append("report.json")
+    log.info("aligned data\n%s", format_report(report))
+    return StageResult(files=files, reports=["report.json"], metrics=metrics,
+                       info={"kinds": {g: GROUP_KINDS[g] for g in report}, "mix": mixes,
+                             "worker_processes": workers.size if workers.files else 1,
+                             "files_by_workers": workers.files})
+
+
+def _check_groups(groups: dict[str, list[str]], specs: dict[str, DatasetSpec], fetch_dir: Path) -> None:
+    """Each group lists its datasets once, each fetched to a local file and convertible to the group's kind."""
+    for group, group_names in groups.items():
         if len(set(group_names)) != len(group_names):
             raise DataError(f"group '{group}' lists a dataset twice: {group_names}")
         kind = GROUP_KINDS[group]
@@ -312,71 +348,70 @@ def run_align(
                         if spec.formatting == "alpaca" and kind == "text" else "")
                 raise DataError(f"dataset '{name}' ({what}) {can}, but group '{group}' needs {kind} records{hint}")
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    budget = _ParseBudget(bad_row_budget)
-    sources = _user_sources(fetch_dir)
-    placeholders = dict(zip(PLACEHOLDERS, (identity_name, identity_author)))
+
+@dataclass
+class _AlignJob:
+    """What aligning any one dataset of a run_align call reads."""
+
+    specs: dict[str, DatasetSpec]
+    fetch_dir: Path
+    sources: dict[str, str]
+    budget: _ParseBudget
+    max_samples: int | None
+    seed: int
+    placeholders: dict[str, str]
+    workers: SharedPool
+
+    def align(self, group: str, name: str, out: IO[str]) -> dict:
+        """Align dataset `name` into `out` as `group`'s kind; its report."""
+        spec = self.specs[name]
+        sizes = [n for n in (self.max_samples, spec.num_samples) if n]
+        return _align_dataset(spec, GROUP_KINDS[group], self.fetch_dir, self.sources.get(name), out, self.budget,
+                              min(sizes) if sizes else None, self.seed, self.placeholders, self.workers)
+
+
+def _write_group(job: _AlignJob, group: str, group_names: list[str], out_dir: Path, mix_strategy: str,
+                 interleave_probs: list[float] | None) -> tuple[dict[str, dict], dict]:
+    """out_dir/<group>.jsonl from the group's datasets, concatenated or interleaved; (report per dataset, the
+    mix's description, empty when concatenated)."""
     report: dict[str, dict] = {}
-    files: list[str] = []
-    metrics: dict[str, float] = {}
-    mixes: dict[str, dict] = {}
+    mixed = mix_strategy != "concat" and group in MIXED_GROUPS and len(group_names) > 1
+    with atomic_file(out_dir / f"{group}.jsonl", "w") as out:
+        if not mixed:
+            for name in group_names:
+                report[name] = job.align(group, name, out)
+                report[name]["rows_written"] = report[name]["rows_kept"]
+            return report, {}
+        with tempfile.TemporaryDirectory(dir=out_dir, prefix=f".{group}-parts-") as tmp:
+            parts = [Path(tmp) / f"{i}.jsonl" for i in range(len(group_names))]
+            for name, part in zip(group_names, parts):
+                with open(part, "w", encoding="utf-8") as f:
+                    report[name] = job.align(group, name, f)
+            stop = "first_exhausted" if mix_strategy == "interleave_under" else "all_exhausted"
+            written = write_interleaved(parts, out, probs=interleave_probs, stop=stop,
+                                        rng=random.Random(f"{job.seed}/mix/{group}"))
+    for name, n in zip(group_names, written):
+        report[name]["rows_written"] = n
+    return report, {"strategy": mix_strategy, "stop": stop, "probs": interleave_probs, "rows": sum(written)}
 
-    def align_one(group: str, name: str, out: IO[str]) -> None:
-        spec = specs[name]
-        sizes = [n for n in (max_samples, spec.num_samples) if n]
-        report[group][name] = _align_dataset(spec, GROUP_KINDS[group], fetch_dir, sources.get(name), out, budget,
-                                             min(sizes) if sizes else None, seed, placeholders, workers)
 
-    with SharedPool(num_proc) as workers:
-        for group, group_names in groups.items():
-            if not group_names:
-                continue
-            report[group] = {}
-            mixed = mix_strategy != "concat" and group in MIXED_GROUPS and len(group_names) > 1
-            with atomic_file(out_dir / f"{group}.jsonl", "w") as out:
-                if not mixed:
-                    for name in group_names:
-                        align_one(group, name, out)
-                        report[group][name]["rows_written"] = report[group][name]["rows_kept"]
-                else:
-                    with tempfile.TemporaryDirectory(dir=out_dir, prefix=f".{group}-parts-") as tmp:
-                        parts = [Path(tmp) / f"{i}.jsonl" for i in range(len(group_names))]
-                        for name, part in zip(group_names, parts):
-                            with open(part, "w", encoding="utf-8") as f:
-                                align_one(group, name, f)
-                        stop = "first_exhausted" if mix_strategy == "interleave_under" else "all_exhausted"
-                        written = write_interleaved(parts, out, probs=interleave_probs, stop=stop,
-                                                     rng=random.Random(f"{seed}/mix/{group}"))
-                    for name, n in zip(group_names, written):
-                        report[group][name]["rows_written"] = n
-                    mixes[group] = {"strategy": mix_strategy, "stop": stop, "probs": interleave_probs,
-                                    "rows": sum(written)}
-            files.append(f"{group}.jsonl")
-            entries = report[group].values()
-            metrics[f"rows_kept_{group}"] = sum(e["rows_kept"] for e in entries)
-            metrics[f"rows_written_{group}"] = sum(e["rows_written"] for e in entries)
-            if group == "sft" and (sft_task_weights or sft_phases):
-                phases = phase_tasks(out_dir / "sft.jsonl", sft_task_weights or {}, sft_phases or [],
-                                     random.Random(f"{seed}/tasks/sft"), source=f"data.sft ({', '.join(group_names)})")
-                mixes.setdefault(group, {})["task_weights"] = {"weights": sft_task_weights or {}, "tasks": phases[0]}
-                if sft_phases:
-                    mixes[group]["phases"] = [{"weights": w, "tasks": t} for w, t in zip(sft_phases, phases[1:])]
-                rows = [sum(t["rows_out"] for t in phase.values()) for phase in phases]
-                metrics["rows_written_sft"] = sum(rows)
-                log.info("sft.jsonl holds %d rows (the report's `written` counts them before task weights and "
-                         "phases)%s; per task, in -> out: %s", sum(rows),
-                         f", in {len(rows)} phases of {' + '.join(map(str, rows))} rows, trained in that order"
-                         if len(rows) > 1 else "",
-                         "; then ".join(", ".join(f"{t} {c['rows_in']} -> {c['rows_out']}" for t, c in phase.items())
-                                        for phase in phases))
-            metrics[f"rows_dropped_{group}"] = sum(d["count"] for e in entries for d in e["dropped"].values())
-    atomic_write_json(out_dir / "report.json", report)
-    files.append("report.json")
-    log.info("aligned data\n%s", format_report(report))
-    return StageResult(files=files, reports=["report.json"], metrics=metrics,
-                       info={"kinds": {g: GROUP_KINDS[g] for g in report}, "mix": mixes,
-                             "worker_processes": workers.size if workers.files else 1,
-                             "files_by_workers": workers.files})
+def _weigh_sft_tasks(sft_file: Path, group_names: list[str], task_weights: dict[str, float] | None,
+                     phases_in: list[dict[str, float]] | None, seed: int, mix: dict) -> int:
+    """Repeat or sample sft.jsonl's rows per task and append the later phases (phase_tasks); records both in
+    `mix` and returns the rows written."""
+    phases = phase_tasks(sft_file, task_weights or {}, phases_in or [], random.Random(f"{seed}/tasks/sft"),
+                         source=f"data.sft ({', '.join(group_names)})")
+    mix["task_weights"] = {"weights": task_weights or {}, "tasks": phases[0]}
+    if phases_in:
+        mix["phases"] = [{"weights": w, "tasks": t} for w, t in zip(phases_in, phases[1:])]
+    rows = [sum(t["rows_out"] for t in phase.values()) for phase in phases]
+    log.info("sft.jsonl holds %d rows (the report's `written` counts them before task weights and "
+             "phases)%s; per task, in -> out: %s", sum(rows),
+             f", in {len(rows)} phases of {' + '.join(map(str, rows))} rows, trained in that order"
+             if len(rows) > 1 else "",
+             "; then ".join(", ".join(f"{t} {c['rows_in']} -> {c['rows_out']}" for t, c in phase.items())
+                            for phase in phases))
+    return sum(rows)
 
 
 def format_report(report: dict) -> str:

@@ -12,14 +12,17 @@ from components.models.loading import load_model, load_tokenizer, load_with_adap
 
 
 def resolve_chat_model(spec: str, cfg: PipelineConfig) -> tuple[str, list[str]]:
-    """Return (model source, adapters to merge) for a stage dir, a model dir, a registry URI or a base name."""
+    """Return (model source, adapters to merge) for a stage dir, a model dir, a .gguf file, a registry spec (with
+    a variant: `models:/NAME@champion/nf4`, see components.serving.resolve) or a base name."""
     if spec.startswith("models:/"):
-        from components import tracking
-        from components.registry import resolve_registry_uri
+        from components.serving.resolve import resolve_registry_model
 
-        client = tracking.client_for(cfg.tracking_uri())
-        return str(resolve_registry_uri(client, spec, Path(cfg.workspace) / "registry-cache")), []
+        return resolve_registry_model(spec, cfg).source, []
     path = Path(spec)
+    if spec.endswith(".gguf"):
+        if not path.is_file():
+            raise ValueError(f"{spec}: no such GGUF file")
+        return str(path.resolve()), []
     manifest = path / "manifest.json"
     if manifest.is_file():
         m = json.loads(manifest.read_text())
@@ -35,8 +38,15 @@ def resolve_chat_model(spec: str, cfg: PipelineConfig) -> tuple[str, list[str]]:
 
 
 def load_chat_model(spec: str, cfg: PipelineConfig):
+    """(model, tokenizer) for MODEL as `resolve_chat_model` takes it. A GGUF file is loaded by transformers,
+    its weights dequantized to float (the rounding of Q8_0/Q4_0 stays; `lmforge serve` runs it in llama.cpp);
+    a bitsandbytes variant (nf4, int8) loads quantized from its saved config."""
     source, adapters = resolve_chat_model(spec, cfg)
     hardware = select_hardware(cfg.compute.device, cfg.compute.precision)
+    if source.endswith(".gguf"):
+        from components.quantization.gguf_export import load_gguf_model
+
+        return load_gguf_model(Path(source), hardware)
     kwargs = dict(trust_remote_code=cfg.model.trust_remote_code)
     model = load_with_adapters(source, adapters, hardware, **kwargs) if adapters else load_model(source, hardware, **kwargs)
     return model.eval(), load_tokenizer(source, trust_remote_code=cfg.model.trust_remote_code)

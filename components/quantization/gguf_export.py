@@ -377,3 +377,16 @@ def export_gguf_variant(model_dir: Path, out_dir: Path, kind: GGUFType, *, templ
     modelfile = Path(out_dir) / "Modelfile"
     atomic_write_text(modelfile, ollama_modelfile(gguf_path.name, tokenizer, template, system_prompt))
     return [gguf_path, modelfile]
+
+
+def load_gguf_model(gguf_path: Path, hardware):
+    """(model, tokenizer) of a GGUF file through transformers (`gguf_file=`): the weights dequantized to
+    `hardware`'s dtype, so a Q8_0/Q4_0 file keeps its rounding but not llama.cpp's quantized matmuls."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_path = Path(gguf_path)
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=hardware.dtype)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.to(hardware.device).eval(), tokenizer

@@ -2,8 +2,9 @@
 and export GGUF files for llama.cpp and Ollama.
 
 The merged checkpoint is what gets registered as the model; every other variant is saved in its own folder of
-the stage (`nf4/`, `int8/`, `gguf-q8_0/`, ...) and registered beside it. Each bitsandbytes load is scored on the
-same held-out rows as the merged model, so the report shows size and quality side by side.
+the stage (`nf4/`, `int8/`, `gguf-q8_0/`, ...) and registered beside it. Each bitsandbytes load and each GGUF file
+(reloaded by transformers, see GGUF_SCORING) is scored on the same held-out rows as the merged model, so the report
+shows size and quality change side by side.
 """
 
 from __future__ import annotations
@@ -19,13 +20,18 @@ from components.config import EvaluateConfig, QuantizeConfig
 from components.evaluation.evaluate import evaluate_model
 from components.models.loading import Hardware, load_model, load_tokenizer, load_with_adapters, select_hardware
 from components.pipeline import HELDOUT_READS, BaseModelRef
-from components.quantization.gguf_export import check_exportable, export_gguf_variant
+from components.quantization.gguf_export import check_exportable, export_gguf_variant, load_gguf_model
 
 if TYPE_CHECKING:
     from components.config import PipelineConfig
     from components.pipeline import StageInputs
 
 log = logging.getLogger(__name__)
+
+# How a GGUF variant's quality change is measured here: llama.cpp is an optional source build, so the stage reloads
+# the file in transformers. That keeps the weights' Q8_0/Q4_0 rounding but not llama.cpp's quantized activations
+# (bench/gguf_quality.py measures llama.cpp itself where it is installed).
+GGUF_SCORING = "transformers, GGUF weights dequantized to float"
 
 
 def dir_bytes(path: Path) -> int:
@@ -112,17 +118,19 @@ def run_quantize(
         qmodel = load_model(str(merged), hardware, quantization_config=bnb_config(method))
         metrics, _ = evaluate_model(qmodel, tokenizer, **eval_kwargs)
         saved = save_quantized(qmodel, tokenizer, out_dir / method)
-        entry = {"dir": method, "bytes_on_disk": dir_bytes(saved), "memory_bytes": qmodel.get_memory_footprint(),
-                 **metrics}
-        entry["delta"] = metric_deltas(metrics, ref_metrics)
-        report[method] = entry
+        report[method] = {"dir": method, "bytes_on_disk": dir_bytes(saved), "memory_bytes": qmodel.get_memory_footprint(),
+                          **metrics, "delta": metric_deltas(metrics, ref_metrics)}
         del qmodel
     for kind in cfg.gguf:
-        log.info("exporting GGUF %s", kind)
+        log.info("exporting GGUF %s and scoring it", kind)
         folder = f"gguf-{kind}"
-        export_gguf_variant(merged, out_dir / folder, kind, template=template_name, system_prompt=system_prompt,
-                            name=model_name)
-        report[folder] = {"dir": folder, "bytes_on_disk": dir_bytes(out_dir / folder)}
+        gguf_file, _ = export_gguf_variant(merged, out_dir / folder, kind, template=template_name,
+                                           system_prompt=system_prompt, name=model_name)
+        gmodel, _ = load_gguf_model(gguf_file, hardware)
+        metrics, _ = evaluate_model(gmodel, tokenizer, **eval_kwargs)  # the merged tokenizer: only weights differ
+        report[folder] = {"dir": folder, "bytes_on_disk": dir_bytes(out_dir / folder), "scored_with": GGUF_SCORING,
+                          **metrics, "delta": metric_deltas(metrics, ref_metrics)}
+        del gmodel
     atomic_write_json(out_dir / "quantization_report.json", report)
 
     flat: dict[str, float] = {}

@@ -16,9 +16,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SPEC_HELP = ("give models:/NAME@alias (or models:/NAME/VERSION), a stage output dir (.lmforge/artifacts/sft/<key>, "
-             "quantize/<key>), a model directory (with config.json), a PEFT adapter dir, a .gguf file, or "
-             "embedded:smollm2-135m-instruct")
+SPEC_HELP = ("give models:/NAME@alias (or models:/NAME/VERSION; add /VARIANT for a quantized variant: "
+             "models:/NAME@champion/nf4), a stage output dir (.lmforge/artifacts/sft/<key>, quantize/<key>), a model "
+             "directory (with config.json), a PEFT adapter dir, a .gguf file, or embedded:smollm2-135m-instruct")
+REGISTRY_SPEC_FORMS = "models:/NAME@alias or models:/NAME/VERSION, optionally followed by /VARIANT"
+MERGED = "merged"  # the variant name of the registered checkpoint itself
 
 
 class ServeSpecError(ValueError):
@@ -49,18 +51,31 @@ def registry_client(cfg: PipelineConfig):
     return tracking.client_for(cfg.tracking_uri())
 
 
-def parse_registry_spec(spec: str) -> tuple[str, str | None, str | None]:
-    """`models:/NAME@alias` -> (NAME, alias, None); `models:/NAME/VERSION` -> (NAME, None, VERSION)."""
+@dataclass(frozen=True)
+class RegistrySpec:
+    """A parsed `models:/` MODEL: the registered name, an alias or a pinned version, and a variant (None: the
+    registered checkpoint itself)."""
+
+    name: str
+    alias: str | None
+    version: str | None
+    variant: str | None = None
+
+
+def parse_registry_spec(spec: str) -> RegistrySpec:
+    """`models:/NAME@alias[/VARIANT]` or `models:/NAME/VERSION[/VARIANT]` (VARIANT: a quantized copy registered
+    with the version, e.g. nf4 or gguf-q4_0)."""
     body = spec[len("models:/"):]
     if "@" in body:
-        name, alias = body.split("@", 1)
-        if name and alias:
-            return name, alias, None
-    elif body.count("/") == 1:
-        name, version = body.split("/")
-        if name and version.isdigit():
-            return name, None, version
-    raise ServeSpecError(f"MODEL {spec!r}: a registry spec is models:/NAME@alias or models:/NAME/VERSION")
+        name, rest = body.split("@", 1)
+        alias, slash, variant = rest.partition("/")
+        if name and alias and "/" not in name + variant and (variant or not slash):
+            return RegistrySpec(name, alias, None, variant or None)
+    else:
+        parts = body.split("/")
+        if len(parts) in (2, 3) and all(parts) and parts[1].isdigit():
+            return RegistrySpec(parts[0], None, parts[1], parts[2] if len(parts) == 3 else None)
+    raise ServeSpecError(f"MODEL {spec!r}: a registry spec is {REGISTRY_SPEC_FORMS} (models:/NAME@champion/nf4)")
 
 
 def alias_version(client, name: str, alias: str) -> str:
@@ -68,25 +83,77 @@ def alias_version(client, name: str, alias: str) -> str:
     return str(client.get_model_version_by_alias(name, alias).version)
 
 
+def registered_variants(client, name: str, version: str) -> list[str]:
+    """The quantized variants registered with a version: the folders under its model run's `variants/`
+    artifact (what the register stage uploads from the quantize stage), `merged` (the version itself) first."""
+    from components.registry import VARIANTS_ARTIFACT
+
+    run_id = client.get_model_version(name, version).run_id
+    found = sorted(Path(f.path).name for f in client.list_artifacts(run_id, VARIANTS_ARTIFACT) if f.is_dir)
+    return [MERGED, *found]
+
+
+def pick_variant(wanted: str, available: list[str]) -> str | None:
+    """`wanted` among `available`, where a GGUF type alone (`q4_0`) names its `gguf-q4_0` folder; None if absent."""
+    for candidate in (wanted, f"gguf-{wanted}"):
+        if candidate in available:
+            return candidate
+    return None
+
+
+def download_variant(client, name: str, version: str, variant: str, cache: Path) -> str:
+    """Download a variant folder into `cache` once (renamed when whole) and return what loads it: the .gguf
+    file of a GGUF variant, else the folder (a checkpoint with its quantization config)."""
+    import mlflow.artifacts
+
+    from components.registry import VARIANTS_ARTIFACT
+
+    target = Path(cache) / f"{name}-v{version}-{variant}"
+    if not target.is_dir():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}.") as tmp:
+            run_id = client.get_model_version(name, version).run_id
+            got = Path(mlflow.artifacts.download_artifacts(run_id=run_id, dst_path=tmp, tracking_uri=client.tracking_uri,
+                                                           artifact_path=f"{VARIANTS_ARTIFACT}/{variant}"))
+            got.rename(target)
+    ggufs = sorted(target.glob("*.gguf"))
+    if len(ggufs) > 1:
+        raise ServeSpecError(f"variant {variant} of {name} version {version} holds {len(ggufs)} .gguf files "
+                             f"({', '.join(p.name for p in ggufs)}); expected one")
+    return str(ggufs[0] if ggufs else target)
+
+
 def resolve_registry_model(spec: str, cfg: PipelineConfig, *, client=None, version: str | None = None) -> ServedModel:
-    """Download the version `spec` names (or `version`, when given: the follower already read the alias) into the
-    workspace's registry cache, once per version."""
+    """Download the version `spec` names (or `version`, when given: the follower already read the alias), or the
+    variant it names, into the workspace's registry cache, once per version and variant."""
     from mlflow.exceptions import MlflowException
 
     from components.registry import resolve_registry_uri
 
-    name, alias, pinned = parse_registry_spec(spec)
+    parsed = parse_registry_spec(spec)
     client = client or registry_client(cfg)
+    cache = Path(cfg.workspace) / "registry-cache"
     try:
-        version = version or pinned or alias_version(client, name, alias)
-        directory = resolve_registry_uri(client, f"models:/{name}/{version}", Path(cfg.workspace) / "registry-cache")
+        version = version or parsed.version or alias_version(client, parsed.name, parsed.alias)
+        variant = None
+        if parsed.variant not in (None, MERGED):
+            available = registered_variants(client, parsed.name, version)
+            variant = pick_variant(parsed.variant, available)
+        if parsed.variant not in (None, MERGED) and variant is None:
+            raise ServeSpecError(
+                f"MODEL {spec!r}: version {version} of {parsed.name} has no variant {parsed.variant!r}; its variants: "
+                f"{', '.join(available)} (a GGUF one also by its type alone: q8_0 for gguf-q8_0). The quantize "
+                "stage makes them (quantize.methods, quantize.gguf); `lmforge serve models:/NAME@alias` serves merged")
+        source = (download_variant(client, parsed.name, version, variant, cache) if variant else
+                  str(resolve_registry_uri(client, f"models:/{parsed.name}/{version}", cache)))
     except MlflowException as exc:
         raise ServeSpecError(f"MODEL {spec!r}: not in the registry at {cfg.tracking_uri()} ({exc.message}); "
                              f"check the name and alias (`lmforge promote` sets @champion), or pass --config "
                              f"for another workspace; {SPEC_HELP}") from None
-    public = f"{name}@{alias}" if alias else f"{name}/{version}"
-    return ServedModel(name=public, source=str(directory), version=str(version), spec=spec,
-                       follows=(name, alias) if alias else None)
+    public = f"{parsed.name}@{parsed.alias}" if parsed.alias else f"{parsed.name}/{version}"
+    return ServedModel(name=public + (f"/{variant}" if variant else ""), source=source, version=str(version),
+                       spec=spec, follows=(parsed.name, parsed.alias) if parsed.alias else None,
+                       info={"variant": variant or MERGED})
 
 
 def resolve_served_model(spec: str, cfg: PipelineConfig) -> ServedModel:

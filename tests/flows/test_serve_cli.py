@@ -44,3 +44,17 @@ def test_a_gguf_needs_llama_cpp(tmp_path):
     gguf.write_bytes(b"GGUF")
     code, out = serve(str(gguf), tmp_path=tmp_path)
     assert code == 2 and "pip install 'llama-cpp-python[server]'" in out
+
+
+def test_an_unknown_variant_is_refused_naming_those_registered(tmp_path, tiny_model_dir):
+    from components import tracking
+    from components.config import load_config
+    from components.registry import register_model
+
+    cfg = load_config(None, [f"workspace={tmp_path / 'ws'}"])
+    client = tracking.client_for(cfg.tracking_uri())
+    run_id = tracking.start_run(client, tracking.experiment_id(client, "cli", tmp_path / "mlartifacts"), "model")
+    files = sorted(p.name for p in tiny_model_dir.iterdir() if p.is_file())
+    register_model(client, name="plain", run_id=run_id, model_dir=tiny_model_dir, files=files, tags={}, alias="champion")
+    code, out = serve("models:/plain@champion/nf4", tmp_path=tmp_path)
+    assert code == 2 and "version 1 of plain has no variant 'nf4'; its variants: merged (" in out

@@ -34,8 +34,13 @@ def test_saved_nf4_model_reloads_to_the_logits_of_the_one_in_memory(tiny_model_d
 
 def test_every_variant_is_saved_reported_and_listed_in_the_manifest(tiny_model_dir, tmp_path, monkeypatch):
     # Scoring has its own tests (evaluation/): here a fixed score per model, so the stage runs in seconds.
-    scores = iter([{"exact_match": 0.5, "exact_match_ci_low": 0.2, "n": 8.0}, {"exact_match": 0.375, "n": 8.0}])
-    monkeypatch.setattr(quantize, "evaluate_model", lambda model, tokenizer, **kw: (next(scores), []))
+    import torch
+
+    scores = iter([{"exact_match": 0.5, "exact_match_ci_low": 0.2, "n": 8.0}, {"exact_match": 0.375, "n": 8.0},
+                   {"exact_match": 0.4375, "n": 8.0}])
+    scored = []
+    monkeypatch.setattr(quantize, "evaluate_model",
+                        lambda model, tokenizer, **kw: (scored.append(model) or next(scores), []))
     out = tmp_path / "quantize"
     result = run_quantize(BaseModelRef(str(tiny_model_dir)), [], QuantizeConfig(methods=["nf4"], gguf=["q8_0"]),
                           EvaluateConfig(), CPU, out, tokenized_dir=tmp_path, aligned_dir=tmp_path,
@@ -43,6 +48,12 @@ def test_every_variant_is_saved_reported_and_listed_in_the_manifest(tiny_model_d
     report = json.loads((out / "quantization_report.json").read_text())
     assert set(report) == {"merged", "nf4", "gguf-q8_0"}
     assert report["nf4"]["delta"] == pytest.approx({"exact_match": -0.125})
+    assert report["gguf-q8_0"]["delta"] == pytest.approx({"exact_match": -0.0625})
+    assert report["gguf-q8_0"]["scored_with"] == quantize.GGUF_SCORING and "scored_with" not in report["nf4"]
+    # The GGUF scored is the file's Q8_0 weights reloaded: near the merged ones, not them.
+    key = "model.layers.0.mlp.down_proj.weight"
+    merged, from_gguf = scored[0].state_dict()[key], scored[2].state_dict()[key]
+    assert not torch.equal(from_gguf, merged) and torch.allclose(from_gguf, merged, atol=merged.abs().max() / 100)
     for name, folder in (("nf4", "nf4"), ("gguf-q8_0", "gguf-q8_0")):
         on_disk = sum(p.stat().st_size for p in (out / folder).rglob("*") if p.is_file())
         assert report[name]["dir"] == folder and report[name]["bytes_on_disk"] == on_disk > 0

@@ -6,12 +6,18 @@ import pytest
 
 from components.config import load_config
 from components.serving import resolve
-from components.serving.resolve import ServeSpecError, merged_directory, parse_registry_spec, resolve_served_model
+from components.serving.resolve import (
+    RegistrySpec,
+    ServeSpecError,
+    merged_directory,
+    parse_registry_spec,
+    resolve_served_model,
+)
 
 
 def test_registry_specs():
-    assert parse_registry_spec("models:/icd10-coder@champion") == ("icd10-coder", "champion", None)
-    assert parse_registry_spec("models:/icd10-coder/3") == ("icd10-coder", None, "3")
+    assert parse_registry_spec("models:/icd10-coder@champion") == RegistrySpec("icd10-coder", "champion", None)
+    assert parse_registry_spec("models:/icd10-coder/3") == RegistrySpec("icd10-coder", None, "3")
     for bad in ("models:/icd10-coder", "models:/@champion", "models:/a/b/c", "models:/a/latest"):
         with pytest.raises(ServeSpecError, match="models:/NAME@alias or models:/NAME/VERSION"):
             parse_registry_spec(bad)

@@ -16,93 +16,20 @@ No prefect here, and nothing heavy at import time: `lmforge stages` reads this t
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from fnmatch import fnmatch
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from components.config import PipelineConfig, hash_json
 from components.data.records import GROUP_KINDS, UNTOKENIZED_GROUPS
 
+# The contract every stage function keeps lives below this module (components.models.prepare, which this table
+# calls, needs it too); its names stay importable from here.
+from components.stage_contract import BaseModelRef, MetricsSink, RunInfo, StageInputs, reads_file  # noqa: F401
+
 if TYPE_CHECKING:
     from components.artifacts import StageResult
-
-MetricsSink = Callable[[int, dict[str, float]], None]
-
-
-@dataclass(frozen=True)
-class BaseModelRef:
-    """A base model as `from_pretrained` loads it: a local directory or a hub id pinned to a commit."""
-
-    source: str
-    revision: str | None = None
-    trust_remote_code: bool = False
-
-    def load_kwargs(self) -> dict[str, Any]:
-        return {"revision": self.revision, "trust_remote_code": self.trust_remote_code}
-
-
-@dataclass(frozen=True)
-class RunInfo:
-    """The flow run a stage belongs to; plain data, so it crosses processes. Stages that write to
-    MLflow themselves (register) log under `parent_run_id`."""
-
-    tracking_uri: str
-    experiment_id: str
-    parent_run_id: str
-    flow_run_id: str
-    config_digest: str
-    git_commit: str = "unknown"
-
-
-@dataclass
-class StageInputs:
-    """What a stage reads: the manifests of its upstream nodes, a sink for per-step metrics, the run."""
-
-    node: str
-    kind: str
-    upstream: dict[str, dict]
-    metrics: MetricsSink = field(default=lambda step, values: None)
-    run: RunInfo | None = None
-    reads: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # the row's StageSpec.reads
-    # The stage's own MLflow run: a training launched in other processes (DeepSpeed) logs its curve there.
-    stage_run_id: str | None = None
-
-    def dir(self, node: str, reading: Iterable[str] = ()) -> Path:
-        """The output directory of upstream `node`. Where the stage table keys this stage on some of that
-        node's files only (StageSpec.reads), name the files read from it in `reading`: any other is
-        refused, since its changes would not reach the key."""
-        if node not in self.upstream:
-            raise KeyError(f"stage {self.node} has no input {node!r}; its inputs: {', '.join(self.upstream) or 'none'}")
-        patterns = self.reads.get(node)
-        if patterns is not None:
-            names = list(reading)
-            unkeyed = [n for n in names if not reads_file(patterns, n)] or ([] if names else ["(files not named)"])
-            if unkeyed:
-                raise KeyError(f"stage {self.node} reads {', '.join(unkeyed)} of {node}, but its row of the stage "
-                               f"table keys it on {', '.join(patterns)} of {node} only: add the file to the row's "
-                               "`reads`")
-        return Path(self.upstream[node]["dir"])
-
-    def file(self, node: str, name: str) -> Path:
-        """The path of the upstream file `name` of `node` (checked against StageSpec.reads, as in `dir`)."""
-        return self.dir(node, reading=[name]) / name
-
-    def has(self, node: str) -> bool:
-        return node in self.upstream
-
-    @property
-    def base_model(self) -> BaseModelRef:
-        """The base model the `prepare` stage made loadable (a local dir, or a hub id at a fixed commit)."""
-        info = self.upstream["prepare"]["info"]
-        return BaseModelRef(info["source"], info.get("revision"), info.get("trust_remote_code", False))
-
-    def adapter_stack(self) -> list[Path]:
-        """The adapters to merge over the base, in training order: the longest stack among the inputs
-        (sft's stack already holds cpt's adapter below its own)."""
-        stacks = [m["info"]["adapter_stack"] for m in self.upstream.values() if "adapter_stack" in m.get("info", {})]
-        return [Path(p) for p in max(stacks, key=len, default=[])]
 
 
 @dataclass(frozen=True)
@@ -120,10 +47,6 @@ class KeyFacts:
 
 
 Slice = Callable[[PipelineConfig, KeyFacts], dict]
-
-
-def reads_file(patterns: tuple[str, ...], name: str) -> bool:
-    return any(fnmatch(name, p) for p in patterns)
 
 
 def files_digest(manifest: dict, patterns: tuple[str, ...]) -> str:
@@ -157,6 +80,7 @@ class StageSpec:
     # tasks/keys.py cannot see it, so the named module's source goes into the key (components.named_code).
     loads_by_name: Callable[[PipelineConfig], Mapping[str, str]] = lambda cfg: {}
     summary: str = ""
+    evaluates: str = ""  # an evaluate node's model: base, cpt, adapted (cpt + sft) or aligned (EVALUATION_NODES)
 
     @property
     def module(self) -> str:
@@ -272,6 +196,39 @@ FETCHED_FILES = ("dataset_info.json", "provenance.json", "raw/*")  # every file 
 HELDOUT_READS: dict[str, tuple[str, ...]] = {"align": ("sft_eval.jsonl",),
                                              "tokenize": ("cpt_eval.parquet", "sft_eval.parquet")}
 
+# Evaluations read the reward stage, when it runs, to score answers with the reward model too, and score
+# every answer with the reward rule when one is set.
+_EVALUATION_ROWS: tuple[StageSpec, ...] = (
+    StageSpec(
+        "evaluate-base", "evaluate", "components.evaluation.evaluate:evaluate_stage", evaluates="base",
+        upstream=(*_MODEL_INPUTS, "reward"), keyed_on=_evaluate, reads=HELDOUT_READS, loads_by_name=_reward_rule,
+        summary="held-out evaluation of the base model",
+    ),
+    StageSpec(
+        "evaluate-cpt", "evaluate", "components.evaluation.evaluate:evaluate_stage", evaluates="cpt",
+        upstream=(*_MODEL_INPUTS, "cpt", "reward"), keyed_on=_evaluate, reads=HELDOUT_READS, loads_by_name=_reward_rule,
+        enabled=_both_adapters,
+        summary="held-out evaluation after cpt alone",
+    ),
+    StageSpec(
+        "evaluate-adapted", "evaluate", "components.evaluation.evaluate:evaluate_stage", evaluates="adapted",
+        upstream=(*_MODEL_INPUTS, "cpt", "sft", "reward"), keyed_on=_evaluate, reads=HELDOUT_READS,
+        loads_by_name=_reward_rule,
+        summary="held-out evaluation of the adapted model (cpt + sft)",
+    ),
+    StageSpec(
+        "evaluate-aligned", "evaluate", "components.evaluation.evaluate:evaluate_stage", evaluates="aligned",
+        upstream=(*_MODEL_INPUTS, "cpt", "sft", "reward", "alignment"), keyed_on=_evaluate, reads=HELDOUT_READS,
+        loads_by_name=_reward_rule,
+        enabled=_aligned,
+        summary="held-out evaluation of the aligned model",
+    ),
+)
+# The evaluation node of each model it scores, in table order ("base" -> "evaluate-base"): the one place those
+# names are written; the register and promote rows, the run summary, registry and promotion read them here.
+EVALUATION_NODES: dict[str, str] = {s.evaluates: s.name for s in _EVALUATION_ROWS}
+_EVAL = EVALUATION_NODES
+
 STAGE_TABLE: tuple[StageSpec, ...] = (
     StageSpec(
         "prepare", "prepare", "components.models.prepare:prepare_stage",
@@ -329,32 +286,7 @@ STAGE_TABLE: tuple[StageSpec, ...] = (
         reads={"align": ("sft.jsonl", "prompts.jsonl", "preference.jsonl", "kto.jsonl")},
         summary="alignment.method after SFT: raft, ppo, grpo (reward) or dpo, kto, orpo, simpo (pairs)",
     ),
-    # Evaluations read the reward stage, when it runs, to score answers with the reward model too, and score
-    # every answer with the reward rule when one is set.
-    StageSpec(
-        "evaluate-base", "evaluate", "components.evaluation.evaluate:evaluate_stage",
-        upstream=(*_MODEL_INPUTS, "reward"), keyed_on=_evaluate, reads=HELDOUT_READS, loads_by_name=_reward_rule,
-        summary="held-out evaluation of the base model",
-    ),
-    StageSpec(
-        "evaluate-cpt", "evaluate", "components.evaluation.evaluate:evaluate_stage",
-        upstream=(*_MODEL_INPUTS, "cpt", "reward"), keyed_on=_evaluate, reads=HELDOUT_READS, loads_by_name=_reward_rule,
-        enabled=_both_adapters,
-        summary="held-out evaluation after cpt alone",
-    ),
-    StageSpec(
-        "evaluate-adapted", "evaluate", "components.evaluation.evaluate:evaluate_stage",
-        upstream=(*_MODEL_INPUTS, "cpt", "sft", "reward"), keyed_on=_evaluate, reads=HELDOUT_READS,
-        loads_by_name=_reward_rule,
-        summary="held-out evaluation of the adapted model (cpt + sft)",
-    ),
-    StageSpec(
-        "evaluate-aligned", "evaluate", "components.evaluation.evaluate:evaluate_stage",
-        upstream=(*_MODEL_INPUTS, "cpt", "sft", "reward", "alignment"), keyed_on=_evaluate, reads=HELDOUT_READS,
-        loads_by_name=_reward_rule,
-        enabled=_aligned,
-        summary="held-out evaluation of the aligned model",
-    ),
+    *_EVALUATION_ROWS,
     StageSpec(
         "quantize", "quantize", "components.quantization.quantize:quantize_stage",
         upstream=(*_MODEL_INPUTS, "cpt", "sft", "alignment"), enabled=lambda cfg: cfg.quantize.enabled,
@@ -367,16 +299,17 @@ STAGE_TABLE: tuple[StageSpec, ...] = (
     StageSpec(
         "register", "register", "components.registry:register_stage",
         # Reads every node for the lineage tags; keyed on what decides the registered version.
-        upstream=("prepare", "fetch", "align", "tokenize", "cpt", "sft", "reward", "alignment", "evaluate-base",
-                  "evaluate-cpt", "evaluate-adapted", "evaluate-aligned", "quantize"),
-        keyed_upstream=("quantize", "evaluate-adapted", "evaluate-aligned", "evaluate-base"), enabled=lambda cfg: cfg.quantize.enabled,
+        upstream=("prepare", "fetch", "align", "tokenize", "cpt", "sft", "reward", "alignment", *_EVAL.values(),
+                  "quantize"),
+        keyed_upstream=("quantize", _EVAL["adapted"], _EVAL["aligned"], _EVAL["base"]),
+        enabled=lambda cfg: cfg.quantize.enabled,
         keyed_on=lambda cfg, facts: {"registry": cfg.registry.model_dump(mode="json"),
                                      "tracking": cfg.tracking.model_dump(mode="json")},
         retries=2, summary="register the merged model in MLflow with lineage tags and an alias",
     ),
     StageSpec(
         "promote", "promote", "components.promotion:promote_stage",
-        upstream=("register", "evaluate-base", "evaluate-adapted", "evaluate-aligned"),
+        upstream=("register", _EVAL["base"], _EVAL["adapted"], _EVAL["aligned"]),
         enabled=lambda cfg: cfg.quantize.enabled and cfg.promotion.enabled, keyed_on=_promotion, retries=2,
         summary="move @champion to the new version only if it beats the base and the current champion",
     ),

@@ -44,13 +44,14 @@ from components.artifacts import StageResult, atomic_write_json
 from components.data.jsonl import iter_records
 from components.evaluation.compare import heldout_digest, paired_change, question_key, with_scores
 from components.evaluation.per_task import metric_key_part
+from components.pipeline import EVALUATION_NODES
 from components.registry import HELDOUT_DIGEST_TAG, SAMPLES_ARTIFACT, registered_evaluation
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
     from components.config import PipelineConfig, PromotionConfig, PromotionRule
-    from components.pipeline import StageInputs
+    from components.stage_contract import StageInputs
 
 log = logging.getLogger(__name__)
 
@@ -473,7 +474,7 @@ def promote_stage(cfg: PipelineConfig, inputs: StageInputs, out_dir: Path) -> St
     samples = list(iter_records(answers)) if answers is not None and answers.is_file() else None
     decision = promote_if_better(
         client, registered["name"], registered["version"], cfg.promotion,
-        challenger_metrics=evaluation["metrics"], base_metrics=inputs.upstream["evaluate-base"]["metrics"],
+        challenger_metrics=evaluation["metrics"], base_metrics=inputs.upstream[EVALUATION_NODES["base"]]["metrics"],
         samples=samples, rescore=champion_rescorer(client, cfg, Path(cfg.workspace) / "registry-cache"),
         out_dir=Path(out_dir),
     )

@@ -19,11 +19,12 @@ from components import tracking
 from components.artifacts import StageResult, atomic_write_json
 from components.data.jsonl import iter_records
 from components.evaluation.compare import heldout_digest
+from components.pipeline import EVALUATION_NODES
 from components.tracking import log_artifact_files
 
 if TYPE_CHECKING:
     from components.config import PipelineConfig
-    from components.pipeline import StageInputs
+    from components.stage_contract import StageInputs
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +175,7 @@ def lineage_tags(inputs: StageInputs, base_name: str) -> dict[str, str]:
 def registered_evaluation(inputs: StageInputs) -> dict:
     """The manifest of the evaluation of the model that is registered: the aligned one when an alignment
     stage ran (it is what quantize merged), else the adapted one."""
-    for node in ("evaluate-aligned", "evaluate-adapted"):
+    for node in (EVALUATION_NODES["aligned"], EVALUATION_NODES["adapted"]):
         if inputs.has(node):
             return inputs.upstream[node]
     raise KeyError(f"stage {inputs.node} has no evaluation of the registered model among its inputs")
@@ -191,7 +192,7 @@ def register_stage(cfg: PipelineConfig, inputs: StageInputs, out_dir: Path) -> S
     run_id = tracking.start_run(client, inputs.run.experiment_id, "model", parent=inputs.run.parent_run_id,
                                 tags={"lmforge.stage": "register"})
     metrics = {f"eval_{k}": v for k, v in registered_evaluation(inputs)["metrics"].items()}
-    metrics.update({f"base_{k}": v for k, v in inputs.upstream["evaluate-base"]["metrics"].items()})
+    metrics.update({f"base_{k}": v for k, v in inputs.upstream[EVALUATION_NODES["base"]]["metrics"].items()})
     tracking.log_metrics(client, run_id, metrics)
     lineage = lineage_tags(inputs, cfg.model.base)
     tags = {**lineage, **{k: f"{v:.6g}" for k, v in metrics.items()}}

@@ -16,15 +16,16 @@ from components.data.data_changes import change_lines, compare_with_last_run
 from components.data.jsonl import iter_records
 from components.evaluation.compare import paired_change
 from components.evaluation.per_task import per_task_table
+from components.pipeline import EVALUATION_NODES
 
 if TYPE_CHECKING:
     from components.config import PipelineConfig
 
 log = logging.getLogger("lmforge.flow")
 
-# Evaluation nodes in the order the comparison shows them: what each stage contributed.
-EVALUATIONS = {"evaluate-base": "base", "evaluate-cpt": "+cpt", "evaluate-adapted": "adapted",
-               "evaluate-aligned": "aligned"}
+# Evaluation nodes in the order the comparison shows them (the stage table's): what each stage contributed.
+EVALUATIONS = {node: {"cpt": "+cpt"}.get(model, model) for model, node in EVALUATION_NODES.items()}
+ADAPTED, ALIGNED = EVALUATION_NODES["adapted"], EVALUATION_NODES["aligned"]
 
 
 def alignment_summary(manifests: dict[str, dict]) -> dict:
@@ -37,13 +38,13 @@ def alignment_summary(manifests: dict[str, dict]) -> dict:
                                "warnings": manifests["reward"]["info"].get("warnings", [])}
     if "alignment" in manifests:
         out["method"] = manifests["alignment"]["info"]["method"]
-        before = manifests.get("evaluate-adapted", {}).get("metrics", {})
-        after = manifests.get("evaluate-aligned", {}).get("metrics", {})
+        before = manifests.get(ADAPTED, {}).get("metrics", {})
+        after = manifests.get(ALIGNED, {}).get("metrics", {})
         out["flags"] = reward_hacking_flags(before, after)
         out["kl_to_sft"] = after.get("kl_to_sft")
         out["kl_to_sft_per_answer"] = after.get("kl_to_sft_per_answer")
-        if "evaluate-adapted" in manifests and "evaluate-aligned" in manifests:
-            sft, aligned = run_samples(manifests["evaluate-adapted"]), run_samples(manifests["evaluate-aligned"])
+        if ADAPTED in manifests and ALIGNED in manifests:
+            sft, aligned = run_samples(manifests[ADAPTED]), run_samples(manifests[ALIGNED])
             for metric in ("verifiable_reward", "sampled_verifiable_reward"):
                 out[f"{metric}_change"] = paired_change(sft, aligned, metric)
     return out

@@ -30,7 +30,7 @@ from components.errors import TrainingDiverged
 from components.data.packing import pad_causal
 from components.data.records import IGNORE
 from components.models.loss import labeled_positions_loss
-from components.pipeline import MetricsSink
+from components.stage_contract import MetricsSink
 from components.training.checkpoints import COMPLETE, checkpoint_number, last_complete_checkpoint, prune_checkpoints
 from components.training.lora import lr_schedule
 from components.training.ppo_rollout import penalise_missing_eos

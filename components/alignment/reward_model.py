@@ -23,7 +23,7 @@ from components.training.methods import lora_config
 
 if TYPE_CHECKING:
     from components.config import PipelineConfig
-    from components.pipeline import StageInputs
+    from components.stage_contract import StageInputs
 
 log = logging.getLogger(__name__)
 

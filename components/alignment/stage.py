@@ -26,7 +26,7 @@ from components.pipeline import SAMPLING_METHODS
 
 if TYPE_CHECKING:
     from components.config import PipelineConfig
-    from components.pipeline import StageInputs
+    from components.stage_contract import StageInputs
 
 log = logging.getLogger(__name__)
 

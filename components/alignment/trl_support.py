@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from components.errors import TrainingDiverged
-from components.pipeline import MetricsSink
+from components.stage_contract import MetricsSink
 from components.training.checkpoints import checkpoint_number, last_complete_checkpoint
 from components.training.lora import non_finite_guard, plain_progress, training_arguments, training_callback
 

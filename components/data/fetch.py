@@ -44,7 +44,7 @@ from components.runtime import progress
 
 if TYPE_CHECKING:
     from components.config import PipelineConfig
-    from components.pipeline import StageInputs
+    from components.stage_contract import StageInputs
 
 log = logging.getLogger(__name__)
 

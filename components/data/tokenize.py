@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     import datasets
 
     from components.config import PipelineConfig
-    from components.pipeline import StageInputs
+    from components.stage_contract import StageInputs
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ from components.models.loading import BaseModelError, classify_base, digest_memo
 
 if TYPE_CHECKING:
     from components.config import PipelineConfig
-    from components.pipeline import StageInputs
+    from components.stage_contract import StageInputs
 
 log = logging.getLogger(__name__)
 

@@ -31,12 +31,11 @@ from components.errors import TrainingDiverged
 from components.models.loading import Hardware, count_parameters
 from components.models.loss import labeled_positions_loss
 from components.runtime import progress_bars
+from components.stage_contract import MetricsSink
 from components.training.checkpoints import COMPLETE, checkpoint_number, last_complete_checkpoint
 from components.training.methods import loraplus_optimizer, optimizer_arguments, prepare_trainable, save_trained
 
 log = logging.getLogger(__name__)
-
-MetricsSink = Callable[[int, dict[str, float]], None]
 
 
 class CausalCollator:
@@ -73,7 +72,7 @@ def _build_trainer_class():
                 # true per-token mean over the whole optimizer step.
                 denom = torch.as_tensor(num_items_in_batch, device=loss_sum.device, dtype=loss_sum.dtype)
                 loss = loss_sum / denom.clamp(min=1)
-                if self.args.n_gpu > 1 or (self.accelerator.num_processes > 1 and not self.is_deepspeed_enabled):
+                if self.args.n_gpu > 1 or self.accelerator.num_processes > 1:  # DDP and DeepSpeed average over ranks
                     loss = loss * self.accelerator.num_processes
             else:
                 loss = loss_sum / max(n, 1)

@@ -39,6 +39,7 @@ import torch
 from components.artifacts import atomic_dir, atomic_write_bytes, atomic_write_json
 from components.errors import TrainingDiverged
 from components.runtime import progress
+from components.stage_contract import MetricsSink
 from components.training.checkpoints import COMPLETE, checkpoint_number, last_complete_checkpoint, prune_checkpoints
 from components.training.lora import lr_schedule
 from components.training.ppo_rollout import (  # noqa: F401  (the step's parts, importable from here too)
@@ -73,8 +74,6 @@ from components.training.ppo_rollout import (  # noqa: F401  (the step's parts, 
 )
 
 log = logging.getLogger(__name__)
-
-MetricsSink = Callable[[int, dict[str, float]], None]
 
 
 class AlignmentDiverged(TrainingDiverged):

@@ -17,12 +17,12 @@ from components.config import ConfigError, ModelConfig, TrainConfig
 from components.data.tokenize import load_tokenized
 from components.errors import StageInputError
 from components.models.loading import Hardware, load_tokenizer, load_with_adapters, select_hardware
-from components.pipeline import BaseModelRef
+from components.stage_contract import BaseModelRef
 from components.training.lora import MetricsSink, run_lora_training
 
 if TYPE_CHECKING:
     from components.config import PipelineConfig
-    from components.pipeline import StageInputs
+    from components.stage_contract import StageInputs
 
 log = logging.getLogger(__name__)
 

@@ -73,7 +73,10 @@ def adapt(cfg: PipelineConfig, hooks: RunHooks, *, precision: str, from_stage: s
     deep = verify == "deep"
 
     client = tracking.client_for(cfg.tracking_uri())
-    exp_id = tracking.experiment_id(client, cfg.tracking.experiment, workspace / "mlartifacts")
+    # A tracking server keeps artifacts where it is told (`--artifacts-destination`; clients upload over HTTP):
+    # a workspace path would be a directory on this machine only.
+    served = cfg.tracking_uri().startswith(("http://", "https://"))
+    exp_id = tracking.experiment_id(client, cfg.tracking.experiment, None if served else workspace / "mlartifacts")
     tracking.mark_dead_runs_killed(client, exp_id)  # runs left RUNNING by processes killed earlier (kill -9)
     commit = git_commit()
     parent = tracking.start_run(

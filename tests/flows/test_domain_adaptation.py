@@ -94,13 +94,14 @@ def test_first_run_runs_every_stage_and_registers(first_run):
     assert len(history) >= 2
     inputs = parents[0].inputs.dataset_inputs
     assert inputs and all(len(json.loads(d.dataset.source)["sha256"]) == 64 for d in inputs)
-    # Each stage run holds its manifest and exactly the reports its stage declared, never weights or data.
+    # Each stage run holds its manifest and exactly the reports its stage declared beside it; weights and data go
+    # under outputs/ (tests/flows/test_shared_cache_flow.py checks those), with the index of where each file is.
     reports = {}
     for stage, path in summary["stages"].items():
         manifest = json.loads((Path(path) / "manifest.json").read_text())
         reports[stage] = manifest["reports"]
-        logged = {f.path for f in client.list_artifacts(manifest["mlflow_run_id"])}
-        assert reports[stage] and logged == {"manifest.json", *reports[stage]}, stage
+        logged = {f.path for f in client.list_artifacts(manifest["mlflow_run_id"])} - {"outputs"}
+        assert reports[stage] and logged == {"manifest.json", "outputs_index.json", *reports[stage]}, stage
     assert reports["quantize"] == ["quantization_report.json"] and reports["register"] == ["registered.json"]
     assert "per_task.json" in reports["evaluate-adapted"] and reports["promote"] == ["promotion.json"]
 

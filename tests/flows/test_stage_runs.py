@@ -52,7 +52,9 @@ def test_stage_runs_hold_reports_a_deepspeed_curve_and_a_rule_edit_reruns_its_ca
     assert {"cpt", "reward", "alignment", "evaluate-base", "evaluate-aligned"} <= manifests.keys()
     for stage, manifest in manifests.items():
         assert manifest["reports"], stage
-        assert _artifacts(client, manifest["mlflow_run_id"]) == {"manifest.json", *manifest["reports"]}, stage
+        logged = _artifacts(client, manifest["mlflow_run_id"])
+        beside = {a for a in logged if not a.startswith("outputs/")}  # outputs/: every file, once (mlflow_outputs)
+        assert beside == {"manifest.json", "outputs_index.json", *manifest["reports"]}, stage
     for stage in ("evaluate-base", "evaluate-cpt", "evaluate-adapted", "evaluate-aligned"):
         assert {"metrics.json", "samples.jsonl", "per_task.json"} <= set(manifests[stage]["reports"]), stage
     assert "reward_report.json" in manifests["reward"]["reports"]

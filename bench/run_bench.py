@@ -250,6 +250,9 @@ def render(demo: dict, rerun_s: float, sft: dict | None, data: dict | None, conf
     serving = ROOT / "bench" / "results_serve.json"
     if serving.is_file():
         lines += serve_section(json.loads(serving.read_text()))
+    load = ROOT / "bench" / "results_load.json"
+    if load.is_file():
+        lines += load_section(json.loads(load.read_text()))
     # The learning-rate sweep of bench/cpt_learning.py is measured by hand (several CPT runs); kept as written.
     # So are the alignment figures (bench/alignment.md: the demo's reward + RAFT run, bench/ppo_memory.py)
     # and the quality preset's run (bench/quality.md), and the unchanged rerun's A/B (bench/rerun_time.py).
@@ -257,8 +260,9 @@ def render(demo: dict, rerun_s: float, sft: dict | None, data: dict | None, conf
         part = ROOT / "bench" / name
         if part.is_file():
             lines += [part.read_text().rstrip(), ""]
-    lines += ["## GPU", "", "Not measured: the sessions that produced these figures had no GPU lent (bf16, QLoRA, "
-              "DeepSpeed and flash-attention throughput wait for one; `configs/gpu-qwen2.5-0.5b.yaml` is the preset).", ""]
+    from gpu_check import markdown_section  # bench/gpu_check.py's JSON (bench/results_gpu_check.json), its own run
+
+    lines += markdown_section()
     return "\n".join(lines)
 
 
@@ -343,6 +347,31 @@ def serve_section(result: dict) -> list[str]:
           f"{r['mean_latency_s']:.2f} |" for r in (one, many)],
         "",
         f"{many['clients']} clients get {result['speedup']:.2f}x the tokens/s of one.",
+        "",
+    ]
+
+
+def load_section(result: dict) -> list[str]:
+    """bench/load_test.py's figures (its own run, bench/results_load.json): flow runs at once on several workers."""
+    configs = ", ".join(f"{name} x{n}" for name, n in result["configs"].items())
+    return [
+        "## Load: flow runs at once on the production setup",
+        "",
+        f"`python bench/load_test.py`, {result['created_at'][:10]}: PostgreSQL, `mlflow server` on it with proxied "
+        f"artifacts, `prefect server` on it, {result['workers']} process workers (at most {result['limit_per_worker']} "
+        f"run each at once) polling one pool; {result['runs']} flow runs of the tiny random model triggered together "
+        f"({configs}), sharing one workspace. Load average {result['load_average_before']:.1f} before, "
+        f"{result['load_average_after']:.1f} after on {result['cpu_count']} cores.",
+        "",
+        "| runs | completed | wall s | distinct stages | stages computed | duplicates | MLflow runs RUNNING | "
+        "registry versions | lineage errors |",
+        "|---|---|---|---|---|---|---|---|---|",
+        f"| {result['runs']} | {result['completed']} | {result['wall_s']:.0f} | {result['distinct_stages']} | "
+        f"{result['stages_computed']} | {result['duplicates']} | {result['mlflow_runs_running']} | "
+        f"{result['registry_versions']} (of {result['distinct_configs']} configs) | {len(result['lineage_errors'])} |",
+        "",
+        f"{result['workers_used']} of {result['workers']} workers ran flow runs; {result['stage_runs']} stage runs were "
+        f"recorded in MLflow (computed or cached), artifact URIs `{'`, `'.join(result['artifact_uri_schemes'])}:`.",
         "",
     ]
 

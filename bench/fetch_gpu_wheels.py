@@ -206,6 +206,9 @@ def main() -> None:
     if total_mib > BUDGET_MIB:
         raise SystemExit(f"over the {BUDGET_MIB} MiB a device call carries: leave a group out (--without "
                          "llamafactory saves ~2 MiB, bitsandbytes is 43) or shrink untracked files in the tree")
+    if not args.dest.resolve().is_relative_to(ROOT):
+        print(f"{args.dest} is outside the repository, so no device call can carry it (fine for a local check)")
+        return
     print("device call (the run tool's arguments):")
     print(json.dumps(device_call(args.dest), indent=1))
 

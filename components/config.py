@@ -287,8 +287,18 @@ class ComputeConfig(Strict):
         "auto", description="auto: bf16 on GPUs that support it, fp32 on CPU (CPU bf16 is emulated and ~20x slower)."
     )
     threads: int | None = Field(None, ge=1, description="torch CPU threads; default all cores.")
-    num_gpus: int | None = Field(None, ge=1, description="GPUs per node for stages with deepspeed.stage > 0 "
-                                 "(the DeepSpeed launcher's --num_gpus); null: all visible.")
+    distributed: Literal["none", "ddp"] = Field(
+        "none", description="How cpt and sft train when their deepspeed.stage is 0. none: in the stage's own "
+        "process, on one device. ddp: compute.num_gpus ranks on this node under torchrun, PyTorch "
+        "DistributedDataParallel (each rank holds the whole model and a share of each batch; gradients are averaged "
+        "every step; nccl on GPUs, gloo on CPU). A stage with deepspeed.stage 2 or 3 runs under the DeepSpeed "
+        "launcher either way. The global batch is batch_size x grad_accum x ranks: halve grad_accum when you double "
+        "the ranks to keep the curve (docs/distributed.md).")
+    num_gpus: int | None = Field(None, ge=1, description="Ranks per node for launched training (deepspeed.stage > 0, "
+                                 "or compute.distributed ddp): one per GPU (the DeepSpeed launcher's --num_gpus, "
+                                 "torchrun's --nproc-per-node); on a machine without GPUs, CPU processes that share "
+                                 "the cores (compute.threads each, default cores / ranks). null: every visible GPU, "
+                                 "1 on CPU.")
     num_nodes: int | None = Field(None, ge=1, description="Nodes for DeepSpeed stages (needs hostfile).")
     hostfile: str | None = Field(None, description="DeepSpeed hostfile listing the nodes ('host slots=N' lines).")
 

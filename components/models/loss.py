@@ -51,13 +51,28 @@ def plain_head_logits(causal) -> bool:
     return all(getattr(config, name, neutral) == neutral for name, neutral in _LOGIT_TRANSFORMS.items())
 
 
+def _inside_ddp_forward(ddp, loss_of):
+    """`loss_of(ddp.module)` computed as the DDP wrapper's forward: DDP prepares its gradient reduction in
+    forward and, finding unused parameters, walks the graph from forward's output, so a loss computed
+    beside the wrapper (the decoder and head called directly) would leave the ranks' gradients unsynced."""
+    inner = ddp.module
+    inner.forward = lambda: loss_of(inner)  # an instance attribute shadows the class's forward for this call
+    try:
+        return ddp()
+    finally:
+        del inner.forward
+
+
 def labeled_positions_loss(model, batch: dict[str, torch.Tensor], reduction: str = "sum") -> tuple[torch.Tensor, int]:
     """Causal-LM cross-entropy over the positions whose next token has a label (not -100).
 
     `batch` holds input_ids and labels, optionally position_ids (packed rows: positions restart per
     example) and attention_mask. Returns (loss, number of labeled tokens); `reduction` is passed to
-    cross-entropy ("sum", "mean" or "none"). Works on a plain causal LM or a PEFT-wrapped one.
+    cross-entropy ("sum", "mean" or "none"). Works on a plain causal LM or a PEFT-wrapped one, either
+    also under DistributedDataParallel.
     """
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return _inside_ddp_forward(model, lambda inner: labeled_positions_loss(inner, batch, reduction))
     causal = model.get_base_model() if hasattr(model, "get_base_model") else model
     inputs = {
         "input_ids": batch["input_ids"],

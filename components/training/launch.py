@@ -1,20 +1,28 @@
-"""Run a LoRA training stage under the `deepspeed` launcher, as a subprocess in its own process group.
+"""Run a training stage's ranks under a launcher, as a subprocess in its own process group.
 
-One GPU, several GPUs on one node and several nodes (a hostfile) use the same path: the parent writes
-a JSON job file and runs
+Two launchers, one rank entry point (`python -m components.training.launch JOB.json`):
+- DeepSpeed ZeRO-2/3 (a stage's deepspeed.stage > 0): one GPU, several GPUs on one node, or several
+  nodes (a hostfile), through
 
     python -m deepspeed.launcher.runner [--num_gpus N] [--num_nodes M --hostfile FILE] \
         --no_local_rank --module components.training.launch JOB.json
 
-which starts one `python -m components.training.launch JOB.json` per device. Each loads the model and
-the tokenized data and calls `components.training.lora.run_lora_training` with the job's DeepSpeed
-config; rank 0 writes the result next to the adapter. The MLflow run id and tracking URI travel in the
-environment (the launcher exports MLFLOW_* variables to other nodes), so rank 0 logs the curve into
-the stage's run. A timeout or an interrupt kills the whole process group: no orphaned ranks.
+- PyTorch DDP (compute.distributed: ddp, deepspeed.stage 0): N ranks on this node through
+
+    python -m torch.distributed.run --standalone --nproc-per-node N -m components.training.launch JOB.json
+
+Each rank loads the model and the tokenized data and calls `components.training.lora.run_lora_training`
+(with the job's DeepSpeed config, or as a DDP rank: the Trainer reads torchrun's environment; gloo on CPU,
+nccl on GPUs); rank 0 writes the result next to the adapter. The MLflow run id and tracking URI travel in
+the environment (the DeepSpeed launcher exports MLFLOW_* variables to other nodes), so rank 0 logs the
+curve into the stage's run. A timeout or an interrupt kills the whole process group, and a rank exits by
+itself when a process between it and the stage dies (a kill -9 of the launcher included): no orphaned
+ranks, and a rerun resumes from the last complete checkpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -33,6 +41,8 @@ from components.artifacts import StageResult, atomic_write_json
 
 log = logging.getLogger(__name__)
 
+LAUNCHERS = ("deepspeed", "torchrun")
+STAGE_PID_ENV = "LMFORGE_STAGE_PID"  # the stage process's pid: ranks exit when it or a launcher between dies
 RESULT_FILE = "launch_result.json"
 JOB_FILE = "launch_job.json"
 LOG_FILE = "launch.log"
@@ -69,14 +79,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launcher_command(job_file: Path, *, num_gpus: int | None = None, num_nodes: int | None = None,
-                     hostfile: Path | None = None, master_addr: str | None = None,
+def launcher_command(job_file: Path, *, launcher: str = "deepspeed", num_gpus: int | None = None,
+                     num_nodes: int | None = None, hostfile: Path | None = None, master_addr: str | None = None,
                      master_port: int | None = None) -> list[str]:
-    """The `deepspeed` launcher command line that runs `job_file` on the given devices and nodes.
+    """The launcher command line that runs `job_file` on the given devices and nodes.
 
-    Without a hostfile the job runs on this node only (num_gpus devices; all when None). With one,
-    DeepSpeed starts the ranks on its hosts over pdsh, limited to num_nodes when given.
+    deepspeed: without a hostfile the job runs on this node only (num_gpus devices; all when None). With
+    one, DeepSpeed starts the ranks on its hosts over pdsh, limited to num_nodes when given.
+    torchrun: num_gpus ranks (1 when None) on this node, with a rendezvous of its own (--standalone).
     """
+    if launcher == "torchrun":
+        if hostfile is not None or (num_nodes or 1) > 1:
+            raise ValueError("compute.distributed ddp launches ranks on this node only: for several nodes train "
+                             "with deepspeed.stage 2 or 3 and a compute.hostfile, or run torchrun on each node")
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
+                "--nproc-per-node", str(num_gpus or 1), "-m", "components.training.launch", str(job_file)]
+    if launcher != "deepspeed":
+        raise ValueError(f"unknown launcher {launcher!r}: use one of {', '.join(LAUNCHERS)}")
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner"]
     if hostfile is not None:
         cmd += ["--hostfile", str(hostfile)]
@@ -95,8 +114,14 @@ def launcher_command(job_file: Path, *, num_gpus: int | None = None, num_nodes: 
 
 
 def _kill_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
-    """SIGTERM the launcher's process group (every rank), then SIGKILL what is left after `grace_s`."""
+    """SIGTERM the launcher's process group (every rank), then SIGKILL what is left after `grace_s`.
+
+    A launcher that already exited may have left members behind (DeepSpeed's per-node launch process):
+    they are killed outright. torchrun's ranks run in sessions of their own and follow torchrun (or end
+    through their own watch, _exit_with_launcher)."""
     if proc.poll() is not None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
         return
     try:
         os.killpg(proc.pid, signal.SIGTERM)
@@ -108,9 +133,28 @@ def _kill_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
         pass
 
 
+def rank_environment(*, mlflow_run_id: str | None = None, tracking_uri: str | None = None,
+                     threads_per_rank: int | None = None, env: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment the launcher and its ranks start with: this one, plus the project on PYTHONPATH, the
+    stage's MLflow run, this process's pid (the ranks' watch), and each rank's CPU threads."""
+    child_env = {**os.environ, **(env or {})}
+    # The ranks import lmforge from this checkout even where it is not installed (PYTHON* is exported to nodes).
+    child_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), child_env.get("PYTHONPATH")]))
+    child_env[STAGE_PID_ENV] = str(os.getpid())
+    if mlflow_run_id:
+        child_env["MLFLOW_RUN_ID"] = mlflow_run_id
+    if tracking_uri:
+        child_env["MLFLOW_TRACKING_URI"] = tracking_uri
+    if threads_per_rank:
+        # Ranks on one CPU share its cores: without this each would start one thread per core.
+        child_env["OMP_NUM_THREADS"] = str(threads_per_rank)
+    return child_env
+
+
 def launch_training(
     job: TrainingJob,
     *,
+    launcher: str = "deepspeed",
     num_gpus: int | None = None,
     num_nodes: int | None = None,
     hostfile: Path | None = None,
@@ -118,10 +162,11 @@ def launch_training(
     master_port: int | None = None,
     mlflow_run_id: str | None = None,
     tracking_uri: str | None = None,
+    threads_per_rank: int | None = None,
     timeout_s: float | None = None,
     env: dict[str, str] | None = None,
 ) -> StageResult:
-    """Run `job` under the DeepSpeed launcher and return rank 0's StageResult.
+    """Run `job` under `launcher` (deepspeed or torchrun, see launcher_command) and return rank 0's StageResult.
 
     The launcher runs in a new session (its own process group); the whole group is killed when
     `timeout_s` passes or this process is interrupted. Output goes to `<out_dir>/launch.log` and to
@@ -133,16 +178,10 @@ def launch_training(
     atomic_write_json(job_file, job.model_dump(mode="json"))
     (out_dir / RESULT_FILE).unlink(missing_ok=True)
 
-    child_env = {**os.environ, **(env or {})}
-    # The ranks import lmforge from this checkout even where it is not installed (PYTHON* is exported to nodes).
-    child_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), child_env.get("PYTHONPATH")]))
-    if mlflow_run_id:
-        child_env["MLFLOW_RUN_ID"] = mlflow_run_id
-    if tracking_uri:
-        child_env["MLFLOW_TRACKING_URI"] = tracking_uri
-
-    cmd = launcher_command(job_file, num_gpus=num_gpus, num_nodes=num_nodes, hostfile=hostfile,
-                           master_addr=master_addr, master_port=master_port)
+    child_env = rank_environment(mlflow_run_id=mlflow_run_id, tracking_uri=tracking_uri,
+                                 threads_per_rank=threads_per_rank, env=env)
+    cmd = launcher_command(job_file, launcher=launcher, num_gpus=num_gpus, num_nodes=num_nodes,
+                           hostfile=hostfile, master_addr=master_addr, master_port=master_port)
     log.info("launching: %s", " ".join(cmd))
     tail: deque[str] = deque(maxlen=40)
     t0 = time.perf_counter()
@@ -168,6 +207,8 @@ def launch_training(
         except BaseException:
             _kill_group(proc)
             raise
+        if rc != 0:
+            _kill_group(proc)  # what the dead launcher left in its group
         reader.join(timeout=30)
     log.info("launch finished with rc %d in %.1f s", rc, time.perf_counter() - t0)
     result_file = out_dir / RESULT_FILE
@@ -208,8 +249,12 @@ def run_job(job: TrainingJob) -> StageResult:
     if isinstance(ds_config, dict):
         ds_config = with_batch_sizes(ds_config, cfg, int(os.environ.get("WORLD_SIZE", "1")))
         if ds_config.get("zero_optimization", {}).get("stage") == 3:
-            # Alive while the model loads, this makes from_pretrained build it already sharded (zero.Init).
+            # Alive while the model loads, this makes from_pretrained build it already sharded (zero.Init),
+            # over the ranks' process group: it must exist before the Trainer would start it.
+            import deepspeed
             from transformers.integrations import HfDeepSpeedConfig
+
+            deepspeed.init_distributed()
 
             keep_alive = HfDeepSpeedConfig(ds_config)
     tokenizer = load_tokenizer(job.base_model, revision=job.revision, trust_remote_code=job.trust_remote_code)
@@ -224,12 +269,50 @@ def run_job(job: TrainingJob) -> StageResult:
         sink.flush()
     result.metrics["train_rows"] = float(len(dataset))
     result.info["world_size"] = int(os.environ.get("WORLD_SIZE", "1"))
+    zero = (ds_config or {}).get("zero_optimization", {}).get("stage") if isinstance(ds_config, dict) else None
+    result.info["distributed"] = f"deepspeed-zero{zero}" if zero else ("deepspeed" if ds_config else "ddp")
     if rank == 0:
         atomic_write_json(Path(job.out_dir) / RESULT_FILE,
                           {"files": result.files, "reports": result.reports, "metrics": result.metrics,
                            "info": result.info})
     del keep_alive
     return result
+
+
+def _exit_with_launcher(poll_s: float = 1.0) -> None:
+    """End this rank when a process between it and the stage process dies (the launcher killed with -9,
+    the stage's worker gone): an orphaned rank would go on writing checkpoints beside the rerun's.
+
+    Hand-written because neither launcher does it: torchrun starts each rank in a session of its own, and
+    DeepSpeed's per-node launch process outlives a killed runner. A rank that does not descend from the stage
+    process (another node's, started over pdsh) is left to its own launcher."""
+    import psutil
+
+    stage_pid = int(os.environ.get(STAGE_PID_ENV, "0"))
+    watched = []
+    for ancestor in psutil.Process().parents():  # nearest first
+        watched.append(ancestor)
+        if ancestor.pid == stage_pid:
+            break
+    else:
+        return
+
+    def gone(p: psutil.Process) -> bool:
+        try:
+            return not p.is_running() or p.status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+
+    def watch():
+        while True:
+            time.sleep(poll_s)
+            dead = next((p for p in watched if gone(p)), None)
+            if dead is not None:
+                print(f"rank {os.environ.get('RANK', '0')}: process {dead.pid} that launched it is gone; exiting",
+                      file=sys.stderr, flush=True)
+                os._exit(1)
+
+    threading.Thread(target=watch, name="launcher-watch", daemon=True).start()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -239,6 +322,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("usage: python -m components.training.launch JOB.json")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s rank" + os.environ.get("RANK", "0")
                         + " %(name)s %(levelname)s %(message)s")
+    _exit_with_launcher()
     job = TrainingJob.model_validate_json(Path(args[0]).read_text())
     run_job(job)
 

@@ -119,9 +119,12 @@ def training_callback(sink: MetricsSink | None, *, tokens_seen: Callable[[], int
                 guard(args, state, logs)
 
         def on_save(self, args, state, control, **kwargs):
-            # Trainer calls on_save after the checkpoint is fully written: mark it complete.
+            # Trainer calls on_save once this rank has written its part of the checkpoint; when every rank
+            # has (the barrier: another rank's files may still be in flight), rank 0 marks it complete.
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.barrier()
             ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            if ckpt.is_dir():
+            if state.is_world_process_zero and ckpt.is_dir():
                 (ckpt / COMPLETE).write_text(str(state.global_step))
 
     return StageCallback()

@@ -77,13 +77,12 @@ def train_stage(cfg: PipelineConfig, inputs: StageInputs, out_dir: Path) -> Stag
     train_file = inputs.file("tokenize", f"{group}.parquet")
     # A curriculum lives in the order of sft.parquet's rows, which its digest (this stage's key) covers.
     ordered = inputs.kind == "sft" and bool(cfg.data.sft_phases)
-    distributed = train_cfg.deepspeed.stage > 0
+    launcher = stage_launcher(cfg, train_cfg)
     if ordered:
-        ranks = (cfg.compute.num_gpus or _visible_gpus()) * (cfg.compute.num_nodes or 1) if distributed else 1
-        check_curriculum_steps(_row_count(train_file), train_cfg, ranks)
-    if distributed:
-        result = _launch_deepspeed(cfg, inputs, base, below, train_file, train_cfg, hardware, Path(out_dir),
-                                   ordered=ordered)
+        check_curriculum_steps(_row_count(train_file), train_cfg, launched_ranks(cfg) if launcher else 1)
+    if launcher:
+        result = _launch(launcher, cfg, inputs, base, below, train_file, train_cfg, hardware, Path(out_dir),
+                         ordered=ordered)
     else:
         result = run_adapter_stage(cfg.model, base, below, train_file, train_cfg, hardware, Path(out_dir),
                                    metrics_sink=inputs.metrics, ordered=ordered)
@@ -118,11 +117,26 @@ def _visible_gpus() -> int:
     return max(torch.cuda.device_count(), 1)
 
 
-def _launch_deepspeed(cfg: PipelineConfig, inputs: StageInputs, base: BaseModelRef, below: list[Path],
-                      train_file: Path, train_cfg: TrainConfig, hardware: Hardware, out_dir: Path,
-                      *, ordered: bool = False) -> StageResult:
-    """The same training under the DeepSpeed launcher (ZeRO-2/3), in its own process group: one GPU,
-    several, or several nodes (compute.num_gpus / num_nodes / hostfile)."""
+def stage_launcher(cfg: PipelineConfig, train_cfg: TrainConfig) -> str | None:
+    """The launcher a cpt/sft stage trains under: deepspeed (ZeRO-2/3), torchrun (compute.distributed ddp)
+    or None (in this process)."""
+    if train_cfg.deepspeed.stage > 0:
+        return "deepspeed"
+    return "torchrun" if cfg.compute.distributed == "ddp" else None
+
+
+def launched_ranks(cfg: PipelineConfig) -> int:
+    """Ranks of a launched stage: compute.num_gpus (every visible GPU, or 1 on CPU, when null) per node."""
+    return (cfg.compute.num_gpus or _visible_gpus()) * (cfg.compute.num_nodes or 1)
+
+
+def _launch(launcher: str, cfg: PipelineConfig, inputs: StageInputs, base: BaseModelRef, below: list[Path],
+            train_file: Path, train_cfg: TrainConfig, hardware: Hardware, out_dir: Path,
+            *, ordered: bool = False) -> StageResult:
+    """The same training as ranks under a launcher, in its own process group: DeepSpeed (ZeRO-2/3 on one GPU,
+    several, or several nodes: compute.num_gpus / num_nodes / hostfile) or torchrun (DDP on this node)."""
+    import os
+
     from components.training.deepspeed import stage_deepspeed_config
     from components.training.launch import TrainingJob, launch_training
 
@@ -131,9 +145,13 @@ def _launch_deepspeed(cfg: PipelineConfig, inputs: StageInputs, base: BaseModelR
         attn_implementation=cfg.model.attn_implementation, adapters_below=[str(p) for p in below],
         train_file=str(train_file), train_config=train_cfg.model_dump(mode="json"), out_dir=str(out_dir),
         device=cfg.compute.device, precision=cfg.compute.precision, ordered=ordered,
-        deepspeed=stage_deepspeed_config(train_cfg, hardware),
+        deepspeed=stage_deepspeed_config(train_cfg, hardware) if launcher == "deepspeed" else None,
     )
+    threads = cfg.compute.threads
+    if hardware.device == "cpu" and threads is None:  # the ranks share this node's cores
+        threads = max(1, (os.cpu_count() or 1) // (cfg.compute.num_gpus or 1))
     run = inputs.run
-    return launch_training(job, num_gpus=cfg.compute.num_gpus, num_nodes=cfg.compute.num_nodes,
+    return launch_training(job, launcher=launcher, num_gpus=cfg.compute.num_gpus, num_nodes=cfg.compute.num_nodes,
                            hostfile=Path(cfg.compute.hostfile) if cfg.compute.hostfile else None,
-                           mlflow_run_id=inputs.stage_run_id, tracking_uri=run.tracking_uri if run else None)
+                           mlflow_run_id=inputs.stage_run_id, tracking_uri=run.tracking_uri if run else None,
+                           threads_per_rank=threads)

@@ -166,9 +166,9 @@ class RewardModel:
         self.device = hardware.device
         self.cut_rows = 0  # prompts cut from the left to fit max_length (score_answers), over every call
 
-    def __call__(self, prompts: list[str], completions: list[str], **_) -> list[float]:
+    def __call__(self, prompts: list[str], completions: list[str], *, task: list[str] | None = None, **_) -> list[float]:
         scores, cut = score_answers(self.model, self.tokenizer, prompts, [c + self.stop for c in completions],
-                                    max_length=self.max_length, batch_size=self.batch_size)
+                                    max_length=self.max_length, batch_size=self.batch_size, groups=task)
         self.cut_rows += cut
         return scores
 
@@ -212,17 +212,19 @@ def load_reward_model(base, below: list[Path], reward_adapter: Path, hardware, p
 
 
 def score_answers(model, tokenizer, prompts: list[str], answers: list[str], *, max_length: int,
-                  batch_size: int) -> tuple[list[float], int]:
+                  batch_size: int, groups: list | None = None) -> tuple[list[float], int]:
     """The classifier's scalar for each prompt + answer, and how many prompts had to be cut to fit.
 
     A pair longer than `max_length` tokens loses the start of its prompt, never its answer (cut from the right,
     a long prompt would leave no answer to score and every sample would score the same); an answer longer than
     `max_length` alone keeps its first `max_length` tokens. Pairs are scored in the order given, `batch_size`
-    at a time, each batch's shared prompt prefix encoded once (components.models.generation). The head reads
+    at a time, each batch's shared prompt prefix encoded once (components.models.generation); with `groups`
+    (a label per pair, a task), a batch never spans two runs of labels, so each shares its own. The head reads
     the last token that is not the pad token, the position transformers' sequence classifiers pool, which
     training used.
     """
     from components.data.encoding import encode_texts
+    from components.models.generation import segments_of
 
     rows, cut = [], 0
     for p_ids, a_ids in zip(encode_texts(tokenizer, prompts), encode_texts(tokenizer, answers), strict=True):
@@ -233,8 +235,9 @@ def score_answers(model, tokenizer, prompts: list[str], answers: list[str], *, m
         rows.append((p_ids + a_ids)[:max_length])
     pad = model.config.pad_token_id if model.config.pad_token_id is not None else tokenizer.pad_token_id
     scores: list[float] = []
-    for start in range(0, len(rows), batch_size):
-        scores += _score_rows(model, rows[start : start + batch_size], pad)
+    for segment in segments_of(groups, len(rows)):
+        for start in range(segment.start, segment.stop, batch_size):
+            scores += _score_rows(model, rows[start : min(start + batch_size, segment.stop)], pad)
     return scores, cut
 
 

@@ -24,10 +24,11 @@ def sample(model, tokenizer, prompts: list[str], *, k: int, temperature: float, 
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
-    # The k copies of a prompt sit in one batch where they fit: all but the last prompt token is shared.
+    # The k copies of a prompt form a group of the batch: all but the last prompt token is run once for them.
     repeated = [row for row in encode_texts(tokenizer, prompts) for _ in range(k)]
     completions = decode(model, repeated, max_new_tokens=max_new_tokens, stop=eos, pad_id=pad_id,
-                         batch_size=max(batch_size, k), temperature=temperature, top_p=top_p, generator=generator)
+                         batch_size=max(batch_size, k), temperature=temperature, top_p=top_p, generator=generator,
+                         groups=[j for j in range(len(prompts)) for _ in range(k)])
     texts = [completion_text(tokenizer, c) for c in completions]
     out = [texts[j : j + k] for j in range(0, len(texts), k)]
     if ids is not None:

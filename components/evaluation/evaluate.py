@@ -3,7 +3,8 @@ for fixed-answer tasks, by constrained choice; every figure per task with its ma
 
 Perplexity uses the training loss on length-sorted, causally padded batches (labeled tokens only).
 Generation batches prompts with left padding (on a CPU one prompt at a time costs nearly as much per
-token as sixteen), one task at a time, so a batch of Yes/No questions stops after a few tokens.
+token as sixteen), ordered task by task: each task's rows share its question stem, and a row that has
+answered (a Yes/No after a few tokens) leaves the batch.
 Held-out rows are grouped by their `task` label (components/evaluation/per_task.py); optional
 lm-evaluation-harness tasks run on the same model (components/evaluation/harness.py).
 """
@@ -49,7 +50,7 @@ from components.runtime import progress
 
 if TYPE_CHECKING:
     from components.config import PipelineConfig
-    from components.pipeline import StageInputs
+    from components.stage_contract import StageInputs
 
 log = logging.getLogger(__name__)
 
@@ -79,9 +80,10 @@ def split_prompt(messages: list[dict]) -> tuple[list[dict], str]:
 
 
 def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch_size: int, template: str = "auto",
-             reference=None) -> list[str] | tuple[list[str], list[list[float]]]:
+             reference=None, groups: list | None = None) -> list[str] | tuple[list[str], list[list[float]]]:
     """Greedy answers for rendered prompts, through the one generation path (components.models.generation),
-    stopping at the template's end of turn. Give prompts of a kind together: a batch shares its common prefix.
+    stopping at the template's end of turn. Give prompts of a kind together, labelled by `groups` (a task
+    each): a batch may hold several kinds, and each kind's rows share their common prefix.
     With a `reference` model, also each answer's per-position KL(model || reference)."""
     encoded = encode_texts(tokenizer, prompts)
     stop = stop_ids(tokenizer, template)
@@ -89,7 +91,8 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch
     completions = []
     for i in progress(range(0, len(prompts), batch_size), desc="generate", leave=False):
         completions += decode(model, encoded[i : i + batch_size], max_new_tokens=max_new_tokens, stop=stop,
-                              pad_id=pad_id, batch_size=batch_size, reference=reference)
+                              pad_id=pad_id, batch_size=batch_size, reference=reference,
+                              groups=groups[i : i + batch_size] if groups is not None else None)
     answers = [completion_text(tokenizer, c) for c in completions]
     return answers if reference is None else (answers, [c.kl for c in completions])
 
@@ -118,18 +121,20 @@ def _perplexities(model, tokenizer, tokenized_dir: Path, n: int) -> dict[str, fl
 def _answers_by_task(model, tokenizer, tasks: list[str], prompts: list[str], *, cfg: EvaluateConfig,
                      template_name: str, reference=None) -> tuple[list[str], list[list[float]] | None]:
     """Greedy answers to `prompts` (and, with a `reference`, each answer's per-position KL to it), in their
-    order. Generated one task at a time, shortest prompts first within it: a batch never mixes tasks, so it
-    shares the task's question stem and its answers, of one kind, stop together."""
+    order. Ordered task by task, shortest prompts first within a task, and decoded `cfg.batch_size` at a
+    time: each task's rows in a batch share the task's question stem, and a batch may hold every task
+    (one batch of many rows costs less per token than several small ones)."""
+    rank = {task: n for n, task in enumerate(dict.fromkeys(tasks))}
+    order = sorted(range(len(prompts)), key=lambda i: (rank[tasks[i]], len(prompts[i])))
+    out = generate(model, tokenizer, [prompts[i] for i in order], max_new_tokens=cfg.max_new_tokens,
+                   batch_size=cfg.batch_size, template=template_name, reference=reference,
+                   groups=[tasks[i] for i in order])
+    out, out_kls = out if reference is not None else (out, None)
     answers, kls = [""] * len(prompts), ([[] for _ in prompts] if reference is not None else None)
-    for task in dict.fromkeys(tasks):
-        rows = sorted((i for i, t in enumerate(tasks) if t == task), key=lambda i: len(prompts[i]))
-        out = generate(model, tokenizer, [prompts[i] for i in rows], max_new_tokens=cfg.max_new_tokens,
-                       batch_size=cfg.batch_size, template=template_name, reference=reference)
-        out, task_kls = out if reference is not None else (out, None)
-        for k, i in enumerate(rows):
-            answers[i] = out[k]
-            if kls is not None:
-                kls[i] = task_kls[k]
+    for k, i in enumerate(order):
+        answers[i] = out[k]
+        if kls is not None:
+            kls[i] = out_kls[k]
     return answers, kls
 
 

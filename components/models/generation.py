@@ -9,6 +9,12 @@ token is compute-bound (bench/eval_profile.py):
   that prefix is run once and its keys and values are shared by every row. The rows' remaining tokens are
   padded on the left of their own part, so the attention mask has a hole between prefix and suffix and
   the positions are given explicitly.
+- Prompts of several kinds share one decoding batch without losing their prefixes: with `groups` (a label
+  per prompt: a task, or the prompt itself for k samples of it), each group's rows are prefilled with their
+  own shared prefix and the groups' caches are then joined, left-padded to one length, into one batch.
+  Decoding is bound by reading the weights once per step, not by the rows in it (SmolLM2-135M on one CPU
+  thread: 9.6 ms a token at 30 rows, 4.9 ms at 90), so one batch of 90 answers costs about half as much
+  as three batches of 30.
 - A row that has stopped leaves the batch: its cache rows are dropped, so short answers (Yes/No, a short
   chapter name) stop costing compute while the longest answer of the batch finishes.
 
@@ -60,23 +66,44 @@ def common_prefix(rows: list[list[int]]) -> int:
 @torch.no_grad()
 def decode(model, prompts: list[list[int]], *, max_new_tokens: int, stop: list[int], pad_id: int,
            batch_size: int = 32, temperature: float = 0.0, top_p: float = 1.0, generator: torch.Generator | None = None,
-           reference=None, min_prefix: int = 4) -> list[Completion]:
+           reference=None, min_prefix: int = 4, groups: list | None = None) -> list[Completion]:
     """Complete each prompt (token ids) greedily (temperature 0) or by sampling at `temperature` from the
-    nucleus `top_p`; rows are batched `batch_size` at a time in the order given (group similar prompts
-    together: a batch shares its common prefix). Returns one Completion per prompt, in order."""
+    nucleus `top_p`; rows are batched `batch_size` at a time in the order given. Without `groups` a batch
+    shares its common prefix; with `groups` (one label per prompt, equal labels next to each other) each
+    run of equal labels in a batch shares its own. Returns one Completion per prompt, in order."""
     if not prompts:
         return []
     if any(not p for p in prompts):
         raise ValueError("decode: every prompt needs at least one token")
+    if groups is not None and len(groups) != len(prompts):
+        raise ValueError(f"decode: {len(groups)} group labels for {len(prompts)} prompts")
     model.eval()
     if reference is not None:
         reference.eval()
     out: list[Completion] = []
     for start in range(0, len(prompts), batch_size):
+        labels = groups[start : start + batch_size] if groups is not None else None
         out.extend(_decode_batch(model, prompts[start : start + batch_size], max_new_tokens=max_new_tokens,
                                  stop=stop, pad_id=pad_id, temperature=temperature, top_p=top_p,
-                                 generator=generator, reference=reference, min_prefix=min_prefix))
+                                 generator=generator, reference=reference, min_prefix=min_prefix,
+                                 segments=segments_of(labels, len(prompts[start : start + batch_size]))))
     return out
+
+
+def segments_of(labels: list | None, n: int) -> list[range]:
+    """The runs of equal consecutive labels, as index ranges (one run of `n` rows without labels).
+
+    >>> segments_of(["a", "a", "b", "a"], 4)
+    [range(0, 2), range(2, 3), range(3, 4)]
+    """
+    if labels is None:
+        return [range(n)]
+    runs, start = [], 0
+    for i in range(1, n + 1):
+        if i == n or labels[i] != labels[start]:
+            runs.append(range(start, i))
+            start = i
+    return runs
 
 
 def _forward_rows(model, rows: list[list[int]], prefix: int, pad_id: int, device, keep: int, cache=None):
@@ -123,6 +150,41 @@ def _prefill(model, rows: list[list[int]], prefix: int, pad_id: int, device) -> 
     return logits[:, -1].float(), cache, mask, position
 
 
+def shared_prefix(rows: list[list[int]], min_prefix: int) -> int:
+    """common_prefix, or 0 when it is shorter than `min_prefix` (too short to be worth a pass of its own)."""
+    prefix = common_prefix(rows) if len(rows) > 1 else 0
+    return prefix if prefix >= min_prefix else 0
+
+
+def _prefill_segments(model, rows: list[list[int]], segments: list[range], pad_id: int, device,
+                      min_prefix: int) -> tuple[torch.Tensor, object, torch.Tensor, torch.Tensor] | None:
+    """`_prefill` of each segment of `rows` with its own shared prefix, joined into one batch: the caches and
+    attention masks left-padded to the longest (padding the mask leaves out), the positions as they are.
+    None when the model's cache has layers that cannot be joined this way (sliding windows, quantized)."""
+    from transformers.cache_utils import DynamicLayer
+
+    parts = [_prefill(model, [rows[i] for i in seg], shared_prefix([rows[i] for i in seg], min_prefix), pad_id,
+                      device) for seg in segments]
+    if len(parts) == 1:
+        return parts[0]
+    caches = [cache for _, cache, _, _ in parts]
+    if any(type(layer) is not DynamicLayer for cache in caches for layer in cache.layers):
+        return None
+    width = max(mask.shape[1] for _, _, mask, _ in parts)
+
+    def padded(t: torch.Tensor, dim: int) -> torch.Tensor:  # zeros on the left of `dim`, up to `width`
+        shape = list(t.shape)
+        shape[dim] = width - t.shape[dim]
+        return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+    joined = caches[0]
+    for i, layer in enumerate(joined.layers):
+        layer.keys = torch.cat([padded(c.layers[i].keys, -2) for c in caches])
+        layer.values = torch.cat([padded(c.layers[i].values, -2) for c in caches])
+    return (torch.cat([logits for logits, _, _, _ in parts]), joined,
+            torch.cat([padded(mask, 1) for _, _, mask, _ in parts]), torch.cat([pos for _, _, _, pos in parts]))
+
+
 def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator) -> torch.Tensor:
     """Next tokens: the argmax, or a draw at `temperature` from the smallest set of tokens whose probability
     reaches `top_p` (renormalised over that set)."""
@@ -139,11 +201,15 @@ def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator) -> 
 
 
 def _decode_batch(model, rows, *, max_new_tokens, stop, pad_id, temperature, top_p, generator, reference,
-                  min_prefix) -> list[Completion]:
+                  min_prefix, segments) -> list[Completion]:
     device = next(model.parameters()).device
-    prefix = common_prefix(rows)
-    prefix = prefix if prefix >= min_prefix else 0
-    logits, cache, mask, position = _prefill(model, rows, prefix, pad_id, device)
+    prefilled = _prefill_segments(model, rows, segments, pad_id, device, min_prefix)
+    if prefilled is None:  # caches that cannot be joined: each segment decodes as a batch of its own
+        return [c for seg in segments for c in _decode_batch(
+            model, [rows[i] for i in seg], max_new_tokens=max_new_tokens, stop=stop, pad_id=pad_id,
+            temperature=temperature, top_p=top_p, generator=generator, reference=reference, min_prefix=min_prefix,
+            segments=[range(len(seg))])]
+    logits, cache, mask, position = prefilled
     done = [Completion() for _ in rows]
     active = list(range(len(rows)))  # batch row -> index into `done`
     stop_set = set(stop)
@@ -173,7 +239,8 @@ def _decode_batch(model, rows, *, max_new_tokens, stop, pad_id, temperature, top
         position = position + 1
     if reference is not None:
         del cache
-        ref = continuation_logprobs(reference, rows, [c.ids for c in done], pad_id=pad_id, min_prefix=min_prefix)
+        ref = [logq for seg in segments for logq in continuation_logprobs(
+            reference, [rows[i] for i in seg], [done[i].ids for i in seg], pad_id=pad_id, min_prefix=min_prefix)]
         for completion, logq in zip(done, ref):
             logp = torch.stack(completion.logprobs)
             completion.kl = (logp.exp() * (logp - logq)).sum(-1).clamp_min(0.0).tolist()  # rounding: -1e-9
@@ -188,7 +255,7 @@ def continuation_logprobs(model, prompts: list[list[int]], continuations: list[l
     over the vocabulary at each continuation position, (len(continuation), vocab). The batch's shared prefix
     is run once; the continuations end every row, so only their positions get logits."""
     rows = [p + c for p, c in zip(prompts, continuations, strict=True)]
-    prefix = min(common_prefix(rows), min(len(p) for p in prompts) - 1)
+    prefix = min(shared_prefix(rows, min_prefix), min(len(p) for p in prompts) - 1)
     prefix = prefix if prefix >= min_prefix else 0
     device = next(model.parameters()).device
     keep = max(len(c) for c in continuations) + 1

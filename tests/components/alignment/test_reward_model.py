@@ -87,12 +87,15 @@ def test_reward_scores_keep_the_answer_whole_and_match_the_classifier_row_by_row
     pairs = _pairs(6, seed=3)
     prompts, answers = [p["prompt"] for p in pairs], [p["chosen"] for p in pairs]
     scores, cut = score_answers(model, tokenizer, prompts, answers, max_length=256, batch_size=4)
+    # Grouped (a task per pair): batches stop at each run of labels, here batches of 2, 1, 3 -> 2 + 1, 1, 2 + 1.
+    grouped, _ = score_answers(model, tokenizer, prompts, answers, max_length=256, batch_size=2,
+                               groups=["a", "a", "b", "c", "c", "c"])
     assert cut == 0
-    for prompt, answer, score in zip(prompts, answers, scores):
+    for prompt, answer, score, in_group in zip(prompts, answers, scores, grouped):
         ids = tokenizer(prompt + answer, add_special_tokens=False, return_tensors="pt")
         with torch.no_grad():
             alone = float(model(**ids).logits[0, 0])
-        assert score == pytest.approx(alone, abs=1e-4)
+        assert score == pytest.approx(alone, abs=1e-4) and in_group == pytest.approx(alone, abs=1e-4)
 
     # A long prompt: cut from the left to fit, so the answer (what differs) is still what is scored.
     long_prompt = "<|im_start|>user\n" + "filler words " * 80 + "What does I10 describe?<|im_end|>\n<|im_start|>assistant\n"

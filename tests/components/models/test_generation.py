@@ -8,7 +8,15 @@ import copy
 import pytest
 import torch
 
-from components.models.generation import _pick, _prefill, common_prefix, completion_text, decode
+from components.models.generation import (
+    _pick,
+    _prefill,
+    _prefill_segments,
+    common_prefix,
+    completion_text,
+    decode,
+    segments_of,
+)
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +70,42 @@ def test_a_shared_prefix_and_a_padded_tail_give_each_row_its_unpadded_logits(tin
             alone = model(input_ids=torch.tensor([ids])).logits[0, -1]
             assert torch.allclose(logits[b], alone, atol=1e-5)
             assert int(position[b]) == len(ids) and int(mask[b].sum()) == len(ids)
+
+
+def test_groups_of_one_batch_decode_as_if_alone(tiny):
+    """Three kinds of prompt in one batch, each with its own shared prefix: the caches are joined (padded
+    on the left to one length) and every row still gets transformers' own greedy tokens and its KL."""
+    model, tokenizer = tiny
+    texts = [PROMPTS[0], PROMPTS[2], PROMPTS[1], "Is A00 billable?", "Is K27.9 billable at all?", "x"]
+    groups = ["chapter", "chapter", "chapter", "billable", "billable", "other"]
+    encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    first = _reference_greedy(model, encoded[3], 1, set())[0]
+    expected = [_reference_greedy(model, ids, 7, {first}) for ids in encoded]
+    assert any(len(e) == 1 for e in expected) and any(len(e) > 1 for e in expected)
+    # Greedy tokens of a random tiny model hardly move with a wrong position or a stray key; the logits do:
+    # the joined prefill and one decoding step on the joined cache give each row its unpadded logits.
+    with torch.no_grad():
+        logits, cache, mask, position = _prefill_segments(model, encoded, segments_of(groups, 6), 0,
+                                                          torch.device("cpu"), 1)
+        assert cache.get_seq_length() == mask.shape[1] > min(len(e) for e in encoded) and int(mask[-1].sum()) == 1
+        token = torch.full((6, 1), 7)
+        step = model(input_ids=token, attention_mask=torch.cat([mask, torch.ones(6, 1, dtype=mask.dtype)], 1),
+                     position_ids=position, cache=cache, use_cache=True).logits[:, -1]
+        for b, ids in enumerate(encoded):
+            alone = model(input_ids=torch.tensor([ids + [7]])).logits[0]
+            assert torch.allclose(logits[b], alone[-2], atol=1e-5) and torch.allclose(step[b], alone[-1], atol=1e-5)
+    got = decode(model, encoded, max_new_tokens=7, stop=[first], pad_id=0, batch_size=6, groups=groups, min_prefix=1)
+    assert [c.ids for c in got] == expected
+    same = decode(model, encoded, max_new_tokens=4, stop=[], pad_id=0, groups=groups, min_prefix=1,
+                  reference=copy.deepcopy(model))
+    assert all(kl == pytest.approx(0.0, abs=1e-6) for c in same for kl in c.kl) and all(len(c.kl) == 4 for c in same)
+    with pytest.raises(ValueError, match="2 group labels for 6 prompts"):
+        decode(model, encoded, max_new_tokens=1, stop=[], pad_id=0, groups=groups[:2])
+
+
+def test_segments_are_runs_of_equal_labels():
+    assert segments_of(None, 3) == [range(3)]
+    assert segments_of([1, 1, 2, 2, 2, 1], 6) == [range(0, 2), range(2, 5), range(5, 6)]
 
 
 def test_common_prefix_leaves_every_row_a_token_of_its_own():

@@ -89,7 +89,9 @@ class SharedStageStore:
         return self._path("blobs", sha256[:2], sha256)
 
     def has(self, stage: str, key: str) -> bool:
-        return self.fs.exists(self._manifest_path(stage, key))
+        path = self._manifest_path(stage, key)
+        self.fs.invalidate_cache(path)  # object-store backends cache listings; other machines write here
+        return self.fs.exists(path)
 
     def _put(self, data: bytes | Path, dest: str) -> None:
         """Write `dest` whole or not at all: upload beside it, then rename (one atomic rename on a mount; on
@@ -130,6 +132,7 @@ class SharedStageStore:
         return True
 
     def _remote_manifest(self, stage: str, key: str) -> dict | None:
+        self.fs.invalidate_cache(self._manifest_path(stage, key))
         try:
             raw = self.fs.cat_file(self._manifest_path(stage, key))
         except FileNotFoundError:
@@ -209,6 +212,7 @@ class SharedStageStore:
         return self._path("leases", stage, key)
 
     def _generations(self, stage: str, key: str) -> list[int]:
+        self.fs.invalidate_cache(self._lease_dir(stage, key))
         try:
             names = self.fs.ls(self._lease_dir(stage, key), detail=False)
         except FileNotFoundError:

@@ -114,8 +114,21 @@ def _template(cfg: PipelineConfig) -> dict:
 
 
 def _train(kind: str) -> Slice:
-    return lambda cfg, facts: {"train": getattr(cfg, kind).model_dump(mode="json"), "model": _model(cfg),
-                               "precision": facts.precision}
+    def keyed(cfg: PipelineConfig, facts: KeyFacts) -> dict:
+        key = {"train": getattr(cfg, kind).model_dump(mode="json"), "model": _model(cfg), "precision": facts.precision}
+        ranks = _launched_ranks(cfg, kind)
+        if ranks > 1:  # a step trains batch_size x grad_accum x ranks rows; one rank's keys stay as they were
+            key["ranks"] = ranks
+        return key
+
+    return keyed
+
+
+def _launched_ranks(cfg: PipelineConfig, kind: str) -> int:
+    """The ranks a cpt/sft stage trains with, as far as the config says (compute.num_gpus x num_nodes; null
+    counts 1: the key never asks the machine, and a GPU count is set explicitly where it matters)."""
+    launched = getattr(cfg, kind).deepspeed.stage > 0 or cfg.compute.distributed == "ddp"
+    return (cfg.compute.num_gpus or 1) * (cfg.compute.num_nodes or 1) if launched else 1
 
 
 def _local_harness_tasks(cfg: PipelineConfig) -> dict:

@@ -125,6 +125,22 @@ def test_deepspeed_zero_two_ranks_match_one_rank(zero, tiny_model_dir, train_fil
         torch.testing.assert_close(adapter[name], weight, rtol=1e-3, atol=1e-5, msg=name)
 
 
+def test_the_ranks_a_stage_trains_with_are_in_its_key():
+    """Two ranks train twice the rows per step: a cached one-rank adapter must not stand in for it."""
+    from components.config import load_config
+    from components.pipeline import STAGES_BY_NAME, KeyFacts
+
+    facts = KeyFacts(precision="fp32", tokenizer_digest="tok", model_digest="model")
+
+    def key(*sets):
+        return STAGES_BY_NAME["sft"].keyed_on(load_config(None, list(sets)), facts)
+
+    assert "ranks" not in key() and "ranks" not in key("compute.num_gpus=2")  # in-process: one rank either way
+    assert key("compute.distributed=ddp", "compute.num_gpus=2")["ranks"] == 2
+    assert key("sft.deepspeed.stage=3", "compute.num_gpus=4", "compute.num_nodes=2")["ranks"] == 8
+    assert "ranks" not in key("compute.distributed=ddp", "compute.num_gpus=1")
+
+
 def _ranks_of(launcher: psutil.Process) -> list[psutil.Process]:
     return [p for p in launcher.children(recursive=True) if "components.training.launch" in " ".join(p.cmdline())]
 

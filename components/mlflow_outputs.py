@@ -105,12 +105,20 @@ def reference_outputs(client: MlflowClient, run_id: str, exp_id: str, manifest: 
     return upload_outputs(client, run_id, exp_id, manifest)["holder"] if upload else None
 
 
-def tag_version_lineage(client: MlflowClient, exp_id: str, name: str, version: str, manifests: dict[str, dict]) -> None:
+def tag_version_lineage(client: MlflowClient, exp_id: str, name: str, version: str, manifests: dict[str, dict],
+                        *, uploads: bool) -> int:
     """Tags on a registered version naming, for each stage it was made from, the run that produced it
-    (`lmforge.stage_run.<stage>`) and where its outputs are (`lmforge.outputs.<stage>`, when uploaded)."""
-    for stage, manifest in manifests.items():
-        if manifest.get("mlflow_run_id"):
-            client.set_model_version_tag(name, version, f"lmforge.stage_run.{stage}", manifest["mlflow_run_id"])
-        holder = holder_of(client, exp_id, manifest["digest"])
+    (`lmforge.stage_run.<stage>`) and where its outputs are (`lmforge.outputs.<stage>`, when `uploads`).
+    A version that has them all already (a rerun that reuses the register stage) costs one lookup. Returns the
+    number of tags set."""
+    have = client.get_model_version(name, version).tags
+    wanted = {f"lmforge.stage_run.{s}": m["mlflow_run_id"] for s, m in manifests.items() if m.get("mlflow_run_id")}
+    missing = [s for s in manifests if uploads and f"lmforge.outputs.{s}" not in have]
+    for stage in missing:
+        holder = holder_of(client, exp_id, manifests[stage]["digest"])
         if holder is not None:
-            client.set_model_version_tag(name, version, f"lmforge.outputs.{stage}", f"runs:/{holder}/{OUTPUTS}")
+            wanted[f"lmforge.outputs.{stage}"] = f"runs:/{holder}/{OUTPUTS}"
+    changed = {k: v for k, v in wanted.items() if have.get(k) != v}
+    for key, value in changed.items():
+        client.set_model_version_tag(name, version, key, value)
+    return len(changed)

@@ -108,7 +108,7 @@ def adapt(cfg: PipelineConfig, hooks: RunHooks, *, precision: str, from_stage: s
             manifests[node.name], row = _produce(node, key, sc, out, force, deep, hooks, run, cfg, manifests)
             timeline.append(row)
         if "register" in manifests:
-            _tag_lineage(client, exp_id, manifests, hooks.logger)
+            _tag_lineage(client, exp_id, manifests, cfg, hooks.logger)
         status = "FINISHED"
     except BaseException as exc:
         status = tracking.end_status(exc)  # Ctrl-C or SIGTERM (Prefect raises it in the flow): KILLED
@@ -144,11 +144,12 @@ def _complete_upstream(name: str, key: str, out: Path, only: str, deep: bool, cf
     return fetched
 
 
-def _tag_lineage(client, exp_id: str, manifests: dict[str, dict], logger) -> None:
+def _tag_lineage(client, exp_id: str, manifests: dict[str, dict], cfg: PipelineConfig, logger) -> None:
     """The registered version names the run of every stage it was made from and where its outputs are."""
     info = manifests["register"].get("info", {})
     try:
-        mlflow_outputs.tag_version_lineage(client, exp_id, info["name"], str(info["version"]), manifests)
+        mlflow_outputs.tag_version_lineage(client, exp_id, info["name"], str(info["version"]), manifests,
+                                           uploads=mlflow_outputs.uploads_on(cfg.tracking.upload_outputs))
     except Exception as exc:  # the version stands; its stage tags are a convenience for browsing
         logger.warning("could not tag the registered version with its stage runs: %s", exc)
 

@@ -117,3 +117,19 @@ def test_the_switch(monkeypatch):
     monkeypatch.delenv("LMFORGE_UPLOAD_OUTPUTS")
     assert mlflow_outputs.uploads_on(True) and not mlflow_outputs.uploads_on(False)
     assert load_config(None, []).tracking.upload_outputs  # on by default
+
+
+def test_the_registered_version_names_each_stage_run_and_its_outputs_once(ctx, tmp_path):
+    cfg, run, client, _ = ctx
+    manifest = run_stage(SFT, "k1", run, cfg, {}, _body(), upstream={})
+    name = f"model-{tmp_path.name}"
+    client.create_registered_model(name)
+    version = client.create_model_version(name, source=str(tmp_path), run_id=manifest["mlflow_run_id"]).version
+    assert mlflow_outputs.tag_version_lineage(client, run.experiment_id, name, version, {"sft": manifest},
+                                              uploads=True) == 2
+    tags = client.get_model_version(name, version).tags
+    assert tags["lmforge.stage_run.sft"] == manifest["mlflow_run_id"]
+    assert tags["lmforge.outputs.sft"] == f"runs:/{manifest['mlflow_run_id']}/outputs"
+    # A rerun that reuses the register stage: nothing to set.
+    assert mlflow_outputs.tag_version_lineage(client, run.experiment_id, name, version, {"sft": manifest},
+                                              uploads=True) == 0

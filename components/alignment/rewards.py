@@ -175,8 +175,11 @@ class RewardModel:
 
 def load_classifier(base, below: list[Path], hardware, pad_token_id: int | None):
     """The policy's model (base + adapter stack merged) as a one-output sequence classifier; the score
-    head starts random. The stack's adapters are causal-LM adapters, so they are merged into the causal
-    model and its body is moved into the classifier (same modules, same names)."""
+    head starts random (normal, the config's initializer_range, as transformers initialises it). The stack's
+    adapters are causal-LM adapters, so they are merged into the causal model, and its body becomes the
+    classifier's body (same modules, same names). The classifier is built on the meta device and only its
+    head is made: a full random initialisation of the 135M demo model costs seconds that are thrown away."""
+    import torch
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     from components.models.loading import load_with_adapters
@@ -184,10 +187,18 @@ def load_classifier(base, below: list[Path], hardware, pad_token_id: int | None)
     causal = load_with_adapters(base.source, below, hardware, **base.load_kwargs())
     config = AutoConfig.from_pretrained(base.source, num_labels=1, **base.load_kwargs())
     config.pad_token_id = pad_token_id
-    model = AutoModelForSequenceClassification.from_config(config, dtype=hardware.dtype,
-                                                           trust_remote_code=base.trust_remote_code)
-    body = getattr(model, model.base_model_prefix)
-    body.load_state_dict(getattr(causal, causal.base_model_prefix).state_dict())
+    with torch.device("meta"):
+        model = AutoModelForSequenceClassification.from_config(config, dtype=hardware.dtype,
+                                                               trust_remote_code=base.trust_remote_code)
+    setattr(model, model.base_model_prefix, getattr(causal, causal.base_model_prefix))
+    head = model.score.to_empty(device=hardware.device)
+    torch.nn.init.normal_(head.weight, std=getattr(config, "initializer_range", 0.02))
+    if head.bias is not None:
+        torch.nn.init.zeros_(head.bias)
+    unmade = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if unmade:
+        raise RuntimeError(f"{type(model).__name__}: parts of the classifier were not made from the causal model "
+                           f"{type(causal).__name__}: {unmade[:5]}")
     del causal
     return model.to(hardware.device)
 

@@ -157,11 +157,13 @@ def is_degenerate(text: str) -> bool:
 
 class RewardModel:
     """The reward stage's model as a reward function: the SFT model (base + adapter stack merged) as a
-    sequence classifier with the reward adapter and its score head, scoring prompt + completion."""
+    sequence classifier with the reward adapter and its score head, scoring prompt + completion. A caller
+    that holds that merged model already (`policy`: the same base and stack, loaded for inference) saves
+    the load: the classifier is made from a copy of it."""
 
     def __init__(self, base, below: list[Path], reward_adapter: Path, hardware, tokenizer, *, stop: str | None,
-                 max_length: int = 256, batch_size: int = 8):
-        self.model = shared_reward_model(base, below, reward_adapter, hardware, tokenizer.pad_token_id)
+                 max_length: int = 256, batch_size: int = 8, policy=None):
+        self.model = shared_reward_model(base, below, reward_adapter, hardware, tokenizer.pad_token_id, policy=policy)
         self.tokenizer, self.stop, self.max_length, self.batch_size = tokenizer, stop or "", max_length, batch_size
         self.device = hardware.device
         self.cut_rows = 0  # prompts cut from the left to fit max_length (score_answers), over every call
@@ -173,18 +175,22 @@ class RewardModel:
         return scores
 
 
-def load_classifier(base, below: list[Path], hardware, pad_token_id: int | None):
+def load_classifier(base, below: list[Path], hardware, pad_token_id: int | None, policy=None):
     """The policy's model (base + adapter stack merged) as a one-output sequence classifier; the score
     head starts random (normal, the config's initializer_range, as transformers initialises it). The stack's
     adapters are causal-LM adapters, so they are merged into the causal model, and its body becomes the
     classifier's body (same modules, same names). The classifier is built on the meta device and only its
-    head is made: a full random initialisation of the 135M demo model costs seconds that are thrown away."""
+    head is made: a full random initialisation of the 135M demo model costs seconds that are thrown away.
+    With `policy` (that merged causal model, loaded already) a copy of it is taken instead of loading."""
+    import copy
+
     import torch
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     from components.models.loading import load_with_adapters
 
-    causal = load_with_adapters(base.source, below, hardware, **base.load_kwargs())
+    causal = (copy.deepcopy(policy) if policy is not None
+              else load_with_adapters(base.source, below, hardware, **base.load_kwargs()))
     config = AutoConfig.from_pretrained(base.source, num_labels=1, **base.load_kwargs())
     config.pad_token_id = pad_token_id
     with torch.device("meta"):
@@ -203,22 +209,24 @@ def load_classifier(base, below: list[Path], hardware, pad_token_id: int | None)
     return model.to(hardware.device)
 
 
-def shared_reward_model(base, below: list[Path], reward_adapter: Path, hardware, pad_token_id: int | None):
+def shared_reward_model(base, below: list[Path], reward_adapter: Path, hardware, pad_token_id: int | None,
+                        policy=None):
     """load_reward_model, kept for the next caller in this process (components.models.loading.kept_model):
-    the four evaluate nodes of a run score with the same reward model. Only ever used for inference."""
+    the evaluate nodes of a run score with the same reward model. Only ever used for inference."""
     from components.models.loading import content_stamp, kept_model
 
     key = (str(base.source), content_stamp([*below, reward_adapter]), hardware.device, hardware.precision,
            pad_token_id)
     return kept_model("reward", key, hardware.device,
-                      lambda: load_reward_model(base, below, reward_adapter, hardware, pad_token_id))
+                      lambda: load_reward_model(base, below, reward_adapter, hardware, pad_token_id, policy=policy))
 
 
-def load_reward_model(base, below: list[Path], reward_adapter: Path, hardware, pad_token_id: int | None = None):
+def load_reward_model(base, below: list[Path], reward_adapter: Path, hardware, pad_token_id: int | None = None,
+                      policy=None):
     """The reward stage's model: the classifier with the reward adapter (LoRA + score head) merged, in eval mode."""
     from peft import PeftModel
 
-    model = load_classifier(base, below, hardware, pad_token_id)
+    model = load_classifier(base, below, hardware, pad_token_id, policy=policy)
     return PeftModel.from_pretrained(model, str(reward_adapter)).merge_and_unload().eval()
 
 

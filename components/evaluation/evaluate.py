@@ -336,9 +336,9 @@ def evaluate_stage(cfg: PipelineConfig, inputs: StageInputs, out_dir: Path) -> S
     if cfg.evaluate.sample_k and cfg.alignment.reward.rule:
         with phases("sampled_rewards"):
             metrics.update(_sampled_rewards(model, cfg, samples, tokenizer))
-    del model
     with phases("answer_rewards"):
-        metrics.update(_answer_rewards(cfg, inputs, samples, tokenizer, hardware))
+        metrics.update(_answer_rewards(cfg, inputs, samples, tokenizer, hardware, policy=model))
+    del model
     info["phase_s"] = phases.seconds
     log.info("evaluation phases (s): %s", {k: round(v, 1) for k, v in phases.seconds.items()})
     return _finish(out_dir, evaluation, info)
@@ -392,10 +392,13 @@ def _sampled_rewards(model, cfg: PipelineConfig, samples: list[dict], tokenizer)
                         resamples=ecfg.bootstrap_resamples)
 
 
-def _answer_rewards(cfg: PipelineConfig, inputs: StageInputs, samples: list[dict], tokenizer, hardware) -> dict:
+def _answer_rewards(cfg: PipelineConfig, inputs: StageInputs, samples: list[dict], tokenizer, hardware,
+                    policy=None) -> dict:
     """The held-out answers' verifiable reward, reward-model score (when the reward stage ran), length and
     diversity (components.alignment.scoring), so base, SFT and aligned models compare on them. Rewards see
-    each answer's own generation prompt (the sample's rendered_prompt), earlier turns included."""
+    each answer's own generation prompt (the sample's rendered_prompt), earlier turns included. The node's
+    `policy`, when it is the model the reward model was trained on (the adapted node's), is copied into
+    the reward model instead of loading that stack again."""
     from components.alignment.data import turn_end
     from components.alignment.rewards import RewardModel
     from components.alignment.scoring import response_metrics
@@ -406,10 +409,11 @@ def _answer_rewards(cfg: PipelineConfig, inputs: StageInputs, samples: list[dict
     reward_model = None
     if inputs.has("reward"):
         reward = inputs.upstream["reward"]["info"]
-        reward_model = RewardModel(inputs.base_model, [Path(p) for p in reward["reward_below"]],
-                                   Path(reward["reward_adapter"]), hardware, tokenizer,
+        below = [Path(p) for p in reward["reward_below"]]
+        same = [p.resolve() for p in below] == [Path(p).resolve() for p in inputs.adapter_stack()]
+        reward_model = RewardModel(inputs.base_model, below, Path(reward["reward_adapter"]), hardware, tokenizer,
                                    stop=turn_end(tokenizer, cfg.tokenize.template), max_length=cfg.reward.max_length,
-                                   batch_size=cfg.evaluate.batch_size)
+                                   batch_size=cfg.evaluate.batch_size, policy=policy if same else None)
     metrics, per_answer = response_metrics(
         prompts, [s["prediction"] for s in samples], [s["reference"] for s in samples],
         [s.get("task", "") for s in samples], rule=cfg.alignment.reward.rule, reward_model=reward_model,

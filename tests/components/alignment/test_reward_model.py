@@ -68,6 +68,25 @@ def test_reward_model_is_loaded_once_for_the_evaluate_nodes_of_a_run(tiny_model_
     fresh = RewardModel.__new__(RewardModel)
     fresh.__dict__.update(first.__dict__, model=load_reward_model(base, [], adapter, hardware, tokenizer.pad_token_id))
     assert second(prompts, answers) == pytest.approx(fresh(prompts, answers), abs=1e-5)
+    # Made from a copy of the policy the node holds (the same merged stack) instead of loading it: the same
+    # scores, and the policy itself is left as it was (the reward LoRA is merged into the copy).
+    import torch
+
+    from components.models.loading import load_with_adapters
+
+    policy = load_with_adapters(base.source, [], hardware)
+    before = {k: v.clone() for k, v in policy.state_dict().items()}
+    copied = RewardModel.__new__(RewardModel)
+    copied.__dict__.update(first.__dict__, model=load_reward_model(base, [], adapter, hardware, tokenizer.pad_token_id,
+                                                                   policy=policy))
+    assert copied(prompts, answers) == pytest.approx(fresh(prompts, answers), abs=1e-5)
+    assert all(torch.equal(before[k], v) for k, v in policy.state_dict().items())
+    with torch.no_grad():  # and the copy is what scores: a policy with other weights scores otherwise
+        policy.get_input_embeddings().weight.mul_(2.0)
+    other = RewardModel.__new__(RewardModel)
+    other.__dict__.update(first.__dict__, model=load_reward_model(base, [], adapter, hardware, tokenizer.pad_token_id,
+                                                                  policy=policy))
+    assert other(prompts, answers) != pytest.approx(fresh(prompts, answers), abs=1e-5)
     weights = next(adapter.glob("*.safetensors"))
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # rewritten
     assert RewardModel(base, [], adapter, hardware, tokenizer, stop="<|im_end|>", max_length=64).model is not first.model

@@ -112,7 +112,7 @@ def training_callback(sink: MetricsSink | None, *, tokens_seen: Callable[[], int
                 if tokens_seen is not None:
                     metrics["tokens_per_s"] = (tokens_seen() - self.tokens0) / max(elapsed, 1e-9)
                 sink(state.global_step, metrics)
-            if not progress_bars() and any(k in logs for k in ("loss", "reward")):
+            if not progress_bars() and state.is_world_process_zero and any(k in logs for k in ("loss", "reward")):
                 print(progress_line(state.global_step, state.max_steps, logs, time.perf_counter() - self.t0,
                                     state.global_step - self.step0), flush=True)
             if guard is not None:  # after the sink, so the diverging step's figures are recorded

@@ -59,16 +59,19 @@ def _blob_holder(client: MlflowClient, exp_id: str, sha256: str) -> str | None:
     return f"runs:/{runs[0].info.run_id}/{runs[0].data.tags[tag]}" if runs else None
 
 
-def _point_at(client: MlflowClient, run_id: str, holder: str) -> None:
-    client.log_batch(run_id, tags=[RunTag(HOLDER_TAG, holder), RunTag(URI_TAG, f"runs:/{holder}/{OUTPUTS}")])
+def pointer_tags(holder: str) -> dict[str, str]:
+    """The tags that point a stage run at the run holding its outputs."""
+    return {HOLDER_TAG: holder, URI_TAG: f"runs:/{holder}/{OUTPUTS}"}
 
 
-def upload_outputs(client: MlflowClient, run_id: str, exp_id: str, manifest: dict) -> dict:
-    """Put the stage's output files in run `run_id` unless a run holds them already (module docstring).
-    Returns {"holder": run id, "uploaded_bytes": n, "referenced_bytes": m}."""
-    holder = holder_of(client, exp_id, manifest["digest"])
+def upload_outputs(client: MlflowClient, run_id: str, exp_id: str, manifest: dict, *,
+                   holder_known_absent: bool = False) -> dict:
+    """Put the stage's output files in run `run_id` unless a run holds them already (module docstring; the
+    caller may have looked that up: `holder_known_absent`). Returns {"holder": run id, "uploaded_bytes": n,
+    "referenced_bytes": m}."""
+    holder = None if holder_known_absent else holder_of(client, exp_id, manifest["digest"])
     if holder is not None:
-        _point_at(client, run_id, holder)
+        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in pointer_tags(holder).items()])
         return {"holder": holder, "uploaded_bytes": 0, "referenced_bytes": 0}
     root, index, tags = Path(manifest["dir"]), {}, []
     sent = referenced = 0
@@ -85,24 +88,12 @@ def upload_outputs(client: MlflowClient, run_id: str, exp_id: str, manifest: dic
             referenced += meta["bytes"]
         index[rel] = {"sha256": meta["sha256"], "bytes": meta["bytes"], "uri": elsewhere}
     client.log_text(run_id, json.dumps(index, indent=2, sort_keys=True), INDEX)
-    # The digest tag last: a run interrupted mid-upload is never taken for a holder.
-    tags += [RunTag(HOLDER_TAG, run_id), RunTag(URI_TAG, f"runs:/{run_id}/{OUTPUTS}")]
+    # The digest tag after every file: a run interrupted mid-upload is never taken for a holder.
+    tags += [RunTag(k, v) for k, v in pointer_tags(run_id).items()] + [RunTag(DIGEST_TAG, manifest["digest"])]
     client.log_batch(run_id, tags=tags)
-    client.set_tag(run_id, DIGEST_TAG, manifest["digest"])
     log.info("%s: %.1f MB of outputs uploaded to MLflow run %s (%.1f MB held by earlier runs)",
              manifest["stage"], sent / 1e6, run_id, referenced / 1e6)
     return {"holder": run_id, "uploaded_bytes": sent, "referenced_bytes": referenced}
-
-
-def reference_outputs(client: MlflowClient, run_id: str, exp_id: str, manifest: dict, *, upload: bool) -> str | None:
-    """For a stage this run reused: point `run_id` at the run holding its outputs; when none does (a stage made
-    with uploads off, or downloaded from a shared cache another tracking server recorded), upload them here if
-    `upload`. Returns the holder, or None."""
-    holder = holder_of(client, exp_id, manifest["digest"])
-    if holder is not None:
-        _point_at(client, run_id, holder)
-        return holder
-    return upload_outputs(client, run_id, exp_id, manifest)["holder"] if upload else None
 
 
 def tag_version_lineage(client: MlflowClient, exp_id: str, name: str, version: str, manifests: dict[str, dict],

@@ -230,18 +230,20 @@ def record_cached_stage(run, manifest: dict, *, upload: bool = False) -> None:
     the run that produced it and at the run holding its outputs; where no run of this tracking server holds
     them yet (made with uploads off, or downloaded from a shared store) and `upload` is on, it uploads them."""
     client = client_for(run.tracking_uri)
+    holder = mlflow_outputs.holder_of(client, run.experiment_id, manifest["digest"]) if "digest" in manifest else None
     run_id = start_run(
         client, run.experiment_id, manifest["stage"], parent=run.parent_run_id,
         tags={"lmforge.stage": manifest["stage"], "lmforge.stage_kind": manifest.get("kind", manifest["stage"]),
               "lmforge.cache_key": manifest["cache_key"], "lmforge.cached": "true",
               "lmforge.produced_by_run": manifest.get("mlflow_run_id", ""),
-              "lmforge.produced_by_flow_run": manifest.get("flow_run_id", "")},
+              "lmforge.produced_by_flow_run": manifest.get("flow_run_id", ""),
+              **(mlflow_outputs.pointer_tags(holder) if holder else {})},
     )
     try:
         log_metrics(client, run_id, manifest.get("metrics", {}))
-        if "digest" in manifest:
+        if holder is None and upload and "digest" in manifest:
             try:
-                mlflow_outputs.reference_outputs(client, run_id, run.experiment_id, manifest, upload=upload)
+                mlflow_outputs.upload_outputs(client, run_id, run.experiment_id, manifest, holder_known_absent=True)
             except Exception as exc:  # an unreachable artifact store: the stage is reused all the same
                 log.warning("%s: outputs not uploaded to MLflow (%s: %s); the next run tries again",
                             manifest["stage"], type(exc).__name__, exc)

@@ -125,6 +125,21 @@ def test_deepspeed_zero_two_ranks_match_one_rank(zero, tiny_model_dir, train_fil
         torch.testing.assert_close(adapter[name], weight, rtol=1e-3, atol=1e-5, msg=name)
 
 
+def test_torchrun_command_and_the_ranks_environment():
+    from components.training.launch import STAGE_PID_ENV, launcher_command, rank_environment
+
+    cmd = launcher_command(Path("job.json"), launcher="torchrun", num_gpus=2)
+    assert cmd[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nnodes"]
+    assert cmd[cmd.index("--nproc-per-node") + 1] == "2"
+    assert cmd[-3:] == ["-m", "components.training.launch", "job.json"]
+    with pytest.raises(ValueError, match="this node only"):
+        launcher_command(Path("job.json"), launcher="torchrun", num_nodes=2, hostfile=Path("hosts"))
+    with pytest.raises(ValueError, match="unknown launcher"):
+        launcher_command(Path("job.json"), launcher="mpirun")
+    env = rank_environment(mlflow_run_id="abc", tracking_uri="sqlite:///x.db", threads_per_rank=1)
+    assert (env["OMP_NUM_THREADS"], env["MLFLOW_RUN_ID"], env[STAGE_PID_ENV]) == ("1", "abc", str(os.getpid()))
+
+
 def test_the_ranks_a_stage_trains_with_are_in_its_key():
     """Two ranks train twice the rows per step: a cached one-rank adapter must not stand in for it."""
     from components.config import load_config

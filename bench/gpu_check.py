@@ -6,7 +6,7 @@
 On one GPU (the lent H100: bench/gpu_check.md gives the device command and the wheels it carries) it measures
 - `hardware`: the precision lmforge picks (select_hardware auto): bf16 where the GPU has it;
 - `qlora_8b`: QLoRA of a random-weight Llama-3.1-8B-shaped model at batch 2 x 2048 through lmforge's own
-  training path (NF4 base, LoRA r16 on all linear layers, gradient checkpointing, Liger when installed):
+  training path (NF4 base, LoRA r16 on all linear layers, gradient checkpointing):
   peak GPU memory, goal <= 7.4 GiB;
 - `lora_lmforge` and `lora_llamafactory`: LoRA tokens/s on a random-weight Qwen2.5-0.5B-shaped model, same
   rows, batch, rank, targets, lr, precision and attention, no checkpointing: lmforge against LlamaFactory
@@ -60,7 +60,9 @@ PLANS = {
     "gpu": dict(big=LLAMA_31_8B, small=QWEN25_05B, batch=2, seq_len=2048, answer_share=0.5, lora_r=16,
                 warmup=2, steps=10, qlora_steps=3, limits=GPU_LIMITS),
     "dry": dict(big=TINY_LLAMA, small=TINY_QWEN2, batch=2, seq_len=32, answer_share=0.5, lora_r=8,
-                warmup=1, steps=2, qlora_steps=2, limits={name: 180 for name in GPU_LIMITS}),
+                # ZeRO-2's first run on a machine compiles DeepSpeed's CPU comm op (minutes on 2 busy cores): killed
+                # mid-build it would leave torch's build lock behind, on which every later DeepSpeed run waits.
+                warmup=1, steps=2, qlora_steps=2, limits={**{name: 180 for name in GPU_LIMITS}, "zero2": 600}),
 }
 
 
@@ -253,6 +255,10 @@ def markdown_section(path: Path = DEFAULT_OUT) -> list[str]:
         lines.append(f"| {name} | {r['status']} ({r['seconds']:.0f} s) | {_fmt(f.get('tokens_per_s'), 0)} | "
                      f"{_fmt(f.get('s_per_step'))} | {_fmt(f.get('peak_memory_gib'))} | {_fmt(f.get('precision'))} | "
                      f"{note[:160].replace('|', '/')} |")
+    weights = _figure(result, "qlora_8b", "weights_gib_by_dtype")
+    if weights:
+        lines += ["", "QLoRA's weights as trained, GiB by storage dtype (4-bit weights are packed uint8): "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in sorted(weights.items(), key=lambda kv: -kv[1])) + "."]
     return [*lines, ""]
 
 
@@ -270,7 +276,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help=f"JSON to write (default {DEFAULT_OUT.relative_to(ROOT)}, "
                                                  f"dry run {DRY_RUN_OUT.relative_to(ROOT)})")
     parser.add_argument("--only", default=",".join(MEASUREMENTS), help="comma-separated measurements, in order")
-    parser.add_argument("--budget-s", type=float, help="time for the whole check (default 420 on a GPU, 600 dry)")
+    parser.add_argument("--budget-s", type=float, help="time for the whole check (default 420 on a GPU, 900 dry)")
     parser.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
                         help="each measurement in a child process (default: yes on a GPU, no on a dry run)")
     parser.add_argument("--work", type=Path, help="working folder (default: a temporary one, removed after)")
@@ -295,7 +301,7 @@ def main() -> None:
     isolate = (not args.dry_run) if args.isolate is None else args.isolate
     try:
         result = run_check(plan, names, work, out, dry_run=args.dry_run, isolate=isolate,
-                           budget_s=args.budget_s or (600 if args.dry_run else 420))
+                           budget_s=args.budget_s or (900 if args.dry_run else 420))
     finally:
         if plan["scratch"] and plan["scratch"] != str(work):
             shutil.rmtree(plan["scratch"], ignore_errors=True)

@@ -113,6 +113,48 @@ def train_config(plan: dict, max_steps: int, **fields):
     return TrainConfig(**{**base, **fields})
 
 
+# ---------------------------------------------------------------- an older transformers on the GPU machine
+
+COMPAT_NOTE = ("transformers {version} has no TrainingArguments.activation_checkpointing (lmforge's lora.py passes "
+               "it; transformers 5.25 has both names): passed on as gradient_checkpointing(_kwargs), the same setting")
+
+
+def transformers_compat() -> list[str]:
+    """Let lmforge's training path run on the GPU machine's transformers (5.17), which predates the name
+    lora.py uses for checkpointing: TrainingArguments takes the new keywords and hands them on under the old
+    ones, which mean the same. Nothing is changed where transformers has the new name. Returns what it adapted,
+    which the JSON records. (Fixed for good in components by passing the names both versions accept.)"""
+    import transformers
+    from transformers import TrainingArguments
+
+    if "activation_checkpointing" in TrainingArguments.__dataclass_fields__:
+        return []
+    if not getattr(TrainingArguments.__init__, "gpu_check_compat", False):
+        original = TrainingArguments.__init__
+
+        def init(self, *args, activation_checkpointing=None, activation_checkpointing_kwargs=None, **kwargs):
+            if activation_checkpointing is not None:
+                kwargs.setdefault("gradient_checkpointing", activation_checkpointing)
+            if activation_checkpointing_kwargs is not None:
+                kwargs.setdefault("gradient_checkpointing_kwargs", activation_checkpointing_kwargs)
+            original(self, *args, **kwargs)
+
+        init.gpu_check_compat = True
+        TrainingArguments.__init__ = init
+    return [COMPAT_NOTE.format(version=transformers.__version__)]
+
+
+def compat_site(work: Path) -> Path:
+    """A folder whose sitecustomize applies transformers_compat in processes gpu_check does not run itself
+    (the ranks of the `deepspeed` launcher): put it on their PYTHONPATH."""
+    folder = work / "compat-site"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sitecustomize.py").write_text(
+        f"import sys\nsys.path.insert(0, {str(Path(__file__).resolve().parent)!r})\n"
+        "from gpu_measurements import transformers_compat\ntransformers_compat()\n")
+    return folder
+
+
 # ---------------------------------------------------------------- figures
 
 
@@ -154,6 +196,16 @@ def memory_figures(peak, device: str, model_bytes: int | None = None) -> dict:
     return out
 
 
+def weight_gib_by_dtype(model) -> dict[str, float]:
+    """GiB of the model's weights per storage dtype after training set-up (QLoRA's 4-bit weights are packed
+    uint8; peft's prepare_model_for_kbit_training casts the other bf16 weights, embeddings included, to fp32)."""
+    sizes: dict[str, float] = {}
+    for param in model.parameters():
+        key = str(param.dtype).removeprefix("torch.")
+        sizes[key] = sizes.get(key, 0.0) + param.numel() * param.element_size() / GIB
+    return sizes
+
+
 def _model_bytes(hardware) -> int | None:
     import torch
 
@@ -185,13 +237,15 @@ def _lmforge_lora(plan: dict, work: Path, model_dir: Path, cfg, clock: StepClock
 
         context = sdpa_kernel([getattr(SDPBackend, sdpa_backend)])
     out = work / f"out-{time.monotonic_ns()}"
+    compat = transformers_compat()
     with context, PeakMemory() as peak:
         result = run_lora_training(model, tokenizer, data, cfg, hardware, out, metrics_sink=clock.mark)
     m = result.metrics
     return {**clock.figures(), **memory_figures(peak, hardware.device, model_bytes),
+            "weights_gib_by_dtype": weight_gib_by_dtype(model),  # the model as trained (adapters injected in place)
             "precision": hardware.precision, "trainable_params": m["trainable_params"],
             "loss_first": m["train_loss_first"], "loss_last": m["train_loss_last"],
-            "tokens_counted_by_lmforge": m["train_tokens"]}
+            "tokens_counted_by_lmforge": m["train_tokens"], **({"compat": compat} if compat else {})}
 
 
 def small_model(plan: dict, work: Path) -> Path:
@@ -222,10 +276,8 @@ def measure_hardware(plan: dict, work: Path) -> dict:
 
 
 def measure_qlora_8b(plan: dict, work: Path) -> dict:
-    """QLoRA of the big shape (Llama-3.1-8B on a GPU) at batch x seq_len: NF4 base loaded by lmforge, LoRA on
-    all linear layers, gradient checkpointing, Liger where it can run. The peak memory is the figure."""
-    import importlib.util
-
+    """QLoRA of the big shape (Llama-3.1-8B on a GPU) at batch x seq_len: NF4 base (double quantization) loaded
+    by lmforge, LoRA on all linear layers, gradient checkpointing. The peak memory is the figure."""
     import torch
 
     from components.models.loading import select_hardware
@@ -237,12 +289,13 @@ def measure_qlora_8b(plan: dict, work: Path) -> dict:
                                   "bfloat16" if hardware.device == "cuda" else "float32")
     if hardware.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    liger = hardware.device == "cuda" and importlib.util.find_spec("liger_kernel") is not None
     warmup, steps = steps_of(plan, "qlora")
-    cfg = train_config(plan, warmup + steps, finetuning="qlora", gradient_checkpointing=True, use_liger=liger)
+    # No Liger here: lmforge's loss projects only the trained positions itself (Liger's fused loss is not on its
+    # path), and the memory figure must not hang on a second package; the `liger` measurement times it.
+    cfg = train_config(plan, warmup + steps, finetuning="qlora", gradient_checkpointing=True)
     clock = StepClock(warmup, plan["batch"] * plan["seq_len"])
     figures = _lmforge_lora(plan, work, model_dir, cfg, clock, quantized=True)
-    return {**figures, "gradient_checkpointing": True, "liger": liger}
+    return {**figures, "gradient_checkpointing": True, "liger": False}
 
 
 def measure_lora_lmforge(plan: dict, work: Path) -> dict:
@@ -306,12 +359,14 @@ def measure_zero2(plan: dict, work: Path) -> dict:
                       train_config=cfg.model_dump(mode="json"), out_dir=str(work / "zero2-out"),
                       device=hardware.device, precision=hardware.precision,
                       deepspeed=deepspeed_config(cfg, hardware, stage=2, offload=False))
-    result = launch_training(job, num_gpus=1, timeout_s=plan["limits"]["zero2"])
+    compat = transformers_compat()  # here only to learn whether the ranks need it
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(compat_site(work)), os.environ.get("PYTHONPATH")]))}
+    result = launch_training(job, num_gpus=1, timeout_s=plan["limits"]["zero2"], env=env if compat else None)
     m = result.metrics
     return {"tokens_per_s_with_warmup": m["train_tokens_per_s"], "train_seconds": m["train_seconds"],
             "loss_first": m["train_loss_first"], "loss_last": m["train_loss_last"],
             "finite_loss": math.isfinite(m["train_loss_last"]), "world_size": result.info["world_size"],
-            "precision": hardware.precision}
+            "precision": hardware.precision, **({"compat": compat} if compat else {})}
 
 
 def measure_lora_llamafactory(plan: dict, work: Path) -> dict:

@@ -30,7 +30,7 @@ def dry_run(tmp_path_factory) -> dict:
     """One dry run of every measurement (the ZeRO-2 one starts the real `deepspeed` launcher: most of the time)."""
     out = tmp_path_factory.mktemp("gpu-check") / "dry.json"
     done = subprocess.run([sys.executable, "bench/gpu_check.py", "--dry-run", "--out", str(out)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(out.read_text())
 
@@ -47,6 +47,8 @@ def test_dry_run_measures_every_training_path_with_real_figures(dry_run):
         assert _real(f["peak_memory_gib"]) and f["peak_memory_gib"] > 0, (name, f)
         assert _real(f["loss_first"]) and _real(f["loss_last"]) and f["precision"] == "fp32", (name, f)
         assert f["timed_steps"] == dry_run["settings"]["steps" if name != "qlora_8b" else "qlora_steps"]
+        assert sum(f["weights_gib_by_dtype"].values()) > 0, (name, f)
+    assert "uint8" in m["qlora_8b"]["figures"]["weights_gib_by_dtype"]  # the 4-bit weights, packed
     # every step trains batch x seq_len tokens: lmforge's own count agrees with the clock's
     s = dry_run["settings"]
     steps = s["warmup"] + s["steps"]
@@ -99,7 +101,8 @@ def _gpu_result(peak: float, ours: float, theirs: float) -> dict:
             "device": {"device_name": "NVIDIA H100 80GB HBM3", "gpu_memory_gib": 79.2, "cuda": "13.0"},
             "settings": {**gpu_check.PLANS["gpu"], "big": None, "small": None},
             "measurements": {"hardware": fig(device="cuda", precision="bf16", bf16_supported=True),
-                             "qlora_8b": fig(peak_memory_gib=peak, tokens_per_s=900.0),
+                             "qlora_8b": fig(peak_memory_gib=peak, tokens_per_s=900.0,
+                                             weights_gib_by_dtype={"uint8": 3.4, "float32": 3.9}),
                              "lora_lmforge": fig(tokens_per_s=ours), "lora_llamafactory": fig(tokens_per_s=theirs),
                              "zero2": fig(finite_loss=True),
                              "liger": {"status": "failed", "seconds": 2.0, "error": "RuntimeError: boom"}}}
@@ -119,7 +122,7 @@ def test_goals_are_judged_on_a_gpu_run_and_rendered_with_the_device(tmp_path):
     path.write_text(json.dumps(good))
     section = "\n".join(gpu_check.markdown_section(path))
     assert "NVIDIA H100 80GB HBM3" in section and "Not yet run" not in section
-    assert "| liger | failed" in section and "boom" in section
+    assert "| liger | failed" in section and "boom" in section and "float32 3.90, uint8 3.40" in section
     assert "Not yet run on a GPU" in "\n".join(gpu_check.markdown_section(tmp_path / "absent.json"))
 
 

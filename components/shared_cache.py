@@ -196,11 +196,12 @@ class SharedStageStore:
             lease, holder = self._try_lease(stage, key)
             if lease is not None:
                 break
-            if holder != announced:
+            worker = holder.get("worker", "another worker")
+            if worker != announced:  # once per holder, not at every renewal
                 until = time.strftime("%H:%M:%S", time.localtime(float(holder.get("expires_at", 0))))
                 log.info("%s: %s is being computed by %s; waiting for it (lease until %s, renewed while it works)",
-                         stage, key, holder.get("worker", "another worker"), until)
-                announced = holder
+                         stage, key, worker, until)
+                announced = worker
             time.sleep(self.poll_s)
         with lease:
             if reuse and self.has(stage, key) and (fetched := self.fetch(stage, key, out)) is not None:

@@ -248,14 +248,14 @@ def run_job(job: TrainingJob) -> StageResult:
     ds_config, keep_alive = job.deepspeed, None
     if isinstance(ds_config, dict):
         ds_config = with_batch_sizes(ds_config, cfg, int(os.environ.get("WORLD_SIZE", "1")))
-        if ds_config.get("zero_optimization", {}).get("stage") == 3:
+        if ds_config.get("zero_optimization", {}).get("stage") == 3 and not job.adapters_below:
             # Alive while the model loads, this makes from_pretrained build it already sharded (zero.Init),
-            # over the ranks' process group: it must exist before the Trainer would start it.
+            # over the ranks' process group: it must exist before the Trainer would start it. Adapters below
+            # merge into whole weights, so with them the model loads whole and DeepSpeed shards it at the start.
             import deepspeed
             from transformers.integrations import HfDeepSpeedConfig
 
             deepspeed.init_distributed()
-
             keep_alive = HfDeepSpeedConfig(ds_config)
     tokenizer = load_tokenizer(job.base_model, revision=job.revision, trust_remote_code=job.trust_remote_code)
     model = load_with_adapters(job.base_model, job.adapters_below, hardware, revision=job.revision,

@@ -119,14 +119,15 @@ COMPAT_NOTE = ("transformers {version} has no TrainingArguments.activation_check
                "it; transformers 5.25 has both names): passed on as gradient_checkpointing(_kwargs), the same setting")
 
 
-def transformers_compat() -> list[str]:
+def transformers_compat(arguments_class=None) -> list[str]:
     """Let lmforge's training path run on the GPU machine's transformers (5.17), which predates the name
     lora.py uses for checkpointing: TrainingArguments takes the new keywords and hands them on under the old
     ones, which mean the same. Nothing is changed where transformers has the new name. Returns what it adapted,
-    which the JSON records. (Fixed for good in components by passing the names both versions accept.)"""
+    which the JSON records. (Fixed for good in components by passing the names both versions accept.)
+    `arguments_class`: the class to adapt (tests); transformers.TrainingArguments by default."""
     import transformers
-    from transformers import TrainingArguments
 
+    TrainingArguments = arguments_class or transformers.TrainingArguments  # noqa: N806 (a class)
     if "activation_checkpointing" in TrainingArguments.__dataclass_fields__:
         return []
     if not getattr(TrainingArguments.__init__, "gpu_check_compat", False):

@@ -151,3 +151,26 @@ def test_device_call_fits_the_run_tool(tmp_path):
     assert "bench/gpu_check.py --out $OUT/results_gpu_check.json" in call["command"]
     ignored = subprocess.run(["git", "check-ignore", "-q", ".gpu-wheels/x.whl"], cwd=ROOT)
     assert ignored.returncode == 0, ".gpu-wheels must be git-ignored: it is carried, never committed"
+
+
+def test_compat_hands_activation_checkpointing_to_an_older_transformers():
+    """The GPU machine's transformers (5.17) names it gradient_checkpointing; lmforge's lora.py passes the newer
+    name. Where the new name exists nothing is adapted."""
+    import dataclasses
+
+    import gpu_measurements
+
+    assert gpu_measurements.transformers_compat() == []  # this environment's transformers has both names
+
+    @dataclasses.dataclass
+    class OlderTrainingArguments:  # the two fields as transformers 5.17 has them
+        output_dir: str = "out"
+        gradient_checkpointing: bool = False
+        gradient_checkpointing_kwargs: dict | None = None
+
+    notes = gpu_measurements.transformers_compat(OlderTrainingArguments)
+    assert len(notes) == 1 and "gradient_checkpointing" in notes[0]
+    args = OlderTrainingArguments(output_dir="x", activation_checkpointing=True,
+                                  activation_checkpointing_kwargs={"use_reentrant": False})
+    assert args.gradient_checkpointing is True and args.gradient_checkpointing_kwargs == {"use_reentrant": False}
+    assert OlderTrainingArguments(output_dir="x").gradient_checkpointing is False

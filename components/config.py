@@ -286,7 +286,8 @@ class ComputeConfig(Strict):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto: bf16 on GPUs that support it, fp32 on CPU (CPU bf16 is emulated and ~20x slower)."
     )
-    threads: int | None = Field(None, ge=1, description="torch CPU threads; default all cores.")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads; default all cores. Per rank where cpt/sft "
+                                "train as several CPU ranks (default there: cores / ranks).")
     distributed: Literal["none", "ddp"] = Field(
         "none", description="How cpt and sft train when their deepspeed.stage is 0. none: in the stage's own "
         "process, on one device. ddp: compute.num_gpus ranks on this node under torchrun, PyTorch "

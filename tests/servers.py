@@ -98,3 +98,21 @@ def serving_directory(root: Path, validators: str = "etag") -> Iterator[tuple[st
     finally:
         server.shutdown()
         server.server_close()
+
+
+@contextlib.contextmanager
+def running_mlflow_server(backend_store_uri: str, artifacts_destination: Path, log_path: Path) -> Iterator[str]:
+    """`mlflow server` on a free loopback port with proxied artifacts, as in production: runs and the registry
+    in `backend_store_uri` (e.g. PostgreSQL), artifact files under `artifacts_destination`, which clients
+    reach only through the server (`mlflow-artifacts:/` URIs, uploads over HTTP). Yields the tracking URL."""
+    import sys
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(port),
+               "--workers", "1", "--serve-artifacts", "--artifacts-destination", str(artifacts_destination)]
+    # The store's URI (its password) in the environment, not on the command line every local user can list.
+    # The server's background job runner (MLflow's GenAI jobs) is unused here; on 2 cores it slows the start.
+    env = {**os.environ, "MLFLOW_BACKEND_STORE_URI": backend_store_uri, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    with running_server(command, env, f"{url}/health", log_path):
+        yield url

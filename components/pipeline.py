@@ -209,17 +209,19 @@ FETCHED_FILES = ("dataset_info.json", "provenance.json", "raw/*")  # every file 
 HELDOUT_READS: dict[str, tuple[str, ...]] = {"align": ("sft_eval.jsonl",),
                                              "tokenize": ("cpt_eval.parquet", "sft_eval.parquet")}
 
-# Evaluations read the reward stage, when it runs, to score answers with the reward model too, and score
-# every answer with the reward rule when one is set.
+# Every evaluation scores its answers with the reward rule when one is set. The evaluations of the SFT and
+# aligned models also read the reward stage, when it runs, to score them with the reward model: it was
+# trained on the SFT model's answers, and the reward-hacking check compares those two columns. The base
+# and +cpt models answer in no format it has seen, so they neither pay for its scores nor wait for it.
 _EVALUATION_ROWS: tuple[StageSpec, ...] = (
     StageSpec(
         "evaluate-base", "evaluate", "components.evaluation.evaluate:evaluate_stage", evaluates="base",
-        upstream=(*_MODEL_INPUTS, "reward"), keyed_on=_evaluate, reads=HELDOUT_READS, loads_by_name=_reward_rule,
+        upstream=_MODEL_INPUTS, keyed_on=_evaluate, reads=HELDOUT_READS, loads_by_name=_reward_rule,
         summary="held-out evaluation of the base model",
     ),
     StageSpec(
         "evaluate-cpt", "evaluate", "components.evaluation.evaluate:evaluate_stage", evaluates="cpt",
-        upstream=(*_MODEL_INPUTS, "cpt", "reward"), keyed_on=_evaluate, reads=HELDOUT_READS, loads_by_name=_reward_rule,
+        upstream=(*_MODEL_INPUTS, "cpt"), keyed_on=_evaluate, reads=HELDOUT_READS, loads_by_name=_reward_rule,
         enabled=_both_adapters,
         summary="held-out evaluation after cpt alone",
     ),

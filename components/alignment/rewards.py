@@ -169,10 +169,19 @@ class RewardModel:
         self.cut_rows = 0  # prompts cut from the left to fit max_length (score_answers), over every call
 
     def __call__(self, prompts: list[str], completions: list[str], *, task: list[str] | None = None, **_) -> list[float]:
-        scores, cut = score_answers(self.model, self.tokenizer, prompts, [c + self.stop for c in completions],
-                                    max_length=self.max_length, batch_size=self.batch_size, groups=task)
-        self.cut_rows += cut
-        return scores
+        """Each completion's score. A pair this (kept, inference-only) model scored before, at the same
+        max_length, is not scored again: the aligned model's held-out answers are mostly the SFT model's."""
+        memo = self.model.__dict__.setdefault("_lmforge_scored", {})  # (prompt, answer, max_length) -> (score, cut)
+        pairs = [(p, c + self.stop, self.max_length) for p, c in zip(prompts, completions, strict=True)]
+        todo = [pair for pair in dict.fromkeys(pairs) if pair not in memo]
+        if todo:
+            label = dict(zip(pairs, task, strict=True)) if task else None  # a pair's task: batches keep to one
+            scores, cut = _score_pairs(self.model, self.tokenizer, [p for p, _, _ in todo], [a for _, a, _ in todo],
+                                       max_length=self.max_length, batch_size=self.batch_size,
+                                       groups=[label[pair] for pair in todo] if label else None)
+            memo.update({pair: (score, flag) for pair, score, flag in zip(todo, scores, cut, strict=True)})
+        self.cut_rows += sum(memo[pair][1] for pair in pairs)
+        return [memo[pair][0] for pair in pairs]
 
 
 def load_classifier(base, below: list[Path], hardware, pad_token_id: int | None, policy=None):
@@ -242,14 +251,22 @@ def score_answers(model, tokenizer, prompts: list[str], answers: list[str], *, m
     the last token that is not the pad token, the position transformers' sequence classifiers pool, which
     training used.
     """
+    scores, cut = _score_pairs(model, tokenizer, prompts, answers, max_length=max_length, batch_size=batch_size,
+                               groups=groups)
+    return scores, sum(cut)
+
+
+def _score_pairs(model, tokenizer, prompts: list[str], answers: list[str], *, max_length: int, batch_size: int,
+                 groups: list | None) -> tuple[list[float], list[bool]]:
+    """score_answers, with whether each pair's prompt was cut."""
     from components.data.encoding import encode_texts
     from components.models.generation import segments_of
 
-    rows, cut = [], 0
+    rows, cut = [], []
     for p_ids, a_ids in zip(encode_texts(tokenizer, prompts), encode_texts(tokenizer, answers), strict=True):
         room = max(max_length - len(a_ids), 0)
-        if len(p_ids) > room:
-            cut += 1
+        cut.append(len(p_ids) > room)
+        if cut[-1]:
             p_ids = p_ids[len(p_ids) - room :] if room else []
         rows.append((p_ids + a_ids)[:max_length])
     pad = model.config.pad_token_id if model.config.pad_token_id is not None else tokenizer.pad_token_id

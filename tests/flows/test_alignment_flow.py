@@ -50,10 +50,13 @@ def test_raft_then_ppo_in_the_flow(tiny_model_dir, tmp_path, prefect_harness):
     assert ["sft", "reward", "alignment", "evaluate-base"] == [s for s in status if s in
                                                                ("sft", "reward", "alignment", "evaluate-base")]
     assert summary["columns"][-1] == "aligned"
-    # Every column scores the same held-out answers with the rule and the reward model.
-    for metric in ("verifiable_reward", "reward_model_mean", "msttr_50", "response_words_mean"):
+    # Every column scores the same held-out answers with the rule; the SFT and aligned columns, which the
+    # reward-hacking check compares, with the reward model too (it never saw the base model's answers).
+    for metric in ("verifiable_reward", "msttr_50", "response_words_mean"):
         row = summary["comparison"][metric]
         assert row["base"] is not None and row["aligned"] is not None, metric
+    rm = summary["comparison"]["reward_model_mean"]
+    assert rm["base"] is None and rm["adapted"] is not None and rm["aligned"] is not None
     reward = json.loads((Path(summary["stages"]["reward"]) / "reward_report.json").read_text())
     assert reward["judged_on"] == "held-out" and 0 <= reward["quality"]["accuracy"] <= 1
     quantize = json.loads((Path(summary["stages"]["quantize"]) / "manifest.json").read_text())

@@ -126,3 +126,33 @@ def test_reward_scores_keep_the_answer_whole_and_match_the_classifier_row_by_row
     with torch.no_grad():
         expected = float(model(input_ids=torch.tensor([kept])).logits[0, 0])
     assert s_good == pytest.approx(expected, abs=1e-4)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_a_kept_reward_model_scores_a_pair_once(tiny_model_dir, tmp_path, monkeypatch):
+    """The aligned node's answers are mostly the SFT model's: a pair the kept reward model scored before is
+    not scored again (same score, same cut count); a new answer is, task by task."""
+    from peft import LoraConfig, get_peft_model
+
+    from components.alignment import rewards
+
+    base = BaseModelRef(str(tiny_model_dir))
+    hardware = select_hardware("cpu", "fp32")
+    tokenizer = load_tokenizer(base.source)
+    adapter = tmp_path / "reward"
+    get_peft_model(load_classifier(base, [], hardware, tokenizer.pad_token_id),
+                   LoraConfig(r=4, target_modules="all-linear", modules_to_save=["score"], task_type="SEQ_CLS")
+                   ).save_pretrained(adapter)
+    scored = []
+    real = rewards._score_pairs
+    monkeypatch.setattr(rewards, "_score_pairs", lambda *a, **kw: scored.append((a[2], kw["groups"])) or real(*a, **kw))
+    prompt = "<|im_start|>user\n" + "long " * 40 + "I10?<|im_end|>\n<|im_start|>assistant\n"
+    first = rewards.RewardModel(base, [], adapter, hardware, tokenizer, stop="<|im_end|>", max_length=24)
+    before = first([prompt, prompt], GOOD[:2], task=["a", "b"])
+    assert first.cut_rows == 2 and len(scored) == 1
+    second = rewards.RewardModel(base, [], adapter, hardware, tokenizer, stop="<|im_end|>", max_length=24)
+    again = second([prompt, prompt, prompt], [GOOD[1], BAD[0], GOOD[0]], task=["b", "b", "a"])
+    assert again[0] == before[1] and again[2] == before[0] and second.cut_rows == 3
+    assert scored[1] == ([prompt], ["b"])  # only the new answer went through the model
+    assert again[1] == pytest.approx(rewards.score_answers(first.model, tokenizer, [prompt], [BAD[0] + "<|im_end|>"],
+                                                           max_length=24, batch_size=8)[0][0], abs=1e-5)

@@ -141,13 +141,47 @@ def tail_batch(rows: list[list[int]], prefix: int, pad_id: int) -> tuple[torch.T
     return ids, torch.cat([torch.ones((n, prefix), dtype=torch.long), tail_mask], dim=1), positions
 
 
-def _prefill(model, rows: list[list[int]], prefix: int, pad_id: int, device) -> tuple[torch.Tensor, object, torch.Tensor, torch.Tensor]:
-    """The prompts through `_forward_rows`: (last-position logits, cache, attention mask, next position per row)."""
-    from transformers import DynamicCache
+KEPT_PREFILLS = 8  # prompt batches whose prefill a kept model remembers (each ~10 MB for 30 demo prompts)
 
+
+def keep_prefills(model) -> None:
+    """Let `model` remember its last few prompt prefills (logits, keys and values, by the prompts' token ids).
+    Only for a model that is never trained while kept (components.models.loading.kept_model): the aligned
+    evaluation's reference is the model the adapted evaluation just decoded from, on the same prompts, so its
+    KL pass reads the answers alone (`continuation_logprobs`). A prefix cache, as serving engines keep one."""
+    from collections import OrderedDict
+
+    model.__dict__.setdefault("_lmforge_prefills", OrderedDict())
+
+
+def _prefill(model, rows: list[list[int]], prefix: int, pad_id: int, device) -> tuple[torch.Tensor, object, torch.Tensor, torch.Tensor]:
+    """The prompts through `_forward_rows`: (last-position logits, cache, attention mask, next position per row).
+    A model that keeps its prefills (keep_prefills) answers a batch of prompts it has read before from memory."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    kept, key = model.__dict__.get("_lmforge_prefills"), tuple(map(tuple, rows))
+    if kept is not None and key in kept:
+        kept.move_to_end(key)
+        return _restored(kept[key])
     cache = DynamicCache()
     logits, mask, position = _forward_rows(model, rows, prefix, pad_id, device, 1, cache)
-    return logits[:, -1].float(), cache, mask, position
+    out = logits[:, -1].float(), cache, mask, position
+    if kept is not None and all(type(layer) is DynamicLayer for layer in cache.layers):
+        kept[key] = (out[0].clone(), [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers],
+                     mask.clone(), position.clone())
+        while len(kept) > KEPT_PREFILLS:
+            kept.popitem(last=False)
+    return out
+
+
+def _restored(saved) -> tuple[torch.Tensor, object, torch.Tensor, torch.Tensor]:
+    """A remembered prefill as `_prefill` returns one, every tensor a copy (decoding extends and cuts them)."""
+    from transformers import DynamicCache
+
+    logits, layers, mask, position = saved
+    cache = DynamicCache(ddp_cache_data=[(k.clone(), v.clone()) for k, v in layers])
+    return logits.clone(), cache, mask.clone(), position.clone()
 
 
 def shared_prefix(rows: list[list[int]], min_prefix: int) -> int:
@@ -254,6 +288,8 @@ def continuation_logprobs(model, prompts: list[list[int]], continuations: list[l
     """For each prompt and its (non-empty) continuation, in one forward pass: the model's log-probabilities
     over the vocabulary at each continuation position, (len(continuation), vocab). The batch's shared prefix
     is run once; the continuations end every row, so only their positions get logits."""
+    if tuple(map(tuple, prompts)) in model.__dict__.get("_lmforge_prefills", ()):
+        return _continued_logprobs(model, prompts, continuations, pad_id)
     rows = [p + c for p, c in zip(prompts, continuations, strict=True)]
     prefix = min(shared_prefix(rows, min_prefix), min(len(p) for p in prompts) - 1)
     prefix = prefix if prefix >= min_prefix else 0
@@ -261,6 +297,26 @@ def continuation_logprobs(model, prompts: list[list[int]], continuations: list[l
     keep = max(len(c) for c in continuations) + 1
     logits, _, _ = _forward_rows(model, rows, prefix, pad_id, device, keep)
     return [torch.log_softmax(logits[b, keep - len(c) - 1 : keep - 1].float(), -1) for b, c in enumerate(continuations)]
+
+
+def _continued_logprobs(model, prompts: list[list[int]], continuations: list[list[int]], pad_id: int) -> list[torch.Tensor]:
+    """continuation_logprobs for prompts whose prefill the model remembers: the first continuation token's
+    distribution is the prefill's, and the rest of each continuation (padded on the right, where nothing
+    reads it) runs on the remembered keys and values."""
+    first, cache, mask, position = _prefill(model, prompts, 0, pad_id, next(model.parameters()).device)
+    width = max(len(c) for c in continuations) - 1
+    later = first.new_zeros((len(prompts), 0, first.shape[-1]))
+    if width > 0:
+        ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+        more = torch.zeros((len(prompts), width), dtype=mask.dtype)
+        for b, c in enumerate(continuations):
+            ids[b, : len(c) - 1] = torch.tensor(c[:-1], dtype=torch.long)
+            more[b, : len(c) - 1] = 1
+        later = model(input_ids=ids.to(mask.device), attention_mask=torch.cat([mask, more.to(mask.device)], dim=1),
+                      position_ids=position + torch.arange(width, device=mask.device), cache=cache,
+                      use_cache=True).logits.float()
+    return [torch.log_softmax(torch.cat([first[b : b + 1], later[b, : len(c) - 1]]), -1)
+            for b, c in enumerate(continuations)]
 
 
 def completion_text(tokenizer, completion: Completion) -> str:

@@ -389,6 +389,10 @@ def kept_model(kind: str, key: tuple, device: str, load, keep: int = 1):
             return model
     del held[: max(0, len(held) - keep + 1)]  # make room before loading: never more than `keep` at once
     model = load()
+    if hasattr(model, "generate"):  # a causal LM: it may remember the prompts it read (inference only)
+        from components.models.generation import keep_prefills
+
+        keep_prefills(model)
     held.append((key, model))
     return model
 

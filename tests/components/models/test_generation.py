@@ -15,6 +15,7 @@ from components.models.generation import (
     common_prefix,
     completion_text,
     decode,
+    keep_prefills,
     segments_of,
 )
 
@@ -136,6 +137,33 @@ def test_the_reference_kl_is_the_exact_kl_at_each_generated_position(tiny):
         assert completion.kl == pytest.approx(exact.tolist(), rel=1e-3, abs=1e-6)
         assert len(completion.kl) == len(completion.ids) == 5
     assert sum(sum(c.kl) for c in got) > 1e-3
+
+
+def test_a_kept_reference_reads_only_the_answers_and_gives_the_same_kl(tiny, monkeypatch):
+    """The aligned evaluation's reference is the model the adapted one decoded from, on the same prompts: kept,
+    it remembers those prefills, and the KL pass then runs the answers alone, to the same exact KL."""
+    from components.models import generation
+
+    model, tokenizer = tiny
+    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in PROMPTS[:3] + ["Is A00 billable?"]]
+    groups = ["chapter"] * 3 + ["billable"]
+    moved = copy.deepcopy(model)
+    with torch.no_grad():
+        moved.get_output_embeddings().weight.add_(0.5 * torch.randn_like(moved.get_output_embeddings().weight))
+    plain = decode(moved, encoded, max_new_tokens=5, stop=[], pad_id=0, reference=model, groups=groups, min_prefix=1)
+    reference = copy.deepcopy(model)
+    keep_prefills(reference)
+    decode(reference, encoded, max_new_tokens=2, stop=[], pad_id=0, groups=groups, min_prefix=1)  # "the adapted node"
+    assert len(reference.__dict__["_lmforge_prefills"]) == 2  # one prefill per group
+    rows_run = []
+    real = generation._forward_rows
+    monkeypatch.setattr(generation, "_forward_rows", lambda m, rows, *a, **k: rows_run.append((m, rows)) or real(m, rows, *a, **k))
+    kept = decode(moved, encoded, max_new_tokens=5, stop=[], pad_id=0, reference=reference, groups=groups, min_prefix=1)
+    assert [c.ids for c in kept] == [c.ids for c in plain]
+    for a, b in zip(kept, plain):
+        assert a.kl == pytest.approx(b.kl, rel=1e-3, abs=1e-6)
+    assert all(m is moved for m, _ in rows_run)  # the reference ran no prompt again
+    assert sum(sum(c.kl) for c in kept) > 1e-3
 
 
 def test_nucleus_sampling_draws_only_inside_the_nucleus_renormalised():

@@ -222,12 +222,21 @@ def training_arguments(cfg: TrainConfig, hardware: Hardware, output_dir: Path) -
         dataloader_num_workers=0,
         report_to="none",
         disable_tqdm=not progress_bars(),
-        activation_checkpointing=cfg.gradient_checkpointing,  # transformers 5's name for it
         # Non-reentrant: works with frozen base weights (no enable_input_require_grads) and keeps
         # the dropout masks of the recomputed forward identical to the first.
-        activation_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
+        **checkpointing_arguments(cfg.gradient_checkpointing, {"use_reentrant": False}),
         **optimizer_arguments(cfg),
     )
+
+
+def checkpointing_arguments(enabled: bool, kwargs: dict) -> dict:
+    """TrainingArguments' activation checkpointing, under the name this transformers has: later 5.x releases
+    call it `activation_checkpointing` (the old name deprecated), 5.17 and earlier only `gradient_checkpointing`."""
+    from transformers import TrainingArguments
+
+    name = ("activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__
+            else "gradient_checkpointing")
+    return {name: enabled, f"{name}_kwargs": kwargs if enabled else None}
 
 
 def run_lora_training(

@@ -24,12 +24,12 @@ from components.pipeline import STAGES_BY_NAME
 
 # Reached by every stage but not deciding what a stage writes: the config schema (config*.py; the resolved
 # stage config is in the key already), manifests and atomic writes, MLflow calls and uploads, the shared
-# stage store, memory figures.
+# stage store, memory figures, the stage contract types (components.stage_contract, as pipeline.py held them).
 # Hashing them would make a docstring edit there recompute every stage.
 NOT_OUTPUT = {"components.config", "components.config_base", "components.config_training",
               "components.config_alignment", "components.artifacts", "components.tracking",
               "components.resources", "components.pipeline", "components.errors", "components.runtime",
-              "components.mlflow_outputs", "components.shared_cache"}
+              "components.mlflow_outputs", "components.shared_cache", "components.stage_contract"}
 
 
 _ROOT = Path(components.__file__).resolve().parents[1]

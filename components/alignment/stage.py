@@ -151,6 +151,7 @@ def alignment_stage(cfg: PipelineConfig, inputs: StageInputs, out_dir: Path) -> 
 
 
 def _run_ppo(model, tokenizer, prompts, reward, reward_adapter, cfg, out_dir, sink):
+    from components.models.generation import stop_ids
     from components.training import ppo
 
     acfg = cfg.alignment
@@ -164,6 +165,7 @@ def _run_ppo(model, tokenizer, prompts, reward, reward_adapter, cfg, out_dir, si
         value_learning_rate=acfg.ppo.value_learning_rate,
         whiten_advantages=acfg.ppo.whiten_advantages, temperature=acfg.temperature, top_p=acfg.top_p,
         max_new_tokens=acfg.max_new_tokens, max_kl=acfg.max_kl, missing_eos_penalty=acfg.missing_eos_penalty,
+        stop_ids=tuple(stop_ids(tokenizer, cfg.tokenize.template)),  # one stop rule with RAFT and evaluation
         save_steps=acfg.save_steps, seed=acfg.seed,
         max_grad_norm=acfg.max_grad_norm, max_prompt_length=cfg.tokenize.cutoff_len,
         # The reward model was trained on answers followed by the turn end: score PPO's answers the same way.

@@ -275,7 +275,7 @@ def _setup(base_model, tokenizer, prompts: list[dict], settings: PPOSettings, ou
     """The policy adapter, the reward adapter, the value head and their optimizer on `base_model`, resumed from
     the newest complete checkpoint under out_dir/checkpoints."""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    eos_ids = eos_token_ids(tokenizer, base_model)
+    eos_ids = eos_token_ids(tokenizer, base_model) | set(settings.stop_ids)
     torch.manual_seed(settings.seed)
     peft_model = build_policy_model(base_model, settings)
     device = next(peft_model.parameters()).device

@@ -53,6 +53,8 @@ class PPOSettings:
     temperature: float = 1.0  # sampling temperature (the logprobs use the same one)
     top_p: float = 1.0
     max_new_tokens: int = 24
+    stop_ids: tuple[int, ...] = ()  # tokens that end an answer besides the EOS: the template's end of turn, which
+    # evaluation and RAFT stop at too (components.models.generation.stop_ids)
     max_prompt_length: int = 512  # longer prompts keep their last tokens
     reward_suffix: str | None = None  # text the reward model saw after each answer (e.g. "<|im_end|>\n");
     # set: the EOS is dropped and this appended before the reward adapter scores; None: scored as generated

@@ -427,3 +427,30 @@ def test_the_value_head_trains_in_its_own_group_with_its_own_rate_and_no_decay(t
     policy, value = torch.load(checkpoint, weights_only=True)["param_groups"]
     assert (policy["lr"], policy["weight_decay"]) == (1e-3, 0.1)
     assert (value["lr"], value["weight_decay"]) == (5e-2, 0.0)
+
+
+def test_the_template_end_of_turn_ends_a_ppo_answer_with_the_eos(tiny_model_dir, tmp_path, monkeypatch):
+    """One stop rule: the alignment stage gives PPO the template's end-of-turn ids (stop_ids), as evaluation and
+    RAFT stop at; the rollouts and the missing-EOS check then cut at them as at the tokenizer's EOS."""
+    from components.alignment.stage import _run_ppo
+    from components.config import load_config
+    from components.models import generation
+    from components.training import ppo
+
+    model, tok = _load(tiny_model_dir)
+    run = ppo._setup(model, tok, _small_prompts(2), _toy_settings(stop_ids=(7, 11)), tmp_path, None)
+    assert {7, 11, tok.eos_token_id} <= run.eos_ids
+
+    class Seen(Exception):
+        pass
+
+    def captured(*args, **_):  # stands in for the PPO run: what settings did the stage build?
+        raise Seen(args[3])
+
+    monkeypatch.setattr(ppo, "run_ppo", captured)
+    asked = []  # the tiny tokenizer's EOS is chatml's end of turn: let the template name one more stop token
+    monkeypatch.setattr(generation, "stop_ids", lambda tokenizer, template: asked.append(template) or [2, 99])
+    cfg = load_config(None, ["alignment.method=ppo", "tokenize.template=chatml"])
+    with pytest.raises(Seen) as seen:
+        _run_ppo(model, tok, _small_prompts(2), lambda p, c, **_: [0.0] * len(c), None, cfg, tmp_path, None)
+    assert seen.value.args[0].stop_ids == (2, 99) and asked == ["chatml"]

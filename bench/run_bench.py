@@ -250,6 +250,9 @@ def render(demo: dict, rerun_s: float, sft: dict | None, data: dict | None, conf
     serving = ROOT / "bench" / "results_serve.json"
     if serving.is_file():
         lines += serve_section(json.loads(serving.read_text()))
+    gguf_quality = ROOT / "bench" / "results_gguf_quality.json"
+    if gguf_quality.is_file():
+        lines += gguf_quality_section(json.loads(gguf_quality.read_text()))
     load = ROOT / "bench" / "results_load.json"
     if load.is_file():
         lines += load_section(json.loads(load.read_text()))
@@ -374,6 +377,38 @@ def load_section(result: dict) -> list[str]:
         f"recorded in MLflow (computed or cached), artifact URIs `{'`, `'.join(result['artifact_uri_schemes'])}:`.",
         "",
     ]
+
+
+def gguf_quality_section(result: dict) -> list[str]:
+    """bench/gguf_quality.py's figures (its own run, bench/results_gguf_quality.json): each GGUF type against the
+    checkpoint it was exported from, in llama.cpp and reloaded by transformers, on the demo's held-out questions."""
+    ref = result["reference"]
+    lines = [
+        "## GGUF: quality change of F16, Q8_0 and Q4_0",
+        "",
+        f"`python bench/gguf_quality.py`, {result['created_at'][:10]}: {result['model']} (not trained: the base the demo "
+        f"starts from), {ref['questions']} held-out questions ({result['per_task']} of each of "
+        f"{', '.join(result['tasks'])}), greedy, up to {result['max_new_tokens']} new tokens, compared with the "
+        f"checkpoint's own answers in transformers fp32 (exact match {ref['exact_match']:.2f}). llama.cpp: "
+        f"llama-cpp-python {result['llama_cpp'] or 'not installed'}; transformers: the file reloaded with "
+        f"`gguf_file=` (weights dequantized), what the quantize stage scores. Load average "
+        f"{result['load_average_before']:.1f} before, {result['load_average_after']:.1f} after on "
+        f"{result['cpu_count']} cores (shared machine: tokens/s are only comparable within this table).",
+        "",
+        "| type | file MB | runtime | identical answers | tokens before the first difference | exact match | "
+        "answer contains the reference | tokens/s |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| (fp32 checkpoint) | | transformers | {ref['questions']}/{ref['questions']} | all | {ref['exact_match']:.2f} | "
+        f"{ref['answer_contains_reference']:.2f} | {ref['tokens_per_s']:.1f} |",
+    ]
+    for kind, entry in result["variants"].items():
+        for runtime, label in (("llama_cpp", "llama.cpp"), ("transformers_dequantized", "transformers (dequantized)")):
+            if runtime in entry:
+                r = entry[runtime]
+                lines.append(f"| {kind.upper()} | {entry['file_mb']:.0f} | {label} | {r['identical_answers']}/{r['questions']} "
+                             f"| {r['tokens_before_first_difference']}/{r['reference_tokens']} | {r['exact_match']:.2f} | "
+                             f"{r['answer_contains_reference']:.2f} | {r['tokens_per_s']:.1f} |")
+    return [*lines, "", *[f"- {note}" for note in result.get("notes", [])], ""]
 
 
 if __name__ == "__main__":

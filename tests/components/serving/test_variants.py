@@ -1,10 +1,12 @@
 """A quantized variant registered with a version is served and chatted with by name: models:/NAME@alias/VARIANT
 (or /VERSION/VARIANT) resolves to the variant's own files from the model run's `variants/` artifacts, a GGUF
-type alone names its gguf- folder, and an unknown name is refused with the list of those that exist."""
+type alone names its gguf- folder, and an unknown name is refused with the list of those that exist. Where
+llama-cpp-python is installed, `lmforge serve` runs the GGUF variant in llama.cpp and answers the openai client."""
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 from pathlib import Path
 
@@ -112,3 +114,39 @@ def test_chat_loads_variants_by_name(registry, tiny_model_dir):
         ours, theirs = q8(ids).logits, source(ids).logits
     assert not torch.equal(ours, theirs) and torch.allclose(ours, theirs, atol=0.05)  # Q8_0's rounding, no more
     assert tokenizer.chat_template is not None and tokenizer.pad_token is not None
+
+
+LLAMA_CPP_SERVER = all(importlib.util.find_spec(m) for m in ("llama_cpp", "sse_starlette", "starlette_context"))
+
+
+@pytest.mark.skipif(not LLAMA_CPP_SERVER, reason="llama.cpp's server is not importable here: pip install "
+                    "'llama-cpp-python[server]' (a source build; .ci/run builds it and caches the wheel)")
+def test_a_gguf_variant_is_served_by_llama_cpp(registry):
+    import os
+    import sys
+
+    import httpx
+    import openai
+
+    from tests.servers import free_port, running_server
+
+    cfg, _ = registry
+    port = free_port()
+    public = f"{NAME}@champion/gguf-q8_0"
+    command = [sys.executable, "-m", "flows.cli", "serve", f"models:/{NAME}@champion/q8_0", "--port", str(port),
+               "--follow-interval", "0", "--set", f"workspace={cfg.workspace}"]
+    log_path = Path(cfg.workspace) / "serve-llamacpp.log"
+    with running_server(command, dict(os.environ), f"http://127.0.0.1:{port}/health", log_path):
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=60)
+        [card] = client.models.list().data
+        assert card.id == public and card.lmforge["backend"] == "llamacpp" and card.lmforge["version"] == "1"
+        chat = [{"role": "user", "content": "Which ICD-10-CM chapter contains code E11.9?"}]
+        reply = client.chat.completions.create(model=public, messages=chat, max_tokens=4, temperature=0)
+        assert reply.model == public and reply.choices[0].message.role == "assistant"
+        assert 0 < reply.usage.completion_tokens <= 4 and reply.usage.prompt_tokens > 10
+        plain = client.completions.create(model=public, prompt="ICD-10-CM", max_tokens=6, temperature=0)
+        streamed = client.completions.create(model=public, prompt="ICD-10-CM", max_tokens=6, temperature=0, stream=True)
+        assert "".join(c.choices[0].text for c in streamed if c.choices) == plain.choices[0].text  # greedy
+        raw = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=60,
+                         json={"model": public, "messages": chat, "max_tokens": 3, "stream": True})
+        assert [line for line in raw.text.splitlines() if line.startswith("data: ")][-1] == "data: [DONE]"

@@ -239,6 +239,33 @@ def checkpointing_arguments(enabled: bool, kwargs: dict) -> dict:
     return {name: enabled, f"{name}_kwargs": kwargs if enabled else None}
 
 
+def _with_lengths(train_dataset, model):
+    """The rows with a `length` column (the length-grouped sampler reads it), warning when rows are longer
+    than the model's context window."""
+    if "length" not in train_dataset.column_names:
+        train_dataset = train_dataset.add_column("length", [len(x) for x in train_dataset["input_ids"]])
+    window = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    longest = max(train_dataset["length"], default=0)
+    if window and longest > window:
+        log.warning("rows of up to %d tokens exceed the model's context window of %d: positions beyond it were "
+                    "never trained; set model.rope_scaling or lower tokenize.cutoff_len", longest, window)
+    return train_dataset
+
+
+def _run_metrics(history: list[dict], output, trainer, train_s: float) -> dict[str, float]:
+    """Loss (first, last, mean) and tokens (seen, trained, per second) of a finished Trainer run."""
+    losses = [h["loss"] for h in history if "loss" in h]
+    return {
+        "train_loss_first": float(losses[0]) if losses else float("nan"),
+        "train_loss_last": float(losses[-1]) if losses else float("nan"),
+        "train_loss_mean": float(output.training_loss),
+        "train_tokens": float(trainer.tokens_seen),
+        "train_trained_tokens": float(trainer.trained_tokens_seen),
+        "train_seconds": train_s,
+        "train_tokens_per_s": trainer.tokens_seen / max(train_s, 1e-9),
+    }
+
+
 def run_lora_training(
     model,
     tokenizer,
@@ -273,13 +300,7 @@ def run_lora_training(
         train_sampling_strategy="sequential" if ordered else "group_by_length",
         length_column_name="length",
     )
-    if "length" not in train_dataset.column_names:
-        train_dataset = train_dataset.add_column("length", [len(x) for x in train_dataset["input_ids"]])
-    window = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    longest = max(train_dataset["length"], default=0)
-    if window and longest > window:
-        log.warning("rows of up to %d tokens exceed the model's context window of %d: positions beyond it were "
-                    "never trained; set model.rope_scaling or lower tokenize.cutoff_len", longest, window)
+    train_dataset = _with_lengths(train_dataset, model)
     trainer = _build_trainer_class()(
         model=model,
         args=args,
@@ -306,20 +327,11 @@ def run_lora_training(
 
     history = trainer.state.log_history
     atomic_write_json(out_dir / "training_curve.json", history)
-    losses = [h["loss"] for h in history if "loss" in h]
-    metrics = {
-        "train_loss_first": float(losses[0]) if losses else float("nan"),
-        "train_loss_last": float(losses[-1]) if losses else float("nan"),
-        "train_loss_mean": float(output.training_loss),
-        "train_tokens": float(trainer.tokens_seen),
-        "train_trained_tokens": float(trainer.trained_tokens_seen),
-        "train_seconds": train_s,
-        "train_tokens_per_s": trainer.tokens_seen / max(train_s, 1e-9),
-        "trainable_params": float(trainable),
-        "total_params": float(total),
-        "resumed_from_step": float(checkpoint_number(resume) if resume else 0),
-    }
+    metrics = {**_run_metrics(history, output, trainer, train_s),
+               "trainable_params": float(trainable), "total_params": float(total),
+               "resumed_from_step": float(checkpoint_number(resume) if resume else 0)}
     files = [str(p.relative_to(out_dir)) for p in saved]
     files.append("training_curve.json")
-    return StageResult(files=files, reports=["training_curve.json"], metrics=metrics, info={"precision": hardware.precision, "device": hardware.device,
-                                                           "finetuning": cfg.finetuning, "optimizer": cfg.optimizer})
+    return StageResult(files=files, reports=["training_curve.json"], metrics=metrics,
+                       info={"precision": hardware.precision, "device": hardware.device, "finetuning": cfg.finetuning,
+                             "optimizer": cfg.optimizer})

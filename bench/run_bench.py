@@ -393,13 +393,13 @@ def gguf_quality_section(result: dict) -> list[str]:
         f"llama-cpp-python {result['llama_cpp'] or 'not installed'}; transformers: the file reloaded with "
         f"`gguf_file=` (weights dequantized), what the quantize stage scores. Load average "
         f"{result['load_average_before']:.1f} before, {result['load_average_after']:.1f} after on "
-        f"{result['cpu_count']} cores (shared machine: tokens/s are only comparable within this table).",
+        f"{result['cpu_count']} cores.",
         "",
         "| type | file MB | runtime | identical answers | tokens before the first difference | exact match | "
-        "answer contains the reference | tokens/s |",
-        "|---|---|---|---|---|---|---|---|",
+        "answer contains the reference |",
+        "|---|---|---|---|---|---|---|",
         f"| (fp32 checkpoint) | | transformers | {ref['questions']}/{ref['questions']} | all | {ref['exact_match']:.2f} | "
-        f"{ref['answer_contains_reference']:.2f} | {ref['tokens_per_s']:.1f} |",
+        f"{ref['answer_contains_reference']:.2f} |",
     ]
     for kind, entry in result["variants"].items():
         for runtime, label in (("llama_cpp", "llama.cpp"), ("transformers_dequantized", "transformers (dequantized)")):
@@ -407,7 +407,7 @@ def gguf_quality_section(result: dict) -> list[str]:
                 r = entry[runtime]
                 lines.append(f"| {kind.upper()} | {entry['file_mb']:.0f} | {label} | {r['identical_answers']}/{r['questions']} "
                              f"| {r['tokens_before_first_difference']}/{r['reference_tokens']} | {r['exact_match']:.2f} | "
-                             f"{r['answer_contains_reference']:.2f} | {r['tokens_per_s']:.1f} |")
+                             f"{r['answer_contains_reference']:.2f} |")
     return [*lines, "", *[f"- {note}" for note in result.get("notes", [])], ""]
 
 

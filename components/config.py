@@ -302,6 +302,14 @@ class ComputeConfig(Strict):
                                  "1 on CPU.")
     num_nodes: int | None = Field(None, ge=1, description="Nodes for DeepSpeed stages (needs hostfile).")
     hostfile: str | None = Field(None, description="DeepSpeed hostfile listing the nodes ('host slots=N' lines).")
+    parallel_stages: int = Field(1, ge=1, description="Nodes of the DAG that run at once where nothing connects them "
+                                 "(the base model's evaluation beside cpt, the evaluations of finished models beside "
+                                 "each other), as Prefect task futures on the flow's task runner. 1 on CPU: two "
+                                 "stages on 2 cores only share them. Training stages (cpt, sft, reward, alignment) "
+                                 "still run one at a time unless compute.parallel_training.")
+    parallel_training: bool = Field(False, description="Let training stages run at the same time as each other "
+                                    "(with compute.parallel_stages > 1): only where the devices have room for both "
+                                    "(several GPUs, or one with memory for two); false keeps them off a shared GPU.")
 
 
 class PromotionRule(Strict):

@@ -75,6 +75,7 @@ class StageSpec:
     retries: int = 0  # transient failures only (components.errors.is_transient)
     retry_delay_s: tuple[int, ...] = (5, 30)
     resumable: bool = False  # a failed attempt's files (checkpoints) are kept for the next one
+    trains: bool = False  # trains a model: not run beside another training stage (compute.parallel_training)
     logs_datasets: bool = False  # its .jsonl/.parquet outputs are logged as MLflow dataset inputs
     # Code the stage imports by a name the config gives (config field -> 'module:function'): the import walk of
     # tasks/keys.py cannot see it, so the named module's source goes into the key (components.named_code).
@@ -279,25 +280,25 @@ STAGE_TABLE: tuple[StageSpec, ...] = (
     StageSpec(
         "cpt", "cpt", "components.training.sft:train_stage", upstream=("prepare", "tokenize"),
         keyed_on=_train("cpt"), reads={"tokenize": ("cpt.parquet",)}, enabled=lambda cfg: cfg.cpt.enabled,
-        resumable=True,
+        resumable=True, trains=True,
         summary="continued pretraining (LoRA) on the plain-text corpus",
     ),
     StageSpec(
         "sft", "sft", "components.training.sft:train_stage", upstream=("prepare", "tokenize", "cpt"),
         keyed_on=_train("sft"), reads={"tokenize": ("sft.parquet",)}, enabled=lambda cfg: cfg.sft.enabled,
-        resumable=True,
+        resumable=True, trains=True,
         summary="supervised fine-tuning (LoRA) on conversations, loss on answers",
     ),
     StageSpec(
         "reward", "reward", "components.alignment.reward_model:reward_stage", upstream=("prepare", "align", "cpt", "sft"),
         keyed_on=_reward, reads={"align": ("preference.jsonl", "preference_eval.jsonl")}, enabled=needs_reward_model,
-        resumable=True,
+        resumable=True, trains=True,
         summary="reward model (LoRA + score head on the SFT model) on preference pairs; held-out pair accuracy",
     ),
     StageSpec(
         "alignment", "alignment", "components.alignment.stage:alignment_stage",
         upstream=("prepare", "align", "cpt", "sft", "reward"), keyed_on=_alignment, enabled=_aligned, resumable=True,
-        loads_by_name=_alignment_rule,
+        trains=True, loads_by_name=_alignment_rule,
         reads={"align": ("sft.jsonl", "prompts.jsonl", "preference.jsonl", "kto.jsonl")},
         summary="alignment.method after SFT: raft, ppo, grpo (reward) or dpo, kto, orpo, simpo (pairs)",
     ),

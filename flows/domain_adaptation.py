@@ -8,12 +8,15 @@ as one cached, retried Prefect task (tasks/stages.py), and the summary goes to t
 
 from __future__ import annotations
 
+import functools
 import logging
+from concurrent.futures import Future
 from typing import Literal
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.context import get_run_context
+from prefect.task_runners import ProcessPoolTaskRunner
 
 from components.config import PipelineConfig
 from components.models.loading import select_hardware
@@ -51,7 +54,15 @@ def domain_adaptation(
         hooks = RunHooks(run_id=flow_run_id, logger=get_run_logger(), run_stage=_run_task,
                          tags={"prefect.flow_run_id": flow_run_id}, publish=_publish)
         precision = select_hardware(cfg.compute.device, cfg.compute.precision).precision
-        return adapt(cfg, hooks, precision=precision, from_stage=from_stage, only=only, until=until, verify=verify)
+        if cfg.compute.parallel_stages == 1:
+            return adapt(cfg, hooks, precision=precision, from_stage=from_stage, only=only, until=until,
+                         verify=verify)
+        # Side by side, each node in a process of its own: a model loads on the meta device in transformers, and
+        # two loads in threads of one process clash (a stage then finds meta tensors in its model).
+        with ProcessPoolTaskRunner(max_workers=cfg.compute.parallel_stages) as runner:
+            hooks.submit_stage = functools.partial(_submit_task, runner)
+            return adapt(cfg, hooks, precision=precision, from_stage=from_stage, only=only, until=until,
+                         verify=verify)
 
 
 def _run_task(node, key, refresh, run, cfg, stage_config, upstream, digests, force=False) -> tuple[dict, bool]:
@@ -61,6 +72,26 @@ def _run_task(node, key, refresh, run, cfg, stage_config, upstream, digests, for
         key, node.name, run, cfg, stage_config, upstream, digests, reuse_shared=not force, return_state=True,
     )
     return state.result(), state.name == "Cached"
+
+
+def _submit_task(runner, node, key, refresh, run, cfg, stage_config, upstream, digests, force=False) -> Future:
+    """`_run_task` submitted to a Prefect task runner (compute.parallel_stages > 1): a Prefect future, seen by
+    the walk as a concurrent Future of (manifest, reused)."""
+    future = runner.submit(t.stage_task(node.spec).with_options(refresh_cache=refresh), {
+        "key": key, "node": node.name, "run": run, "cfg": cfg, "stage_config": stage_config, "upstream": upstream,
+        "keyed_upstream": digests, "reuse_shared": not force})
+    produced: Future = Future()
+
+    def finished(done) -> None:
+        try:
+            done.wait()  # done already: this takes the final state the runner's future carries, not the API's
+            state = done.state
+            produced.set_result((state.result(), state.name == "Cached"))
+        except BaseException as exc:  # the task's error (or a crashed state) is the walk's to raise
+            produced.set_exception(exc)
+
+    future.add_done_callback(finished)
+    return produced
 
 
 def _publish(summary: dict) -> None:

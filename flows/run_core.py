@@ -19,6 +19,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -59,6 +60,9 @@ class RunHooks:
     run_stage: StageRunner
     tags: dict[str, str]
     publish: Callable[[dict], None] = lambda summary: None
+    # run_stage started now, its (manifest, reused) in a Future: how nodes run side by side
+    # (compute.parallel_stages > 1). None: one node at a time.
+    submit_stage: Callable[..., Future] | None = None
 
 
 def adapt(cfg: PipelineConfig, hooks: RunHooks, *, precision: str, from_stage: str | None = None,
@@ -94,19 +98,10 @@ def adapt(cfg: PipelineConfig, hooks: RunHooks, *, precision: str, from_stage: s
         save_config(cfg, run_dir / "config.yaml", masked=True)
         client.log_artifact(parent, str(run_dir / "config.yaml"))
         tracking.log_params(client, parent, cfg.model_dump(mode="json"))
-        facts = key_facts(cfg, precision)
-        for node in planned_nodes(cfg):
-            kind = kind_index(node.spec.kind)
-            if (until and kind > kind_index(until)) or (only and kind > kind_index(only)):
-                continue
-            key, sc = node_key(node, cfg, facts, manifests)
-            out = stage_dir(cfg.workspace, node.name, key)
-            if only and node.spec.kind != only:
-                manifests[node.name] = _complete_upstream(node.name, key, out, only, deep, cfg)
-                continue
-            force = from_stage is not None and kind >= kind_index(from_stage)
-            manifests[node.name], row = _produce(node, key, sc, out, force, deep, hooks, run, cfg, manifests)
-            timeline.append(row)
+        walk = _Walk(cfg, hooks, run, key_facts(cfg, precision), from_stage, only, deep)
+        walk.over([n for n in planned_nodes(cfg)
+                  if not (until and kind_index(n.spec.kind) > kind_index(until))
+                  and not (only and kind_index(n.spec.kind) > kind_index(only))], manifests, timeline)
         if "register" in manifests:
             _tag_lineage(client, exp_id, manifests, cfg, hooks.logger)
         status = "FINISHED"
@@ -127,6 +122,75 @@ def adapt(cfg: PipelineConfig, hooks: RunHooks, *, precision: str, from_stage: s
             tracking.end_run(client, parent, status)
     hooks.publish(summary)
     return summary
+
+
+@dataclass
+class _Walk:
+    """The nodes of one run in the stage table's order, each once its upstream nodes are complete: one at a
+    time, or (compute.parallel_stages > 1, with hooks that submit) up to that many side by side, training
+    stages never beside each other unless compute.parallel_training. The manifests and the timeline come out
+    in the table's order either way, as a run one node at a time gives them."""
+
+    cfg: PipelineConfig
+    hooks: RunHooks
+    run: RunInfo
+    facts: object
+    from_stage: str | None
+    only: str | None
+    deep: bool
+
+    def over(self, nodes: list, manifests: dict[str, dict], timeline: list[dict]) -> None:
+        compute = self.cfg.compute
+        limit = compute.parallel_stages if self.hooks.submit_stage is not None else 1
+        rows: dict[str, dict] = {}
+        pending: dict[Future, tuple] = {}
+        waiting = list(nodes)
+        try:
+            while waiting or pending:
+                node = next((n for n in waiting if self._may_start(n, manifests, pending, limit)), None)
+                if node is not None:
+                    waiting.remove(node)
+                    self._start(node, manifests, rows, pending, limit)
+                    continue
+                if not pending:
+                    raise RuntimeError(f"no node can start: {[n.name for n in waiting]} wait on nodes not planned")
+                for future in wait(pending, return_when=FIRST_COMPLETED).done:
+                    node, key, started = pending.pop(future)
+                    manifests[node.name], rows[node.name] = self._finished(node, key, future.result(), started)
+        finally:
+            if pending:  # a node failed: the others finish (they hold their stage locks) before the run ends
+                wait(pending)
+        order = [n.name for n in nodes]
+        ordered = {name: manifests[name] for name in order if name in manifests}
+        manifests.clear()
+        manifests.update(ordered)
+        timeline.extend(rows[name] for name in order if name in rows)
+
+    def _may_start(self, node, manifests: dict, pending: dict, limit: int) -> bool:
+        if len(pending) >= limit or any(u not in manifests for u in node.upstream):
+            return False
+        training = node.spec.trains and not self.cfg.compute.parallel_training
+        return not (training and any(n.spec.trains for n, _, _ in pending.values()))
+
+    def _start(self, node, manifests: dict, rows: dict, pending: dict, limit: int) -> None:
+        key, sc = node_key(node, self.cfg, self.facts, manifests)
+        out = stage_dir(self.cfg.workspace, node.name, key)
+        if self.only and node.spec.kind != self.only:
+            manifests[node.name] = _complete_upstream(node.name, key, out, self.only, self.deep, self.cfg)
+            return
+        force = self.from_stage is not None and kind_index(node.spec.kind) >= kind_index(self.from_stage)
+        refresh = _refresh(out, force, self.deep)
+        args = (node, key, refresh, self.run, self.cfg, sc, {u: manifests[u] for u in node.upstream},
+                keyed_digests(node, manifests))
+        started = time.perf_counter()
+        if limit == 1:
+            manifests[node.name], rows[node.name] = self._finished(
+                node, key, self.hooks.run_stage(*args, force=force), started)
+        else:
+            pending[self.hooks.submit_stage(*args, force=force)] = (node, key, started)
+
+    def _finished(self, node, key: str, produced: tuple[dict, bool], started: float) -> tuple[dict, dict]:
+        return _recorded(node, key, produced, time.perf_counter() - started, self.hooks, self.run, self.cfg)
 
 
 def _complete_upstream(name: str, key: str, out: Path, only: str, deep: bool, cfg: PipelineConfig) -> dict:
@@ -163,10 +227,8 @@ def _reused(node, manifest: dict, run: RunInfo, cfg: PipelineConfig) -> None:
         store.try_publish(manifest)
 
 
-def _produce(node, key: str, stage_config: dict, out: Path, force: bool, deep: bool, hooks: RunHooks, run: RunInfo,
-             cfg: PipelineConfig, manifests: dict[str, dict]) -> tuple[dict, dict]:
-    """One node of the walk: reused when complete on disk, else produced by `hooks.run_stage`. Returns its
-    manifest and its row of the timeline."""
+def _refresh(out: Path, force: bool, deep: bool) -> bool:
+    """Whether a node's output must be produced (not reused): forced, or not complete on disk."""
     if force:
         reset_dir(out)
     refresh = force or not verify_manifest(read_manifest(out), deep=deep)
@@ -175,11 +237,15 @@ def _produce(node, key: str, stage_config: dict, out: Path, force: bool, deep: b
         # A resumable stage keeps its checkpoints; a non-resumable one is emptied by run_stage, under
         # the stage lock.
         (out / "manifest.json").unlink(missing_ok=True)
-    started = time.perf_counter()
-    manifest, cached = hooks.run_stage(node, key, refresh, run, cfg, stage_config,
-                                       {u: manifests[u] for u in node.upstream}, keyed_digests(node, manifests),
-                                       force=force)
-    elapsed = time.perf_counter() - started
+    return refresh
+
+
+def _recorded(node, key: str, produced: tuple[dict, bool], elapsed: float, hooks: RunHooks, run: RunInfo,
+              cfg: PipelineConfig) -> tuple[dict, dict]:
+    """A node that `hooks.run_stage` produced or reused: its manifest (from disk, the source of truth) and
+    its row of the timeline; a reused one gets its MLflow record."""
+    manifest, cached = produced
+    out = stage_dir(cfg.workspace, node.name, key)
     # The disk is the source of truth (Prefect's record may come from another workspace).
     manifest = read_manifest(out) or manifest
     cached = cached or manifest.get("flow_run_id") != hooks.run_id

@@ -104,7 +104,7 @@ def _compute(spec: StageSpec, key: str, run: RunInfo, cfg: PipelineConfig, stage
               "lmforge.cached": "false", "prefect.flow_run_id": run.flow_run_id},
     )
     sink = tracking.BatchedMetrics(client, run_id)
-    t0 = time.perf_counter()
+    t0, started = time.perf_counter(), time.time()
     try:
         tracking.log_params(client, run_id, stage_config)  # in the try: a refused param ends the run FAILED
         with PeakMemory() as peak:
@@ -113,7 +113,8 @@ def _compute(spec: StageSpec, key: str, run: RunInfo, cfg: PipelineConfig, stage
         wall = time.perf_counter() - t0
         manifest = write_manifest(
             out, stage=spec.name, key=key, result=result, config=stage_config, upstream=upstream, wall_s=wall,
-            extra={"kind": spec.kind, "mlflow_run_id": run_id, "flow_run_id": run.flow_run_id, **peak.metrics()},
+            extra={"kind": spec.kind, "mlflow_run_id": run_id, "flow_run_id": run.flow_run_id,
+                   "started_at_s": round(started, 3), **peak.metrics()},
         )
         tracking.log_metrics(client, run_id, {**result.metrics, "stage_wall_s": wall, **peak.metrics("stage_")})
         # The reports the stage declares (StageResult.reports), not its weights or data.

@@ -26,6 +26,7 @@ same shared prefix (`continuation_logprobs`), which costs a prefill rather than 
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -161,9 +162,11 @@ def _prefill(model, rows: list[list[int]], prefix: int, pad_id: int, device) -> 
     from transformers.cache_utils import DynamicLayer
 
     kept, key = model.__dict__.get("_lmforge_prefills"), tuple(map(tuple, rows))
-    if kept is not None and key in kept:
-        kept.move_to_end(key)
-        return _restored(kept[key])
+    saved = kept.get(key) if kept is not None else None  # one lookup: nodes side by side share a kept model
+    if saved is not None:
+        with contextlib.suppress(KeyError):
+            kept.move_to_end(key)
+        return _restored(saved)
     cache = DynamicCache()
     logits, mask, position = _forward_rows(model, rows, prefix, pad_id, device, 1, cache)
     out = logits[:, -1].float(), cache, mask, position

@@ -32,7 +32,7 @@ def _old_generate(model, tokenizer, prompts, *, max_new_tokens, batch_size, stop
     import torch
 
     from components.data.encoding import encode_texts
-    from components.evaluation.choice import left_pad
+    from components.models.generation import left_pad
 
     pad = tokenizer.pad_token_id
     encoded = encode_texts(tokenizer, prompts)

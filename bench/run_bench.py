@@ -142,6 +142,93 @@ def _mb(value: float | None) -> str:
     return "-" if value is None else f"{value:.0f}"
 
 
+def _json_sections() -> list[str]:
+    """The sections of the benchmarks that write a JSON of their own, each where its JSON exists."""
+    sections = [("results_methods.json", methods_section), ("results_generation.json", generation_section),
+                ("results_serve.json", serve_section), ("results_gguf_quality.json", gguf_quality_section),
+                ("results_load.json", load_section)]
+    lines: list[str] = []
+    for name, section in sections:
+        path = ROOT / "bench" / name
+        if path.is_file():
+            lines += section(json.loads(path.read_text()))
+    return lines
+
+
+def _sft_section(sft: dict) -> list[str]:
+    """LoRA SFT throughput: lmforge against plain TRL (bench/sft_throughput.py)."""
+    o, t = sft["lmforge"], sft["trl"]
+    return [
+        "## LoRA SFT throughput: lmforge vs plain TRL SFTTrainer",
+        "",
+        f"Same tokenized ICD-10 SFT rows (completion-only labels), SmolLM2-135M fp32, LoRA r={sft['args']['rank']} "
+        f"all-linear, batch {sft['args']['batch']}, max length {sft['args']['max_length']}, "
+        f"{sft['args']['steps']} steps, {sft['torch_threads']} threads. TRL without gradient checkpointing "
+        "(its fastest plain CPU setting). Tokens are real (non-pad) tokens; TRL's count includes one "
+        "batch its dataloader prefetches, which flatters TRL slightly.",
+        "",
+        "| trainer | tokens | seconds | tokens/s |",
+        "|---|---|---|---|",
+        f"| lmforge | {o['tokens']:.0f} | {o['seconds']:.1f} | {o['tokens_per_s']:.0f} |",
+        f"| TRL SFTTrainer | {t['tokens']:.0f} | {t['seconds']:.1f} | {t['tokens_per_s']:.0f} |",
+        "",
+        f"**Ratio: {sft['ratio']:.2f}x** (goal >= 1.3x).",
+        "",
+    ]
+
+
+def _data_section(data: dict) -> list[str]:
+    """Alignment + tokenization throughput (bench/data_throughput.py)."""
+    n, small = data["runs"]["n"], data["runs"]["n_over_10"]
+    return [
+        "## Alignment + tokenization throughput",
+        "",
+        f"{data['rows']:,} synthetic short alpaca rows (mean {data['mean_tokens']} tokens after the chat template), "
+        "SmolLM2 fast tokenizer, default tokenize config; conversation files over 32 MB are encoded by one "
+        f"worker process per core ({data['cpu_count']} here). Per core = rows/s over the two stages / cores.",
+        "",
+        "| stage | wall s | CPU s | rows/s |",
+        "|---|---|---|---|",
+        f"| align | {n['align_s']:.1f} | {n['align_cpu_s']:.1f} | {data['align_rows_per_s']:,} |",
+        f"| tokenize | {n['tokenize_s']:.1f} | {n['tokenize_cpu_s']:.1f} | {data['tokenize_rows_per_s']:,} |",
+        f"| **both** | {n['align_s'] + n['tokenize_s']:.1f} | {n['align_cpu_s'] + n['tokenize_cpu_s']:.1f} "
+        f"| {data['align_tokenize_rows_per_s']:,} |",
+        "",
+        f"**{data['align_tokenize_rows_per_s_per_core']:,} rows/s per core** "
+        f"({data['align_tokenize_rows_per_cpu_s']:,} rows per CPU second; goal >= 20,000 rows/s per core). "
+        f"Fast-path share {data['fast_path_share']:.0%}.",
+        f"Peak RSS {n['peak_rss_mb']:.0f} MB at {n['rows']:,} rows vs {small['peak_rss_mb']:.0f} MB at "
+        f"{small['rows']:,} (the smaller file is tokenized in-process, the larger by workers, each worker "
+        f"peaking at {n.get('worker_peak_rss_mb', 0):.0f} MB): flat in the rows.",
+        "",
+        "<details><summary>raw figures</summary>",
+        "",
+        "```json",
+        json.dumps(data, indent=1),
+        "```",
+        "",
+        "</details>",
+        "",
+    ]
+
+
+def _memory_section(memory: dict) -> list[str]:
+    """CPT's peak memory with and without gradient checkpointing."""
+    off, on = memory["off"], memory["on"]
+    return [
+        "## Gradient checkpointing",
+        "",
+        f"The demo's CPT stage alone ({memory['steps']} steps, `lmforge run --until cpt`), peak RSS of the stage "
+        "from its manifest:",
+        "",
+        "| cpt.gradient_checkpointing | peak RSS MB | tokens/s |",
+        "|---|---|---|",
+        f"| false | {off['peak_rss_mb']:.0f} | {off['train_tokens_per_s']:.0f} |",
+        f"| true | {on['peak_rss_mb']:.0f} | {on['train_tokens_per_s']:.0f} |",
+        "",
+    ]
+
+
 def render(demo: dict, rerun_s: float, sft: dict | None, data: dict | None, config: str,
            memory: dict | None = None, notes: list[str] = ()) -> str:
     m = demo["metrics"]
@@ -177,85 +264,12 @@ def render(demo: dict, rerun_s: float, sft: dict | None, data: dict | None, conf
         "",
     ]
     if sft:
-        o, t = sft["lmforge"], sft["trl"]
-        lines += [
-            "## LoRA SFT throughput: lmforge vs plain TRL SFTTrainer",
-            "",
-            f"Same tokenized ICD-10 SFT rows (completion-only labels), SmolLM2-135M fp32, LoRA r={sft['args']['rank']} "
-            f"all-linear, batch {sft['args']['batch']}, max length {sft['args']['max_length']}, "
-            f"{sft['args']['steps']} steps, {sft['torch_threads']} threads. TRL without gradient checkpointing "
-            "(its fastest plain CPU setting). Tokens are real (non-pad) tokens; TRL's count includes one "
-            "batch its dataloader prefetches, which flatters TRL slightly.",
-            "",
-            "| trainer | tokens | seconds | tokens/s |",
-            "|---|---|---|---|",
-            f"| lmforge | {o['tokens']:.0f} | {o['seconds']:.1f} | {o['tokens_per_s']:.0f} |",
-            f"| TRL SFTTrainer | {t['tokens']:.0f} | {t['seconds']:.1f} | {t['tokens_per_s']:.0f} |",
-            "",
-            f"**Ratio: {sft['ratio']:.2f}x** (goal >= 1.3x).",
-            "",
-        ]
+        lines += _sft_section(sft)
     if data:
-        n, small = data["runs"]["n"], data["runs"]["n_over_10"]
-        lines += [
-            "## Alignment + tokenization throughput",
-            "",
-            f"{data['rows']:,} synthetic short alpaca rows (mean {data['mean_tokens']} tokens after the chat template), "
-            "SmolLM2 fast tokenizer, default tokenize config; conversation files over 32 MB are encoded by one "
-            f"worker process per core ({data['cpu_count']} here). Per core = rows/s over the two stages / cores.",
-            "",
-            "| stage | wall s | CPU s | rows/s |",
-            "|---|---|---|---|",
-            f"| align | {n['align_s']:.1f} | {n['align_cpu_s']:.1f} | {data['align_rows_per_s']:,} |",
-            f"| tokenize | {n['tokenize_s']:.1f} | {n['tokenize_cpu_s']:.1f} | {data['tokenize_rows_per_s']:,} |",
-            f"| **both** | {n['align_s'] + n['tokenize_s']:.1f} | {n['align_cpu_s'] + n['tokenize_cpu_s']:.1f} "
-            f"| {data['align_tokenize_rows_per_s']:,} |",
-            "",
-            f"**{data['align_tokenize_rows_per_s_per_core']:,} rows/s per core** "
-            f"({data['align_tokenize_rows_per_cpu_s']:,} rows per CPU second; goal >= 20,000 rows/s per core). "
-            f"Fast-path share {data['fast_path_share']:.0%}.",
-            f"Peak RSS {n['peak_rss_mb']:.0f} MB at {n['rows']:,} rows vs {small['peak_rss_mb']:.0f} MB at "
-            f"{small['rows']:,} (the smaller file is tokenized in-process, the larger by workers, each worker "
-            f"peaking at {n.get('worker_peak_rss_mb', 0):.0f} MB): flat in the rows.",
-            "",
-            "<details><summary>raw figures</summary>",
-            "",
-            "```json",
-            json.dumps(data, indent=1),
-            "```",
-            "",
-            "</details>",
-            "",
-        ]
+        lines += _data_section(data)
     if memory:
-        off, on = memory["off"], memory["on"]
-        lines += [
-            "## Gradient checkpointing",
-            "",
-            f"The demo's CPT stage alone ({memory['steps']} steps, `lmforge run --until cpt`), peak RSS of the stage "
-            "from its manifest:",
-            "",
-            "| cpt.gradient_checkpointing | peak RSS MB | tokens/s |",
-            "|---|---|---|",
-            f"| false | {off['peak_rss_mb']:.0f} | {off['train_tokens_per_s']:.0f} |",
-            f"| true | {on['peak_rss_mb']:.0f} | {on['train_tokens_per_s']:.0f} |",
-            "",
-        ]
-    methods = ROOT / "bench" / "results_methods.json"
-    if methods.is_file():
-        lines += methods_section(json.loads(methods.read_text()))
-    generation = ROOT / "bench" / "results_generation.json"
-    if generation.is_file():
-        lines += generation_section(json.loads(generation.read_text()))
-    serving = ROOT / "bench" / "results_serve.json"
-    if serving.is_file():
-        lines += serve_section(json.loads(serving.read_text()))
-    gguf_quality = ROOT / "bench" / "results_gguf_quality.json"
-    if gguf_quality.is_file():
-        lines += gguf_quality_section(json.loads(gguf_quality.read_text()))
-    load = ROOT / "bench" / "results_load.json"
-    if load.is_file():
-        lines += load_section(json.loads(load.read_text()))
+        lines += _memory_section(memory)
+    lines += _json_sections()
     # The learning-rate sweep of bench/cpt_learning.py is measured by hand (several CPT runs); kept as written.
     # So are the alignment figures (bench/alignment.md: the demo's reward + RAFT run, bench/ppo_memory.py)
     # and the quality preset's run (bench/quality.md), and the unchanged rerun's A/B (bench/rerun_time.py).

@@ -56,21 +56,6 @@ def _cache_argument(model) -> str:
     return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
 
 
-def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask) of token sequences padded on the left to one length.
-
-    Padding by hand: a padded tokenizer call leaves padding switched on in the fast tokenizer's backend,
-    which would then pad the exact encodings of components/data/encoding.py.
-    """
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for b, s in enumerate(sequences):
-        ids[b, width - len(s) :] = torch.tensor(s, dtype=torch.long)
-        mask[b, width - len(s) :] = 1
-    return ids, mask
-
-
 def length_buckets(lengths: list[int]) -> list[list[int]]:
     """Row indices grouped by similar length (shortest first; a bucket's longest at most twice its shortest),
     so the rows of one forward pass waste little on padding.

@@ -130,16 +130,28 @@ def tail_batch(rows: list[list[int]], prefix: int, pad_id: int) -> tuple[torch.T
     """(input ids, attention mask, position ids) of each row's tokens after a shared `prefix` already in the
     cache: the tails left-padded to one width, the mask covering prefix and tails (a hole where a tail is
     padded), the positions going on from the prefix's."""
-    n = len(rows)
-    tails = [r[prefix:] for r in rows]
-    width = max(len(t) for t in tails)
-    ids = torch.full((n, width), pad_id, dtype=torch.long)
-    tail_mask = torch.zeros((n, width), dtype=torch.long)
-    for b, t in enumerate(tails):
-        ids[b, width - len(t) :] = torch.tensor(t, dtype=torch.long)
-        tail_mask[b, width - len(t) :] = 1
+    ids, tail_mask = left_pad([r[prefix:] for r in rows], pad_id)
     positions = (prefix + tail_mask.cumsum(-1) - 1).clamp(min=prefix)
-    return ids, torch.cat([torch.ones((n, prefix), dtype=torch.long), tail_mask], dim=1), positions
+    return ids, torch.cat([torch.ones((len(rows), prefix), dtype=torch.long), tail_mask], dim=1), positions
+
+
+def left_pad(rows: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input ids, attention mask) of token rows padded on the left to the longest (an empty row: all padding).
+
+    By hand, not with the tokenizer: a padded tokenizer call leaves padding switched on in the fast tokenizer's
+    backend, which would then pad the exact encodings of components/data/encoding.py.
+
+    >>> left_pad([[5, 6], [7]], 0)[0].tolist()
+    [[5, 6], [0, 7]]
+    """
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for b, r in enumerate(rows):
+        if r:
+            ids[b, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+            mask[b, width - len(r) :] = 1
+    return ids.to(device), mask.to(device)
 
 
 KEPT_PREFILLS = 8  # prompt batches whose prefill a kept model remembers (each ~10 MB for 30 demo prompts)

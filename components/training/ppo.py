@@ -38,6 +38,7 @@ import torch
 
 from components.artifacts import atomic_dir, atomic_write_bytes, atomic_write_json
 from components.errors import TrainingDiverged
+from components.models.generation import left_pad
 from components.runtime import progress
 from components.stage_contract import MetricsSink
 from components.training.checkpoints import COMPLETE, checkpoint_number, last_complete_checkpoint, prune_checkpoints
@@ -57,7 +58,6 @@ from components.training.ppo_rollout import (  # noqa: F401  (the step's parts, 
     eos_token_ids,
     gae,
     generate,
-    left_pad,
     masked_whiten,
     next_kl_coef,
     penalise_missing_eos,

@@ -287,15 +287,6 @@ def reward_adapter_scores(peft_model, reward: RewardAdapter, input_ids, attentio
     return reward.score(hidden[torch.arange(len(last), device=last.device), last].float()).squeeze(-1)
 
 
-def left_pad(rows: list[list[int]], pad_token_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        if r:
-            ids[i, width - len(r):] = torch.tensor(r)
-            mask[i, width - len(r):] = 1
-    return ids.to(device), mask.to(device)
 
 
 def generate(model, query, query_mask, settings: PPOSettings, *, eos_ids: set[int], pad_token_id: int):

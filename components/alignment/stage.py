@@ -114,8 +114,11 @@ def alignment_stage(cfg: PipelineConfig, inputs: StageInputs, out_dir: Path) -> 
         reward = build_reward(acfg.reward, reward_model=model_reward, without_model=method == "ppo") if (
             method != "ppo" or acfg.reward.rule or acfg.reward.http_url) else None
         if method == "grpo":
+            from components.models.generation import stop_ids
+
             policy, history, metrics = train_grpo(model, tokenizer, prompts, reward, acfg, hardware, out_dir,
-                                                  metrics_sink=inputs.metrics)
+                                                  metrics_sink=inputs.metrics,
+                                                  stop=stop_ids(tokenizer, cfg.tokenize.template))
         elif method == "raft":
             from components.alignment.raft import run_raft
             from components.models.generation import stop_ids

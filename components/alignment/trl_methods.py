@@ -68,12 +68,20 @@ def grpo_config(cfg, hardware, out_dir: Path):
                       temperature=cfg.temperature, top_p=cfg.top_p, beta=cfg.method_beta)
 
 
-def train_grpo(model, tokenizer, prompts: list[dict], reward, cfg, hardware, out_dir: Path, *, metrics_sink=None):
+def train_grpo(model, tokenizer, prompts: list[dict], reward, cfg, hardware, out_dir: Path, *, metrics_sink=None,
+               stop: list[int] | None = None):
     """GRPO (Shao et al. 2024) with TRL: `cfg.batch_size` prompts per step, `cfg.num_generations` each,
-    advantages relative to each prompt's group; `cfg.method_beta` > 0 keeps a KL anchor to the SFT model."""
+    advantages relative to each prompt's group; `cfg.method_beta` > 0 keeps a KL anchor to the SFT model.
+    `stop`: token ids that end an answer (generation.stop_ids: the EOS and the template's end of turn). TRL
+    samples until, and masks after, the model's generation_config EOS ids and the tokenizer's: the stop ids
+    join them, so GRPO's answers end where evaluation's, RAFT's and PPO's do."""
     from datasets import Dataset
     from trl import GRPOTrainer
 
+    if stop:
+        config = model.generation_config
+        known = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
+        config.eos_token_id = sorted({*(i for i in known if i is not None), *stop})
     grpo_args = grpo_config(cfg, hardware, out_dir)
     rows = [{"prompt": p["prompt"], "reference": p["reference"], "task": p["task"]} for p in prompts]
     trainer = GRPOTrainer(model=prepare_trainable(model, cfg, hardware), reward_funcs=[reward], args=grpo_args,

@@ -238,3 +238,29 @@ def test_raft_and_ppo_refuse_fp16_they_would_not_scale():
         refuse_unscaled_fp16(method, "fp32")
     for method in ("grpo", "dpo", "kto", "orpo", "simpo"):  # TRL's trainers scale the loss
         refuse_unscaled_fp16(method, "fp16")
+
+
+def test_grpo_samples_until_the_template_end_of_turn_too(small_model_dir, tmp_path, monkeypatch):
+    """One stop rule: the stop ids the stage gives (the EOS and the template's end of turn) are the ids TRL's
+    GRPO samples until and masks after, beside the tokenizer's EOS."""
+    import trl
+
+    seen: dict = {}
+
+    class Built(Exception):
+        pass
+
+    class Spy(trl.GRPOTrainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            seen["eos"] = list(self.eos_token_ids)
+            raise Built
+
+    monkeypatch.setattr(trl, "GRPOTrainer", Spy)
+    tokenizer = load_tokenizer(str(small_model_dir))
+    model = load_model(str(small_model_dir), CPU)
+    prompts = [{"prompt": "w1 w2", "reference": "0", "task": "toy"}] * 4
+    cfg = AlignmentConfig(method="grpo", batch_size=2, num_generations=2, max_new_tokens=4, max_steps=1)
+    with pytest.raises(Built):
+        train_grpo(model, tokenizer, prompts, digit_word_reward, cfg, CPU, tmp_path, stop=[tokenizer.eos_token_id, 5])
+    assert 5 in seen["eos"] and tokenizer.eos_token_id in seen["eos"]

@@ -107,6 +107,7 @@ def _ppo_settings(cfg, tmp_path: Path, monkeypatch):
     """The PPOSettings stage._run_ppo hands run_ppo (run_ppo replaced by a recorder)."""
     from components.alignment import stage
     from components.config import PipelineConfig
+    from components.models import generation
     from components.training import ppo
 
     seen = {}
@@ -118,6 +119,7 @@ def _ppo_settings(cfg, tmp_path: Path, monkeypatch):
 
     monkeypatch.setattr(ppo, "run_ppo", record)
     monkeypatch.setattr(stage, "turn_end", lambda tokenizer, template: "")
+    monkeypatch.setattr(generation, "stop_ids", lambda tokenizer, template: [])
     pipeline = PipelineConfig(alignment=cfg)
     stage._run_ppo(None, None, [], None, Path("reward-adapter"), pipeline, tmp_path, None)
     return seen["settings"], seen["kwargs"]
@@ -204,7 +206,7 @@ def _assert_read(method: str, field: str, value, cfg, tmp_path: Path, monkeypatc
     if field == "max_kl" and method != "ppo":  # the guard every TRL method's callback runs
         assert "max_kl=cfg.max_kl" in _source("components/alignment/trl_methods.py")
         guard = stage_callback(None, max_kl=cfg.max_kl)
-        state = type("State", (), {"global_step": 3})()
+        state = type("State", (), {"global_step": 3, "max_steps": 10, "is_world_process_zero": True})()
         args = type("Args", (), {"fp16": False, "logging_steps": 1})()
         with pytest.raises(TrainingDiverged):
             guard.on_log(args, state, None, logs={"kl": value * 2})

@@ -166,8 +166,7 @@ def _assert_read(method: str, field: str, value, cfg, tmp_path: Path, monkeypatc
     """`field`'s `value` reaches what `method` builds from `cfg`."""
     from components.alignment.trl_support import stage_callback
     from components.errors import TrainingDiverged
-    from components.training.lora import warmup_steps
-    from components.training.methods import OPTIMIZERS, lora_config, qlora_quantization
+    from components.training.methods import lora_config, qlora_quantization
 
     if field.startswith("reward."):  # the reward every sampling method scores with, and the evaluation's rule
         assert "build_reward(acfg.reward" in _source("components/alignment/stage.py")
@@ -213,25 +212,38 @@ def _assert_read(method: str, field: str, value, cfg, tmp_path: Path, monkeypatc
         return
 
     if method == "ppo":
-        settings, _ = _ppo_settings(cfg, tmp_path, monkeypatch)
-        name = PPO_NAMES.get(field, field.split(".")[-1])
-        assert getattr(settings, name) == value, (field, getattr(settings, name))
-        if field.startswith("lora."):  # and on into the adapter build_policy_model makes
-            import peft
-
-            from components.training.ppo_rollout import build_policy_model
-
-            monkeypatch.setattr(peft, "get_peft_model", lambda model, config, adapter_name: config)
-            lora = build_policy_model(None, settings)
-            sub = field.split(".")[1]
-            got = set(lora.target_modules) if sub == "target_modules" else getattr(lora, LORA_NAMES[sub])
-            assert got == (set(value) if sub == "target_modules" else value), field
+        _assert_ppo_reads(field, value, cfg, tmp_path, monkeypatch)
         return
     if method == "raft":
         text = _source(RAFT_SOURCE)
         name = field.split(".")[-1]
         assert (f"cfg.{field}" in text) or (field.startswith("raft.") and f"raft.{name}" in text), field
         return
+
+    _assert_trl_reads(method, field, value, cfg, tmp_path)
+
+
+def _assert_ppo_reads(field: str, value, cfg, tmp_path: Path, monkeypatch) -> None:
+    """The field reaches PPOSettings, and a LoRA field the adapter build_policy_model makes."""
+    settings, _ = _ppo_settings(cfg, tmp_path, monkeypatch)
+    name = PPO_NAMES.get(field, field.split(".")[-1])
+    assert getattr(settings, name) == value, (field, getattr(settings, name))
+    if field.startswith("lora."):  # and on into the adapter build_policy_model makes
+        import peft
+
+        from components.training.ppo_rollout import build_policy_model
+
+        monkeypatch.setattr(peft, "get_peft_model", lambda model, config, adapter_name: config)
+        lora = build_policy_model(None, settings)
+        sub = field.split(".")[1]
+        got = set(lora.target_modules) if sub == "target_modules" else getattr(lora, LORA_NAMES[sub])
+        assert got == (set(value) if sub == "target_modules" else value), field
+
+
+def _assert_trl_reads(method: str, field: str, value, cfg, tmp_path: Path) -> None:
+    """The field reaches the TRL method's config (TrainingArguments and the method's own)."""
+    from components.training.lora import warmup_steps
+    from components.training.methods import OPTIMIZERS
 
     args = _trl_config(method, cfg, tmp_path)
     if field == "optimizer":

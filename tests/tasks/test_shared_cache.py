@@ -188,26 +188,23 @@ def test_a_killed_lease_holder_is_taken_over_after_its_lease_expires(two, tmp_pa
     store, _, (cfg_b, run_b) = two
     proc, _ = _start_worker(tmp_path, store, 600, cfg_b.tracking.tracking_uri)
     try:
-        _kill_and_take_over(proc, store, cfg_b, run_b)
+        leases = store / "leases" / "align" / "k-lease"
+        record = json.loads((leases / "1.json").read_text())
+        assert record["worker"].endswith(f"pid {proc.pid}") and not record["released"]
+        time.sleep(TTL)  # a renewal happened meanwhile: the lease outlives its first expiry
+        renewed = json.loads((leases / "1.json").read_text())
+        assert renewed["expires_at"] > record["expires_at"] and renewed["expires_at"] > time.time()
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        killed_at = time.time()
+        calls = []
+        manifest = run_stage(ALIGN, "k-lease", run_b, cfg_b, {}, _body(calls), upstream={})
+        assert len(calls) == 1 and manifest["flow_run_id"] == run_b.flow_run_id
+        # It waited for the expiry, and not longer than one TTL.
+        assert time.time() >= renewed["expires_at"] > killed_at - TTL
+        assert time.time() - killed_at < TTL + 30
+        assert sorted(p.name for p in leases.iterdir()) == ["2.json"]  # the takeover: one more generation
+        assert json.loads((leases / "2.json").read_text())["released"]
+        assert SharedStageStore(store.as_uri()).has("align", "k-lease")
     finally:
         proc.kill()
-
-
-def _kill_and_take_over(proc: subprocess.Popen, store: Path, cfg_b, run_b) -> None:
-    leases = store / "leases" / "align" / "k-lease"
-    record = json.loads((leases / "1.json").read_text())
-    assert record["worker"].endswith(f"pid {proc.pid}") and not record["released"]
-    time.sleep(TTL)  # a renewal happened meanwhile: the lease outlives its first expiry
-    renewed = json.loads((leases / "1.json").read_text())
-    assert renewed["expires_at"] > record["expires_at"] and renewed["expires_at"] > time.time()
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
-    killed_at = time.time()
-    calls = []
-    manifest = run_stage(ALIGN, "k-lease", run_b, cfg_b, {}, _body(calls), upstream={})
-    assert len(calls) == 1 and manifest["flow_run_id"] == run_b.flow_run_id
-    assert time.time() >= renewed["expires_at"] > killed_at - TTL  # it waited for the expiry, not longer than one TTL
-    assert time.time() - killed_at < TTL + 30
-    assert sorted(p.name for p in leases.iterdir()) == ["2.json"]  # the takeover: one more generation
-    assert json.loads((leases / "2.json").read_text())["released"]
-    assert SharedStageStore(store.as_uri()).has("align", "k-lease")

@@ -283,13 +283,13 @@ def _score_rows(model, rows: list[list[int]], pad_id: int) -> list[float]:
     import torch
     from transformers import DynamicCache
 
-    from components.models.generation import common_prefix, tail_batch
+    from components.models.generation import shared_prefix, tail_batch
 
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT-wrapped classifier too
     body, head = getattr(inner, inner.base_model_prefix), inner.score
     device = next(model.parameters()).device
     rows = [r if r else [pad_id] for r in rows]
-    prefix = common_prefix(rows) if len(rows) > 1 else 0
+    prefix = shared_prefix(rows, 1)
     cache = DynamicCache()
     n = len(rows)
     with torch.no_grad():

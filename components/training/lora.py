@@ -53,14 +53,45 @@ class CausalCollator:
         return batch
 
 
+def _epoch_seeded_sampler(batch_size: int, lengths: list[int], seed: int):
+    """Transformers' length-grouped order, drawn from a generator seeded by (seed, epoch) instead of the global
+    RNG. Trainer's own sampler reads the global RNG when an epoch starts; a run resumed from a checkpoint in the
+    middle of a later epoch draws that epoch's order before it restores the RNG, so it trained the rest of the
+    epoch on other rows than the run it resumes (the final loss moved by ~1e-3). Seeded per epoch, the order
+    depends on nothing but the epoch: Trainer and accelerate call set_epoch before each pass, resumed or not."""
+    from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
+
+    class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
+        epoch = 0
+
+        def set_epoch(self, epoch: int) -> None:
+            self.epoch = epoch
+
+        def __iter__(self):
+            generator = torch.Generator().manual_seed(seed + self.epoch)
+            return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
+
+    return EpochSeededLengthGroupedSampler(batch_size, lengths=lengths)
+
+
 def _build_trainer_class():
     from transformers import Trainer
 
     class PackedTrainer(Trainer):
-        """Trainer whose loss skips the LM head on unlabeled positions and counts throughput."""
+        """Trainer whose loss skips the LM head on unlabeled positions and counts throughput, and whose
+        length-grouped order resumes exactly (_epoch_seeded_sampler)."""
 
         tokens_seen = 0
         trained_tokens_seen = 0
+
+        def _get_train_sampler(self, train_dataset=None):
+            dataset = train_dataset if train_dataset is not None else self.train_dataset
+            column = self.args.length_column_name
+            if self.args.train_sampling_strategy != "group_by_length" or column not in dataset.column_names:
+                return super()._get_train_sampler(train_dataset)
+            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+            return _epoch_seeded_sampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                         list(dataset[column]), seed)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             real = inputs.pop("num_real_tokens", None)

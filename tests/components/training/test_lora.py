@@ -89,6 +89,46 @@ def test_resume_from_last_complete_checkpoint(tiny_model_dir, tmp_path):
     assert 0 < result.metrics["train_tokens"]
 
 
+@pytest.mark.parametrize("resume_at", [2, 4, 6, 10])
+def test_a_run_resumed_from_any_checkpoint_ends_where_the_uninterrupted_one_ends(resume_at, tiny_model_dir, tmp_path,
+                                                                                  monkeypatch):
+    """16 rows in batches of 4: an epoch is 4 steps. Checkpoint 2 is mid-epoch 0, 4 an epoch's end, 6 and 10
+    mid-epoch in later epochs (where an order drawn from the global RNG went wrong: the resumed epoch saw
+    other rows). The resumed run trains the same rows in the same order, so its curve and adapter are the
+    uninterrupted run's."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    import components.training.lora as lora
+
+    keep_all = lora.training_arguments
+    monkeypatch.setattr(lora, "training_arguments", lambda *a: {**keep_all(*a), "save_total_limit": None})
+    tok = load_tokenizer(str(tiny_model_dir))
+    data = Dataset.from_list(_rows())
+    cfg = TrainConfig(max_steps=14, batch_size=4, logging_steps=1, save_steps=2, learning_rate=5e-3)
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    curves = {"whole": {}, "resumed": {}}
+
+    def sink(run):
+        return lambda step, m: curves[run].update({step: m["loss"]} if "loss" in m else {})
+
+    run_lora_training(load_model(str(tiny_model_dir), CPU), tok, data, cfg, CPU, whole, metrics_sink=sink("whole"))
+    shutil.copytree(whole / "checkpoints" / f"checkpoint-{resume_at}",
+                    resumed / "checkpoints" / f"checkpoint-{resume_at}")
+    result = run_lora_training(load_model(str(tiny_model_dir), CPU), tok, data, cfg, CPU, resumed,
+                               metrics_sink=sink("resumed"))
+    assert result.metrics["resumed_from_step"] == resume_at
+    assert sorted(curves["resumed"]) == list(range(resume_at + 1, 15))
+    for step, loss in curves["resumed"].items():
+        assert loss == pytest.approx(curves["whole"][step], rel=1e-6), f"loss at step {step}"
+    expected = load_file(whole / "adapter" / "adapter_model.safetensors")
+    got = load_file(resumed / "adapter" / "adapter_model.safetensors")
+    assert expected.keys() == got.keys()
+    for name, weight in expected.items():
+        torch.testing.assert_close(got[name], weight, rtol=1e-5, atol=1e-7, msg=name)
+
+
 def test_gradient_checkpointing_recomputes_to_the_same_training(tiny_model_dir, tmp_path):
     """Checkpointed layers (recomputed in the backward pass, LoRA dropout included) train exactly
     as the stored-activation run does, step for step."""

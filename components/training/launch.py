@@ -325,6 +325,18 @@ def main(argv: list[str] | None = None) -> None:
     _exit_with_launcher()
     job = TrainingJob.model_validate_json(Path(args[0]).read_text())
     run_job(job)
+    _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """Close this rank's process group once every rank is done. Left to the interpreter's exit, gloo's worker
+    threads were torn down mid-use now and then ("terminate called without an active exception": the rank
+    aborted after it had written its result, and the launch failed)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -146,7 +146,7 @@ def _json_sections() -> list[str]:
     """The sections of the benchmarks that write a JSON of their own, each where its JSON exists."""
     sections = [("results_methods.json", methods_section), ("results_generation.json", generation_section),
                 ("results_serve.json", serve_section), ("results_gguf_quality.json", gguf_quality_section),
-                ("results_load.json", load_section)]
+                ("results_load.json", load_section), ("results_speculative.json", speculative_section)]
     lines: list[str] = []
     for name, section in sections:
         path = ROOT / "bench" / name
@@ -342,6 +342,30 @@ def generation_section(result: dict) -> list[str]:
     greedy = result["rows"].get("evaluation (greedy)")
     if greedy:
         lines += ["", f"Greedy answers identical on {greedy['identical_answers']} of {greedy['prompts']} prompts."]
+    return [*lines, ""]
+
+
+def speculative_section(result: dict) -> list[str]:
+    """bench/speculative.py's figures (its own run, bench/results_speculative.json): prompt-lookup decoding against
+    plain greedy decoding, same prompts, answers compared token for token."""
+    lines = [
+        "## Speculative decoding: prompt lookup on CPU",
+        "",
+        f"`python bench/speculative.py --model {result['model']}`, {result['created_at'][:10]}: up to "
+        f"{result['lookahead']} tokens proposed per row ({result['threads']} threads, load average "
+        f"{result['load_average'][0]:.2f} on {result['cpu_count']} cores; best of the repeats). The rows decode "
+        "through components/models/generation.py's batched decoder, except the last: transformers' own `generate` "
+        "(`prompt_lookup_num_tokens`), one row at a time, for reference.",
+        "",
+        "| workload | plain s | prompt lookup s | speed-up | forward passes (plain / lookup) | accepted / proposed | same answers |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, r in result["results"].items():
+        plain, fast = r["plain"], r["lookup"]
+        passes = (f"{plain['forward_passes']} / {fast['forward_passes']}" if "forward_passes" in plain else "-")
+        accepted = f"{fast['accepted']} / {fast['proposed']}" if "accepted" in fast else "-"
+        lines.append(f"| {name.replace('_', ' ')} | {plain['seconds']:.1f} | {fast['seconds']:.1f} | "
+                     f"{r['speedup']:.2f}x | {passes} | {accepted} | {'yes' if r['same_answers'] else 'NO'} |")
     return [*lines, ""]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import queue
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -52,18 +53,92 @@ def load_chat_model(spec: str, cfg: PipelineConfig):
     return model.eval(), load_tokenizer(source, trust_remote_code=cfg.model.trust_remote_code)
 
 
-def stream_reply(model, tokenizer, history: list[dict], cfg: PipelineConfig, *, max_new_tokens: int = 256) -> Iterator[str]:
-    """Yield the reply text piece by piece as the model generates it (greedy)."""
-    from transformers import TextIteratorStreamer
-
+def stream_reply(model, tokenizer, history: list[dict], cfg: PipelineConfig, *, max_new_tokens: int = 256,
+                 prompt_lookup: int = 0, draft=None) -> Iterator[str]:
+    """Yield the reply text piece by piece as the model generates it (greedy), stopping at the template's end
+    of turn: through the one generation path (components.models.generation.decode, with prompt-lookup
+    decoding when `prompt_lookup` > 0), or with a `draft` model through transformers' assisted generation."""
     from components.data.chat_render import render_prompt
+    from components.models.generation import stop_ids
 
     prompt = render_prompt(tokenizer, cfg.tokenize.template, history, cfg.tokenize.system_prompt)
-    enc = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(next(model.parameters()).device)
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    stop = stop_ids(tokenizer, cfg.tokenize.template)
+    if draft is not None:
+        yield from _assisted_reply(model, draft, tokenizer, ids, stop, max_new_tokens)
+        return
+    from components.models.generation import decode
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
+    tokens: queue.Queue = queue.Queue()
+
+    def run():
+        try:
+            decode(model, [ids], max_new_tokens=max_new_tokens, stop=stop, pad_id=pad_id, lookahead=prompt_lookup,
+                   on_tokens=lambda _, new: tokens.put(new))
+        except BaseException as exc:  # noqa: BLE001 - raised again in the reader below
+            tokens.put(exc)
+        finally:
+            tokens.put(None)
+
+    threading.Thread(target=run, daemon=True, name="chat-decode").start()
+    yield from _text_pieces(tokenizer, iter(tokens.get, None))
+
+
+def _text_pieces(tokenizer, batches: Iterator[list[int] | BaseException]) -> Iterator[str]:
+    """The text of token ids as they come, a piece per batch of ids; special tokens (the stop token) left out.
+    The whole answer is decoded each time (a token alone can be half a character or lose its leading
+    space), and a piece that ends inside a character waits for the next ids."""
+    ids: list[int] = []
+    shown = ""
+    for batch in batches:
+        if isinstance(batch, BaseException):
+            raise batch
+        ids += batch
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            continue
+        if len(text) > len(shown):
+            yield text[len(shown):]
+        shown = text
+
+
+def load_draft_model(spec: str, cfg: PipelineConfig, tokenizer):
+    """The draft model of speculative decoding (`lmforge chat --draft-model`), loaded as MODEL specs are, with
+    its tokenizer; a draft that tokenizes differently is used through transformers' universal assisted
+    decoding (its tokenizer given beside the target's)."""
+    draft, draft_tokenizer = load_chat_model(spec, cfg)
+    same = draft_tokenizer.get_vocab() == tokenizer.get_vocab()
+    return draft, (None if same else draft_tokenizer)
+
+
+def _assisted_reply(model, draft, tokenizer, ids: list[int], stop: list[int], max_new_tokens: int) -> Iterator[str]:
+    """Greedy reply by transformers' assisted generation: `draft` (a (model, tokenizer or None) pair from
+    load_draft_model) proposes tokens, the target checks them; the reply is the target's greedy one."""
+    import torch
+    from transformers import TextIteratorStreamer
+
+    draft_model, draft_tokenizer = draft
+    device = next(model.parameters()).device
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    kwargs = dict(**enc, max_new_tokens=max_new_tokens, do_sample=False, streamer=streamer,
-                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    worker = threading.Thread(target=model.generate, kwargs=kwargs, daemon=True)
+    kwargs = dict(input_ids=torch.tensor([ids], device=device), attention_mask=torch.ones(1, len(ids), device=device,
+                  dtype=torch.long), max_new_tokens=max_new_tokens, do_sample=False, streamer=streamer,
+                  assistant_model=draft_model, eos_token_id=stop,
+                  pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0])
+    if draft_tokenizer is not None:
+        kwargs.update(tokenizer=tokenizer, assistant_tokenizer=draft_tokenizer)
+    failure: list[BaseException] = []
+
+    def run():
+        try:
+            model.generate(**kwargs)
+        except BaseException as exc:  # noqa: BLE001 - raised again below
+            failure.append(exc)
+            streamer.end()
+
+    worker = threading.Thread(target=run, daemon=True, name="chat-assisted")
     worker.start()
     yield from streamer
     worker.join()
+    if failure:
+        raise failure[0]

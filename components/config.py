@@ -220,6 +220,11 @@ class EvaluateConfig(Strict):
     )
     max_new_tokens: int = Field(24, ge=1)
     batch_size: int = Field(16, ge=1, description="Prompts per generate call; candidate answers per forward pass.")
+    prompt_lookup: int = Field(
+        0, ge=0, le=16, description="Prompt-lookup decoding of the greedy answers: up to this many next tokens "
+        "proposed per row from its own prompt and answer and checked in one forward pass (the answers are the "
+        "greedy ones). Pays off where answers copy from the prompt and rows are few (bench/speculative.py); 0: off."
+    )
     perplexity_max_samples: int = Field(64, ge=1, description="Held-out text/instruction rows scored for perplexity.")
     choice_max_answers: int = Field(
         32, ge=0, description="A task whose held-out answers take at most this many distinct values (each given "

@@ -371,17 +371,27 @@ def deploy(
 
 @app.command()
 def chat(
-    model: Annotated[str, typer.Argument(help="A stage dir (.lmforge/artifacts/sft/<key>), a model dir, "
-                                              "embedded:smollm2-135m-instruct, or models:/NAME@alias.")],
+    model: Annotated[str, typer.Argument(help="A stage dir (.lmforge/artifacts/sft/<key>), a model dir, a .gguf file, "
+                                              "embedded:smollm2-135m-instruct, models:/NAME@alias, or a registered "
+                                              "variant models:/NAME@alias/VARIANT (nf4, int8, q8_0, ...).")],
     config: Annotated[Optional[Path], typer.Option(help="Config for tracking URI, template and system prompt.")] = None,
     max_new_tokens: int = 256,
+    prompt_lookup: Annotated[int, typer.Option(help="Prompt-lookup decoding: propose up to this many tokens from the "
+                                                    "conversation, checked in one pass (same greedy reply; 0: off).")] = 0,
+    draft_model: Annotated[Optional[str], typer.Option(help="Speculative decoding with a smaller model of the same "
+                                                            "family (any MODEL form), through transformers' assisted "
+                                                            "generation (same greedy reply).")] = None,
     set_: SetOpt = [],  # noqa: B006
 ) -> None:
     """Chat with a model, streaming the answer. Empty line or Ctrl-D ends."""
-    from components.chat import load_chat_model, stream_reply
+    from components.chat import load_chat_model, load_draft_model, stream_reply
 
     cfg = _load(config, set_)
+    if prompt_lookup and draft_model:
+        console.print("[red]choose one way to speculate: --prompt-lookup or --draft-model[/red]")
+        raise typer.Exit(2)
     model_obj, tokenizer = load_chat_model(model, cfg)
+    draft = load_draft_model(draft_model, cfg, tokenizer) if draft_model else None
     history: list[dict] = []
     interactive = sys.stdin.isatty()
     while True:
@@ -393,7 +403,8 @@ def chat(
         history.append({"role": "user", "content": line.strip()})
         console.print("[bold]model>[/bold] ", end="")
         reply = ""
-        for piece in stream_reply(model_obj, tokenizer, history, cfg, max_new_tokens=max_new_tokens):
+        for piece in stream_reply(model_obj, tokenizer, history, cfg, max_new_tokens=max_new_tokens,
+                                  prompt_lookup=prompt_lookup, draft=draft):
             reply += piece
             console.print(piece, end="", markup=False, highlight=False)
         console.print()
@@ -469,7 +480,8 @@ def rollback(
 @app.command()
 def serve(
     model: Annotated[str, typer.Argument(help="models:/NAME@champion (followed as the alias moves), models:/NAME/VERSION, "
-                                              "a stage dir (.lmforge/artifacts/sft/<key>), a model dir or a .gguf file.")],
+                                              "a registered variant models:/NAME@champion/VARIANT (nf4, int8, q8_0, "
+                                              "...), a stage dir (.lmforge/artifacts/sft/<key>), a model dir or a .gguf file.")],
     config: ConfigOpt = None,
     host: Annotated[str, typer.Option(help="Address to listen on; 0.0.0.0 exposes it beyond this machine.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port of the OpenAI-compatible API (…/v1).")] = 8000,
@@ -481,6 +493,10 @@ def serve(
                                                         "alias (0: only on POST /admin/reload).")] = 30.0,
     backend_args: Annotated[str, typer.Option(help="Arguments appended to the backend's command, quoted as one: "
                                                    "'--cb-num-blocks 64', '--quantization bnb-4bit'.")] = "",
+    prompt_lookup: Annotated[int, typer.Option(help="The backend's prompt-lookup decoding, this many tokens proposed "
+                                                    "(llama.cpp, vLLM; 0: off).")] = 0,
+    draft_model: Annotated[Optional[str], typer.Option(help="The backend's speculative decoding with this draft "
+                                                            "model (vLLM).")] = None,
     set_: SetOpt = [],  # noqa: B006
 ) -> None:
     """Serve a model over an OpenAI-compatible API (chat, completions, streaming), following @champion."""
@@ -496,7 +512,8 @@ def serve(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         run_server(model, cfg, host=host, port=port, api_key=api_key or None, backend=backend,
-                   follow_interval=follow_interval, backend_args=tuple(shlex.split(backend_args)))
+                   follow_interval=follow_interval, backend_args=tuple(shlex.split(backend_args)),
+                   prompt_lookup=prompt_lookup, draft_model=draft_model)
     except (ServeSpecError, BackendError) as exc:
         console.print(f"[red]{escape(str(exc))}[/red]", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None

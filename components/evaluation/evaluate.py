@@ -80,18 +80,20 @@ def split_prompt(messages: list[dict]) -> tuple[list[dict], str]:
 
 
 def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch_size: int, template: str = "auto",
-             reference=None, groups: list | None = None) -> list[str] | tuple[list[str], list[list[float]]]:
+             reference=None, groups: list | None = None,
+             lookahead: int = 0) -> list[str] | tuple[list[str], list[list[float]]]:
     """Greedy answers for rendered prompts, through the one generation path (components.models.generation),
     stopping at the template's end of turn. Give prompts of a kind together, labelled by `groups` (a task
     each): a batch may hold several kinds, and each kind's rows share their common prefix.
-    With a `reference` model, also each answer's per-position KL(model || reference)."""
+    With a `reference` model, also each answer's per-position KL(model || reference); `lookahead` > 0 decodes
+    by prompt lookup (the same greedy answers, see generation.lookahead_steps)."""
     encoded = encode_texts(tokenizer, prompts)
     stop = stop_ids(tokenizer, template)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     completions = []
     for i in progress(range(0, len(prompts), batch_size), desc="generate", leave=False):
         completions += decode(model, encoded[i : i + batch_size], max_new_tokens=max_new_tokens, stop=stop,
-                              pad_id=pad_id, batch_size=batch_size, reference=reference,
+                              pad_id=pad_id, batch_size=batch_size, reference=reference, lookahead=lookahead,
                               groups=groups[i : i + batch_size] if groups is not None else None)
     answers = [completion_text(tokenizer, c) for c in completions]
     return answers if reference is None else (answers, [c.kl for c in completions])
@@ -128,7 +130,7 @@ def _answers_by_task(model, tokenizer, tasks: list[str], prompts: list[str], *, 
     order = sorted(range(len(prompts)), key=lambda i: (rank[tasks[i]], len(prompts[i])))
     out = generate(model, tokenizer, [prompts[i] for i in order], max_new_tokens=cfg.max_new_tokens,
                    batch_size=cfg.batch_size, template=template_name, reference=reference,
-                   groups=[tasks[i] for i in order])
+                   groups=[tasks[i] for i in order], lookahead=cfg.prompt_lookup)
     out, out_kls = out if reference is not None else (out, None)
     answers, kls = [""] * len(prompts), ([[] for _ in prompts] if reference is not None else None)
     for k, i in enumerate(order):

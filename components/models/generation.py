@@ -27,6 +27,7 @@ same shared prefix (`continuation_logprobs`), which costs a prefill rather than 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -67,28 +68,76 @@ def common_prefix(rows: list[list[int]]) -> int:
 @torch.no_grad()
 def decode(model, prompts: list[list[int]], *, max_new_tokens: int, stop: list[int], pad_id: int,
            batch_size: int = 32, temperature: float = 0.0, top_p: float = 1.0, generator: torch.Generator | None = None,
-           reference=None, min_prefix: int = 4, groups: list | None = None) -> list[Completion]:
+           reference=None, min_prefix: int = 4, groups: list | None = None, lookahead: int = 0,
+           on_tokens: Callable[[int, list[int]], None] | None = None, stats: dict | None = None) -> list[Completion]:
     """Complete each prompt (token ids) greedily (temperature 0) or by sampling at `temperature` from the
     nucleus `top_p`; rows are batched `batch_size` at a time in the order given. Without `groups` a batch
     shares its common prefix; with `groups` (one label per prompt, equal labels next to each other) each
-    run of equal labels in a batch shares its own. Returns one Completion per prompt, in order."""
+    run of equal labels in a batch shares its own. Returns one Completion per prompt, in order.
+
+    `lookahead` k > 0 (greedy only) decodes by prompt lookup: up to k tokens are proposed per row from its own
+    prompt and answer (see `lookahead_steps`) and checked in one forward pass; the answers are the greedy ones.
+    `on_tokens(i, ids)` hears each prompt's new tokens as they are chosen (a chat streams them); `stats` gets
+    the counts of forward passes, proposed and accepted tokens."""
     if not prompts:
         return []
     if any(not p for p in prompts):
         raise ValueError("decode: every prompt needs at least one token")
     if groups is not None and len(groups) != len(prompts):
         raise ValueError(f"decode: {len(groups)} group labels for {len(prompts)} prompts")
+    if lookahead and temperature > 0:
+        raise ValueError("decode: lookahead (prompt-lookup decoding) keeps greedy answers; it does not sample")
+    stats = stats if stats is not None else {}
+    for key in ("forward_passes", "proposed", "accepted"):
+        stats.setdefault(key, 0)
     model.eval()
     if reference is not None:
         reference.eval()
     out: list[Completion] = []
     for start in range(0, len(prompts), batch_size):
         labels = groups[start : start + batch_size] if groups is not None else None
-        out.extend(_decode_batch(model, prompts[start : start + batch_size], max_new_tokens=max_new_tokens,
-                                 stop=stop, pad_id=pad_id, temperature=temperature, top_p=top_p,
-                                 generator=generator, reference=reference, min_prefix=min_prefix,
+        heard = None if on_tokens is None else (lambda i, ids, first=start: on_tokens(first + i, ids))
+        steps = Steps(max_new_tokens=max_new_tokens, stop=frozenset(stop), pad_id=pad_id, temperature=temperature,
+                      top_p=top_p, generator=generator, keep_logprobs=reference is not None, lookahead=lookahead,
+                      on_tokens=heard, stats=stats)
+        out.extend(_decode_batch(model, prompts[start : start + batch_size], steps, reference=reference,
+                                 min_prefix=min_prefix,
                                  segments=segments_of(labels, len(prompts[start : start + batch_size]))))
     return out
+
+
+@dataclass
+class Steps:
+    """How a batch decodes after its prefill: the limits, the stop tokens, how tokens are picked, and who hears."""
+
+    max_new_tokens: int
+    stop: frozenset
+    pad_id: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    generator: torch.Generator | None = None
+    keep_logprobs: bool = False
+    lookahead: int = 0
+    on_tokens: Callable[[int, list[int]], None] | None = None
+    stats: dict = field(default_factory=dict)
+
+    def emit(self, completion: Completion, row: int, tokens: list[int], logits: torch.Tensor | None) -> bool:
+        """Append `tokens` (chosen from `logits`, one row each, when kept) to the row's answer up to its stop token
+        or the token limit; True while the row goes on."""
+        taken = []
+        for j, token in enumerate(tokens):
+            taken.append(token)
+            completion.ids.append(token)
+            if self.keep_logprobs:
+                completion.logprobs.append(torch.log_softmax(logits[j], -1))
+            if token in self.stop:
+                completion.stopped = True
+                break
+            if len(completion.ids) >= self.max_new_tokens:
+                break
+        if self.on_tokens is not None:
+            self.on_tokens(row, taken)
+        return not completion.stopped and len(completion.ids) < self.max_new_tokens
 
 
 def segments_of(labels: list | None, n: int) -> list[range]:
@@ -249,52 +298,138 @@ def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator) -> 
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def _decode_batch(model, rows, *, max_new_tokens, stop, pad_id, temperature, top_p, generator, reference,
-                  min_prefix, segments) -> list[Completion]:
+def _decode_batch(model, rows, steps: Steps, *, reference, min_prefix, segments) -> list[Completion]:
     device = next(model.parameters()).device
-    prefilled = _prefill_segments(model, rows, segments, pad_id, device, min_prefix)
+    prefilled = _prefill_segments(model, rows, segments, steps.pad_id, device, min_prefix)
     if prefilled is None:  # caches that cannot be joined: each segment decodes as a batch of its own
-        return [c for seg in segments for c in _decode_batch(
-            model, [rows[i] for i in seg], max_new_tokens=max_new_tokens, stop=stop, pad_id=pad_id,
-            temperature=temperature, top_p=top_p, generator=generator, reference=reference, min_prefix=min_prefix,
-            segments=[range(len(seg))])]
-    logits, cache, mask, position = prefilled
+        out = []
+        for seg in segments:
+            part = Steps(**{**steps.__dict__, "on_tokens": None if steps.on_tokens is None else
+                            (lambda i, ids, seg=seg: steps.on_tokens(seg[i], ids))})
+            out += _decode_batch(model, [rows[i] for i in seg], part, reference=reference, min_prefix=min_prefix,
+                                 segments=[range(len(seg))])
+        return out
     done = [Completion() for _ in rows]
-    active = list(range(len(rows)))  # batch row -> index into `done`
-    stop_set = set(stop)
-    for step in range(max_new_tokens):
-        tokens = _pick(logits, temperature, top_p, generator)
-        logp = torch.log_softmax(logits, -1) if reference is not None else None
-        keep = []
-        for b, row in enumerate(active):
-            token = int(tokens[b])
-            done[row].ids.append(token)
-            if logp is not None:
-                done[row].logprobs.append(logp[b])
-            if token in stop_set:
-                done[row].stopped = True
-            else:
-                keep.append(b)
-        if not keep or step == max_new_tokens - 1:
-            break
-        if len(keep) < len(active):  # drop the rows that stopped from everything that is batched
-            index = torch.tensor(keep, device=device)
-            cache.batch_select_indices(index)
-            mask, position, tokens = mask[index], position[index], tokens[index]
-            active = [active[b] for b in keep]
-        mask = torch.cat([mask, torch.ones((len(active), 1), dtype=mask.dtype, device=device)], dim=1)
-        step_inputs = dict(input_ids=tokens[:, None], attention_mask=mask, position_ids=position, use_cache=True)
-        logits = model(**step_inputs, cache=cache).logits[:, -1].float()
-        position = position + 1
+    (lookahead_steps if steps.lookahead else plain_steps)(model, rows, done, prefilled, steps)
     if reference is not None:
-        del cache
         ref = [logq for seg in segments for logq in continuation_logprobs(
-            reference, [rows[i] for i in seg], [done[i].ids for i in seg], pad_id=pad_id, min_prefix=min_prefix)]
+            reference, [rows[i] for i in seg], [done[i].ids for i in seg], pad_id=steps.pad_id, min_prefix=min_prefix)]
         for completion, logq in zip(done, ref):
             logp = torch.stack(completion.logprobs)
             completion.kl = (logp.exp() * (logp - logq)).sum(-1).clamp_min(0.0).tolist()  # rounding: -1e-9
             completion.logprobs = []
     return done
+
+
+def plain_steps(model, rows, done: list[Completion], prefilled, steps: Steps) -> None:
+    """One token per row per forward pass; a row that stops leaves the batch (its cache rows are dropped)."""
+    logits, cache, mask, position = prefilled
+    active = list(range(len(rows)))  # batch row -> index into `done`
+    while True:
+        tokens = _pick(logits, steps.temperature, steps.top_p, steps.generator)
+        keep = [b for b, row in enumerate(active) if steps.emit(done[row], row, [int(tokens[b])], logits[b : b + 1])]
+        if not keep:
+            break
+        if len(keep) < len(active):  # drop the rows that stopped from everything that is batched
+            index = torch.tensor(keep, device=logits.device)
+            cache.batch_select_indices(index)
+            mask, position, tokens = mask[index], position[index], tokens[index]
+            active = [active[b] for b in keep]
+        mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
+        logits = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=position, use_cache=True,
+                       cache=cache).logits[:, -1].float()
+        steps.stats["forward_passes"] += 1
+        position = position + 1
+
+
+def prompt_lookup(context: list[int], k: int, max_ngram: int = 3) -> list[int]:
+    """Up to `k` tokens proposed for what follows `context`: those that followed the latest earlier occurrence
+    of its last n tokens, for the longest n <= max_ngram that occurs (Saxena 2023, "prompt lookup decoding";
+    answers that copy from their prompt, as extraction and coding answers do, are proposed right).
+
+    >>> prompt_lookup([7, 1, 2, 3, 9, 4, 1, 2], 3)
+    [3, 9, 4]
+    """
+    for n in range(min(max_ngram, len(context) - 1), 0, -1):
+        tail = context[-n:]
+        for start in range(len(context) - n - 1, -1, -1):
+            if context[start : start + n] == tail:
+                return context[start + n : start + n + k]
+    return []
+
+
+def lookahead_steps(model, rows, done: list[Completion], prefilled, steps: Steps) -> None:
+    """Greedy decoding that checks proposed tokens (prompt_lookup) in the same forward pass as the next one.
+
+    Each row's block is [its next token, its proposals], right-padded to the batch's widest; the proposals the
+    model agrees with (its own argmax at each position, left to right) are kept, the rest stay in the cache as
+    a hole in the attention mask, as padding does, and the row's positions go on after the last kept token.
+    So every kept token is the one plain greedy decoding chooses, from the same context. Hand-written because
+    transformers' prompt lookup (generate's prompt_lookup_num_tokens) decodes one row at a time."""
+    logits, cache, mask, position = prefilled
+    active = list(range(len(rows)))
+    contexts = [list(r) for r in rows]
+    while True:
+        tokens = logits.argmax(-1)
+        keep = []
+        for b, row in enumerate(active):
+            if steps.emit(done[row], row, [int(tokens[b])], logits[b : b + 1]):
+                contexts[row].append(int(tokens[b]))
+                keep.append(b)
+        if not keep:
+            break
+        if len(keep) < len(active):
+            index = torch.tensor(keep, device=logits.device)
+            cache.batch_select_indices(index)
+            mask, position, tokens = mask[index], position[index], tokens[index]
+            active = [active[b] for b in keep]
+        drafts = [prompt_lookup(contexts[row], min(steps.lookahead, steps.max_new_tokens - len(done[row].ids)))
+                  for row in active]
+        block, block_mask = _draft_block(tokens, drafts, steps.pad_id)
+        width = block.shape[1]
+        out = model(input_ids=block, attention_mask=torch.cat([mask, block_mask], dim=1),
+                    position_ids=position + torch.arange(width, device=position.device), use_cache=True,
+                    cache=cache).logits.float()
+        steps.stats["forward_passes"] += 1
+        agreed = out.argmax(-1)
+        keep, next_logits = [], []
+        for b, (row, draft) in enumerate(zip(active, drafts)):
+            n = 0
+            while n < len(draft) and draft[n] == int(agreed[b, n]):
+                n += 1
+            before = len(done[row].ids)
+            alive = steps.emit(done[row], row, draft[:n], out[b, :n]) if n else True
+            kept = len(done[row].ids) - before  # the accepted ones, up to a stop token or the limit
+            contexts[row].extend(draft[:kept])
+            steps.stats["proposed"] += len(draft)
+            steps.stats["accepted"] += kept
+            block_mask[b, 1 + kept :] = 0
+            position[b] += 1 + kept
+            next_logits.append(out[b, kept])
+            if alive:
+                keep.append(b)
+        mask = torch.cat([mask, block_mask], dim=1)
+        logits = torch.stack(next_logits)
+        if len(keep) < len(active):
+            if not keep:
+                break
+            index = torch.tensor(keep, device=logits.device)
+            cache.batch_select_indices(index)
+            mask, position, logits = mask[index], position[index], logits[index]
+            active = [active[b] for b in keep]
+
+
+def _draft_block(tokens: torch.Tensor, drafts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, mask) of each row's next token followed by its proposals, right-padded to the widest row."""
+    width = 1 + max(len(d) for d in drafts)
+    block = torch.full((len(drafts), width), pad_id, dtype=torch.long, device=tokens.device)
+    block_mask = torch.zeros((len(drafts), width), dtype=torch.long, device=tokens.device)
+    block[:, 0] = tokens
+    for b, draft in enumerate(drafts):
+        if draft:
+            block[b, 1 : 1 + len(draft)] = torch.tensor(draft, dtype=torch.long)
+        block_mask[b, : 1 + len(draft)] = 1
+    return block, block_mask
 
 
 @torch.no_grad()

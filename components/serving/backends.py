@@ -155,6 +155,27 @@ def vllm_command(source: str, port: int, *, adapters: tuple[str, ...] = (), serv
     return BackendCommand("vllm", [*argv, *extra], "/health", upstream)
 
 
+def speculation_arguments(backend: str, *, prompt_lookup: int = 0, draft_model: str | None = None) -> tuple[str, ...]:
+    """The backend's own speculative decoding, as arguments to its command: prompt lookup (`prompt_lookup` tokens
+    proposed from the conversation) or a smaller `draft_model` that proposes, the served model verifying either
+    way (greedy answers unchanged). A backend that has no such option gets a BackendError saying what does."""
+    if not prompt_lookup and not draft_model:
+        return ()
+    if prompt_lookup and draft_model:
+        raise BackendError("choose one way to speculate: --prompt-lookup or --draft-model")
+    if backend == "llamacpp":
+        if draft_model:
+            raise BackendError("llama.cpp's Python server speculates by prompt lookup only: use --prompt-lookup K")
+        return ("--draft_model", "prompt-lookup-decoding", "--draft_model_num_pred_tokens", str(prompt_lookup))
+    if backend == "vllm":
+        config = ({"method": "ngram", "num_speculative_tokens": prompt_lookup, "prompt_lookup_max": 3}
+                  if prompt_lookup else {"method": "draft_model", "model": draft_model, "num_speculative_tokens": 4})
+        return ("--speculative-config", json.dumps(config))
+    raise BackendError("transformers serve has no speculative decoding (its continuous batching checks one token "
+                       "per row). Speculate with vLLM on a GPU (--backend vllm), with llama.cpp on the quantize "
+                       "stage's GGUF (--prompt-lookup), or in `lmforge chat --prompt-lookup K / --draft-model M`")
+
+
 def _stop_with_parent() -> None:
     """In the child: SIGTERM when the front dies, even by SIGKILL (Linux), so no model server is left behind.
     (Linux sends it when the starting *thread* ends: the front starts backends from its main thread or from

@@ -12,6 +12,7 @@ from components.serving.backends import (
     free_port,
     llamacpp_command,
     sampling_view,
+    speculation_arguments,
     transformers_command,
     vllm_command,
 )
@@ -59,11 +60,13 @@ def launch(model: ServedModel, backend: str, workspace: Path, *, extra: tuple[st
 
 
 def serve(spec: str, cfg: PipelineConfig, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          backend: str = "auto", follow_interval: float = 30.0, backend_args: tuple[str, ...] = ()) -> None:
+          backend: str = "auto", follow_interval: float = 30.0, backend_args: tuple[str, ...] = (),
+          prompt_lookup: int = 0, draft_model: str | None = None) -> None:
     """Serve MODEL until interrupted. A `models:/NAME@alias` spec is followed: the alias is polled every
     `follow_interval` s (0: only on POST /admin/reload) and a moved alias switches backends without a restart.
     `backend_args` are appended to the backend's command (e.g. `--cb-num-blocks 64`, `--quantization bnb-4bit`,
-    vLLM's `--gpu-memory-utilization 0.45`)."""
+    vLLM's `--gpu-memory-utilization 0.45`); `prompt_lookup` / `draft_model` turn on the backend's speculative
+    decoding (speculation_arguments)."""
     import uvicorn
 
     from components.serving.gateway import Gateway, Route, build_app
@@ -73,6 +76,8 @@ def serve(spec: str, cfg: PipelineConfig, *, host: str = "127.0.0.1", port: int 
                     "(set LMFORGE_API_KEY)", host)
     model = resolve_served_model(spec, cfg)
     chosen = choose_backend(backend, is_gguf=model.is_gguf)
+    backend_args = (*speculation_arguments(chosen, prompt_lookup=prompt_lookup, draft_model=draft_model),
+                    *backend_args)
     first = launch(model, chosen, Path(cfg.workspace), extra=backend_args)
     route = Route(model.name, first, version=model.version, spec=spec)
     launched = [first]  # every backend this call started, all stopped at exit

@@ -84,3 +84,21 @@ def test_cli_chat_prints_each_generated_reply_and_keeps_the_history(talkative_mo
     assert replies[0] != replies[1]  # the second turn saw another question (and the first answer)
     assert all(sum(c.isalnum() for c in r) >= 5 for r in replies)
     assert f"model> {replies[0]}\nmodel> {replies[1]}\n" in result.output
+
+
+def test_speculative_chat_gives_the_greedy_reply(talkative_model_dir, tiny_model_dir):
+    """Prompt lookup (our decoder) and a draft model (transformers' assisted generation) only change how fast
+    the reply comes: the text is the greedy one either way."""
+    from components.chat import load_chat_model, load_draft_model, stream_reply
+    from components.config import load_config
+
+    cfg = load_config(None, ["compute.device=cpu", "tokenize.system_prompt=Answer briefly."])
+    model, tokenizer = load_chat_model(str(talkative_model_dir), cfg)
+    history = [{"role": "user", "content": QUESTIONS[1]}]
+    expected = greedy_reply(model, tokenizer, [{"role": "system", "content": "Answer briefly."}, *history], 12)
+    looked_up = "".join(stream_reply(model, tokenizer, history, cfg, max_new_tokens=12, prompt_lookup=4))
+    draft = load_draft_model(str(tiny_model_dir), cfg, tokenizer)
+    assert draft[1] is None  # the same vocabulary: plain assisted generation
+    drafted = "".join(stream_reply(model, tokenizer, history, cfg, max_new_tokens=12, draft=draft))
+    assert looked_up == expected and drafted == expected
+    assert sum(c.isalnum() for c in expected) >= 6

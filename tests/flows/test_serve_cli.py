@@ -57,3 +57,9 @@ def test_an_unknown_variant_is_refused_naming_those_registered(tmp_path, tiny_mo
     register_model(client, name="plain", run_id=run_id, model_dir=tiny_model_dir, files=files, tags={}, alias="champion")
     code, out = serve("models:/plain@champion/nf4", tmp_path=tmp_path)
     assert code == 2 and "version 1 of plain has no variant 'nf4'; its variants: merged (" in out
+
+
+def test_speculation_on_a_backend_without_it_is_refused_before_starting_anything(tmp_path, tiny_model_dir):
+    code, out = serve(str(tiny_model_dir), "--backend", "transformers", "--prompt-lookup", "4", tmp_path=tmp_path)
+    assert code == 2 and "transformers serve has no speculative decoding" in out and "--prompt-lookup" in out
+    assert not (tmp_path / "ws" / "logs").exists()  # no backend was started

@@ -177,3 +177,31 @@ def test_evaluate_tasks_scores_only_the_named_tasks_and_names_the_ones_there_are
     with pytest.raises(ValueError, match=r"evaluate.tasks names \['coding'\].*held-out tasks are \['billable', "):
         score_heldout(model, tokenizer, FIXTURE, cfg=cfg.model_copy(update={"tasks": ["billable", "coding"]}),
                       template_name="auto", system_prompt=None)
+
+
+def test_prompt_lookup_scores_the_same_answers_with_fewer_decoding_passes(tiny, monkeypatch):
+    """evaluate.prompt_lookup reaches the decoder and changes nothing the report holds."""
+    from components.models import generation
+
+    model, tokenizer = tiny
+    passes = []
+    real_decode = generation.decode
+
+    def counted(*args, **kwargs):
+        stats = {}
+        out = real_decode(*args, **kwargs, stats=stats)
+        passes.append((kwargs["lookahead"], stats["forward_passes"], stats["accepted"]))
+        return out
+
+    monkeypatch.setattr(evaluate, "decode", counted)
+    reports = {}
+    for lookup in (0, 4):
+        cfg = EvaluateConfig(max_samples=4, max_new_tokens=12, batch_size=8, bootstrap_resamples=0,
+                             choice_max_answers=0, prompt_lookup=lookup)
+        reports[lookup] = score_heldout(model, tokenizer, FIXTURE, cfg=cfg, template_name="auto", system_prompt=None)
+    assert reports[0][1] == reports[4][1]  # every sample, answer for answer
+    assert reports[0][0] == reports[4][0]
+    plain = sum(n for look, n, _ in passes if look == 0)
+    looked_up = sum(n for look, n, _ in passes if look == 4)
+    assert {look for look, _, _ in passes} == {0, 4} and looked_up < plain
+    assert sum(accepted for look, _, accepted in passes if look == 4) > 0

@@ -187,3 +187,55 @@ def test_seeded_sampling_repeats_and_samples_of_one_prompt_differ(tiny):
     first = draw(1)
     assert first == draw(1)
     assert len({tuple(r) for r in first}) > 1
+
+
+def _repetitive_prompts(tokenizer) -> list[list[int]]:
+    """Prompts whose text repeats itself (a code list, a copied phrase), so that prompt lookup finds proposals,
+    and prompts of other lengths beside them."""
+    texts = ["codes: K27.9 A00 K27.9 A00 K27.9 A00 K27.9", "the chapter of the chapter of the chapter of the",
+             "Which ICD-10-CM chapter contains code S72.001A, a long one?", "x", "a b c a b c a b"]
+    return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+
+def test_prompt_lookup_decoding_keeps_the_greedy_answers_in_fewer_passes(tiny):
+    model, tokenizer = tiny
+    encoded = _repetitive_prompts(tokenizer)
+    first = _reference_greedy(model, encoded[3], 1, set())[0]  # a token the model produces: one row stops early
+    for batch_size in (2, 8):
+        plain_stats, fast_stats = {}, {}
+        plain = decode(model, encoded, max_new_tokens=16, stop=[first], pad_id=0, batch_size=batch_size,
+                       min_prefix=1, stats=plain_stats)
+        fast = decode(model, encoded, max_new_tokens=16, stop=[first], pad_id=0, batch_size=batch_size,
+                      min_prefix=1, lookahead=4, stats=fast_stats)
+        assert [c.ids for c in fast] == [c.ids for c in plain]
+        assert [c.stopped for c in fast] == [c.stopped for c in plain]
+        assert any(c.stopped for c in plain) and any(len(c.ids) == 16 for c in plain)
+        assert fast_stats["accepted"] > 0 and fast_stats["proposed"] >= fast_stats["accepted"]
+        assert fast_stats["forward_passes"] < plain_stats["forward_passes"]
+    assert [c.ids for c in plain] == [_reference_greedy(model, ids, 16, {first}) for ids in encoded]
+
+
+def test_prompt_lookup_decoding_gives_the_same_reference_kl_and_streams_every_token(tiny):
+    model, tokenizer = tiny
+    encoded = _repetitive_prompts(tokenizer)
+    moved = copy.deepcopy(model)
+    with torch.no_grad():
+        moved.get_output_embeddings().weight.add_(0.1 * torch.randn_like(moved.get_output_embeddings().weight))
+    plain = decode(moved, encoded, max_new_tokens=12, stop=[], pad_id=0, batch_size=3, reference=model)
+    heard: dict[int, list[int]] = {}
+    fast = decode(moved, encoded, max_new_tokens=12, stop=[], pad_id=0, batch_size=3, reference=model, lookahead=3,
+                  on_tokens=lambda i, ids: heard.setdefault(i, []).extend(ids))
+    assert [c.ids for c in fast] == [c.ids for c in plain]
+    for p, f in zip(plain, fast):
+        assert f.kl == pytest.approx(p.kl, rel=1e-3, abs=1e-6)
+    assert heard == {i: c.ids for i, c in enumerate(fast)}
+
+
+def test_prompt_lookup_proposes_what_followed_the_latest_match_and_refuses_sampling(tiny):
+    from components.models.generation import prompt_lookup
+
+    assert prompt_lookup([1, 2, 3, 1, 2, 4, 1, 2], 2) == [4, 1]  # the latest earlier match of (1, 2)
+    assert prompt_lookup([5, 6, 7], 3) == []  # nothing repeats
+    assert prompt_lookup([9, 9, 9, 9], 2) == [9]  # up to the end of the context
+    with pytest.raises(ValueError, match="greedy"):
+        decode(tiny[0], [[1, 2, 3]], max_new_tokens=2, stop=[], pad_id=0, temperature=0.7, lookahead=2)

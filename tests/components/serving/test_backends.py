@@ -83,3 +83,26 @@ def test_a_greedy_model_is_served_through_a_view_that_samples_per_request(tmp_pa
     (model / "generation_config.json").write_text(json.dumps({"do_sample": True, "temperature": 0.6, "top_p": 0.9}))
     view2, defaults = sampling_view(model, tmp_path / "views")
     assert view2 != view and defaults == {"temperature": 0.6, "top_p": 0.9, "top_k": NO_TOP_K}
+
+
+def test_speculative_decoding_is_handed_to_the_backends_that_have_it():
+    import json
+
+    from components.serving.backends import speculation_arguments
+
+    assert speculation_arguments("transformers") == ()  # off by default, whatever the backend
+    ngram = speculation_arguments("vllm", prompt_lookup=5)
+    assert ngram[0] == "--speculative-config"
+    assert json.loads(ngram[1]) == {"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 3}
+    draft = json.loads(speculation_arguments("vllm", draft_model="/models/small")[1])
+    assert draft["method"] == "draft_model" and draft["model"] == "/models/small" and draft["num_speculative_tokens"] > 0
+    cmd = vllm_command("/merged", 8100, extra=ngram)
+    assert cmd.argv[-2:] == list(ngram)
+    assert speculation_arguments("llamacpp", prompt_lookup=8) == (
+        "--draft_model", "prompt-lookup-decoding", "--draft_model_num_pred_tokens", "8")
+    with pytest.raises(BackendError, match="prompt lookup only"):
+        speculation_arguments("llamacpp", draft_model="/models/small.gguf")
+    with pytest.raises(BackendError, match="lmforge chat --prompt-lookup"):
+        speculation_arguments("transformers", prompt_lookup=4)
+    with pytest.raises(BackendError, match="choose one"):
+        speculation_arguments("vllm", prompt_lookup=4, draft_model="/models/small")

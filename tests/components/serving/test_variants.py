@@ -150,3 +150,45 @@ def test_a_gguf_variant_is_served_by_llama_cpp(registry):
         raw = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=60,
                          json={"model": public, "messages": chat, "max_tokens": 3, "stream": True})
         assert [line for line in raw.text.splitlines() if line.startswith("data: ")][-1] == "data: [DONE]"
+
+    # llama.cpp's prompt-lookup decoding (`--prompt-lookup`): the same greedy text.
+    port = free_port()
+    command[command.index("--port") + 1] = str(port)
+    with running_server([*command, "--prompt-lookup", "4"], dict(os.environ), f"http://127.0.0.1:{port}/health",
+                        Path(cfg.workspace) / "serve-llamacpp-lookup.log"):
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=60)
+        looked_up = client.completions.create(model=public, prompt="ICD-10-CM", max_tokens=6, temperature=0)
+        assert looked_up.choices[0].text == plain.choices[0].text
+
+
+def test_an_nf4_variant_is_served_by_transformers_quantized(registry):
+    """`lmforge serve models:/NAME@champion/nf4` runs the registered bitsandbytes checkpoint in transformers
+    serve: its greedy completion is the NF4 model's own (loaded here as chat loads it), token for token."""
+    import os
+    import sys
+
+    import openai
+    import torch
+
+    from components.chat import load_chat_model
+    from tests.servers import free_port, running_server
+
+    cfg, _ = registry
+    port = free_port()
+    public = f"{NAME}@champion/nf4"
+    command = [sys.executable, "-m", "flows.cli", "serve", f"models:/{public}", "--port", str(port),
+               "--follow-interval", "0", "--set", f"workspace={cfg.workspace}", "--set", "compute.device=cpu",
+               "--backend-args", "--cb-num-blocks 64 --cb-max-batch-tokens 256"]
+    with running_server(command, dict(os.environ), f"http://127.0.0.1:{port}/health",
+                        Path(cfg.workspace) / "serve-nf4.log"):
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=120)
+        [card] = client.models.list().data
+        assert card.id == public and card.lmforge["backend"] == "transformers"
+        served = client.completions.create(model=public, prompt="ICD-10-CM code", max_tokens=6, temperature=0)
+    model, tokenizer = load_chat_model(f"models:/{public}", cfg)
+    assert model.config.quantization_config.bnb_4bit_quant_type == "nf4"
+    ids = tokenizer("ICD-10-CM code", return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert served.usage.completion_tokens == 6
+    assert served.choices[0].text == tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)

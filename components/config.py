@@ -315,6 +315,25 @@ class ComputeConfig(Strict):
     parallel_training: bool = Field(False, description="Let training stages run at the same time as each other "
                                     "(with compute.parallel_stages > 1): only where the devices have room for both "
                                     "(several GPUs, or one with memory for two); false keeps them off a shared GPU.")
+    task_runner: Literal["process", "dask"] = Field(
+        "process", description="Where the nodes side by side run (compute.parallel_stages > 1; with 1, every node "
+        "runs in the flow's process). process: a pool of compute.parallel_stages processes on this machine. dask: "
+        "workers of a Dask cluster (prefect-dask; pip install -e '.[dask]'), a local one or compute.dask_address, "
+        "so nodes can run on other machines (docs/stages.md; tested with a local cluster only).")
+    dask_address: str | None = Field(
+        None, description="With compute.task_runner dask: the scheduler of a running Dask cluster "
+        "(tcp://scheduler:8786). Its workers must have lmforge installed, one thread each (dask worker --nthreads "
+        "1), not daemonic (DASK_DISTRIBUTED__WORKER__DAEMON=False), see this workspace at the same path (a shared "
+        "filesystem) and reach the Prefect API and the MLflow tracking server. null: a cluster on this machine "
+        "of compute.parallel_stages worker processes, one thread each, started and stopped with the run.")
+
+    @field_validator("dask_address")
+    @classmethod
+    def _dask_address_needs_dask(cls, address: str | None, info: ValidationInfo) -> str | None:
+        if address is not None and info.data.get("task_runner") != "dask":
+            raise ValueError(f"compute.dask_address {address!r} is read only with compute.task_runner: dask "
+                             f"(it is {info.data.get('task_runner')!r})")
+        return address
 
 
 class PromotionRule(Strict):

@@ -16,7 +16,6 @@ from typing import Literal
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.context import get_run_context
-from prefect.task_runners import ProcessPoolTaskRunner
 
 from components.config import PipelineConfig
 from components.models.loading import select_hardware
@@ -25,6 +24,7 @@ from components.run_summary import summary_markdown
 from flows.console_log import logs_to_flow_run
 from flows.deployment_config import config_for_run
 from flows.run_core import RunHooks, adapt
+from flows.task_runner import node_task_runner
 from tasks import stages as t
 
 log = logging.getLogger("lmforge.flow")
@@ -57,9 +57,8 @@ def domain_adaptation(
         if cfg.compute.parallel_stages == 1:
             return adapt(cfg, hooks, precision=precision, from_stage=from_stage, only=only, until=until,
                          verify=verify)
-        # Side by side, each node in a process of its own: a model loads on the meta device in transformers, and
-        # two loads in threads of one process clash (a stage then finds meta tensors in its model).
-        with ProcessPoolTaskRunner(max_workers=cfg.compute.parallel_stages) as runner:
+        # Side by side, each node in a process of its own (flows/task_runner.py): here or on a Dask cluster.
+        with node_task_runner(cfg.compute) as runner:
             hooks.submit_stage = functools.partial(_submit_task, runner)
             return adapt(cfg, hooks, precision=precision, from_stage=from_stage, only=only, until=until,
                          verify=verify)
@@ -86,6 +85,8 @@ def _submit_task(runner, node, key, refresh, run, cfg, stage_config, upstream, d
         try:
             done.wait()  # done already: this takes the final state the runner's future carries, not the API's
             state = done.state
+            if not state.is_final():  # its process or Dask worker died: the runner's own future says how
+                done.wrapped_future.result()
             produced.set_result((state.result(), state.name == "Cached"))
         except BaseException as exc:  # the task's error (or a crashed state) is the walk's to raise
             produced.set_exception(exc)

@@ -1,31 +1,48 @@
 """compute.parallel_stages: nodes that nothing connects run side by side as Prefect task futures, and the run
 comes out as a run one node at a time makes it: the same stages in the same order, the same keys, the same
-outputs. Training stages never run beside each other unless compute.parallel_training."""
+outputs, on a process pool or on a Dask cluster (compute.task_runner). Training stages never run beside each
+other unless compute.parallel_training."""
 
 from __future__ import annotations
 
 import json
+import os
+import sys
 import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from prefect import task
 
+from components import tracking
 from components.config import load_config
 from flows.run_core import _Walk
+from flows.task_runner import node_task_runner
 from tests.conftest import tiny_pipeline_config
 
 pytestmark = pytest.mark.e2e
 
 
-def test_independent_nodes_run_side_by_side_and_the_run_is_the_sequential_one(tiny_model_dir, tmp_path,
-                                                                                 prefect_harness):
+@pytest.fixture(scope="module")
+def sequential_run(tiny_model_dir, tmp_path_factory, prefect_harness) -> dict:
+    """The tiny flow one node at a time: what each runner's run is compared with."""
     from flows.domain_adaptation import domain_adaptation
 
-    one = domain_adaptation(config=tiny_pipeline_config(tiny_model_dir, tmp_path / "one"))
-    three = domain_adaptation(config=tiny_pipeline_config(tiny_model_dir, tmp_path / "three",
-                                                          **{"compute.parallel_stages": "3"}))
+    return domain_adaptation(config=tiny_pipeline_config(tiny_model_dir, tmp_path_factory.mktemp("one")))
+
+
+# dask: a local cluster of 3 worker processes (compute.dask_address null), started and stopped by the run.
+@pytest.mark.parametrize("task_runner", ["process", "dask"])
+def test_independent_nodes_run_side_by_side_and_the_run_is_the_sequential_one(task_runner, sequential_run,
+                                                                                 tiny_model_dir, tmp_path):
+    from flows.domain_adaptation import domain_adaptation
+
+    one = sequential_run
+    cfg = tiny_pipeline_config(tiny_model_dir, tmp_path / "three",
+                               **{"compute.parallel_stages": "3", "compute.task_runner": task_runner})
+    three = domain_adaptation(config=cfg)
     span = {stage: _span(path) for stage, path in three["stages"].items()}
     sequential = {stage: _span(path) for stage, path in one["stages"].items()}
 
@@ -50,6 +67,12 @@ def test_independent_nodes_run_side_by_side_and_the_run_is_the_sequential_one(ti
         same = [f for f in a if f.endswith((".safetensors", "metrics.json", "per_task.json", "samples.jsonl"))]
         assert same and all(a[f]["sha256"] == b[f]["sha256"] for f in same), stage
     assert three["columns"] == one["columns"]
+    # Every node ran in a worker process (the pool's or the cluster's), not in the flow's: its MLflow run
+    # names the process that ran it.
+    client = tracking.client_for(cfg.tracking_uri())
+    pids = {client.get_run(_manifest(path)["mlflow_run_id"]).data.tags[tracking.PID_TAG]
+            for path in three["stages"].values()}
+    assert str(os.getpid()) not in pids and len(pids) > 1, pids
     assert three["comparison"]["exact_match"] == one["comparison"]["exact_match"]
 
 
@@ -109,3 +132,49 @@ def test_a_failed_node_fails_the_walk_after_the_others_finish(monkeypatch):
     manifests, timeline = {}, []
     walk.over([_node("a"), _node("b", ("a",)), _node("c")], manifests, timeline)
     assert list(manifests) == ["a", "b", "c"] and [r["stage"] for r in timeline] == ["a", "b", "c"]
+
+
+def test_the_dask_runner_without_prefect_dask_says_what_to_install(monkeypatch):
+    cfg = load_config(None, ["compute.parallel_stages=2", "compute.task_runner=dask"])
+    monkeypatch.setitem(sys.modules, "prefect_dask", None)  # as where the package is not installed
+    with pytest.raises(ImportError, match=r"needs prefect-dask .*pip install -e '\.\[dask\]'"):
+        with node_task_runner(cfg.compute):
+            pass
+    process = load_config(None, ["compute.parallel_stages=2"])  # the process pool never imports it
+    with node_task_runner(process.compute) as runner:
+        assert type(runner).__name__ == "ProcessPoolTaskRunner"
+
+
+def test_a_running_dask_cluster_is_used_by_address_and_one_with_unfit_workers_refused(prefect_harness):
+    """compute.dask_address: nodes go to that cluster's workers. Workers with several threads each would run
+    two nodes in one process, daemonic ones may not start a stage's processes: the run refuses both before
+    anything is submitted."""
+    from distributed import LocalCluster
+
+    def at(address: str):
+        return load_config(None, ["compute.parallel_stages=2", "compute.task_runner=dask",
+                                  f"compute.dask_address={address}"]).compute
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+        with node_task_runner(at(cluster.scheduler_address)) as runner:
+            assert runner.submit(_worker_pid, {}).result() == _worker_pid.fn()  # in-process workers
+            assert list(runner.client.nthreads().values()) == [1]
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as cluster:
+        with pytest.raises(RuntimeError, match=r"run several threads: start them with `dask worker --nthreads 1`"):
+            with node_task_runner(at(cluster.scheduler_address)):
+                pass
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        with pytest.raises(RuntimeError, match="are daemonic processes.*DASK_DISTRIBUTED__WORKER__DAEMON=False"):
+            with node_task_runner(at(cluster.scheduler_address)):
+                pass
+
+
+@task
+def _worker_pid() -> int:
+    return os.getpid()
+
+
+def test_dask_address_is_refused_without_the_dask_runner():
+    with pytest.raises(ValueError, match="compute.dask_address 'tcp://scheduler:8786' is read only with "
+                                         "compute.task_runner: dask"):
+        load_config(None, ["compute.dask_address=tcp://scheduler:8786"])

@@ -29,31 +29,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# The configs the runs take, in trigger order: repeated ones must be computed once, changed ones from the
-# stage they change on. A run takes entry i modulo the list's length.
-VARIANTS = [
-    ("preset", {}),
-    ("sft.learning_rate=2e-3", {"config": {"sft": {"learning_rate": 2e-3}}}),
-    ("preset", {}),
-    ("evaluate.max_new_tokens=6", {"config": {"evaluate": {"max_new_tokens": 6}}}),
-    ("preset", {}),
-    ("sft.learning_rate=2e-3", {"config": {"sft": {"learning_rate": 2e-3}}}),
-    ("cpt.learning_rate=1e-3", {"config": {"cpt": {"learning_rate": 1e-3}}}),
-    ("preset", {}),
-    ("sft.learning_rate=2e-3", {"config": {"sft": {"learning_rate": 2e-3}}}),
-    ("evaluate.max_new_tokens=6", {"config": {"evaluate": {"max_new_tokens": 6}}}),
-]
-
-
 def run(runs: int, workers: int, limit: int, timeout: float) -> dict:
     from tests.conftest import tiny_pipeline_config
-    from tests.deployments.stack import load_test, running_stack
+    from tests.deployments.stack import LOAD_VARIANTS, load_test, running_stack
     from tests.postgres import running_postgres, skip_reason
     from tests.tiny_model import build_tiny_model
 
     if reason := skip_reason():
         sys.exit(f"cannot start PostgreSQL: {reason}")
-    chosen = [VARIANTS[i % len(VARIANTS)] for i in range(runs)]
+    chosen = [LOAD_VARIANTS[i % len(LOAD_VARIANTS)] for i in range(runs)]
     with tempfile.TemporaryDirectory(prefix="lmforge-load-") as tmp:
         root = Path(tmp)
         model = build_tiny_model(root / "tiny-model")

@@ -24,6 +24,21 @@ from tests.servers import running_mlflow_server
 
 ENTRYPOINT = "flows/domain_adaptation.py:domain_adaptation"
 
+# The configs of a load test's runs, in trigger order (the suite's ten runs and bench/load_test.py): repeated ones
+# must be computed once, changed ones from the stage they change on. Run i takes entry i modulo the length.
+LOAD_VARIANTS = [
+    ("preset", {}),
+    ("sft.learning_rate=2e-3", {"config": {"sft": {"learning_rate": 2e-3}}}),
+    ("preset", {}),
+    ("evaluate.max_new_tokens=6", {"config": {"evaluate": {"max_new_tokens": 6}}}),
+    ("preset", {}),
+    ("sft.learning_rate=2e-3", {"config": {"sft": {"learning_rate": 2e-3}}}),
+    ("cpt.learning_rate=1e-3", {"config": {"cpt": {"learning_rate": 1e-3}}}),
+    ("preset", {}),
+    ("sft.learning_rate=2e-3", {"config": {"sft": {"learning_rate": 2e-3}}}),
+    ("evaluate.max_new_tokens=6", {"config": {"evaluate": {"max_new_tokens": 6}}}),
+]
+
 
 @dataclass(frozen=True)
 class Stack:

@@ -1,8 +1,8 @@
 """The production setup (README, docs/deployments.md) for real on one machine: PostgreSQL from Debian's
 package, `mlflow server` on it with proxied artifacts (clients upload over HTTP, no shared disk), `prefect
 server` on it, and process workers polling one pool. One flow run of the tiny pipeline completes on it;
-then several flow runs at once on three workers, with identical and changed configs, compute each
-stage exactly once and leave nothing RUNNING (the figures for ten runs: bench/load_test.py).
+then ten flow runs at once on three workers, with identical and changed configs, compute each stage
+exactly once and leave nothing RUNNING (bench/load_test.py records the same for the RESULTS figures).
 
 Skipped, saying why, where PostgreSQL's server binaries are missing (`apt-get install -y postgresql`)."""
 
@@ -14,7 +14,14 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import tiny_pipeline_config
-from tests.deployments.stack import deploy_tiny, load_test, running_stack, run_all_at_once, running_workers
+from tests.deployments.stack import (
+    LOAD_VARIANTS,
+    deploy_tiny,
+    load_test,
+    run_all_at_once,
+    running_stack,
+    running_workers,
+)
 from tests.postgres import postgres  # noqa: F401 (the session's PostgreSQL, a fixture)
 
 pytestmark = pytest.mark.e2e
@@ -75,17 +82,18 @@ def test_a_flow_run_on_a_worker_against_both_servers_on_postgresql(stack, postgr
         assert postgres.password not in (stack.root / log).read_text(), log
 
 
-def test_runs_at_once_on_three_workers_compute_each_stage_once(stack, tiny_model_dir, tmp_path):
+def test_ten_runs_at_once_on_three_workers_compute_each_stage_once(stack, tiny_model_dir, tmp_path):
     cfg = tiny_pipeline_config(tiny_model_dir, tmp_path / "ws", **{
         "tracking.tracking_uri": stack.mlflow_url, "tracking.experiment": "load", "registry.model_name": "tiny-load"})
-    changed = {"config": {"sft": {"learning_rate": 2e-3}}}
-    # Three at once, one per worker (the benchmark takes ten): two of the preset, one with sft changed.
-    figures = load_test(stack, cfg, [{}, {}, changed], pool="pg-load", workers=3, limit=1, timeout=900)
+    # Ten at once on three workers (one run each at a time): four configs, repeated (LOAD_VARIANTS).
+    chosen = [LOAD_VARIANTS[i % len(LOAD_VARIANTS)] for i in range(10)]
+    figures = load_test(stack, cfg, [parameters for _, parameters in chosen], pool="pg-load", workers=3, limit=1,
+                        timeout=1200)
     shown = json.dumps(figures, indent=1)
-    assert figures["completed"] == 3, shown
+    assert figures["completed"] == 10, shown
     assert figures["duplicates"] == 0 and figures["never_computed"] == [], shown
-    # The first config's stages plus the second's from sft on (sft, its evaluation, quantize, register, promote).
+    # Each config's stages from the one it changes on, once: as many stage directories as distinct stages.
     assert figures["stage_directories"] == figures["distinct_stages"] == figures["stages_computed"], shown
     assert figures["mlflow_runs_running"] == 0 and set(figures["mlflow_runs_by_status"]) == {"FINISHED"}, shown
-    assert figures["registry_versions"] == 2 and figures["lineage_errors"] == [], shown
-    assert figures["workers_used"] == 3, shown
+    assert figures["registry_versions"] == len({name for name, _ in chosen}) == 4, shown
+    assert figures["lineage_errors"] == [] and figures["workers_used"] == 3, shown

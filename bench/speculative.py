@@ -113,6 +113,7 @@ def main() -> None:
     parser.add_argument("--model", default="embedded:smollm2-135m-instruct")
     parser.add_argument("--lookahead", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--only", default="", help="comma-separated workloads to run (default: all)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results_speculative.json"))
     args = parser.parse_args()
     os.environ.setdefault("LMFORGE_NO_PROGRESS", "1")
@@ -127,14 +128,20 @@ def main() -> None:
     common = dict(model=model, stop=stop, pad_id=pad_id)
     k = args.lookahead
     heldout, notes = heldout_prompts(tokenizer, 20), extraction_prompts(tokenizer, 8)
+    only = {name for name in args.only.split(",") if name}
     results = {}
     for name, prompts, max_new, batch in (("heldout_batch96", heldout, 24, 96), ("heldout_one_at_a_time", heldout[::5], 24, 1),
                                           ("extraction_one_at_a_time", notes, 96, 1), ("extraction_batch8", notes, 96, 8)):
+        if only and name not in only:
+            continue
         runs = {label: dict(common, prompts=prompts, max_new_tokens=max_new, batch_size=batch, lookahead=look)
                 for label, look in (("plain", 0), ("lookup", k))}
         results[name] = compare(name, runs, args.repeats, ours)
-    runs = {label: dict(common, prompts=notes, max_new_tokens=96, lookahead=look) for label, look in (("plain", 0), ("lookup", k))}
-    results["extraction_transformers_generate"] = compare("extraction, transformers generate", runs, args.repeats, library)
+    if not only or "extraction_transformers_generate" in only:
+        runs = {label: dict(common, prompts=notes, max_new_tokens=96, lookahead=look)
+                for label, look in (("plain", 0), ("lookup", k))}
+        results["extraction_transformers_generate"] = compare("extraction, transformers generate", runs, args.repeats,
+                                                              library)
     record = {"model": args.model, "lookahead": k, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
               "load_average": os.getloadavg(), "machine": platform.processor() or platform.machine(),
               "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "results": results}

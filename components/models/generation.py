@@ -342,15 +342,19 @@ def plain_steps(model, rows, done: list[Completion], prefilled, steps: Steps) ->
         position = position + 1
 
 
-def prompt_lookup(context: list[int], k: int, max_ngram: int = 3) -> list[int]:
+def prompt_lookup(context: list[int], k: int, max_ngram: int = 3, min_ngram: int = 2) -> list[int]:
     """Up to `k` tokens proposed for what follows `context`: those that followed the latest earlier occurrence
-    of its last n tokens, for the longest n <= max_ngram that occurs (Saxena 2023, "prompt lookup decoding";
-    answers that copy from their prompt, as extraction and coding answers do, are proposed right).
+    of its last n tokens, for the longest min_ngram <= n <= max_ngram that occurs (Saxena 2023, "prompt lookup
+    decoding"; answers that copy from their prompt, as extraction and coding answers do, are proposed right).
+    A single repeated token says little about what comes next: on the demo's questions one-token matches were
+    mostly rejected, and every rejected token costs a position in the checking pass.
 
     >>> prompt_lookup([7, 1, 2, 3, 9, 4, 1, 2], 3)
     [3, 9, 4]
     """
-    for n in range(min(max_ngram, len(context) - 1), 0, -1):
+    if k <= 0:
+        return []
+    for n in range(min(max_ngram, len(context) - 1), min_ngram - 1, -1):
         tail = context[-n:]
         for start in range(len(context) - n - 1, -1, -1):
             if context[start : start + n] == tail:
@@ -369,6 +373,7 @@ def lookahead_steps(model, rows, done: list[Completion], prefilled, steps: Steps
     logits, cache, mask, position = prefilled
     active = list(range(len(rows)))
     contexts = [list(r) for r in rows]
+    budget = [steps.lookahead] * len(rows)  # each row's proposal length: +2 after a pass that kept all, -1 after not
     while True:
         tokens = logits.argmax(-1)
         keep = []
@@ -383,7 +388,7 @@ def lookahead_steps(model, rows, done: list[Completion], prefilled, steps: Steps
             cache.batch_select_indices(index)
             mask, position, tokens = mask[index], position[index], tokens[index]
             active = [active[b] for b in keep]
-        drafts = [prompt_lookup(contexts[row], min(steps.lookahead, steps.max_new_tokens - len(done[row].ids)))
+        drafts = [prompt_lookup(contexts[row], min(budget[row], steps.max_new_tokens - len(done[row].ids)))
                   for row in active]
         block, block_mask = _draft_block(tokens, drafts, steps.pad_id)
         width = block.shape[1]
@@ -403,6 +408,8 @@ def lookahead_steps(model, rows, done: list[Completion], prefilled, steps: Steps
             contexts[row].extend(draft[:kept])
             steps.stats["proposed"] += len(draft)
             steps.stats["accepted"] += kept
+            if draft:  # the schedule of transformers' assisted generation, per row
+                budget[row] = min(budget[row] + 2, steps.lookahead) if n == len(draft) else max(budget[row] - 1, 1)
             block_mask[b, 1 + kept :] = 0
             position[b] += 1 + kept
             next_logits.append(out[b, kept])

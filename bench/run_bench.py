@@ -354,8 +354,10 @@ def speculative_section(result: dict) -> list[str]:
         f"`python bench/speculative.py --model {result['model']}`, {result['created_at'][:10]}: up to "
         f"{result['lookahead']} tokens proposed per row ({result['threads']} threads, load average "
         f"{result['load_average'][0]:.2f} on {result['cpu_count']} cores; best of the repeats). The rows decode "
-        "through components/models/generation.py's batched decoder, except the last: transformers' own `generate` "
-        "(`prompt_lookup_num_tokens`), one row at a time, for reference.",
+        "through components/models/generation.py's batched decoder"
+        + (", except the last: transformers' own `generate` (`prompt_lookup_num_tokens`), one row at a time, for "
+           "reference." if "extraction_transformers_generate" in result["results"] else "."),
+        *([result["note"]] if result.get("note") else []),
         "",
         "| workload | plain s | prompt lookup s | speed-up | forward passes (plain / lookup) | accepted / proposed | same answers |",
         "|---|---|---|---|---|---|---|",

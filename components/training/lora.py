@@ -90,8 +90,24 @@ def _build_trainer_class():
             if self.args.train_sampling_strategy != "group_by_length" or column not in dataset.column_names:
                 return super()._get_train_sampler(train_dataset)
             seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
-            return _epoch_seeded_sampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
-                                         list(dataset[column]), seed)
+            self._lmforge_sampler = _epoch_seeded_sampler(
+                self.args.train_batch_size * self.args.gradient_accumulation_steps, list(dataset[column]), seed)
+            return self._lmforge_sampler
+
+        def get_resumed_dataloader(self, dataloader, num_batches):
+            # Under several ranks accelerate's skipping wrapper hides the sampler from set_epoch (SkipBatchSampler >
+            # BatchSamplerShard > BatchSampler > sampler): the resumed epoch drew epoch 0's order. Hand it on here.
+            loader = super().get_resumed_dataloader(dataloader, num_batches)
+            sampler = getattr(self, "_lmforge_sampler", None)
+            if sampler is not None and hasattr(loader, "set_epoch"):
+                set_epoch = loader.set_epoch
+
+                def both(epoch: int) -> None:
+                    set_epoch(epoch)
+                    sampler.set_epoch(epoch)
+
+                loader.set_epoch = both
+            return loader
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             real = inputs.pop("num_real_tokens", None)

@@ -144,9 +144,12 @@ def _mb(value: float | None) -> str:
 
 def _json_sections() -> list[str]:
     """The sections of the benchmarks that write a JSON of their own, each where its JSON exists."""
+    from grpo_memory import markdown_section as grpo_memory_section  # bench/grpo_memory.py renders its own JSON
+
     sections = [("results_methods.json", methods_section), ("results_generation.json", generation_section),
                 ("results_serve.json", serve_section), ("results_gguf_quality.json", gguf_quality_section),
-                ("results_load.json", load_section), ("results_speculative.json", speculative_section)]
+                ("results_load.json", load_section), ("results_speculative.json", speculative_section),
+                ("results_grpo_memory.json", grpo_memory_section)]
     lines: list[str] = []
     for name, section in sections:
         path = ROOT / "bench" / name

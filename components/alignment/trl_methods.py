@@ -57,14 +57,27 @@ def train_preference(method: str, model, tokenizer, rows: list[dict], cfg, hardw
     return _train(trainer, out_dir)
 
 
-def grpo_config(cfg, hardware, out_dir: Path):
-    """TRL's GRPOConfig from an AlignmentConfig: `cfg.batch_size` prompts per micro-batch, each answered
-    `cfg.num_generations` times (TRL's per-device batch counts the answers)."""
+def grpo_config(cfg, hardware, out_dir: Path, *, answers_per_pass: int | None = None):
+    """TRL's GRPOConfig from an AlignmentConfig: each optimizer step samples and scores `cfg.batch_size` x
+    `cfg.grad_accum` prompts, each answered `cfg.num_generations` times, in one generation batch.
+
+    The gradient is then taken `answers_per_pass` answers at a time (default: one prompt's group) and
+    accumulated (TRL's steps_per_generation = gradient_accumulation_steps: one generation per optimizer step,
+    no stale log-probabilities). The "dapo" loss divides by the answer tokens of the whole generation batch,
+    so the step's loss and gradient are the ones the whole batch at once would give, while a backward pass
+    holds the activations of a group only: the demo's whole batch of 32 answers held 6.9 GB (bench/RESULTS.md,
+    "GRPO (TRL) against PPO").
+    """
     from trl import GRPOConfig
 
+    answers = cfg.batch_size * cfg.grad_accum * cfg.num_generations
+    per_pass = answers_per_pass or cfg.num_generations
+    if answers % per_pass:
+        raise ValueError(f"answers_per_pass={per_pass} does not divide the step's {answers} answers")
     args = common_args(cfg, hardware, out_dir)
-    args["per_device_train_batch_size"] = cfg.batch_size * cfg.num_generations
-    return GRPOConfig(**args, num_generations=cfg.num_generations, max_completion_length=cfg.max_new_tokens,
+    args.update(per_device_train_batch_size=per_pass, gradient_accumulation_steps=answers // per_pass)
+    return GRPOConfig(**args, steps_per_generation=answers // per_pass, loss_type="dapo",
+                      num_generations=cfg.num_generations, max_completion_length=cfg.max_new_tokens,
                       temperature=cfg.temperature, top_p=cfg.top_p, beta=cfg.method_beta)
 
 

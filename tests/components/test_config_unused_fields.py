@@ -256,8 +256,10 @@ def _assert_trl_reads(method: str, field: str, value, cfg, tmp_path: Path) -> No
         sub = field.split(".")[1]
         assert (args.optim_target_modules == value) if sub == "target_modules" else (f"{sub}={value}" in
                                                                                      args.optim_args)
-    elif field == "batch_size" and method == "grpo":
-        assert args.per_device_train_batch_size == value * cfg.num_generations
+    elif field in ("batch_size", "grad_accum") and method == "grpo":  # a step samples batch_size x grad_accum
+        # prompts x num_generations, and takes the gradient one prompt's group at a time (trl_methods.grpo_config)
+        assert args.generation_batch_size == cfg.batch_size * cfg.grad_accum * cfg.num_generations
+        assert args.gradient_accumulation_steps == cfg.batch_size * cfg.grad_accum
     else:
         assert getattr(args, TRAINER_NAMES.get(field, field)) == value, field
 

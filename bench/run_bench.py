@@ -394,7 +394,30 @@ def serve_section(result: dict) -> list[str]:
         "",
         f"{many['clients']} clients get {result['speedup']:.2f}x the tokens/s of one.",
         "",
+        *_ceiling_lines(result),
     ]
+
+
+def _ceiling_lines(result: dict) -> list[str]:
+    """What batching could gain at most on this CPU (bench/serve_concurrency.py's batching_ceiling), where measured."""
+    ceiling = result.get("ceiling")
+    if not ceiling:
+        return []
+    share = result["speedup"] / ceiling["speedup"]
+    return [f"The same requests as bare forward passes in one process (the {ceiling['template_prefix_tokens']}-token "
+            f"template prefix computed once, every answer token decoded in full batches): one client "
+            f"{ceiling['one_client_s']:.2f} s, {result['concurrent']['clients']} at once {ceiling['concurrent_s']:.2f} s, "
+            f"so no batching server gets more than **{ceiling['speedup']:.2f}x** here; the server reaches "
+            f"{share:.0%} of it{_ceiling_costs(ceiling, result['concurrent']['clients'])}. "
+            f"{result.get('note', '')}".rstrip(), ""]
+
+
+def _ceiling_costs(ceiling: dict, clients: int) -> str:
+    if "prefill_ms" not in ceiling:
+        return ""
+    prefill, step = ceiling["prefill_ms"], ceiling["decode_step_ms"]
+    return (f" (prefill of one question {prefill['one']:.0f} ms, of {clients} at once {prefill['wave']:.0f} ms; a "
+            f"decoding step of one row {step['one']:.0f} ms, of {clients} rows {step['wave']:.0f} ms)")
 
 
 def load_section(result: dict) -> list[str]:

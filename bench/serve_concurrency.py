@@ -7,7 +7,9 @@ model directory works too. Starts `lmforge serve` on a free port (its backend's 
 makes concurrent requests share the model's forward passes), sends the same ICD-10 questions one client at a
 time and then from `--clients` threads at once, each request greedy with `--max-tokens` new tokens, and writes
 bench/results_serve.json (`--out`), which bench/run_bench.py renders into RESULTS.md. Run it on idle cores: the
-figure is throughput, and other work on the machine shows in it (the load average is recorded).
+figure is throughput, and other work on the machine shows in it (the load average is recorded). The one client
+sends every request the concurrent clients send, in turn. After the server stops, `batching_ceiling` times the
+same work as bare forward passes in this process: what the best batching server could gain on this CPU.
 """
 
 from __future__ import annotations
@@ -55,7 +57,85 @@ def run_load(client, model: str, clients: int, requests_per_client: int, max_tok
     wall = time.perf_counter() - start
     tokens = sum(t for t, _ in done)
     return {"clients": clients, "requests": len(done), "completion_tokens": tokens, "wall_s": round(wall, 3),
-            "tokens_per_s": round(tokens / wall, 2), "mean_latency_s": round(sum(s for _, s in done) / len(done), 3)}
+            "tokens_per_s": round(tokens / wall, 2), "mean_latency_s": round(sum(s for _, s in done) / len(done), 3),
+            "tokens_by_question": {q: t for q, (t, _) in zip(_asked(clients, requests_per_client), done)}}
+
+
+def _asked(clients: int, requests_per_client: int) -> list[str]:
+    """The questions run_load sends, in the order of its results."""
+    return [QUESTIONS[(c * requests_per_client + r) % len(QUESTIONS)]
+            for c in range(clients) for r in range(requests_per_client)]
+
+
+def batching_ceiling(model_dir: str, tokens: dict[str, int], clients: int, requests_per_client: int) -> dict:
+    """The most any batching server could gain on this CPU for the same requests, from timed forward passes in
+    this process (the server stopped): each prompt's shared chat-template prefix computed once (a prefix
+    cache), then one client = each question's own prefill + its answer's decode steps at batch 1, and
+    `clients` at once = one prefill per wave of `clients` questions + every answer token decoded in full
+    batches of `clients` (perfect packing: an upper bound on the speed-up)."""
+    import copy
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ids = {q: list(tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                                 tokenize=True, return_dict=True)["input_ids"]) for q in QUESTIONS}
+    rows = list(ids.values())
+    shared = next(i for i in range(min(map(len, rows))) if len({r[i] for r in rows}) > 1)
+
+    def best_of(fn, n: int = 3) -> float:
+        times = []
+        for _ in range(n):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    with torch.inference_mode():
+        prefix = model(torch.tensor([rows[0][:shared]]), use_cache=True).past_key_values
+
+        def prefill(questions: list[str]):
+            width = max(len(ids[q]) - shared for q in questions)
+            batch = torch.tensor([(ids[q][shared:] + [0] * width)[:width] for q in questions])
+            cache = copy.deepcopy(prefix)
+            if len(questions) > 1:
+                cache.batch_repeat_interleave(len(questions))
+            return model(batch, past_key_values=cache, use_cache=True).past_key_values
+
+        def step_s(questions: list[str]) -> float:
+            cache, token = prefill(questions), torch.zeros((len(questions), 1), dtype=torch.long)
+
+            def steps():
+                grown = copy.deepcopy(cache)
+                for _ in range(8):
+                    model(token, past_key_values=grown, use_cache=True)
+            return best_of(steps) / 8
+
+        asked = _asked(clients, requests_per_client)
+        waves = [[asked[c * requests_per_client + r] for c in range(clients)] for r in range(requests_per_client)]
+        prefill_one = {q: best_of(lambda q=q: prefill([q])) for q in QUESTIONS}
+        step_one = {q: step_s([q]) for q in QUESTIONS}
+        prefill_wave = [best_of(lambda w=w: prefill(w)) for w in waves]
+        step_wave = step_s(waves[0])
+    one = sum(prefill_one[q] + tokens[q] * step_one[q] for q in asked)
+    many = sum(prefill_wave) + sum(tokens[q] for q in asked) / clients * step_wave
+    return {"template_prefix_tokens": shared, "one_client_s": round(one, 3), "concurrent_s": round(many, 3),
+            "speedup": round(one / many, 2),
+            "prefill_ms": {"one": round(1000 * sum(prefill_one.values()) / len(QUESTIONS), 1),
+                           "wave": round(1000 * sum(prefill_wave) / len(waves), 1)},
+            "decode_step_ms": {"one": round(1000 * sum(step_one.values()) / len(QUESTIONS), 1),
+                               "wave": round(1000 * step_wave, 1)}}
+
+
+def served_directory(spec: str, config: str, sets: list[str]) -> str:
+    """The checkpoint `lmforge serve` ran for `spec` (the merged copy it made of an adapter stack)."""
+    from components.config import load_config
+    from components.serving.resolve import merged_directory, resolve_served_model
+
+    cfg = load_config(config, sets)
+    return str(merged_directory(resolve_served_model(spec, cfg), Path(cfg.workspace) / "serve-cache"))
 
 
 def main() -> None:
@@ -67,9 +147,10 @@ def main() -> None:
     parser.add_argument("model", nargs="?", default="models:/icd10-coder@champion")
     parser.add_argument("--config", default=str(ROOT / "configs" / "demo-cpu.yaml"))
     parser.add_argument("--clients", type=int, default=8)
-    parser.add_argument("--requests-per-client", type=int, default=2)
+    parser.add_argument("--requests-per-client", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--backend", default="auto")
+    parser.add_argument("--backend-args", default="", help="lmforge serve's --backend-args, e.g. '--cb-block-size 16'")
     parser.add_argument("--set", action="append", default=[], help="config override, as lmforge's --set")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results_serve.json")
     args = parser.parse_args()
@@ -77,7 +158,8 @@ def main() -> None:
     port = free_port()
     log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"serve-bench-{port}.log"
     command = [sys.executable, "-m", "flows.cli", "serve", args.model, "--config", args.config, "--port", str(port),
-               "--backend", args.backend, "--follow-interval", "0", *[a for s in args.set for a in ("--set", s)]]
+               "--backend", args.backend, "--follow-interval", "0",
+               *(["--backend-args", args.backend_args] if args.backend_args else []), *[a for s in args.set for a in ("--set", s)]]
     load_before = os.getloadavg()[0]
     with open(log_path, "w") as log:
         server = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -93,18 +175,22 @@ def main() -> None:
                     sys.exit(f"lmforge serve did not come up; its log ({log_path}):\n{log_path.read_text()[-3000:]}")
                 time.sleep(1)
         run_load(client, model.id, 1, 1, min(8, args.max_tokens))  # warm-up: first-request costs stay out
-        single = run_load(client, model.id, 1, args.requests_per_client, args.max_tokens)
+        # One client sends every request the concurrent clients send, in turn: the same questions and tokens.
+        single = run_load(client, model.id, 1, args.clients * args.requests_per_client, args.max_tokens)
         concurrent = run_load(client, model.id, args.clients, args.requests_per_client, args.max_tokens)
     finally:
         server.terminate()
         server.wait(60)
+    model_dir = served_directory(args.model, args.config, args.set)
+    ceiling = batching_ceiling(model_dir, single["tokens_by_question"], args.clients, args.requests_per_client)
     result = {
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model": model.id, "spec": args.model, "version": (model.model_extra or {}).get("lmforge", {}).get("version"),
         "backend": (model.model_extra or {}).get("lmforge", {}).get("backend"), "max_tokens": args.max_tokens,
+        "backend_args": args.backend_args,
         "cpu_count": os.cpu_count(), "load_average_before": load_before, "load_average_after": os.getloadavg()[0],
         "single": single, "concurrent": concurrent,
-        "speedup": round(concurrent["tokens_per_s"] / single["tokens_per_s"], 2),
+        "speedup": round(concurrent["tokens_per_s"] / single["tokens_per_s"], 2), "ceiling": ceiling,
     }
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

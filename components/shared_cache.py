@@ -103,19 +103,23 @@ class SharedStageStore:
     def entry_state(self, stage: str, key: str) -> str:
         """`complete` when the store holds the stage's manifest and every file it names at its size, `absent`
         without a manifest, else `incomplete` (a reader would refuse it). Reads the manifest, downloads no file."""
+        return self.entry(stage, key)[0]
+
+    def entry(self, stage: str, key: str) -> tuple[str, dict | None]:
+        """(`entry_state`, the stored manifest when complete, else None)."""
         try:
             manifest = self._remote_manifest(stage, key)
         except RemoteCopyRefused:
-            return "incomplete"
+            return "incomplete", None
         if manifest is None:
-            return "absent"
+            return "absent", None
         for meta in manifest["files"].values():
             try:
                 if self.fs.info(self._blob(meta["sha256"]))["size"] != meta["bytes"]:
-                    return "incomplete"
+                    return "incomplete", None
             except FileNotFoundError:
-                return "incomplete"
-        return "complete"
+                return "incomplete", None
+        return "complete", manifest
 
     def _put(self, data: bytes | Path, dest: str) -> None:
         """Write `dest` whole or not at all: upload beside it, then rename (one atomic rename on a mount; on

@@ -225,16 +225,11 @@ def stages(
 ) -> None:
     """List each stage with its cache key, whether its output is cached here and, with a shared store, there."""
     from components.models.loading import select_hardware
-    from flows.plan import describe_plan
 
     cfg = _load(config, set_)
     hw = select_hardware(cfg.compute.device, cfg.compute.precision)
     with failures_reported(cfg.workspace):
-        rows = describe_plan(cfg, hw.precision, deep=verify == "deep")
-    shared = _shared_states(cfg, rows)
-    for row in rows if shared is not None else []:
-        if not row["cached"] and shared[row["stage"]] == "yes":
-            row["note"] = "will download"
+        rows, shared = _plan_with_store(cfg, hw.precision, deep=verify == "deep")
     table = Table(title=f"stages ({cfg.workspace})")
     columns = [("stage", "stage"), ("kind", "kind"), ("cache key", "key"), ("cached", None)]
     columns += [("shared", None)] if shared is not None else []
@@ -251,26 +246,36 @@ def stages(
 
 
 # `lmforge stages`' shared column: what a run would find in the store for each key.
-SHARED_CELL = {"complete": "yes", "absent": "no", "incomplete": "incomplete"}
+SHARED_CELL = {"complete": "yes", "absent": "no", "incomplete": "incomplete", None: "-"}
 
 
-def _shared_states(cfg, rows: list[dict]) -> dict[str, str] | None:
-    """Stage -> whether the shared store holds a complete entry for its key (`-`: no key yet), read from the
-    store's manifests without downloading a file; None without a store."""
+def _plan_with_store(cfg, precision: str, deep: bool) -> tuple[list[dict], dict[str, str] | None]:
+    """describe_plan's rows, keyed through the shared store where one is set (a stage complete only there
+    keys its downstream stages), and stage -> the store's cell (None without a store; `?` where it could not be
+    read: the local table still stands)."""
     from rich.markup import escape
 
     from components.shared_cache import open_store
+    from flows.plan import SharedStoreUnreadable, describe_plan
+
+    def unreadable(exc: Exception) -> tuple[list[dict], dict[str, str]]:
+        console.print(f"[yellow]warning:[/yellow] could not read the shared store: {escape(f'{type(exc).__name__}: {exc}')}",
+                      highlight=False, soft_wrap=True)
+        rows = describe_plan(cfg, precision, deep=deep)
+        return rows, {r["stage"]: "?" for r in rows}
 
     try:
         store = open_store(cfg.cache.shared_url, cfg.cache.lease_ttl_s)
-        if store is None:
-            return None
-        console.print(f"shared store: {escape(store.url)}", highlight=False, soft_wrap=True)
-        return {r["stage"]: SHARED_CELL[store.entry_state(r["stage"], r["key"])] if r["key"] else "-" for r in rows}
-    except Exception as exc:  # no credentials, no network, no s3fs: the local table still stands
-        console.print(f"[yellow]warning:[/yellow] could not read the shared store: {escape(f'{type(exc).__name__}: {exc}')}",
-                      highlight=False, soft_wrap=True)
-        return {r["stage"]: "?" for r in rows}
+    except Exception as exc:  # no s3fs, a URL fsspec does not know
+        return unreadable(exc)
+    if store is None:
+        return describe_plan(cfg, precision, deep=deep), None
+    console.print(f"shared store: {escape(store.url)}", highlight=False, soft_wrap=True)
+    try:
+        rows = describe_plan(cfg, precision, deep=deep, store=store)
+    except SharedStoreUnreadable as exc:
+        return unreadable(exc.__cause__ or exc)
+    return rows, {r["stage"]: SHARED_CELL[r["shared"]] for r in rows}
 
 
 @cache_app.command("prune")

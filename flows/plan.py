@@ -45,20 +45,38 @@ def node_key(node: PlannedNode, cfg: PipelineConfig, facts: KeyFacts, manifests:
     return stage_key(node.name, config, keyed_digests(node, manifests)), config
 
 
-def describe_plan(cfg: PipelineConfig, precision: str, deep: bool = False) -> list[dict]:
-    """Each node with its key (when its upstream is on disk) and whether a valid manifest exists."""
+class SharedStoreUnreadable(Exception):
+    """The shared store could not be read (credentials, network, a missing fsspec backend)."""
+
+
+def describe_plan(cfg: PipelineConfig, precision: str, deep: bool = False, store=None) -> list[dict]:
+    """Each node with its key and whether a valid manifest exists here (`cached`) and, with a shared store
+    (components.shared_cache.SharedStageStore), there (`shared`: complete, incomplete, absent; None without a
+    key). A node's key needs its upstream's manifests: complete here or, read without downloading a file,
+    complete in the store, where a run would download them from; otherwise the node has no key yet."""
     facts = key_facts(cfg, precision)
     manifests: dict[str, dict] = {}
     rows = []
     for node in planned_nodes(cfg):
-        row = {"stage": node.name, "kind": node.spec.kind, "summary": node.spec.summary}
+        row = {"stage": node.name, "kind": node.spec.kind, "summary": node.spec.summary, "shared": None}
         if any(u not in manifests for u in node.upstream):
             rows.append({**row, "key": None, "cached": False, "note": "after its upstream runs"})
             continue
         key, _ = node_key(node, cfg, facts, manifests)
         manifest = read_manifest(stage_dir(cfg.workspace, node.name, key))
         ok = verify_manifest(manifest, deep=deep)
+        shared, stored = _stored_entry(store, node.name, key) if store is not None else (None, None)
         if ok:
             manifests[node.name] = manifest
-        rows.append({**row, "key": key, "cached": ok, "note": "" if ok else "will run"})
+        elif stored is not None:  # the digests a downstream key reads are the same in the stored manifest
+            manifests[node.name] = stored
+        note = "" if ok else "will download" if stored is not None else "will run"
+        rows.append({**row, "key": key, "cached": ok, "shared": shared, "note": note})
     return rows
+
+
+def _stored_entry(store, stage: str, key: str) -> tuple[str, dict | None]:
+    try:
+        return store.entry(stage, key)
+    except Exception as exc:  # no credentials, no network, no s3fs: the caller decides what the plan is worth
+        raise SharedStoreUnreadable(f"{type(exc).__name__}: {exc}") from exc

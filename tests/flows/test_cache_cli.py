@@ -133,3 +133,19 @@ def test_cache_prune_errors_name_what_to_fix(tmp_path):
     missing = _prune([f"workspace={tmp_path / 'ws'}"], "--keep", "3")
     assert missing.exit_code == 2
     assert "cache.shared_url" in missing.output and "LMFORGE_SHARED_CACHE" in missing.output
+
+
+def test_stages_with_an_unreadable_store_still_lists_the_local_plan(tiny_model_dir, tmp_path, monkeypatch):
+    from components.shared_cache import SharedStageStore
+
+    def refused(self, stage, key):
+        raise PermissionError("403 Forbidden")
+
+    monkeypatch.setattr(SharedStageStore, "entry", refused)
+    cfg = tiny_pipeline_config(tiny_model_dir, tmp_path / "ws", **{"cache.shared_url": (tmp_path / "store").as_uri()})
+    result = _stages(cfg, tmp_path)
+    assert result.exit_code == 0, result.output
+    assert "could not read the shared store: PermissionError: 403 Forbidden" in result.output
+    rows = _columns(result.output)
+    shared = rows["stage"].index("shared")
+    assert rows["fetch"][shared] == "?" and rows["fetch"][2] != "-" and rows["fetch"][shared + 1] == "will run"

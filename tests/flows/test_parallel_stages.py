@@ -169,6 +169,52 @@ def test_a_running_dask_cluster_is_used_by_address_and_one_with_unfit_workers_re
                 pass
 
 
+def test_the_flow_runs_on_a_dask_cluster_started_apart_from_it(sequential_run, tiny_model_dir, tmp_path):
+    """A cluster started as a user starts one on other machines (`dask scheduler`, `dask worker --nthreads 1`
+    in directories of their own, sharing nothing with the flow but the scheduler's address and the workspace
+    path): the flow sends its nodes there, each worker runs some, and the run is the sequential one."""
+    from distributed import Client
+
+    from flows.domain_adaptation import domain_adaptation
+
+    env = {**os.environ, "DASK_DISTRIBUTED__WORKER__DAEMON": "False"}
+    scheduler_file = tmp_path / "scheduler.json"
+    started = [_started([sys.executable, "-m", "distributed.cli.dask_scheduler", "--scheduler-file",
+                         str(scheduler_file), "--port", "0", "--dashboard-address", ":0"], tmp_path / "scheduler", env)]
+    try:
+        for name in ("worker-a", "worker-b"):
+            started.append(_started([sys.executable, "-m", "distributed.cli.dask_worker", "--scheduler-file",
+                                     str(scheduler_file), "--nthreads", "1", "--local-directory",
+                                     str(tmp_path / name)], tmp_path / name, env))
+        with Client(scheduler_file=str(scheduler_file), timeout=60) as client:
+            client.wait_for_workers(2, timeout=120)
+            worker_pids = {str(pid) for pid in client.run(os.getpid).values()}
+            address = client.scheduler.address
+        cfg = tiny_pipeline_config(tiny_model_dir, tmp_path / "ws", **{
+            "compute.parallel_stages": "2", "compute.task_runner": "dask", "compute.dask_address": address})
+        run = domain_adaptation(config=cfg)
+    finally:
+        for process in started:
+            process.terminate()
+            process.wait(timeout=30)
+
+    assert [r["stage"] for r in run["timeline"]] == [r["stage"] for r in sequential_run["timeline"]]
+    assert [r["key"] for r in run["timeline"]][:5] == [r["key"] for r in sequential_run["timeline"]][:5]
+    assert run["comparison"]["exact_match"] == sequential_run["comparison"]["exact_match"]
+    client = tracking.client_for(cfg.tracking_uri())
+    pids = {client.get_run(_manifest(path)["mlflow_run_id"]).data.tags[tracking.PID_TAG]
+            for path in run["stages"].values()}
+    assert pids <= worker_pids and len(pids) == 2, (pids, worker_pids)  # every node on the cluster, both workers used
+
+
+def _started(argv: list[str], cwd: Path, env: dict):
+    import subprocess
+
+    cwd.mkdir(parents=True, exist_ok=True)
+    log = open(cwd / "out.log", "w")  # noqa: SIM115 (closed with the process's end by the OS)
+    return subprocess.Popen(argv, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
 @task
 def _worker_pid() -> int:
     return os.getpid()

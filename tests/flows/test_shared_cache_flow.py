@@ -37,7 +37,9 @@ def _stored(root: Path) -> list[Path]:
 
 def test_a_second_workspace_reuses_every_stage_from_the_shared_store(tiny_model_dir, tmp_path, prefect_harness,
                                                                       monkeypatch):
+    from components.shared_cache import open_store
     from flows.domain_adaptation import domain_adaptation
+    from flows.plan import describe_plan
 
     monkeypatch.delenv("LMFORGE_SHARED_CACHE", raising=False)
     monkeypatch.delenv("LMFORGE_UPLOAD_OUTPUTS", raising=False)
@@ -57,6 +59,12 @@ def test_a_second_workspace_reuses_every_stage_from_the_shared_store(tiny_model_
     uploaded = _stored(artifacts)
     assert len(uploaded) > sum(len(m["files"]) for m in made.values())  # every file of every stage, and the indexes
     shutil.rmtree(tmp_path / "a")  # the second machine has nothing of the first but the store and the server
+
+    # `lmforge stages` on the second machine keys every stage through the store's manifests, downloading nothing.
+    planned = describe_plan(config("b"), "fp32", store=open_store(store))
+    assert [(r["stage"], r["key"]) for r in planned] == [(row["stage"], row["key"]) for row in first["timeline"]]
+    assert {(r["cached"], r["shared"], r["note"]) for r in planned} == {(False, "complete", "will download")}
+    assert not (tmp_path / "b" / "artifacts").exists()
 
     second = domain_adaptation(config=config("b"))
     assert [row["stage"] for row in second["timeline"]] == [row["stage"] for row in first["timeline"]]

@@ -25,6 +25,16 @@ def test_transformers_is_the_default_and_batches_concurrent_requests(monkeypatch
                                                                                             "bnb-4bit"]
 
 
+def test_on_cpu_the_paged_cache_blocks_are_small_enough_to_share_a_template_prefix(monkeypatch):
+    monkeypatch.setattr(backends, "cuda_available", lambda: False)
+    argv = transformers_command("/m", 1).argv
+    assert argv[argv.index("--cb-block-size") + 1] == str(backends.CPU_CB_BLOCK_SIZE)
+    assert transformers_command("/m", 1, extra=("--cb-block-size", "32")).argv.count("--cb-block-size") == 1
+    assert "--cb-block-size" not in transformers_command("/m", 1, continuous_batching=False).argv
+    monkeypatch.setattr(backends, "cuda_available", lambda: True)  # the GPU kernels' own default stands
+    assert "--cb-block-size" not in transformers_command("/m", 1).argv
+
+
 def test_a_gguf_without_llama_cpp_says_what_to_install(monkeypatch):
     monkeypatch.setattr(backends, "importable", lambda m: False)
     with pytest.raises(BackendError, match="pip install 'llama-cpp-python"):

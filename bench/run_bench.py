@@ -407,7 +407,7 @@ def _ceiling_lines(result: dict) -> list[str]:
     return [f"The same requests as bare forward passes in one process (the {ceiling['template_prefix_tokens']}-token "
             f"template prefix computed once, every answer token decoded in full batches): one client "
             f"{ceiling['one_client_s']:.2f} s, {result['concurrent']['clients']} at once {ceiling['concurrent_s']:.2f} s, "
-            f"so no batching server gets more than **{ceiling['speedup']:.2f}x** here; the server reaches "
+            f"a gain of **{ceiling['speedup']:.2f}x**, about the most batching can get here; the server reaches "
             f"{share:.0%} of it{_ceiling_costs(ceiling, result['concurrent']['clients'])}. "
             f"{result.get('note', '')}".rstrip(), ""]
 

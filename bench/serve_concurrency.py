@@ -27,16 +27,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-QUESTIONS = [
-    "Which ICD-10-CM chapter contains code E11.9?",
-    "What does ICD-10-CM code I10 describe?",
-    "Is ICD-10-CM code J45 billable?",
-    "What is the ICD-10-CM code for: Type 2 diabetes mellitus without complications?",
-    "Which ICD-10-CM chapter contains code A00.0?",
-    "What does ICD-10-CM code J45.909 describe?",
-    "Is ICD-10-CM code E11 billable?",
-    "Which ICD-10-CM chapter contains code S72.001A?",
-]
+# Every request asks something new (32 questions, each once per run), so a server's prefix cache shares the
+# chat template and the question stems, never a whole prompt asked before.
+CODES = [("E11.9", "Type 2 diabetes mellitus without complications"), ("I10", "Essential (primary) hypertension"),
+         ("J45.909", "Unspecified asthma, uncomplicated"), ("A00.0", "Cholera due to Vibrio cholerae 01, biovar cholerae"),
+         ("M54.50", "Low back pain, unspecified"), ("F32.9", "Major depressive disorder, single episode, unspecified"),
+         ("K21.9", "Gastro-esophageal reflux disease without esophagitis"),
+         ("N39.0", "Urinary tract infection, site not specified")]
+QUESTIONS = [question.format(code=code, description=description)
+             for question in ("Which ICD-10-CM chapter contains code {code}?", "What does ICD-10-CM code {code} describe?",
+                              "Is ICD-10-CM code {code} billable?", "What is the ICD-10-CM code for: {description}?")
+             for code, description in CODES]
 
 
 def run_load(client, model: str, clients: int, requests_per_client: int, max_tokens: int) -> dict:
@@ -62,17 +63,18 @@ def run_load(client, model: str, clients: int, requests_per_client: int, max_tok
 
 
 def _asked(clients: int, requests_per_client: int) -> list[str]:
-    """The questions run_load sends, in the order of its results."""
+    """The questions run_load sends, in the order of its results (all different up to len(QUESTIONS) requests)."""
     return [QUESTIONS[(c * requests_per_client + r) % len(QUESTIONS)]
             for c in range(clients) for r in range(requests_per_client)]
 
 
 def batching_ceiling(model_dir: str, tokens: dict[str, int], clients: int, requests_per_client: int) -> dict:
-    """The most any batching server could gain on this CPU for the same requests, from timed forward passes in
-    this process (the server stopped): each prompt's shared chat-template prefix computed once (a prefix
+    """About the most a batching server could gain on this CPU for the same requests, from timed forward passes
+    in this process (the server stopped): the prompts' shared chat-template prefix computed once (a prefix
     cache), then one client = each question's own prefill + its answer's decode steps at batch 1, and
     `clients` at once = one prefill per wave of `clients` questions + every answer token decoded in full
-    batches of `clients` (perfect packing: an upper bound on the speed-up)."""
+    batches of `clients` (perfect packing). A server that also shares question stems saves a little more
+    prefill on both sides."""
     import copy
 
     import torch

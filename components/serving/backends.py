@@ -125,8 +125,8 @@ def sampling_view(directory: Path, views_root: Path) -> tuple[Path, dict]:
 
 # The paged KV cache's block on CPU. Requests share cached prompt prefixes a whole block at a time, and the
 # default block (256 tokens, sized for GPU kernels) is longer than a chat template's system prompt, so nothing
-# was shared: at 8 tokens the demo's 24-token template prefix is computed once, and 8 concurrent clients get
-# 3.2x one client's tokens/s instead of 2.4x (bench/serve_concurrency.py, bench/RESULTS.md "Serving").
+# was shared: at 8 tokens the demo's 24-token template prefix is computed once, and its champion serves one
+# client 1.6x and 8 clients 1.85x faster (bench/serve_concurrency.py, bench/RESULTS.md "Serving").
 CPU_CB_BLOCK_SIZE = 8
 
 

@@ -452,8 +452,8 @@ def gguf_quality_section(result: dict) -> list[str]:
     lines = [
         "## GGUF: quality change of F16, Q8_0 and Q4_0",
         "",
-        f"`python bench/gguf_quality.py`, {result['created_at'][:10]}: {result['model']} (not trained: the base the demo "
-        f"starts from), {ref['questions']} held-out questions ({result['per_task']} of each of "
+        f"`python bench/gguf_quality.py`, {result['created_at'][:10]}: "
+        f"{result.get('model_note') or result['model'] + ' (not trained: the base the demo starts from)'}, {ref['questions']} held-out questions ({result['per_task']} of each of "
         f"{', '.join(result['tasks'])}), greedy, up to {result['max_new_tokens']} new tokens, compared with the "
         f"checkpoint's own answers in transformers fp32 (exact match {ref['exact_match']:.2f}). llama.cpp: "
         f"llama-cpp-python {result['llama_cpp'] or 'not installed'}; transformers: the file reloaded with "

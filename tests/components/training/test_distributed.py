@@ -121,8 +121,11 @@ def test_deepspeed_zero_two_ranks_match_one_rank(zero, tiny_model_dir, train_fil
     # Rank 0 saved the whole adapter (at ZeRO-3 gathered from both ranks' shards), as DDP's rank 0 did.
     ddp_adapter, adapter = _adapter(ddp_run[1]), _adapter(tmp_path)
     assert adapter.keys() == ddp_adapter.keys()
+    # ZeRO-3 sums each gradient over its partitions in another order than DDP's all-reduce, and Adam turns the
+    # last-bit differences of elements whose gradient is near 0 into update differences: up to 1.8e-5 on
+    # weights of 0.1-0.2 after these steps (measured), so the floor is 1e-4, 0.05% of the weights' scale.
     for name, weight in ddp_adapter.items():
-        torch.testing.assert_close(adapter[name], weight, rtol=1e-3, atol=1e-5, msg=name)
+        torch.testing.assert_close(adapter[name], weight, rtol=1e-3, atol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_torchrun_command_and_the_ranks_environment():

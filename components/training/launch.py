@@ -329,15 +329,24 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _leave_process_group() -> None:
-    """Close this rank's process group once every rank is done. Left to the interpreter's exit, gloo's worker
-    threads were torn down mid-use now and then ("terminate called without an active exception": the rank
-    aborted after it had written its result, and the launch failed)."""
+    """Wait until every rank is done (rank 0 has written the result and flushed the curve)."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
-        dist.destroy_process_group()
+
+
+def _end_rank() -> None:
+    """End the rank at once, its outputs written and its logs flushed. Tearing down the comm threads of gloo
+    and DeepSpeed, in destroy_process_group or at interpreter exit, aborted a rank now and then after its work
+    was done ("terminate called without an active exception", rc -6), and the launch failed; the OS frees
+    what the rank holds."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
     main()
+    _end_rank()

@@ -292,7 +292,8 @@ def cache_prune(
     """
     from rich.markup import escape
 
-    from components.shared_cache import ENV_URL, open_store, parse_duration, plan_prune, prune
+    from components.shared_cache import ENV_URL, open_store
+    from components.shared_cache_prune import parse_duration, plan_prune, prune
 
     try:
         older_than_s = None if older_than is None else parse_duration(older_than)

@@ -13,14 +13,8 @@ from pathlib import Path
 import pytest
 
 from components.artifacts import StageResult, verify_manifest, write_manifest
-from components.shared_cache import (
-    PRUNE_GRACE_S,
-    SharedStageStore,
-    parse_duration,
-    plan_prune,
-    prune,
-    stored_entries,
-)
+from components.shared_cache import SharedStageStore
+from components.shared_cache_prune import PRUNE_GRACE_S, parse_duration, plan_prune, prune, stored_entries
 
 DAY = 86400.0
 

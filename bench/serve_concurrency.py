@@ -42,10 +42,11 @@ QUESTIONS = [question.format(code=code, description=description)
 
 def run_load(client, model: str, clients: int, requests_per_client: int, max_tokens: int) -> dict:
     """`clients` threads each sending `requests_per_client` chat requests in turn; tokens/s over the wall time."""
+    asked = _asked(clients, requests_per_client)
+
     def one_client(c: int) -> list[tuple[int, float]]:
         out = []
-        for r in range(requests_per_client):
-            question = QUESTIONS[(c * requests_per_client + r) % len(QUESTIONS)]
+        for question in asked[c * requests_per_client:(c + 1) * requests_per_client]:
             start = time.perf_counter()
             reply = client.chat.completions.create(model=model, messages=[{"role": "user", "content": question}],
                                                    max_tokens=max_tokens, temperature=0)
@@ -59,7 +60,7 @@ def run_load(client, model: str, clients: int, requests_per_client: int, max_tok
     tokens = sum(t for t, _ in done)
     return {"clients": clients, "requests": len(done), "completion_tokens": tokens, "wall_s": round(wall, 3),
             "tokens_per_s": round(tokens / wall, 2), "mean_latency_s": round(sum(s for _, s in done) / len(done), 3),
-            "tokens_by_question": {q: t for q, (t, _) in zip(_asked(clients, requests_per_client), done)}}
+            "tokens_by_question": {q: t for q, (t, _) in zip(asked, done)}}
 
 
 def _asked(clients: int, requests_per_client: int) -> list[str]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -11,8 +10,11 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
+
+from flows.cli_cache import cache_app, stages
+from flows.cli_common import (ConfigArg, SetOpt, check_stage_names, console, failures_reported, fmt, load,
+                              table_console)
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -20,78 +22,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="lmforge: domain adaptation as a cached, tracked pipeline.")
 data_app = typer.Typer(no_args_is_help=True, help="Inspect datasets without training.")
 app.add_typer(data_app, name="data")
-cache_app = typer.Typer(no_args_is_help=True, help="The stage store shared by machines (cache.shared_url).")
 app.add_typer(cache_app, name="cache")
-console = Console()
-
-ConfigArg = Annotated[Optional[Path], typer.Argument(help="Pipeline YAML (configs/...). Omitted: the built-in defaults (domain-neutral; configs/demo-cpu.yaml is the demo).")]
-SetOpt = Annotated[list[str], typer.Option("--set", help="Override a field: --set sft.learning_rate=1e-4 (repeatable).")]
-
-
-def _load(config: Path | None, overrides: list[str]):
-    from components.config import ConfigError, load_config
-
-    try:
-        return load_config(config, overrides)
-    except ConfigError as exc:
-        from rich.markup import escape
-
-        # Unwrapped (a path split over lines cannot be copied) and escaped (a value may hold [brackets]).
-        console.print(f"[red]{escape(str(exc))}[/red]", soft_wrap=True, highlight=False)
-        raise typer.Exit(2) from None
-
-
-@contextlib.contextmanager
-def failures_reported(workspace: str, *, prefect: bool = True):
-    """A failure prints as a few clean lines naming the cause; the full traceback goes to a log file.
-
-    Prefect's console records lose their tracebacks (first line only) while the run lasts; the file
-    under <workspace>/logs keeps everything.
-    """
-    from flows.console_log import FAILURE_RECORD, run_log
-
-    with run_log(Path(workspace), prefect=prefect) as log_path:
-        try:
-            yield
-        except (KeyboardInterrupt, typer.Exit):
-            raise
-        except Exception as exc:
-            logging.getLogger("lmforge").error(FAILURE_RECORD, exc_info=True)
-            from rich.markup import escape
-
-            console.print(f"[red]error:[/red] {escape(_root_message(exc))}", highlight=False, soft_wrap=True)
-            console.print(f"full traceback: {log_path}", highlight=False, soft_wrap=True)
-            raise typer.Exit(1) from None
-
-
-def _root_message(exc: BaseException) -> str:
-    """The message that names the cause: our own errors carry it; wrappers (Prefect's) repeat it."""
-    from components.config import ConfigError
-    from components.data.dataset_info import DataError
-    from components.errors import StageInputError
-    from components.models.loading import BaseModelError
-
-    ours = (DataError, ConfigError, StageInputError, BaseModelError, FileNotFoundError)
-    seen, node = set(), exc
-    while node is not None and id(node) not in seen:
-        if isinstance(node, ours):
-            return str(node)
-        seen.add(id(node))
-        node = node.__cause__ or node.__context__
-    return f"{type(exc).__name__}: {exc}"
-
-
-def _fmt(x) -> str:
-    return "" if x is None else f"{x:.4f}" if isinstance(x, float) else str(x)
-
-
-def _check_stage_names(*names: str | None) -> None:
-    from components.pipeline import STAGE_KINDS
-
-    for name in names:
-        if name is not None and name not in STAGE_KINDS:
-            console.print(f"[red]unknown stage {name!r}; stages: {', '.join(STAGE_KINDS)}[/red]")
-            raise typer.Exit(2)
 
 
 @app.command()
@@ -104,11 +35,11 @@ def run(
     set_: SetOpt = [],  # noqa: B006 (typer reads the default)
 ) -> None:
     """Run the domain-adaptation flow end to end (cached stages are reused)."""
-    _check_stage_names(from_stage, only, until)
+    check_stage_names(from_stage, only, until)
     if verify not in ("fast", "deep"):
         console.print(f"[red]--verify must be fast or deep, not {verify!r}[/red]")
         raise typer.Exit(2)
-    cfg = _load(config, set_)
+    cfg = load(config, set_)
     if from_stage is None and only is None and _only_reuses(cfg, until, verify):
         return
     from flows.local_api import early_local_api
@@ -156,7 +87,7 @@ def comparison_rows(comparison: dict[str, dict], columns: list[str]) -> list[lis
         low, high = comparison.get(f"{key}_ci_low", {}), comparison.get(f"{key}_ci_high", {})
         cells = []
         for c in columns:
-            cell = _fmt(row.get(c))
+            cell = fmt(row.get(c))
             if low.get(c) is not None and high.get(c) is not None:
                 cell += f" [{low[c]:.3f}, {high[c]:.3f}]"
             cells.append(cell)
@@ -164,14 +95,8 @@ def comparison_rows(comparison: dict[str, dict], columns: list[str]) -> list[lis
     return rows
 
 
-def _table_console() -> Console:
-    """The terminal's console, or for piped or logged output (no width to fit) one wide enough that no
-    table wraps its cells: one row per line for grep and less."""
-    return console if console.is_terminal else Console(width=200)
-
-
 def _print_summary(summary: dict) -> None:
-    out = _table_console()
+    out = table_console()
     table = Table(title="stages")
     for col in ("stage", "status", "stage s", "task s", "peak RSS MB"):
         table.add_column(col)
@@ -197,7 +122,7 @@ def _print_summary(summary: dict) -> None:
     alignment = summary.get("alignment") or {}
     rm = alignment.get("reward_model")
     if rm:
-        out.print(f"reward model: held-out pair accuracy {_fmt(rm['accuracy'])}, margin {_fmt(rm['margin'])}")
+        out.print(f"reward model: held-out pair accuracy {fmt(rm['accuracy'])}, margin {fmt(rm['margin'])}")
     if alignment.get("method"):
         from components.run_summary import alignment_line
 
@@ -217,130 +142,7 @@ def _print_summary(summary: dict) -> None:
               f"orchestration + tracking {m['orchestration_overhead_s']:.1f} s")
 
 
-@app.command()
-def stages(
-    config: ConfigArg = None,
-    verify: Annotated[str, typer.Option(help="fast (sizes, mtimes) or deep (rehash every file).")] = "fast",
-    set_: SetOpt = [],  # noqa: B006
-) -> None:
-    """List each stage with its cache key, whether its output is cached here and, with a shared store, there."""
-    from components.models.loading import select_hardware
-
-    cfg = _load(config, set_)
-    hw = select_hardware(cfg.compute.device, cfg.compute.precision)
-    with failures_reported(cfg.workspace):
-        rows, shared = _plan_with_store(cfg, hw.precision, deep=verify == "deep")
-    table = Table(title=f"stages ({cfg.workspace})")
-    columns = [("stage", "stage"), ("kind", "kind"), ("cache key", "key"), ("cached", None)]
-    columns += [("shared", None)] if shared is not None else []
-    for col, field in (*columns, ("note", "note")):
-        # Never cut: names and keys are what people copy from this table.
-        width = max([len(col)] + [len(str(r[field] or "")) for r in rows if field])
-        table.add_column(col, no_wrap=True, min_width=width)
-    table.add_column("what it does")
-    for row in rows:
-        cells = [row["stage"], row["kind"], row["key"] or "-", "yes" if row["cached"] else "no"]
-        cells += [shared[row["stage"]]] if shared is not None else []
-        table.add_row(*cells, row["note"], row["summary"])
-    _table_console().print(table)
-
-
-# `lmforge stages`' shared column: what a run would find in the store for each key.
-SHARED_CELL = {"complete": "yes", "absent": "no", "incomplete": "incomplete", None: "-"}
-
-
-def _plan_with_store(cfg, precision: str, deep: bool) -> tuple[list[dict], dict[str, str] | None]:
-    """describe_plan's rows, keyed through the shared store where one is set (a stage complete only there
-    keys its downstream stages), and stage -> the store's cell (None without a store; `?` where it could not be
-    read: the local table still stands)."""
-    from rich.markup import escape
-
-    from components.shared_cache import open_store
-    from flows.plan import SharedStoreUnreadable, describe_plan
-
-    def unreadable(exc: Exception) -> tuple[list[dict], dict[str, str]]:
-        console.print(f"[yellow]warning:[/yellow] could not read the shared store: {escape(f'{type(exc).__name__}: {exc}')}",
-                      highlight=False, soft_wrap=True)
-        rows = describe_plan(cfg, precision, deep=deep)
-        return rows, {r["stage"]: "?" for r in rows}
-
-    try:
-        store = open_store(cfg.cache.shared_url, cfg.cache.lease_ttl_s)
-    except Exception as exc:  # no s3fs, a URL fsspec does not know
-        return unreadable(exc)
-    if store is None:
-        return describe_plan(cfg, precision, deep=deep), None
-    console.print(f"shared store: {escape(store.url)}", highlight=False, soft_wrap=True)
-    try:
-        rows = describe_plan(cfg, precision, deep=deep, store=store)
-    except SharedStoreUnreadable as exc:
-        return unreadable(exc.__cause__ or exc)
-    return rows, {r["stage"]: SHARED_CELL[r["shared"]] for r in rows}
-
-
-@cache_app.command("prune")
-def cache_prune(
-    config: ConfigArg = None,
-    older_than: Annotated[Optional[str], typer.Option("--older-than", help="Remove entries published longer ago than this: 30d, 12h, 90m, 2w.")] = None,
-    keep: Annotated[Optional[int], typer.Option("--keep", min=0, help="Keep only the newest N entries of each stage (with --older-than: remove only what both let go).")] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="List what would be removed and the bytes it frees; remove nothing.")] = False,
-    set_: SetOpt = [],  # noqa: B006
-) -> None:
-    """Clean the shared stage store: old entries, leftover partial uploads, dead leases (docs/shared_cache.md).
-
-    An entry a worker holds the lease of stays. Manifests go before files: no reader takes a half-removed entry.
-    """
-    from rich.markup import escape
-
-    from components.shared_cache import ENV_URL, open_store
-    from components.shared_cache_prune import parse_duration, plan_prune, prune
-
-    try:
-        older_than_s = None if older_than is None else parse_duration(older_than)
-    except ValueError as exc:
-        console.print(f"[red]--older-than: {escape(str(exc))}[/red]", highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
-    cfg = _load(config, set_)
-    store = open_store(cfg.cache.shared_url, cfg.cache.lease_ttl_s)
-    if store is None:
-        console.print(f"[red]no shared store to prune: set cache.shared_url in the config (or --set "
-                      f"cache.shared_url=URL), or {ENV_URL}=URL in the environment[/red]", highlight=False, soft_wrap=True)
-        raise typer.Exit(2)
-    plan = plan_prune(store, older_than_s=older_than_s, keep=keep)
-    done = plan if dry_run else prune(store, plan)
-    _print_prune(store.url, done, dry_run)
-
-
-def _print_prune(url: str, done, dry_run: bool) -> None:
-    """The entries removed (or that would be) as a table, then one line of totals and one per kept entry."""
-    import time
-
-    from rich.markup import escape
-
-    verb = "would remove" if dry_run else "removed"
-    if done.entries:
-        table = Table(title=f"{verb} from {escape(url)}")
-        for col in ("stage", "cache key", "published", "size", "why"):
-            table.add_column(col, no_wrap=col != "why")
-        for entry, why in done.entries:
-            table.add_row(entry.stage, entry.key, time.strftime("%Y-%m-%d %H:%M", time.localtime(entry.modified)),
-                          _size(entry.bytes), why)
-        _table_console().print(table)
-    counts = ", ".join(f"{len(items)} {one if len(items) == 1 else many}" for items, one, many in (
-        (done.entries, "entry", "entries"), (done.blobs, "blob", "blobs"),
-        (done.partials, "partial upload", "partial uploads"), (done.leases, "dead lease record", "dead lease records")))
-    console.print(f"{verb} {counts} from {escape(url)}: "
-                  f"{'would free' if dry_run else 'freed'} {_size(done.freed_bytes)}", highlight=False, soft_wrap=True)
-    for entry in done.protected:
-        console.print(f"kept {entry.stage} {entry.key}: a worker holds its lease", highlight=False, soft_wrap=True)
-
-
-def _size(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
+app.command()(stages)
 
 
 @app.command("config-schema")
@@ -392,7 +194,7 @@ def chat(
     """Chat with a model, streaming the answer. Empty line or Ctrl-D ends."""
     from components.chat import load_chat_model, load_draft_model, stream_reply
 
-    cfg = _load(config, set_)
+    cfg = load(config, set_)
     if prompt_lookup and draft_model:
         console.print("[red]choose one way to speculate: --prompt-lookup or --draft-model[/red]")
         raise typer.Exit(2)
@@ -423,7 +225,7 @@ ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="Pipeline YA
 def _registry_client(config: Path | None, overrides: list[str]):
     from components import tracking
 
-    cfg = _load(config, overrides)
+    cfg = load(config, overrides)
     return cfg, tracking.client_for(cfg.tracking_uri())
 
 
@@ -434,7 +236,7 @@ def _print_decision(decision) -> None:
         for col in ("metric", "better", "margin", "challenger", comparison.against, "passes", "interval"):
             table.add_column(col)
         for ch in comparison.checks:
-            table.add_row(ch.metric, ch.direction, f"{ch.margin:g}", _fmt(ch.challenger), _fmt(ch.reference),
+            table.add_row(ch.metric, ch.direction, f"{ch.margin:g}", fmt(ch.challenger), fmt(ch.reference),
                           "yes" if ch.passed else "no", ch.note)
         console.print(table)
     colour = "green" if decision.promoted or decision.outcome == "rolled_back" else "yellow"
@@ -514,7 +316,7 @@ def serve(
     from components.serving.resolve import ServeSpecError
     from components.serving.server import serve as run_server
 
-    cfg = _load(config, set_)
+    cfg = load(config, set_)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         run_server(model, cfg, host=host, port=port, api_key=api_key or None, backend=backend,
@@ -528,7 +330,7 @@ def serve(
 @data_app.command("check")
 def data_check(config: ConfigArg = None, set_: SetOpt = []) -> None:  # noqa: B006
     """Fetch, align and tokenize; print the alignment report and decoded samples (trained tokens marked)."""
-    cfg = _load(config, set_)
+    cfg = load(config, set_)
     from flows.local_api import early_local_api
 
     with early_local_api() as wait_ready, failures_reported(cfg.workspace):

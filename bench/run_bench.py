@@ -392,10 +392,27 @@ def serve_section(result: dict) -> list[str]:
         *[f"| {r['clients']} | {r['requests']} | {r['completion_tokens']} | {r['wall_s']:.1f} | {r['tokens_per_s']:.1f} | "
           f"{r['mean_latency_s']:.2f} |" for r in (one, many)],
         "",
-        f"{many['clients']} clients get {result['speedup']:.2f}x the tokens/s of one.",
+        f"{many['clients']} clients get {result['speedup']:.2f}x the tokens/s of one{_spread(result)}.{_memory(result)}",
         "",
         *_ceiling_lines(result),
     ]
+
+
+def _spread(result: dict) -> str:
+    if "wall_s_by_run" not in result:
+        return ""
+    low, high = result["speedup_range"]
+    runs = len(result["wall_s_by_run"]["concurrent"])
+    return (f" (median of {runs} runs of each, every run on a freshly started server; any run against any other: "
+            f"{low:.2f}x to {high:.2f}x)")
+
+
+def _memory(result: dict) -> str:
+    peaks = result.get("server_peak_rss_mb")
+    if not peaks:
+        return ""
+    return (f" The server's processes peaked at {sum(peaks.values()) / 1024:.1f} GB resident in all "
+            f"({max(peaks.values()) / 1024:.1f} GB the model's engine).")
 
 
 def _ceiling_lines(result: dict) -> list[str]:

@@ -8,13 +8,16 @@ makes concurrent requests share the model's forward passes), sends the same ICD-
 time and then from `--clients` threads at once, each request greedy with `--max-tokens` new tokens, and writes
 bench/results_serve.json (`--out`), which bench/run_bench.py renders into RESULTS.md. Run it on idle cores: the
 figure is throughput, and other work on the machine shows in it (the load average is recorded). The one client
-sends every request the concurrent clients send, in turn. After the server stops, `batching_ceiling` times the
-same work as bare forward passes in this process: what the best batching server could gain on this CPU.
+sends every request the concurrent clients send, in turn; each phase runs on a freshly started server, so the
+concurrent clients do not find the one client's prompts in the prefix cache (an earlier version reused one
+server, and that flattered 8 clients by about half). After the servers stop, `batching_ceiling` times the same
+work as bare forward passes in this process: what the best batching server could gain on this CPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -132,6 +135,18 @@ def batching_ceiling(model_dir: str, tokens: dict[str, int], clients: int, reque
                                "wave": round(1000 * step_wave, 1)}}
 
 
+def _median_run(rows: list[dict]) -> dict:
+    """The run of median wall time (the lower middle one of an even count)."""
+    return sorted(rows, key=lambda r: r["wall_s"])[(len(rows) - 1) // 2]
+
+
+def _speedup_range(runs: dict[str, list[dict]]) -> list[float]:
+    """The lowest and highest ratio any concurrent run makes with any single-client run."""
+    rates = {phase: [r["tokens_per_s"] for r in rows] for phase, rows in runs.items()}
+    return [round(min(rates["concurrent"]) / max(rates["single"]), 2),
+            round(max(rates["concurrent"]) / min(rates["single"]), 2)]
+
+
 def served_directory(spec: str, config: str, sets: list[str]) -> str:
     """The checkpoint `lmforge serve` ran for `spec` (the merged copy it made of an adapter stack)."""
     from components.config import load_config
@@ -141,31 +156,33 @@ def served_directory(spec: str, config: str, sets: list[str]) -> str:
     return str(merged_directory(resolve_served_model(spec, cfg), Path(cfg.workspace) / "serve-cache"))
 
 
-def main() -> None:
+@contextlib.contextmanager
+def serving(args):
+    """A freshly started `lmforge serve` (so no phase finds another's prompts in its prefix cache), warmed by one
+    request: yields the openai client, the served model's card, and a callable giving the server's processes'
+    peak resident memory in MB (front, transformers serve and its engine)."""
     import openai
+    import psutil
 
     from tests.servers import free_port
-
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("model", nargs="?", default="models:/icd10-coder@champion")
-    parser.add_argument("--config", default=str(ROOT / "configs" / "demo-cpu.yaml"))
-    parser.add_argument("--clients", type=int, default=8)
-    parser.add_argument("--requests-per-client", type=int, default=4)
-    parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--backend", default="auto")
-    parser.add_argument("--backend-args", default="", help="lmforge serve's --backend-args, e.g. '--cb-block-size 16'")
-    parser.add_argument("--set", action="append", default=[], help="config override, as lmforge's --set")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results_serve.json")
-    args = parser.parse_args()
 
     port = free_port()
     log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"serve-bench-{port}.log"
     command = [sys.executable, "-m", "flows.cli", "serve", args.model, "--config", args.config, "--port", str(port),
                "--backend", args.backend, "--follow-interval", "0",
                *(["--backend-args", args.backend_args] if args.backend_args else []), *[a for s in args.set for a in ("--set", s)]]
-    load_before = os.getloadavg()[0]
     with open(log_path, "w") as log:
         server = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def peak_mb() -> dict[str, float]:
+        peaks = {}
+        for proc in [psutil.Process(server.pid), *psutil.Process(server.pid).children(recursive=True)]:
+            with contextlib.suppress(OSError, psutil.Error):
+                status = Path(f"/proc/{proc.pid}/status").read_text()
+                hwm = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM"))
+                peaks[" ".join(proc.cmdline()[1:4])[:60]] = round(hwm / 1024, 1)
+        return peaks
+
     try:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=600)
         deadline = time.monotonic() + 600
@@ -178,22 +195,51 @@ def main() -> None:
                     sys.exit(f"lmforge serve did not come up; its log ({log_path}):\n{log_path.read_text()[-3000:]}")
                 time.sleep(1)
         run_load(client, model.id, 1, 1, min(8, args.max_tokens))  # warm-up: first-request costs stay out
-        # One client sends every request the concurrent clients send, in turn: the same questions and tokens.
-        single = run_load(client, model.id, 1, args.clients * args.requests_per_client, args.max_tokens)
-        concurrent = run_load(client, model.id, args.clients, args.requests_per_client, args.max_tokens)
+        yield client, model, peak_mb
     finally:
         server.terminate()
         server.wait(60)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("model", nargs="?", default="models:/icd10-coder@champion")
+    parser.add_argument("--config", default=str(ROOT / "configs" / "demo-cpu.yaml"))
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--requests-per-client", type=int, default=4)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--backend", default="auto")
+    parser.add_argument("--backend-args", default="", help="lmforge serve's --backend-args, e.g. '--cb-block-size 16'")
+    parser.add_argument("--set", action="append", default=[], help="config override, as lmforge's --set")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each phase, each on a fresh server")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results_serve.json")
+    args = parser.parse_args()
+
+    load_before = os.getloadavg()[0]
+    # One client sends every request the concurrent clients send, in turn: the same questions and tokens. Each
+    # phase gets its own server: the second would otherwise find every prompt of the first in the prefix cache.
+    # Phases alternate, --repeats times, and each reports its median run (runs differ by up to 15% here).
+    runs: dict[str, list[dict]] = {"single": [], "concurrent": []}
+    memory: dict[str, float] = {}
+    for _ in range(args.repeats):
+        with serving(args) as (client, model, _):
+            runs["single"].append(run_load(client, model.id, 1, args.clients * args.requests_per_client, args.max_tokens))
+        with serving(args) as (client, model, peak_mb):
+            runs["concurrent"].append(run_load(client, model.id, args.clients, args.requests_per_client, args.max_tokens))
+            memory = peak_mb()
+    single, concurrent = (_median_run(runs[phase]) for phase in ("single", "concurrent"))
     model_dir = served_directory(args.model, args.config, args.set)
     ceiling = batching_ceiling(model_dir, single["tokens_by_question"], args.clients, args.requests_per_client)
     result = {
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model": model.id, "spec": args.model, "version": (model.model_extra or {}).get("lmforge", {}).get("version"),
         "backend": (model.model_extra or {}).get("lmforge", {}).get("backend"), "max_tokens": args.max_tokens,
-        "backend_args": args.backend_args,
+        "backend_args": args.backend_args, "server_peak_rss_mb": memory,
         "cpu_count": os.cpu_count(), "load_average_before": load_before, "load_average_after": os.getloadavg()[0],
         "single": single, "concurrent": concurrent,
-        "speedup": round(concurrent["tokens_per_s"] / single["tokens_per_s"], 2), "ceiling": ceiling,
+        "speedup": round(concurrent["tokens_per_s"] / single["tokens_per_s"], 2),
+        "speedup_range": _speedup_range(runs),
+        "wall_s_by_run": {phase: [r["wall_s"] for r in rows] for phase, rows in runs.items()}, "ceiling": ceiling,
     }
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

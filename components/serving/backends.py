@@ -123,11 +123,60 @@ def sampling_view(directory: Path, views_root: Path) -> tuple[Path, dict]:
     return view, defaults
 
 
-# The paged KV cache's block on CPU. Requests share cached prompt prefixes a whole block at a time, and the
-# default block (256 tokens, sized for GPU kernels) is longer than a chat template's system prompt, so nothing
-# was shared: at 8 tokens the demo's 24-token template prefix is computed once, and its champion serves one
-# client 1.6x and 8 clients 1.85x faster (bench/serve_concurrency.py, bench/RESULTS.md "Serving").
+# transformers serve's continuous batching sizes itself for a GPU; on CPU lmforge passes its own three settings
+# (each only where --backend-args does not set it):
+# - the paged cache's block: 8 tokens, not 256. Requests share cached prompt prefixes a whole block at a time, and
+#   a 256-token block is longer than any chat template's system prompt, so nothing was shared; at 8 tokens the
+#   demo's 24-token template prefix is computed once (one client 1.6x faster: 10.9 against 6.9 tokens/s).
+# - the cache's size: CPU_KV_CACHE_TOKENS tokens (fewer for a model whose cache would pass CPU_KV_CACHE_BYTES),
+#   not 80% of the machine's free RAM, which is what transformers sizes it from on CPU: the demo's 135M model took
+#   13.7 GB of a 23 GB machine, zero-filled at start, and was the OOM killer's pick as soon as anything else ran.
+# - at most 1024 tokens a step, not 8192: a step keeps an attention-mask buffer of max_batch_tokens x (cache +
+#   max_batch_tokens) floats (the demo's engine: 3.3 GB resident at 8192, 2.1 GB at 1024), and a CPU step of 1024
+#   tokens already takes seconds, so longer prompts prefill in chunks at no cost in throughput.
 CPU_CB_BLOCK_SIZE = 8
+CPU_KV_CACHE_TOKENS = 32768
+CPU_KV_CACHE_BYTES = 2 * 1024**3
+CPU_MAX_BATCH_TOKENS = 1024
+
+
+def _option(argv: tuple[str, ...], name: str) -> str | None:
+    """The value `argv` gives option `name` (`--name V` or `--name=V`), else None."""
+    for i, arg in enumerate(argv):
+        if arg == name and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(name + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def kv_bytes_per_token(directory: str) -> int | None:
+    """Bytes the paged cache keeps per token for the model in `directory` (keys and values of every layer, at the
+    width it was saved in, 4 bytes where unknown); None where its config.json does not say."""
+    try:
+        config = json.loads((Path(directory) / "config.json").read_text())
+        heads = config["num_attention_heads"]
+        head_dim = config.get("head_dim") or config["hidden_size"] // heads
+        kv_heads = config.get("num_key_value_heads") or heads
+        width = {"float16": 2, "bfloat16": 2}.get(config.get("dtype") or config.get("torch_dtype"), 4)
+        return 2 * config["num_hidden_layers"] * kv_heads * head_dim * width
+    except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
+        return None
+
+
+def cpu_batching_arguments(directory: str, extra: tuple[str, ...] = ()) -> list[str]:
+    """The CPU settings above that `extra` (the user's --backend-args) leaves unset."""
+    argv: list[str] = []
+    if _option(extra, "--cb-block-size") is None:
+        argv += ["--cb-block-size", str(CPU_CB_BLOCK_SIZE)]
+    if _option(extra, "--cb-num-blocks") is None and _option(extra, "--cb-max-memory-percent") is None:
+        per_token = kv_bytes_per_token(directory)
+        tokens = CPU_KV_CACHE_TOKENS if per_token is None else min(CPU_KV_CACHE_TOKENS, CPU_KV_CACHE_BYTES // per_token)
+        block = int(_option(extra, "--cb-block-size") or CPU_CB_BLOCK_SIZE)
+        argv += ["--cb-num-blocks", str(max(1, tokens // block))]
+    if _option(extra, "--cb-max-batch-tokens") is None:
+        argv += ["--cb-max-batch-tokens", str(CPU_MAX_BATCH_TOKENS)]
+    return argv
 
 
 def transformers_command(directory: str, port: int, *, continuous_batching: bool = True,
@@ -136,8 +185,8 @@ def transformers_command(directory: str, port: int, *, continuous_batching: bool
             "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
     if continuous_batching:
         argv.append("--continuous-batching")
-        if not cuda_available() and not any(a.startswith("--cb-block-size") for a in extra):
-            argv += ["--cb-block-size", str(CPU_CB_BLOCK_SIZE)]
+        if not cuda_available():
+            argv += cpu_batching_arguments(directory, extra)
     # it wants the path as `model`
     return BackendCommand("transformers", [*argv, *extra], "/health", directory, request_defaults or {})
 

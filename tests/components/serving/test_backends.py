@@ -3,6 +3,7 @@ commands are checked as built, and a missing one is a clear error naming what to
 
 from __future__ import annotations
 
+import json
 import sys
 
 import pytest
@@ -33,6 +34,47 @@ def test_on_cpu_the_paged_cache_blocks_are_small_enough_to_share_a_template_pref
     assert "--cb-block-size" not in transformers_command("/m", 1, continuous_batching=False).argv
     monkeypatch.setattr(backends, "cuda_available", lambda: True)  # the GPU kernels' own default stands
     assert "--cb-block-size" not in transformers_command("/m", 1).argv
+
+
+def _llama_config(tmp_path, **overrides):
+    config = {"num_attention_heads": 9, "num_key_value_heads": 3, "hidden_size": 576, "num_hidden_layers": 30,
+              "dtype": "float32", **overrides}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    return str(tmp_path)
+
+
+def test_on_cpu_the_kv_cache_is_sized_for_the_model_not_for_the_machines_ram(monkeypatch, tmp_path):
+    """transformers sizes a CPU cache from 80% of free RAM (13.7 GB for the 135M demo model): lmforge passes a
+    token budget instead, smaller for a model whose cache per token is large, and a step's token limit."""
+    monkeypatch.setattr(backends, "cuda_available", lambda: False)
+    small = _llama_config(tmp_path)  # SmolLM2-135M: 30 layers x 2 x 3 heads x 64 x 4 bytes = 46 KB a token
+    assert backends.kv_bytes_per_token(small) == 46080
+    argv = transformers_command(small, 1).argv
+    blocks = int(argv[argv.index("--cb-num-blocks") + 1])
+    assert blocks * backends.CPU_CB_BLOCK_SIZE == backends.CPU_KV_CACHE_TOKENS
+    assert argv[argv.index("--cb-max-batch-tokens") + 1] == str(backends.CPU_MAX_BATCH_TOKENS)
+
+    big = tmp_path / "big"
+    big.mkdir()  # a 7B-like cache: 32 layers x 2 x 32 heads x 128 x 2 bytes = 512 KB a token
+    big_dir = _llama_config(big, num_attention_heads=32, num_key_value_heads=32, hidden_size=4096,
+                            num_hidden_layers=32, dtype="bfloat16")
+    argv = transformers_command(big_dir, 1).argv
+    tokens = int(argv[argv.index("--cb-num-blocks") + 1]) * backends.CPU_CB_BLOCK_SIZE
+    assert tokens * backends.kv_bytes_per_token(big_dir) <= backends.CPU_KV_CACHE_BYTES
+    assert tokens == backends.CPU_KV_CACHE_BYTES // (512 * 1024)
+
+    # The user's own settings win; the block count follows their block size.
+    argv = transformers_command(small, 1, extra=("--cb-block-size=32",)).argv
+    assert int(argv[argv.index("--cb-num-blocks") + 1]) * 32 == backends.CPU_KV_CACHE_TOKENS
+    for given in (("--cb-num-blocks", "99"), ("--cb-max-memory-percent", "0.2")):
+        argv = transformers_command(small, 1, extra=given).argv
+        assert argv.count("--cb-num-blocks") == (given[0] == "--cb-num-blocks")
+    assert transformers_command(small, 1, extra=("--cb-max-batch-tokens", "64")).argv.count("--cb-max-batch-tokens") == 1
+    # No config.json to read: the token budget as it stands.
+    argv = transformers_command(str(tmp_path / "missing"), 1).argv
+    assert int(argv[argv.index("--cb-num-blocks") + 1]) * backends.CPU_CB_BLOCK_SIZE == backends.CPU_KV_CACHE_TOKENS
+    monkeypatch.setattr(backends, "cuda_available", lambda: True)  # a GPU: transformers' own sizing
+    assert "--cb-num-blocks" not in transformers_command(small, 1).argv
 
 
 def test_a_gguf_without_llama_cpp_says_what_to_install(monkeypatch):

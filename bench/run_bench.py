@@ -145,6 +145,7 @@ def _mb(value: float | None) -> str:
 def _json_sections() -> list[str]:
     """The sections of the benchmarks that write a JSON of their own, each where its JSON exists."""
     from grpo_memory import markdown_section as grpo_memory_section  # bench/grpo_memory.py renders its own JSON
+    from serve_concurrency import markdown_section as serve_section  # as does bench/serve_concurrency.py
 
     sections = [("results_methods.json", methods_section), ("results_generation.json", generation_section),
                 ("results_serve.json", serve_section), ("results_gguf_quality.json", gguf_quality_section),
@@ -372,69 +373,6 @@ def speculative_section(result: dict) -> list[str]:
         lines.append(f"| {name.replace('_', ' ')} | {plain['seconds']:.1f} | {fast['seconds']:.1f} | "
                      f"{r['speedup']:.2f}x | {passes} | {accepted} | {'yes' if r['same_answers'] else 'NO'} |")
     return [*lines, ""]
-
-
-def serve_section(result: dict) -> list[str]:
-    """bench/serve_concurrency.py's figures (its own run, bench/results_serve.json): 1 client against N."""
-    one, many = result["single"], result["concurrent"]
-    version = f" version {result['version']}" if result.get("version") else ""
-    return [
-        "## Serving: concurrent clients",
-        "",
-        f"`python bench/serve_concurrency.py {result['spec']}`, {result['created_at'][:10]}: `lmforge serve` "
-        f"({result['backend']} backend{', continuous batching' if result['backend'] == 'transformers' else ''}) "
-        f"serving {result['model']}{version}, greedy chat answers of up to {result['max_tokens']} tokens. "
-        f"Load average {result['load_average_before']:.2f} before, {result['load_average_after']:.2f} after on "
-        f"{result['cpu_count']} cores.",
-        "",
-        "| clients | requests | generated tokens | wall s | tokens/s (all clients) | mean latency s |",
-        "|---|---|---|---|---|---|",
-        *[f"| {r['clients']} | {r['requests']} | {r['completion_tokens']} | {r['wall_s']:.1f} | {r['tokens_per_s']:.1f} | "
-          f"{r['mean_latency_s']:.2f} |" for r in (one, many)],
-        "",
-        f"{many['clients']} clients get {result['speedup']:.2f}x the tokens/s of one{_spread(result)}.{_memory(result)}",
-        "",
-        *_ceiling_lines(result),
-    ]
-
-
-def _spread(result: dict) -> str:
-    if "wall_s_by_run" not in result:
-        return ""
-    low, high = result["speedup_range"]
-    runs = len(result["wall_s_by_run"]["concurrent"])
-    return (f" (median of {runs} runs of each, every run on a freshly started server; any run against any other: "
-            f"{low:.2f}x to {high:.2f}x)")
-
-
-def _memory(result: dict) -> str:
-    peaks = result.get("server_peak_rss_mb")
-    if not peaks:
-        return ""
-    return (f" The server's processes peaked at {sum(peaks.values()) / 1024:.1f} GB resident in all "
-            f"({max(peaks.values()) / 1024:.1f} GB the model's engine).")
-
-
-def _ceiling_lines(result: dict) -> list[str]:
-    """What batching could gain at most on this CPU (bench/serve_concurrency.py's batching_ceiling), where measured."""
-    ceiling = result.get("ceiling")
-    if not ceiling:
-        return []
-    share = result["speedup"] / ceiling["speedup"]
-    return [f"The same requests as bare forward passes in one process (the {ceiling['template_prefix_tokens']}-token "
-            f"template prefix computed once, every answer token decoded in full batches): one client "
-            f"{ceiling['one_client_s']:.2f} s, {result['concurrent']['clients']} at once {ceiling['concurrent_s']:.2f} s, "
-            f"a gain of **{ceiling['speedup']:.2f}x**, about the most batching can get here; the server reaches "
-            f"{share:.0%} of it{_ceiling_costs(ceiling, result['concurrent']['clients'])}. "
-            f"{result.get('note', '')}".rstrip(), ""]
-
-
-def _ceiling_costs(ceiling: dict, clients: int) -> str:
-    if "prefill_ms" not in ceiling:
-        return ""
-    prefill, step = ceiling["prefill_ms"], ceiling["decode_step_ms"]
-    return (f" (prefill of one question {prefill['one']:.0f} ms, of {clients} at once {prefill['wave']:.0f} ms; a "
-            f"decoding step of one row {step['one']:.0f} ms, of {clients} rows {step['wave']:.0f} ms)")
 
 
 def load_section(result: dict) -> list[str]:

@@ -27,16 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def main() -> None:
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    from components.data.chat_render import encode_conversations, prepare_template
-    from components.data.records import IGNORE
-    from components.evaluation.choice import choose
-    from components.models.loading import load_tokenizer, resolve_base
-
+def _arguments() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--mix", default="code_to_chapter=1,description_to_chapter=1,billable=1,"
                    "code_to_description=1,description_to_code=1", help="task=weight,... (draw probabilities)")
@@ -51,7 +42,32 @@ def main() -> None:
     p.add_argument("--tasks", default="code_to_chapter,description_to_chapter,billable", help="tasks scored")
     p.add_argument("--train", default="sft_train.jsonl", help="data/icd10 files to train on, comma-separated")
     p.add_argument("--heldout", default="sft_heldout.jsonl", help="data/icd10 files to score, comma-separated")
-    a = p.parse_args()
+    return p.parse_args()
+
+
+def _padded(batch: list[tuple[list[int], list[int]]], pad: int):
+    """Token ids, attention mask and labels of (ids, labels) rows, right-padded to the longest."""
+    import torch
+
+    from components.data.records import IGNORE
+
+    width = max(len(ids) for ids, _ in batch)
+    ids = torch.tensor([i + [pad] * (width - len(i)) for i, _ in batch])
+    mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in batch])
+    labels = torch.tensor([lab + [IGNORE] * (width - len(lab)) for _, lab in batch])
+    return ids, mask, labels
+
+
+def main() -> None:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from components.data.chat_render import encode_conversations, prepare_template
+    from components.evaluation.choice import choose
+    from components.models.loading import load_tokenizer, resolve_base
+
+    a = _arguments()
 
     torch.manual_seed(0)
     rng = random.Random(0)
@@ -109,10 +125,7 @@ def main() -> None:
     for step in range(1, total + 1):
         tasks, draw = phase_at(step)
         batch = [rng.choice(encoded[rng.choices(tasks, draw)[0]]) for _ in range(a.batch)]
-        width = max(len(ids) for ids, _ in batch)
-        ids = torch.tensor([i + [pad] * (width - len(i)) for i, _ in batch])
-        labels = torch.tensor([lab + [IGNORE] * (width - len(lab)) for _, lab in batch])
-        mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in batch])
+        ids, mask, labels = _padded(batch, pad)
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -160,7 +160,7 @@ def served_directory(spec: str, config: str, sets: list[str]) -> str:
 def serving(args):
     """A freshly started `lmforge serve` (so no phase finds another's prompts in its prefix cache), warmed by one
     request: yields the openai client, the served model's card, and a callable giving the server's processes'
-    peak resident memory in MB (front, transformers serve and its engine)."""
+    peak resident memory in MB (the front, the backend server and, for transformers serve, its engine)."""
     import openai
     import psutil
 
@@ -178,9 +178,14 @@ def serving(args):
         peaks = {}
         for proc in [psutil.Process(server.pid), *psutil.Process(server.pid).children(recursive=True)]:
             with contextlib.suppress(OSError, psutil.Error):
+                command = " ".join(proc.cmdline())
+                if "resource_tracker" in command:
+                    continue
+                role = ("front" if proc.pid == server.pid else "engine" if "multiprocessing" in command
+                        else "backend" if "serve" in command else f"pid {proc.pid}")
                 status = Path(f"/proc/{proc.pid}/status").read_text()
                 hwm = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM"))
-                peaks[" ".join(proc.cmdline()[1:4])[:60]] = round(hwm / 1024, 1)
+                peaks[role] = round(hwm / 1024, 1)
         return peaks
 
     try:
@@ -282,8 +287,9 @@ def _memory(result: dict) -> str:
     peaks = result.get("server_peak_rss_mb")
     if not peaks:
         return ""
+    engine = peaks.get("engine") or peaks.get("backend") or max(peaks.values())
     return (f" The server's processes peaked at {sum(peaks.values()) / 1024:.1f} GB resident in all "
-            f"({max(peaks.values()) / 1024:.1f} GB the model's engine).")
+            f"({engine / 1024:.1f} GB the model's).")
 
 
 def _ceiling_lines(result: dict) -> list[str]:

@@ -130,9 +130,9 @@ def sampling_view(directory: Path, views_root: Path) -> tuple[Path, dict]:
 #   demo's 24-token template prefix is computed once (one client 1.6x faster: 10.9 against 6.9 tokens/s).
 # - the cache's size: CPU_KV_CACHE_TOKENS tokens (fewer for a model whose cache would pass CPU_KV_CACHE_BYTES),
 #   not 80% of the machine's free RAM, which is what transformers sizes it from on CPU: the demo's 135M model took
-#   13.7 GB of a 23 GB machine, zero-filled at start, and was the OOM killer's pick as soon as anything else ran.
+#   13.1 GB of a 23 GB machine, zero-filled at start, and was the OOM killer's pick as soon as anything else ran.
 # - at most 1024 tokens a step, not 8192: a step keeps an attention-mask buffer of max_batch_tokens x (cache +
-#   max_batch_tokens) floats (the demo's engine: 3.3 GB resident at 8192, 2.1 GB at 1024), and a CPU step of 1024
+#   max_batch_tokens) floats (the demo's engine: 3.2 GB resident at 8192, 2.0 GB at 1024), and a CPU step of 1024
 #   tokens already takes seconds, so longer prompts prefill in chunks at no cost in throughput.
 CPU_CB_BLOCK_SIZE = 8
 CPU_KV_CACHE_TOKENS = 32768

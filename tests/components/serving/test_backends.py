@@ -44,7 +44,7 @@ def _llama_config(tmp_path, **overrides):
 
 
 def test_on_cpu_the_kv_cache_is_sized_for_the_model_not_for_the_machines_ram(monkeypatch, tmp_path):
-    """transformers sizes a CPU cache from 80% of free RAM (13.7 GB for the 135M demo model): lmforge passes a
+    """transformers sizes a CPU cache from 80% of free RAM (13.1 GB for the 135M demo model): lmforge passes a
     token budget instead, smaller for a model whose cache per token is large, and a step's token limit."""
     monkeypatch.setattr(backends, "cuda_available", lambda: False)
     small = _llama_config(tmp_path)  # SmolLM2-135M: 30 layers x 2 x 3 heads x 64 x 4 bytes = 46 KB a token

@@ -126,6 +126,26 @@ def test_streaming_chat_ends_with_done_and_usage(server, client):
     assert raw.headers["content-type"].startswith("text/event-stream") and events[-1] == "data: [DONE]"
 
 
+def test_a_prompt_longer_than_a_step_is_prefilled_in_chunks_and_answers_as_the_model_does(registry, client):
+    """On CPU a step takes at most --cb-max-batch-tokens tokens (lmforge's default 1024; this server's 256): a
+    longer prompt is prefilled over several steps, and its greedy answer is the model's own in one pass."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    root, _ = registry
+    prompt = " ".join(f"E{n % 90 + 10}.{n % 7}" for n in range(60))
+    served = client.completions.create(model=f"{NAME}@champion", prompt=prompt, max_tokens=6, temperature=0)
+    assert served.usage.prompt_tokens > 256 and served.usage.completion_tokens == 6
+
+    tokenizer = AutoTokenizer.from_pretrained(root / "model-0")
+    model = AutoModelForCausalLM.from_pretrained(root / "model-0").eval()
+    ids = tokenizer(prompt, return_tensors="pt")
+    assert ids["input_ids"].shape[1] == served.usage.prompt_tokens
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert served.choices[0].text == tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
 def test_eight_concurrent_requests_are_all_answered(client):
     def ask(i: int):
         return client.chat.completions.create(model=f"{NAME}@champion", max_tokens=6,

@@ -10,7 +10,7 @@ bench/results_serve.json (`--out`), which bench/run_bench.py renders into RESULT
 figure is throughput, and other work on the machine shows in it (the load average is recorded). The one client
 sends every request the concurrent clients send, in turn; each phase runs on a freshly started server, so the
 concurrent clients do not find the one client's prompts in the prefix cache (an earlier version reused one
-server, and that flattered 8 clients by about half). After the servers stop, `batching_ceiling` times the same
+server: 2.81-2.87x, against 2.1-2.8x on fresh servers). After the servers stop, `batching_ceiling` times the same
 work as bare forward passes in this process: what the best batching server could gain on this CPU.
 """
 
@@ -223,7 +223,7 @@ def main() -> None:
     load_before = os.getloadavg()[0]
     # One client sends every request the concurrent clients send, in turn: the same questions and tokens. Each
     # phase gets its own server: the second would otherwise find every prompt of the first in the prefix cache.
-    # Phases alternate, --repeats times, and each reports its median run (runs differ by up to 15% here).
+    # Phases alternate, --repeats times, and each reports its median run (8-client runs differ by up to 25% here).
     runs: dict[str, list[dict]] = {"single": [], "concurrent": []}
     memory: dict[str, float] = {}
     for _ in range(args.repeats):

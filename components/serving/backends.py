@@ -152,28 +152,31 @@ def _option(argv: tuple[str, ...], name: str) -> str | None:
 
 def kv_bytes_per_token(directory: str) -> int | None:
     """Bytes the paged cache keeps per token for the model in `directory` (keys and values of every layer, at the
-    width it was saved in, 4 bytes where unknown); None where its config.json does not say."""
+    width it was saved in, 4 bytes where unknown); None where its config.json does not say. The config is read
+    as the planner reads it (components.planner.memory.shape_from_config), plus an explicit head_dim."""
+    from components.planner.memory import shape_from_config
+
     try:
         config = json.loads((Path(directory) / "config.json").read_text())
-        heads = config["num_attention_heads"]
-        head_dim = config.get("head_dim") or config["hidden_size"] // heads
-        kv_heads = config.get("num_key_value_heads") or heads
-        width = {"float16": 2, "bfloat16": 2}.get(config.get("dtype") or config.get("torch_dtype"), 4)
-        return 2 * config["num_hidden_layers"] * kv_heads * head_dim * width
-    except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
+        shape = shape_from_config(str(directory), config)
+        text = config.get("text_config", config)
+        head_dim = text.get("head_dim") or shape.hidden // shape.heads
+        width = {"float16": 2, "bfloat16": 2}.get(text.get("dtype") or text.get("torch_dtype"), 4)
+        return 2 * shape.layers * shape.kv_heads * head_dim * width
+    except (OSError, ValueError, TypeError, AttributeError, ZeroDivisionError):
         return None
 
 
 def cpu_batching_arguments(directory: str, extra: tuple[str, ...] = ()) -> list[str]:
     """The CPU settings above that `extra` (the user's --backend-args) leaves unset."""
     argv: list[str] = []
-    if _option(extra, "--cb-block-size") is None:
+    block = _option(extra, "--cb-block-size")
+    if block is None:
         argv += ["--cb-block-size", str(CPU_CB_BLOCK_SIZE)]
     if _option(extra, "--cb-num-blocks") is None and _option(extra, "--cb-max-memory-percent") is None:
         per_token = kv_bytes_per_token(directory)
         tokens = CPU_KV_CACHE_TOKENS if per_token is None else min(CPU_KV_CACHE_TOKENS, CPU_KV_CACHE_BYTES // per_token)
-        block = int(_option(extra, "--cb-block-size") or CPU_CB_BLOCK_SIZE)
-        argv += ["--cb-num-blocks", str(max(1, tokens // block))]
+        argv += ["--cb-num-blocks", str(max(1, tokens // int(block or CPU_CB_BLOCK_SIZE)))]
     if _option(extra, "--cb-max-batch-tokens") is None:
         argv += ["--cb-max-batch-tokens", str(CPU_MAX_BATCH_TOKENS)]
     return argv

@@ -38,7 +38,7 @@ def test_on_cpu_the_paged_cache_blocks_are_small_enough_to_share_a_template_pref
 
 def _llama_config(tmp_path, **overrides):
     config = {"num_attention_heads": 9, "num_key_value_heads": 3, "hidden_size": 576, "num_hidden_layers": 30,
-              "dtype": "float32", **overrides}
+              "vocab_size": 49152, "dtype": "float32", **overrides}
     (tmp_path / "config.json").write_text(json.dumps(config))
     return str(tmp_path)
 
